@@ -1,0 +1,90 @@
+"""Reading rows from jsonl / json / csv files with errors that name the file, row and field."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class DataError(ValueError):
+    """A malformed input file; the message names the file, the 1-based row and the field."""
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Read a ``.jsonl``, ``.json`` (list of objects) or ``.csv`` file into a list of dicts.
+
+    Row numbers in errors are 1-based data rows (the CSV header is not counted).
+
+    Raises:
+        DataError: empty file, invalid JSON on a line, a row that is not an object, a CSV row
+            with the wrong number of fields, or an unknown extension.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = list(_read_jsonl(path))
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: invalid JSON ({err})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+        rows = data
+    elif suffix == ".csv":
+        rows = list(_read_csv(path))
+    else:
+        raise DataError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json or .csv)")
+    if not rows:
+        raise DataError(f"{path}: file has no data rows")
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{path} row {number}: expected an object, got {type(row).__name__}")
+    return rows
+
+
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as handle:
+        number = 0
+        for line in handle:
+            if not line.strip():
+                continue
+            number += 1
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} row {number}: invalid JSON ({err.msg})") from None
+
+
+def _read_csv(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            return
+        for number, values in enumerate(reader, start=1):
+            if not values:
+                continue
+            if len(values) != len(header):
+                raise DataError(
+                    f"{path} row {number}: expected {len(header)} fields ({', '.join(header)}), got {len(values)}"
+                )
+            yield dict(zip(header, values))
+
+
+def require_text(row: dict, field: str, path: str | Path, number: int) -> str:
+    """Return ``row[field]`` as a non-empty string.
+
+    Raises:
+        DataError: the field is missing, not a string, or blank.
+    """
+    if field not in row or row[field] is None:
+        raise DataError(f"{path} row {number}: missing field '{field}'")
+    value = row[field]
+    if not isinstance(value, str):
+        raise DataError(f"{path} row {number}: field '{field}' must be text, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{path} row {number}: field '{field}' is empty")
+    return value

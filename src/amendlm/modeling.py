@@ -1,0 +1,155 @@
+"""Loading causal LMs and tokenizers, precision handling, and PEFT adapters.
+
+Every command goes through :func:`load_model` so that embedded names, local paths and hub ids
+behave alike, weights are read as safetensors, and remote code is never trusted by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from amendlm.resources import resolve_model
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """Map ``"fp32"|"float32"|"bf16"|"bfloat16"`` to a torch dtype.
+
+    Raises:
+        ValueError: unknown name (lists the valid ones).
+    """
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype '{name}'; choose one of {sorted(DTYPES)}") from None
+
+
+def autocast(dtype: torch.dtype, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` when ``dtype`` is bfloat16, a no-op context for float32.
+
+    Weights stay fp32; matmuls run in bf16 (about 2.4x faster on this CPU for training).
+    """
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False):
+    """Load the tokenizer of a model (embedded name, local dir or hub id)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(model_name_or_path), trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    model_name_or_path: str,
+    adapter: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+):
+    """Load ``(model, tokenizer)`` in fp32 safetensors weights, eval mode, optional PEFT adapter.
+
+    Args:
+        model_name_or_path: embedded name (``smollm2-135m-instruct``), local directory or hub id.
+        adapter: a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``);
+            loaded on top of the model and kept unmerged.
+        device: where to put the model.
+        trust_remote_code: passed to transformers; off by default.
+
+    Raises:
+        FileNotFoundError: the adapter directory has no ``adapter_config.json``.
+        ValueError: the adapter's weights do not match the model's modules (wrong base).
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
+    if adapter is not None:
+        model = attach_adapter(model, adapter)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def attach_adapter(model, adapter: str | Path):
+    """Wrap ``model`` in a :class:`peft.PeftModel` loaded from ``adapter`` and check it took effect.
+
+    A PEFT adapter whose module names do not exist in the model would otherwise be ignored
+    silently (the "debiased" model would be the base model).
+
+    Raises:
+        FileNotFoundError: no ``adapter_config.json`` in ``adapter``.
+        ValueError: none or only part of the adapter's tensors were loaded into the model.
+    """
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    adapter = Path(adapter)
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    base_recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    weights_file = adapter / "adapter_model.safetensors"
+    if weights_file.is_file():
+        with safe_open(str(weights_file), framework="pt") as handle:
+            n_saved = len(list(handle.keys()))
+        n_loaded = sum(1 for name, _ in peft_model.named_parameters() if "lora_" in name)
+        if n_loaded < n_saved:
+            raise ValueError(
+                f"{adapter}: adapter has {n_saved} tensors but only {n_loaded} LoRA parameters exist in "
+                f"the model; it was trained for a different base ({base_recorded})"
+            )
+    logger.info("loaded adapter %s (trained on base %s)", adapter, base_recorded)
+    return peft_model
+
+
+@contextlib.contextmanager
+def adapter_disabled(model) -> Iterator[None]:
+    """Run the reference pass of a PEFT model (adapter off); re-enabled even on exceptions.
+
+    For a model without adapters this is a no-op, so the caller must not rely on it to get a
+    distinct reference model for full fine-tuning.
+    """
+    disable = getattr(model, "disable_adapter", None)
+    if disable is None:
+        yield
+        return
+    with disable():
+        yield
+
+
+def start_token_id(tokenizer, start_token: str | int | None = None) -> int:
+    """The token prepended to every scored text: BOS if the tokenizer has one, else EOS.
+
+    Args:
+        start_token: ``None`` (BOS, else EOS), ``"bos"``, ``"eos"``, a token string or an id.
+
+    Raises:
+        ValueError: the requested token does not exist in the tokenizer.
+    """
+    if isinstance(start_token, int):
+        return start_token
+    if start_token is None:
+        token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    elif start_token in ("bos", "eos"):
+        token_id = getattr(tokenizer, f"{start_token}_token_id")
+    else:
+        token_id = tokenizer.convert_tokens_to_ids(start_token)
+        if token_id == tokenizer.unk_token_id and start_token != tokenizer.unk_token:
+            token_id = None
+    if token_id is None:
+        raise ValueError(f"tokenizer has no start token {start_token!r} (bos={tokenizer.bos_token}, eos={tokenizer.eos_token})")
+    return int(token_id)
