@@ -1,0 +1,199 @@
+"""Benchmark runners: score a model on StereoSet, CrowS-Pairs and WikiText perplexity.
+
+Each benchmark is a function ``(model, tokenizer, config) -> dict`` registered in
+:data:`BENCHMARKS`; the scoring itself goes through :mod:`amendlm.scoring`, and the counting
+through the pure functions of :mod:`amendlm.bias.metrics`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from amendlm.bias.metrics import (
+    ClusterOutcome,
+    cluster_outcome,
+    crows_score,
+    stereoset_score,
+)
+from amendlm.data.crows_pairs import load_crows_pairs
+from amendlm.data.splits import DEFAULT_SEED, SPLITS, select_split
+from amendlm.data.stereoset import LABELS, StereoSetCluster, load_stereoset
+from amendlm.data.text import load_texts
+from amendlm.modeling import parse_dtype, start_token_id
+from amendlm.resources import file_sha256, resolve_dataset
+from amendlm.scoring import EncodedPair, score_encoded, score_pairs
+
+
+@dataclass
+class EvalConfig:
+    """Options of ``amendlm eval``.
+
+    Attributes:
+        benchmarks: names from :data:`BENCHMARKS`.
+        split: StereoSet target-term split to report on (``test`` for held-out numbers; ``all``
+            is the whole dev set as published).  CrowS-Pairs and WikiText are always whole.
+        split_seed: seed of the target-term split (:func:`amendlm.data.splits.split_targets`).
+        limit: keep the first N examples of each benchmark (None: all) — for smoke runs.
+        dtype: ``fp32`` (exact, default) or ``bf16`` (autocast; fast only on CPUs with native bf16).
+        batch_size: sequences per forward pass.
+        start_token: see :func:`amendlm.modeling.start_token_id`.
+        stereoset / crows_pairs / wikitext: dataset names or local files.
+        ppl_window / ppl_stride: perplexity window length and stride in tokens.
+    """
+
+    benchmarks: list[str] = field(default_factory=lambda: ["stereoset", "crows-pairs", "perplexity"])
+    split: str = "all"
+    split_seed: int = DEFAULT_SEED
+    limit: int | None = None
+    dtype: str = "fp32"
+    batch_size: int = 32
+    start_token: str | None = None
+    stereoset: str = "stereoset"
+    crows_pairs: str = "crows-pairs"
+    wikitext: str = "wikitext-sample"
+    ppl_window: int = 512
+    ppl_stride: int = 256
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
+        if unknown:
+            raise ValueError(f"unknown benchmark(s) {unknown}; valid: {', '.join(BENCHMARKS)}")
+        if self.split not in SPLITS:
+            raise ValueError(f"unknown split '{self.split}'; valid: {', '.join(SPLITS)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 < self.ppl_stride <= self.ppl_window:
+            raise ValueError("need 0 < ppl_stride <= ppl_window")
+        parse_dtype(self.dtype)
+
+
+def _bar(config: EvalConfig, name: str) -> str | None:
+    return name if config.progress else None
+
+
+def stereoset_outcomes(
+    model, tokenizer, clusters: list[StereoSetCluster], config: EvalConfig
+) -> list[tuple[StereoSetCluster, ClusterOutcome]]:
+    """Score the three candidates of every cluster (mean per-token log-prob) and count them."""
+    pairs = [cluster.scoring_pair(label) for cluster in clusters for label in LABELS]
+    scores = score_pairs(
+        model,
+        tokenizer,
+        pairs,
+        batch_size=config.batch_size,
+        dtype=parse_dtype(config.dtype),
+        start_token=config.start_token,
+        progress=_bar(config, "stereoset"),
+    ).logp_mean.view(len(clusters), len(LABELS))
+    return [
+        (cluster, cluster_outcome(cluster.target, *row.tolist())) for cluster, row in zip(clusters, scores)
+    ]
+
+
+def run_stereoset(model, tokenizer, config: EvalConfig) -> dict:
+    """SS, LMS, ICAT per bias type for intrasentence, intersentence and overall (DESIGN.md §3)."""
+    clusters = select_split(load_stereoset(config.stereoset), config.split, config.split_seed)
+    clusters = clusters[: config.limit] if config.limit else clusters
+    scored = stereoset_outcomes(model, tokenizer, clusters, config)
+    report: dict[str, dict] = {}
+    for task in ("intrasentence", "intersentence", "overall"):
+        chosen = [(c, o) for c, o in scored if task == "overall" or c.task == task]
+        if not chosen:
+            continue
+        groups = {"overall": [o for _, o in chosen]}
+        for cluster, outcome in chosen:
+            groups.setdefault(cluster.bias_type, []).append(outcome)
+        report[task] = {name: stereoset_score(outcomes).to_dict() for name, outcomes in sorted(groups.items())}
+    return {"split": config.split, "split_seed": config.split_seed, "scores": report}
+
+
+def run_crows_pairs(model, tokenizer, config: EvalConfig) -> dict:
+    """CrowS-Pairs metric per bias type and overall (summed log-prob sentence score)."""
+    pairs = load_crows_pairs(config.crows_pairs)
+    pairs = pairs[: config.limit] if config.limit else pairs
+    texts = [("", p.sent_more) for p in pairs] + [("", p.sent_less) for p in pairs]
+    scores = score_pairs(
+        model,
+        tokenizer,
+        texts,
+        batch_size=config.batch_size,
+        dtype=parse_dtype(config.dtype),
+        start_token=config.start_token,
+        progress=_bar(config, "crows-pairs"),
+    ).logp_sum.tolist()
+    more, less = scores[: len(pairs)], scores[len(pairs) :]
+    groups: dict[str, list[int]] = {"overall": list(range(len(pairs)))}
+    for index, pair in enumerate(pairs):
+        groups.setdefault(pair.bias_type, []).append(index)
+    return {
+        "scores": {
+            name: crows_score([more[i] for i in idx], [less[i] for i in idx], [pairs[i].direction for i in idx]).to_dict()
+            for name, idx in sorted(groups.items())
+        }
+    }
+
+
+def perplexity_windows(token_ids: list[int], start_id: int, window: int, stride: int) -> list[EncodedPair]:
+    """Strided windows over one token stream; each token is scored exactly once.
+
+    The first window is ``[start] + tokens[:window - 1]`` (all scored); each later window covers
+    ``window`` tokens ending ``stride`` tokens further and scores only its last, new tokens, so
+    every scored token sees at least ``window - stride`` tokens of context.
+    """
+    first = token_ids[: window - 1]
+    windows = [EncodedPair([start_id, *first], len(first))]
+    scored_until = len(first)
+    while scored_until < len(token_ids):
+        end = min(scored_until + stride, len(token_ids))
+        begin = max(0, end - window)
+        windows.append(EncodedPair(token_ids[begin:end], end - scored_until))
+        scored_until = end
+    return windows
+
+
+def run_perplexity(model, tokenizer, config: EvalConfig) -> dict:
+    """exp(mean token NLL) over the WikiText sample joined by newlines, strided windows."""
+    texts = load_texts(config.wikitext)
+    texts = texts[: config.limit] if config.limit else texts
+    token_ids = tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]
+    start = start_token_id(tokenizer, config.start_token)
+    windows = perplexity_windows(token_ids, start, config.ppl_window, config.ppl_stride)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
+    scores = score_encoded(
+        model, windows, pad_id, max(1, config.batch_size // 8), parse_dtype(config.dtype),
+        progress=_bar(config, "perplexity"),
+    )
+    n_tokens = int(scores.n_tokens.sum())
+    nll = -float(scores.logp_sum.sum()) / n_tokens
+    return {"perplexity": math.exp(nll), "nll_per_token": nll, "n_tokens": n_tokens, "window": config.ppl_window, "stride": config.ppl_stride}
+
+
+BENCHMARKS: dict[str, Callable[..., dict]] = {
+    "stereoset": run_stereoset,
+    "crows-pairs": run_crows_pairs,
+    "perplexity": run_perplexity,
+}
+DATA_FIELDS = {"stereoset": "stereoset", "crows-pairs": "crows_pairs", "perplexity": "wikitext"}
+
+
+def evaluate(model, tokenizer, config: EvalConfig) -> dict:
+    """Run ``config.benchmarks`` and return results as data (plus the seconds each took)."""
+    results: dict = {"config": asdict(config), "benchmarks": {}}
+    for name in config.benchmarks:
+        began = time.perf_counter()
+        with torch.inference_mode():
+            result = BENCHMARKS[name](model, tokenizer, config)
+        result["seconds"] = time.perf_counter() - began
+        data_file = resolve_dataset(getattr(config, DATA_FIELDS[name]))
+        result["data_file"] = str(data_file)
+        result["data_sha256"] = file_sha256(data_file)
+        results["benchmarks"][name] = result
+    return results

@@ -1,0 +1,85 @@
+"""The ``amendlm`` command line: one Typer app, each command a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from amendlm.resources import DEFAULT_MODEL
+
+app = typer.Typer(
+    help="Change what a pretrained causal LM says after pre-training, and measure it.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+
+@app.callback()
+def root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
+    """amendlm: debias by unlearning (BiasUnlearn), align with a residual model (RAM), measure it."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _split_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local directory or Hugging Face id."),
+    adapter: Optional[Path] = typer.Option(None, help="PEFT adapter directory applied on top of --model."),
+    benchmarks: str = typer.Option("stereoset,crows-pairs,perplexity", help="Comma-separated: stereoset, crows-pairs, perplexity."),
+    split: str = typer.Option("all", help="StereoSet target-term split: train, val, test or all."),
+    split_seed: int = typer.Option(0, help="Seed of the target-term split."),
+    limit: Optional[int] = typer.Option(None, help="Keep only the first N examples of each benchmark."),
+    dtype: str = typer.Option("fp32", help="fp32 (exact) or bf16 (autocast; fast only where the CPU/GPU has bf16 units)."),
+    batch_size: int = typer.Option(32, help="Sequences per forward pass."),
+    start_token: Optional[str] = typer.Option(None, help="Token prepended to each text: bos, eos or a token string (default: BOS, else EOS)."),
+    stereoset: str = typer.Option("stereoset", help="StereoSet name or local jsonl/json/csv."),
+    crows_pairs: str = typer.Option("crows-pairs", help="CrowS-Pairs name or local csv."),
+    wikitext: str = typer.Option("wikitext-sample", help="Perplexity text: name or local jsonl with a 'text' field."),
+    device: str = typer.Option("cpu", help="Device, e.g. cpu or cuda."),
+    out: Optional[Path] = typer.Option(None, help="Write the results JSON here (atomically)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off by default)."),
+) -> None:
+    """Evaluate bias (StereoSet, CrowS-Pairs) and perplexity of a model, optionally with an adapter."""
+    from amendlm.bias.evaluate import EvalConfig, evaluate
+    from amendlm.modeling import load_model
+    from amendlm.report import atomic_write_json, package_versions, print_eval_report
+
+    try:
+        config = EvalConfig(
+            benchmarks=_split_list(benchmarks), split=split, split_seed=split_seed, limit=limit, dtype=dtype,
+            batch_size=batch_size, start_token=start_token, stereoset=stereoset, crows_pairs=crows_pairs,
+            wikitext=wikitext,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    began = time.perf_counter()
+    loaded, tokenizer = load_model(model, adapter=adapter, device=device, trust_remote_code=trust_remote_code)
+    results = evaluate(loaded, tokenizer, config)
+    results.update(
+        model=model,
+        model_path=str(getattr(loaded, "name_or_path", model)),
+        adapter=str(adapter) if adapter else None,
+        device=device,
+        versions=package_versions(),
+        seconds_total=time.perf_counter() - began,
+    )
+    print_eval_report(results)
+    if out is not None:
+        atomic_write_json(out, results)
+        typer.echo(f"wrote {out}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+# Commands of the other subsystems register themselves here (each module adds its commands
+# to ``app``): amendlm.unlearn.commands (debias, merge) and amendlm.ram.commands (align ...).
