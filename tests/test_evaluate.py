@@ -1,0 +1,78 @@
+"""The benchmark runners end to end on a tiny random model and toy files; perplexity windows."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from amendlm.bias.evaluate import EvalConfig, evaluate, perplexity_windows
+from amendlm.modeling import attach_adapter
+
+from .test_data import CROWS_HEADER, GOOD_INTER, GOOD_INTRA, write_jsonl
+
+
+def test_perplexity_windows_score_every_token_once():
+    tokens = list(range(10, 33))  # 23 tokens
+    windows = perplexity_windows(tokens, start_id=0, window=8, stride=4)
+    assert windows[0].ids == [0, *tokens[:7]] and windows[0].n_scored == 7
+    scored = []
+    for w in windows:
+        assert len(w.ids) <= 8
+        scored.extend(w.ids[len(w.ids) - w.n_scored :])
+    assert scored == tokens
+    assert all(len(w.ids) - w.n_scored >= 8 - 4 for w in windows[1:])  # context kept
+
+
+@pytest.fixture()
+def toy_files(tmp_path):
+    stereoset = write_jsonl(tmp_path / "stereoset.jsonl", [GOOD_INTRA, GOOD_INTER, dict(GOOD_INTER, target="Spain")])
+    crows = tmp_path / "crows.csv"
+    crows.write_text(CROWS_HEADER + "0,Old people are slow.,Young people are slow.,stereo,age,[],a0,[]\n"
+                     "1,Rich men are kind.,Poor men are kind.,antistereo,socioeconomic,[],a1,[]\n")
+    wiki = write_jsonl(tmp_path / "wiki.jsonl", [{"text": "The quick brown fox jumps over the lazy dog."}] * 5)
+    return stereoset, crows, wiki
+
+
+def test_evaluate_tiny_model(tiny_llama, byte_tokenizer, toy_files):
+    stereoset, crows, wiki = toy_files
+    config = EvalConfig(stereoset=str(stereoset), crows_pairs=str(crows), wikitext=str(wiki), progress=False, ppl_window=64, ppl_stride=32)
+    results = evaluate(tiny_llama, byte_tokenizer, config)
+    ss = results["benchmarks"]["stereoset"]["scores"]
+    assert set(ss) == {"intrasentence", "intersentence", "overall"}
+    assert ss["overall"]["overall"]["n_clusters"] == 3 and ss["overall"]["overall"]["n_targets"] == 3
+    assert ss["intersentence"]["race"]["n_targets"] == 2
+    crows_result = results["benchmarks"]["crows-pairs"]["scores"]
+    assert crows_result["overall"]["n_pairs"] == 2 and set(crows_result) == {"overall", "age", "socioeconomic"}
+    ppl = results["benchmarks"]["perplexity"]
+    assert ppl["perplexity"] == pytest.approx(math.exp(ppl["nll_per_token"]))
+    assert 1 < ppl["perplexity"] < 10 * len(byte_tokenizer)  # a random model is near uniform
+    assert len(results["benchmarks"]["stereoset"]["data_sha256"]) == 64
+    json.dumps(results)  # results are plain data
+
+
+def test_eval_config_validation():
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        EvalConfig(benchmarks=["stereoset", "glue"])
+    with pytest.raises(ValueError, match="unknown dtype"):
+        EvalConfig(dtype="fp8")
+    with pytest.raises(ValueError, match="unknown split"):
+        EvalConfig(split="dev")
+
+
+def test_adapter_changes_scores_and_wrong_base_is_rejected(tiny_llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from .conftest import make_tiny_llama
+
+    peft_model = get_peft_model(make_tiny_llama(259), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded = attach_adapter(make_tiny_llama(259), tmp_path / "adapter")
+    ids = torch.tensor([[0, 5, 6, 7]])
+    with torch.no_grad():
+        assert not torch.allclose(loaded(input_ids=ids).logits, tiny_llama(input_ids=ids).logits)
+    wider = make_tiny_llama(259, hidden_size=48, num_attention_heads=4)
+    with pytest.raises(Exception, match="size mismatch|different base"):
+        attach_adapter(wider, tmp_path / "adapter")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        attach_adapter(make_tiny_llama(259), tmp_path)
