@@ -1,0 +1,8 @@
+"""BiasUnlearn and unlearning baselines (DESIGN.md §4).
+
+* :mod:`amendlm.unlearn.losses` — pure losses over log-probs (NPO, CE, KL, GA, GradDiff, DPO);
+* :mod:`amendlm.unlearn.data` — forget / retain / KL sets from StereoSet train targets;
+* :mod:`amendlm.unlearn.schedule` — dynamic dataset swapping and the stop rule;
+* :mod:`amendlm.unlearn.methods` — the method registry;
+* :mod:`amendlm.unlearn.config` and :mod:`amendlm.unlearn.trainer` — ``UnlearnConfig`` and ``train``.
+"""

@@ -1,0 +1,200 @@
+"""Files of an unlearning run: atomic checkpoints, the JSONL log and the SS plot.
+
+Layout of ``out/``::
+
+    unlearn_config.json        the UnlearnConfig (written first)
+    log.jsonl                  one record per step ({"step", "loss", parts, "lr", "focus", ...})
+                               and per evaluation ({"event": "eval", "ss": {type: SS}, ...})
+    ss_per_type.png            val SS per bias type over steps
+    checkpoint/                trainable.safetensors, optimizer.pt, rng.pt, state.json
+    best/                      trainable weights of the best evaluation (keep_best)
+    adapter_config.json + adapter_model.safetensors   the resulting PEFT adapter (LoRA)
+    summary.json               status, steps, best step, last val scores, timings, versions
+
+A checkpoint directory is written beside its final name and renamed into place; the previous
+one is kept as ``checkpoint.old`` until the rename succeeded, so a crash at any point leaves one
+complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from amendlm.report import atomic_write_text
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The tensors a run changes: LoRA weights of a PEFT model, else the full state dict."""
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(model)
+    else:
+        state = model.state_dict()
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`trainable_state`.
+
+    Raises:
+        ValueError: tensors missing from or unknown to the model.
+    """
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise ValueError(f"checkpoint tensors unknown to the model: {unexpected[:5]}")
+        return
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(directory: Path, model, optimizer, state: dict) -> None:
+    """Write weights, optimizer, RNG states and the trainer state, atomically (see module doc)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(trainable_state(model), str(staging / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, staging / "rng.pt")
+        (staging / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        _replace_dir(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def find_checkpoint(directory: Path) -> Path | None:
+    """The complete checkpoint at ``directory`` (or its ``.old`` twin after a crash), else None."""
+    for candidate in (directory, directory.with_name(directory.name + ".old")):
+        if (candidate / "state.json").is_file():
+            return candidate
+    return None
+
+
+def load_checkpoint(directory: Path, model, optimizer) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; returns the trainer state dict.
+
+    Raises:
+        FileNotFoundError: no complete checkpoint.
+    """
+    found = find_checkpoint(directory)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}; run without --resume to start afresh")
+    load_trainable_state(model, load_file(str(found / "trainable.safetensors")))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(found / "optimizer.pt", weights_only=False))
+    rng = torch.load(found / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((found / "state.json").read_text())
+
+
+def save_weights(directory: Path, model) -> None:
+    """Atomically write only the trainable weights (the ``best/`` snapshot)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(trainable_state(model), str(staging / "trainable.safetensors"))
+        _replace_dir(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def load_weights(directory: Path, model) -> None:
+    """Load a :func:`save_weights` snapshot into ``model``."""
+    load_trainable_state(model, load_file(str(directory / "trainable.safetensors")))
+
+
+class StepLog:
+    """Append-only JSONL log; on resume, records after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        records = read_log(path) if resume_step is not None else []
+        kept = [r for r in records if r.get("step", 0) <= resume_step] if resume_step is not None else []
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict) -> None:
+        """Append one record and flush it to disk."""
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+
+def read_log(path: Path) -> list[dict]:
+    """All records of a JSONL log (a torn last line from a crash is skipped)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_ss(records: list[dict], path: Path, tolerance: float = 2.0, title: str = "") -> bool:
+    """PNG of val SS per bias type over steps, from the log's eval records; False if none.
+
+    The band ``50 +/- tolerance`` is the stop region; written atomically.
+    """
+    evals = [r for r in records if r.get("event") == "eval"]
+    if not evals:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({name for r in evals for name in r["ss"]})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.axhspan(50 - tolerance, 50 + tolerance, color="0.9", label=f"50 ± {tolerance:g}")
+    ax.axhline(50, color="0.5", lw=0.8)
+    for name in names:
+        points = [(r["step"], r["ss"][name]) for r in evals if name in r["ss"]]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3,
+                lw=2.2 if name == "overall" else 1.2, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("StereoSet SS on val targets (ideal 50)")
+    ax.set_title(title or "SS per bias type during unlearning")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return True

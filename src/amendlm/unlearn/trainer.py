@@ -1,0 +1,435 @@
+"""The unlearning loop: Accelerate + PEFT LoRA (or full fine-tuning), one loop for every method.
+
+Each step draws one batch of every stream the method declares, runs the reference pass
+(the same model with the adapter disabled, under ``no_grad``) and the policy pass, hands the
+log-probs to the method's pure loss, clips and steps AdamW under a linear learning-rate
+schedule.  BiasUnlearn additionally evaluates SS per bias type on the val targets and applies
+the swap schedule of :mod:`amendlm.unlearn.schedule`.  The same code runs under
+``accelerate launch`` (each process takes its share of every global batch).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from amendlm.bias.evaluate import EvalConfig, stereoset_outcomes
+from amendlm.bias.metrics import stereoset_score
+from amendlm.data.splits import select_split
+from amendlm.data.stereoset import StereoSetCluster, load_stereoset
+from amendlm.modeling import adapter_disabled, autocast, parse_dtype, start_token_id
+from amendlm.report import atomic_write_json, package_versions
+from amendlm.scoring import EncodedPair, collate, encode_pairs, sequence_logps
+from amendlm.unlearn import artifacts
+from amendlm.unlearn.config import UnlearnConfig
+from amendlm.unlearn.data import Example, build_sets, text_chunks
+from amendlm.unlearn.methods import Method, StreamOutput, get_method
+from amendlm.unlearn.schedule import decide
+
+logger = logging.getLogger(__name__)
+
+_LINEAR_TYPES = ("Linear", "Conv1D")  # torch.nn.Linear, transformers' GPT-2 Conv1D
+_NEVER_TARGET = ("lm_head", "embed_out", "wte", "wpe", "embed_tokens", "score")
+
+
+def lora_target_modules(model) -> list[str]:
+    """LoRA targets of any causal LM: the names of the linear layers inside its blocks.
+
+    Collects the last name component of every ``Linear``/``Conv1D`` leaf (attention and MLP
+    projections: ``q_proj ... down_proj`` for Llama/Qwen/Mistral, ``c_attn c_proj c_fc`` for
+    GPT-2, ``query_key_value dense ...`` for GPT-NeoX) and leaves out the output head.
+
+    Raises:
+        ValueError: the model has no linear layers to adapt.
+    """
+    names = set()
+    for name, module in model.named_modules():
+        if type(module).__name__ in _LINEAR_TYPES and not list(module.children()):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in _NEVER_TARGET:
+                names.add(leaf)
+    if not names:
+        raise ValueError(f"no linear layers found for LoRA in {type(model).__name__}; pass target_modules")
+    return sorted(names)
+
+
+def encode_examples(tokenizer, examples: Sequence[Example], max_length: int) -> list[EncodedPair]:
+    """Tokenize examples (:func:`amendlm.scoring.encode_pairs`); too-long ones keep the start
+    token and their last ``max_length - 1`` tokens (the continuation is at the end)."""
+    encoded = encode_pairs(tokenizer, [(e.prefix, e.continuation) for e in examples])
+    out = []
+    for item in encoded:
+        if len(item.ids) > max_length:
+            item = EncodedPair([item.ids[0], *item.ids[-(max_length - 1):]], min(item.n_scored, max_length - 1))
+        out.append(item)
+    return out
+
+
+class StreamSampler:
+    """Seeded epochs of shuffled indices over one stream; its state is two integers."""
+
+    def __init__(self, size: int, seed: int, name: str):
+        if size < 1:
+            raise ValueError(f"stream '{name}' is empty")
+        self.size, self.seed, self.name = size, seed, name
+        self.epoch, self.position = 0, 0
+
+    def _order(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{self.name}:{self.epoch}".encode()))
+        return torch.randperm(self.size, generator=generator)
+
+    def take(self, n: int) -> list[int]:
+        """The next ``n`` indices (crossing into the next epoch when needed)."""
+        picked: list[int] = []
+        while len(picked) < n:
+            order = self._order()
+            chunk = order[self.position : self.position + n - len(picked)].tolist()
+            picked += chunk
+            self.position += len(chunk)
+            if self.position >= self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+        return picked
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "size": self.size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["size"] == self.size:
+            self.epoch, self.position = state["epoch"], state["position"]
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that a resumed run needs (saved as JSON)."""
+
+    step: int = 0
+    focus: str | None = None  # bias type the forget/retain streams are restricted to
+    swap: bool = False  # roles of ``focus`` swapped (its SS < 50)
+    next_eval: int = 0
+    phase_start: int = 0  # step at which the linear decay (re)started
+    phase_steps: int = 1  # its horizon
+    lr_scale: float = 1.0
+    best_gap: float | None = None
+    best_step: int | None = None
+    status: str = "running"
+    samplers: dict = field(default_factory=dict)
+
+
+def learning_rate(config: UnlearnConfig, state: TrainState, step: int) -> float:
+    """Linear warm-up, then linear decay to 0 over the current phase's horizon."""
+    warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    decay = max(0.0, 1.0 - (step - state.phase_start) / max(1, state.phase_steps))
+    return config.lr * state.lr_scale * warm * decay
+
+
+def stratified_sample(clusters: Sequence[StereoSetCluster], n: int | None, seed: int) -> list[StereoSetCluster]:
+    """About ``n`` clusters, each bias type proportionally but at least ``n / (2 * types)``."""
+    if n is None or n >= len(clusters):
+        return list(clusters)
+    by_type: dict[str, list[StereoSetCluster]] = {}
+    for cluster in clusters:
+        by_type.setdefault(cluster.bias_type, []).append(cluster)
+    floor = n // (2 * len(by_type))
+    chosen = []
+    for name in sorted(by_type):
+        group = sorted(by_type[name], key=lambda c: zlib.crc32(f"{seed}:{c.id}".encode()))
+        chosen += group[: max(floor, round(n * len(group) / len(clusters)))]
+    return chosen
+
+
+def val_scores(model, tokenizer, clusters: Sequence[StereoSetCluster], config: UnlearnConfig) -> dict[str, dict]:
+    """StereoSet scores (SS, LMS, ICAT) per bias type and overall on ``clusters`` (val targets)."""
+    eval_config = EvalConfig(benchmarks=["stereoset"], split="val", split_seed=config.split_seed,
+                             dtype=config.dtype, batch_size=32, progress=False)
+    was_training = model.training
+    model.eval()
+    try:
+        scored = stereoset_outcomes(model, tokenizer, list(clusters), eval_config)
+    finally:
+        model.train(was_training)
+    groups: dict[str, list] = {"overall": [o for _, o in scored]}
+    for cluster, outcome in scored:
+        groups.setdefault(cluster.bias_type, []).append(outcome)
+    return {name: stereoset_score(outcomes).to_dict() for name, outcomes in sorted(groups.items())}
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train` (also written to ``summary.json``)."""
+
+    status: str  # completed | stopped (stop rule met) | nan | interrupted
+    steps: int
+    out: str
+    best_step: int | None
+    last_val: dict | None
+    seconds: float
+
+
+class UnlearnTrainer:
+    """One run of :class:`UnlearnConfig` on a given model, tokenizer and StereoSet clusters.
+
+    ``model`` is a plain causal LM; LoRA is attached here (``finetune='lora'``).
+    ``clusters`` are all StereoSet clusters; the train and val targets are taken from them.
+    """
+
+    def __init__(self, config: UnlearnConfig, model, tokenizer, clusters: Sequence[StereoSetCluster],
+                 general_texts: Sequence[str] = ()):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.config, self.tokenizer = config, tokenizer
+        self.method: Method = get_method(config.method)
+        self.accelerator = Accelerator(cpu=config.cpu)
+        self.dtype = parse_dtype(config.dtype)
+        set_seed(config.seed)
+        self.out = Path(config.out)
+        self.train_clusters = select_split(clusters, "train", config.split_seed)
+        self.val_clusters = stratified_sample(select_split(clusters, "val", config.split_seed), config.val_clusters, config.seed)
+        if not self.train_clusters or not self.val_clusters:
+            raise ValueError("the target-term split left no train or no val clusters")
+        self.general = text_chunks(general_texts, tokenizer, config.kl_chunk_tokens) if "kl" in self.method.streams else []
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_token_id(tokenizer)
+        self.reference_model = None
+        if self.method.reference_streams and config.reference == "copy":
+            self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if config.finetune == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            targets = config.target_modules or lora_target_modules(model)
+            lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                              target_modules=targets, task_type="CAUSAL_LM")
+            model = get_peft_model(model, lora)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.reference_model is not None:
+            self.reference_model.to(self.accelerator.device)
+        self.state = TrainState(phase_steps=config.max_steps)
+        self._build_streams()
+
+    # ------------------------------------------------------------------ data
+    def _build_streams(self) -> None:
+        """(Re)build the example streams for the current focus / swap state."""
+        c, s = self.config, self.state
+        fraction = c.adversarial_fraction if self.method.adversarial else 0.0
+        swapped = [s.focus] if (s.focus and s.swap) else []
+        sets = build_sets(self.train_clusters, fraction, c.seed, swapped, s.focus, self.general)
+        examples = {"forget": sets.forget, "retain": sets.retain, "kl": sets.kl,
+                    "chosen": [p.chosen for p in sets.pairs], "rejected": [p.rejected for p in sets.pairs]}
+        self.sizes = sets.sizes()
+        self.streams = {name: encode_examples(self.tokenizer, examples[name], c.max_length) for name in self.method.streams}
+        # chosen/rejected share one sampler so pairs stay aligned
+        tag = f"{s.focus}:{s.swap}"
+        self.samplers = {name: StreamSampler(len(self.streams[name]), c.seed, f"{'pairs' if name in ('chosen', 'rejected') else name}:{tag}")
+                         for name in self.method.streams}
+
+    def _next_batches(self) -> dict[str, list[EncodedPair]]:
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        batches, drawn = {}, {}
+        for name in self.method.streams:
+            key = "pairs" if name in ("chosen", "rejected") else name
+            if key not in drawn:
+                drawn[key] = self.samplers[name].take(self.config.batch_size * world)[rank::world]
+            batches[name] = [self.streams[name][i] for i in drawn[key]]
+        if "rejected" in self.samplers:  # keep the unused twin in step for the checkpoint
+            self.samplers["rejected"].load_state_dict(self.samplers["chosen"].state_dict())
+        return batches
+
+    # ------------------------------------------------------------------ model passes
+    def _reference_logits(self, inputs: dict) -> torch.Tensor:
+        with torch.no_grad(), autocast(self.dtype, self.accelerator.device):
+            if self.reference_model is not None:
+                return self.reference_model(**inputs, use_cache=False).logits
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            with adapter_disabled(unwrapped):
+                return unwrapped(**inputs, use_cache=False).logits
+
+    def _stream_output(self, name: str, batch: list[EncodedPair]) -> StreamOutput:
+        inputs = {k: v.to(self.accelerator.device) for k, v in collate(batch, self.pad_id).items()}
+        loss_mask = inputs.pop("loss_mask")
+        reference_logits = self._reference_logits(inputs) if name in self.method.reference_streams else None
+        with autocast(self.dtype, self.accelerator.device):
+            policy_logits = self.model(**inputs, use_cache=False).logits
+        policy_logps, n_tokens = sequence_logps(policy_logits, inputs["input_ids"], loss_mask)
+        reference_logps = None if reference_logits is None else sequence_logps(reference_logits, inputs["input_ids"], loss_mask)[0]
+        keep = name == "kl"
+        return StreamOutput(policy_logps, n_tokens, reference_logps, policy_logits if keep else None,
+                            reference_logits if keep else None, loss_mask if keep else None)
+
+    # ------------------------------------------------------------------ evaluation and swapping
+    def _evaluate(self, log: artifacts.StepLog, apply_schedule: bool = True) -> dict:
+        """Score the val clusters, track the best step, and (BiasUnlearn) apply the swap rule.
+
+        The end-of-budget evaluation passes ``apply_schedule=False`` so that a run stopped by
+        ``max_steps`` and resumed with a larger budget follows the uninterrupted run exactly.
+        """
+        scores = val_scores(self.accelerator.unwrap_model(self.model), self.tokenizer, self.val_clusters, self.config)
+        types = {name: score["ss"] for name, score in scores.items() if name != "overall"}
+        record = {"step": self.state.step, "event": "eval", "ss": {n: s["ss"] for n, s in scores.items()},
+                  "lms": {n: s["lms"] for n, s in scores.items()}, "worst_gap": max(abs(v - 50) for v in types.values())}
+        s, c = self.state, self.config
+        if s.best_gap is None or record["worst_gap"] < s.best_gap:
+            s.best_gap, s.best_step = record["worst_gap"], s.step
+            if c.keep_best and self.accelerator.is_main_process:
+                artifacts.save_weights(self.out / "best", self.accelerator.unwrap_model(self.model))
+        if not apply_schedule:
+            pass
+        elif self.method.dynamic_swap:
+            decision = decide(types, c.tolerance, c.schedule())
+            record["decision"] = {"stop": decision.stop, "focus": decision.focus, "swap": decision.swap, "gap": decision.gap}
+            if decision.stop:
+                s.status = "stopped"
+            else:
+                changed = (decision.focus, decision.swap) != (s.focus, s.swap)
+                s.focus, s.swap = decision.focus, decision.swap
+                s.lr_scale, s.phase_start, s.phase_steps = decision.phase.lr_scale, s.step, decision.phase.scheduler_steps
+                s.next_eval = s.step + decision.phase.eval_every
+                if changed:
+                    self._build_streams()
+        else:
+            s.next_eval = s.step + c.eval_every if c.eval_every else c.max_steps
+        if self.accelerator.is_main_process:
+            log.write(record)
+        return scores
+
+    # ------------------------------------------------------------------ the loop
+    def _checkpoint(self) -> None:
+        self.state.samplers = {n: smp.state_dict() for n, smp in self.samplers.items()}
+        if self.accelerator.is_main_process:
+            artifacts.save_checkpoint(self.out / "checkpoint", self.accelerator.unwrap_model(self.model),
+                                      self.optimizer, self.state.__dict__)
+
+    def _resume(self) -> None:
+        saved = artifacts.load_checkpoint(self.out / "checkpoint", self.accelerator.unwrap_model(self.model), self.optimizer)
+        self.state = TrainState(**saved)
+        if self.state.status != "stopped":  # a run ended by the stop rule stays ended
+            self.state.status = "running"
+        if not self.method.dynamic_swap:  # a larger --max-steps stretches the linear decay
+            self.state.phase_steps = self.config.max_steps
+        self._build_streams()
+        for name, sampler in self.samplers.items():
+            if name in self.state.samplers:
+                sampler.load_state_dict(self.state.samplers[name])
+
+    def train(self, resume: bool = False) -> TrainResult:
+        """Run until ``max_steps``, the stop rule, a NaN, or Ctrl-C; write every output file.
+
+        Raises:
+            FileNotFoundError: ``resume`` without a checkpoint in ``out/checkpoint``.
+            ValueError: ``resume`` with a different saved configuration.
+        """
+        c, began = self.config, time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        config_file = self.out / "unlearn_config.json"
+        if resume:
+            saved = UnlearnConfig.load(config_file).to_dict() if config_file.is_file() else None
+            differs = {k for k, v in c.to_dict().items() if saved is not None and k != "max_steps" and saved.get(k) != v}
+            if differs:
+                raise ValueError(f"--resume with a different configuration ({sorted(differs)}); use a new --out")
+            self._resume()
+        atomic_write_json(config_file, c.to_dict())
+        log = artifacts.StepLog(self.out / "log.jsonl", self.state.step if resume else None)
+        last_val = None
+        try:
+            if not resume:
+                last_val = self._evaluate(log)
+            while self.state.step < c.max_steps and self.state.status == "running":
+                self._train_step(log)
+                if self.state.status != "running":
+                    break
+                if self.state.step >= self.state.next_eval:
+                    last_val = self._evaluate(log)
+                elif self.state.step == c.max_steps:
+                    last_val = self._evaluate(log, apply_schedule=False)
+                if self.state.step % c.checkpoint_every == 0 or self.state.step == c.max_steps or self.state.status == "stopped":
+                    self._checkpoint()
+            if self.state.status == "running":
+                self.state.status = "completed"
+        except KeyboardInterrupt:
+            self.state.status = "interrupted"
+            self._checkpoint()
+            logger.warning("interrupted at step %d; checkpoint saved, continue with --resume", self.state.step)
+        return self._finish(log, last_val, time.perf_counter() - began)
+
+    def _train_step(self, log: artifacts.StepLog) -> None:
+        c, s = self.config, self.state
+        began = time.perf_counter()
+        lr = learning_rate(c, s, s.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        outputs = {name: self._stream_output(name, batch) for name, batch in self._next_batches().items()}
+        loss, parts = self.method.loss(outputs, c.loss_weights())
+        if not torch.isfinite(loss):
+            self._stop_nan(log, "loss")
+            return
+        self.accelerator.backward(loss)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = self.accelerator.clip_grad_norm_(params, c.max_grad_norm)
+        if not torch.isfinite(torch.as_tensor(grad_norm)):
+            self._stop_nan(log, "gradient norm")
+            return
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        s.step += 1
+        if self.accelerator.is_main_process:
+            log.write({"step": s.step, "loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()},
+                       "lr": lr, "grad_norm": float(grad_norm), "focus": s.focus, "swap": s.swap,
+                       "seconds": round(time.perf_counter() - began, 3)})
+
+    def _stop_nan(self, log: artifacts.StepLog, what: str) -> None:
+        self.state.status = "nan"
+        self.optimizer.zero_grad(set_to_none=True)
+        logger.error("non-finite %s at step %d; stopping, last checkpoint kept", what, self.state.step + 1)
+        if self.accelerator.is_main_process:
+            log.write({"step": self.state.step, "event": "nan", "what": what})
+        checkpoint = artifacts.find_checkpoint(self.out / "checkpoint")
+        if checkpoint is not None:  # the weights in memory may be the cause; fall back to the last good ones
+            artifacts.load_weights(checkpoint, self.accelerator.unwrap_model(self.model))
+
+    def _finish(self, log: artifacts.StepLog, last_val: dict | None, seconds: float) -> TrainResult:
+        s, c = self.state, self.config
+        model = self.accelerator.unwrap_model(self.model)
+        best = self.out / "best"
+        use_best = c.keep_best and s.status != "interrupted" and (best / "trainable.safetensors").is_file()
+        if self.accelerator.is_main_process:
+            if use_best:
+                artifacts.load_weights(best, model)
+            model.save_pretrained(str(self.out), safe_serialization=True)  # adapter or full model
+            if c.finetune == "full" and hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(str(self.out))
+            records = artifacts.read_log(self.out / "log.jsonl")
+            artifacts.plot_ss(records, self.out / "ss_per_type.png", c.tolerance, f"{c.method} on {c.model}")
+            result = TrainResult(s.status, s.step, str(self.out), s.best_step, last_val, seconds)
+            atomic_write_json(self.out / "summary.json", {
+                **result.__dict__, "weights_saved": f"best (step {s.best_step})" if use_best else f"last (step {s.step})",
+                "data_sizes": self.sizes, "train_clusters": len(self.train_clusters),
+                "val_clusters": len(self.val_clusters), "versions": package_versions(),
+            })
+        return TrainResult(s.status, s.step, str(self.out), s.best_step, last_val, seconds)
+
+
+def train(config: UnlearnConfig, resume: bool = False) -> TrainResult:
+    """Load the model and data named by ``config`` and run :class:`UnlearnTrainer`.
+
+    Example::
+
+        from amendlm.unlearn.config import UnlearnConfig
+        from amendlm.unlearn.trainer import train
+        result = train(UnlearnConfig(out="runs/bu", method="biasunlearn", max_steps=200))
+    """
+    from amendlm.data.text import load_texts
+    from amendlm.modeling import load_model
+
+    model, tokenizer = load_model(config.model)
+    texts = load_texts(config.kl_texts, field=config.kl_text_field) if config.kl_texts else []
+    texts = texts[: config.kl_text_limit] if config.kl_text_limit is not None else texts
+    trainer = UnlearnTrainer(config, model, tokenizer, load_stereoset(config.stereoset), texts)
+    return trainer.train(resume=resume)

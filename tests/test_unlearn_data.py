@@ -1,0 +1,75 @@
+"""Forget / retain / KL sets, the adversarial draw and the swap rule."""
+
+import pytest
+
+from amendlm.data.stereoset import StereoSetCluster
+from amendlm.unlearn.data import Example, adversarial_ids, build_sets
+from amendlm.unlearn.schedule import OFFICIAL_PHASES, Phase, decide, pick_phase, scaled_phases
+
+
+def cluster(i: int, bias_type: str, task: str = "intrasentence") -> StereoSetCluster:
+    if task == "intrasentence":
+        return StereoSetCluster(f"t:{i}", task, f"target{i % 3}", bias_type, "The nurse is BLANK today.",
+                                "The nurse is kind today.", "The nurse is rude today.", "The nurse is fork today.")
+    return StereoSetCluster(f"t:{i}", task, f"target{i % 3}", bias_type, "He is a chess player.",
+                            "He is smart.", "He is dumb.", "Cats drink milk.")
+
+
+def test_training_pairs_score_the_continuation_with_leading_space():
+    sets = build_sets([cluster(0, "gender"), cluster(1, "race", "intersentence")], adversarial_fraction=0.0)
+    assert sets.forget[0] == Example("The nurse is", " kind today.", "gender", "stereotype", "t:0")
+    assert sets.retain[1] == Example("He is a chess player.", " He is dumb.", "race", "anti_stereotype", "t:1")
+    assert [e.label for e in sets.kl] == ["unrelated", "unrelated"]
+    assert sets.pairs[0].chosen.label == "anti_stereotype" and sets.pairs[0].rejected.label == "stereotype"
+
+
+def test_adversarial_fraction_is_stratified_per_bias_type_and_seeded():
+    clusters = [cluster(i, "gender") for i in range(8)] + [cluster(i, "race") for i in range(8, 12)]
+    chosen = adversarial_ids(clusters, 0.25, seed=3)
+    assert len([c for c in clusters[:8] if c.id in chosen]) == 2
+    assert len([c for c in clusters[8:] if c.id in chosen]) == 1
+    assert adversarial_ids(list(reversed(clusters)), 0.25, seed=3) == chosen
+    sets = build_sets(clusters, 0.25, seed=3)
+    assert len(sets.forget) == 12 + 3
+    assert sum(e.label == "anti_stereotype" for e in sets.forget) == 3
+    assert len(sets.retain) == 12  # the adversarial ones stay in the retain set
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        adversarial_ids(clusters, 1.5, 0)
+
+
+def test_swap_and_focus_exchange_roles_for_one_type_only():
+    clusters = [cluster(0, "gender"), cluster(1, "race")]
+    sets = build_sets(clusters, 0.0, swapped=["gender"])
+    assert [(e.bias_type, e.label) for e in sets.forget] == [("gender", "anti_stereotype"), ("race", "stereotype")]
+    focused = build_sets(clusters, 0.0, swapped=["gender"], focus="gender",
+                         general_texts=[Example("", "Some text.", "", "text")])
+    assert [e.bias_type for e in focused.forget + focused.retain] == ["gender", "gender"]
+    assert len(focused.kl) == 3  # KL is never restricted
+    with pytest.raises(ValueError, match="valid: gender, race"):
+        build_sets(clusters, focus="religion")
+
+
+def test_decide_focuses_on_the_worst_category():
+    d = decide({"gender": 58.0, "race": 45.0, "religion": 51.0})
+    assert (d.stop, d.focus, d.swap, d.gap) == (False, "gender", False, 8.0)
+    assert d.phase == OFFICIAL_PHASES[0]
+
+
+def test_decide_swaps_roles_when_bias_reversed():
+    d = decide({"gender": 51.0, "race": 46.0})
+    assert (d.focus, d.swap, d.gap) == ("race", True, 4.0)
+    assert d.phase.lr_scale == 0.8 and d.phase.eval_every == 50
+
+
+def test_decide_stops_when_every_gap_is_below_tolerance():
+    assert decide({"gender": 51.9, "race": 48.1}).stop
+    assert not decide({"gender": 52.0, "race": 50.0}).stop  # a gap of exactly 2 is not below 2
+    with pytest.raises(ValueError):
+        decide({})
+
+
+def test_phases_follow_the_official_schedule_and_scale():
+    assert pick_phase(6.0).scheduler_steps == 1000
+    assert pick_phase(5.0).eval_every == 50  # 3 < gap <= 5
+    assert pick_phase(2.5).eval_every == 30
+    assert scaled_phases(OFFICIAL_PHASES, 0.25)[0] == Phase(5.0, 1.0, 250, 20)

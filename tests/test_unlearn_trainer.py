@@ -1,0 +1,173 @@
+"""The unlearning loop on a tiny random Llama: LoRA, checkpoint + resume, NaN stop, registry."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from amendlm.data.stereoset import StereoSetCluster
+from amendlm.unlearn.config import UnlearnConfig
+from amendlm.unlearn.methods import METHODS, get_method
+from amendlm.unlearn.trainer import UnlearnTrainer, lora_target_modules, learning_rate, TrainState
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls are slower with two threads on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class CharTokenizer:
+    """Characters as tokens (ids 3..130); bos 1, eos 2, pad 0 — enough for the scorer."""
+
+    bos_token_id, eos_token_id, pad_token_id, unk_token_id = 1, 2, 0, None
+    bos_token, eos_token, unk_token = "<s>", "</s>", None
+
+    def _ids(self, text):
+        return [3 + (ord(ch) % 128) for ch in text]
+
+    def __call__(self, texts, add_special_tokens=False):
+        if isinstance(texts, str):
+            return {"input_ids": self._ids(texts)}
+        return {"input_ids": [self._ids(t) for t in texts]}
+
+    def decode(self, ids):
+        return "".join(chr(i - 3) for i in ids)
+
+
+def tiny_model(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=131, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config)
+
+
+def toy_clusters():
+    words = [("kind", "rude", "fork"), ("smart", "dull", "blue")]
+    clusters = []
+    for b, bias_type in enumerate(("gender", "race")):
+        for t in range(5):
+            for k in range(2):
+                s, a, u = words[(t + k) % 2]
+                clusters.append(StereoSetCluster(f"toy:{b}{t}{k}", "intrasentence", f"{bias_type}{t}", bias_type,
+                                                 f"The t{t} is BLANK.", f"The t{t} is {s}.", f"The t{t} is {a}.", f"The t{t} is {u}."))
+    return clusters
+
+
+def make_trainer(tmp_path, **overrides):
+    options = dict(out=str(tmp_path / "run"), model="tiny", max_steps=3, batch_size=2, lr=1e-2, checkpoint_every=1,
+                   val_clusters=None, schedule_scale=0.05, kl_text_limit=None, kl_chunk_tokens=8, seed=1)
+    options.update(overrides)
+    config = UnlearnConfig(**options)
+    return UnlearnTrainer(config, tiny_model(), CharTokenizer(), toy_clusters(), ["general text for the KL set."])
+
+
+def test_lora_targets_are_detected_for_llama():
+    assert lora_target_modules(tiny_model()) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_two_lora_steps_change_the_adapter_and_not_the_base(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    result = trainer.train()
+    assert result.status in ("completed", "stopped") and result.steps >= 1
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    lora_b = {n for n in before if "lora_B" in n}
+    assert lora_b and lora_b <= changed  # every LoRA B matrix moved away from its zero init
+    assert all("lora_" in n for n in changed)  # nothing of the base model did
+    out = tmp_path / "run"
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert json.loads((out / "unlearn_config.json").read_text())["method"] == "biasunlearn"
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert records[0]["event"] == "eval" and records[0]["step"] == 0 and "decision" in records[0]
+    assert {"loss", "forget", "retain", "kl", "lr"} <= set(records[1])
+    assert (out / "ss_per_type.png").stat().st_size > 0
+
+
+def test_first_step_npo_equals_two_over_beta_ln2(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=1, lora_dropout=0.0)
+    trainer.train()
+    first = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()][1]
+    assert first["forget"] == pytest.approx(2 / 0.1 * 0.6931471805599453, rel=1e-5)  # adapter B = 0: policy = reference
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["biasunlearn", "dpo"])
+def test_interrupt_then_resume_ends_in_the_same_weights(tmp_path, method):
+    common = dict(method=method, keep_best=False, max_steps=3)
+    full = make_trainer(tmp_path / "a", **common)
+    full.train()
+    reference = load_file(str(tmp_path / "a" / "run" / "adapter_model.safetensors"))
+
+    first = make_trainer(tmp_path / "b", **common)
+    step = first._train_step
+
+    def interrupted(log):  # Ctrl-C at the start of the third step
+        if first.state.step == 2:
+            raise KeyboardInterrupt
+        step(log)
+
+    first._train_step = interrupted
+    assert first.train().status == "interrupted"
+    assert json.loads((tmp_path / "b" / "run" / "checkpoint" / "state.json").read_text())["step"] == 2
+    resumed = make_trainer(tmp_path / "b", **common)
+    result = resumed.train(resume=True)
+    assert result.steps == 3 and result.status == "completed"
+    weights = load_file(str(tmp_path / "b" / "run" / "adapter_model.safetensors"))
+    assert weights.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(weights[name], reference[name], rtol=0, atol=1e-7)
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == [1, 2, 3]
+
+
+def test_resume_refuses_a_different_configuration(tmp_path):
+    make_trainer(tmp_path, max_steps=1).train()
+    with pytest.raises(ValueError, match="different configuration"):
+        make_trainer(tmp_path, max_steps=2, lr=5e-3).train(resume=True)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, max_steps=4, method="sft-anti", keep_best=False, eval_every=0)
+    original = trainer.method.loss
+    calls = {"n": 0}
+
+    def flaky(outputs, weights):
+        calls["n"] += 1
+        loss, parts = original(outputs, weights)
+        return (loss * float("nan"), parts) if calls["n"] == 3 else (loss, parts)
+
+    monkeypatch.setattr(trainer, "method", type(trainer.method)(**{**trainer.method.__dict__, "loss": flaky}))
+    result = trainer.train()
+    assert result.status == "nan" and result.steps == 2
+    checkpoint = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert checkpoint["step"] == 2
+    saved = load_file(str(tmp_path / "run" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_every_method_runs_one_step(tmp_path):
+    for name in METHODS:
+        result = make_trainer(tmp_path / name, method=name, max_steps=1, val_clusters=4).train()
+        assert result.steps == 1, name
+
+
+def test_registry_and_config_errors_list_valid_names(tmp_path):
+    with pytest.raises(ValueError, match="valid: biasunlearn, npo, gradascent, graddiff, dpo, sft-anti"):
+        get_method("unlearn-everything")
+    with pytest.raises(ValueError, match="reference='copy'"):
+        UnlearnConfig(out=str(tmp_path), finetune="full")
+    with pytest.raises(ValueError, match="batch_size"):
+        UnlearnConfig(out=str(tmp_path), batch_size=0)
+
+
+def test_learning_rate_warms_up_and_decays_linearly(tmp_path):
+    config = UnlearnConfig(out=str(tmp_path), lr=1.0, warmup_steps=2, max_steps=10)
+    state = TrainState(phase_start=0, phase_steps=10)
+    assert [round(learning_rate(config, state, s), 3) for s in (0, 1, 5, 10)] == [0.5, 0.9, 0.5, 0.0]
