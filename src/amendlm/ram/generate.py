@@ -1,0 +1,300 @@
+"""Token-by-token decoding of proposal x aligner: batched, both models KV-cached, left padding exact.
+
+The step rule is a pure function from :mod:`amendlm.ram.decoding`; this module only steps models:
+
+1. left-pad the prompts; position ids come from the attention mask, so a padded row sees exactly
+   the positions it would see alone;
+2. prefill each model that the mode uses once (KV cache kept, only the last position's logits
+   computed), then one cached forward of each model per new token;
+3. slice both models' logits to the shared tokenizer's vocabulary (padded embedding rows never
+   sample), apply the rule, pick a token (argmax or a seeded draw);
+4. stop a row at EOS, at a stop string, or at ``max_new_tokens``; stream each step to a callback.
+
+First-token latency is one prefill of each model, as for ordinary decoding.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from amendlm.modeling import autocast, parse_dtype
+from amendlm.ram.decoding import DecodeConfig, apply_rule, get_mode, pick_tokens, repetition_penalty
+
+
+@dataclass
+class GenerateConfig:
+    """Loop parameters of :func:`generate` (the rule's parameters are in :class:`DecodeConfig`).
+
+    Attributes:
+        max_new_tokens: tokens generated per prompt at most. 64.
+        greedy: argmax of the rule's logits instead of a draw (SIR still draws its candidates).
+        seed: seeds the ``torch.Generator`` of every draw, so a run is reproducible.
+        stop: strings that end a row (the returned text stops before the first one).
+        batch_size: prompts decoded together (sorted by length to limit padding). 8.
+        dtype: ``fp32`` (default; exact, fastest on CPUs without bf16 units) or ``bf16`` autocast.
+    """
+
+    max_new_tokens: int = 64
+    greedy: bool = False
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    batch_size: int = 8
+    dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.stop = tuple(s for s in self.stop if s)
+        parse_dtype(self.dtype)
+
+
+@dataclass
+class Generation:
+    """One decoded row: new token ids (EOS excluded), their text (cut before a stop string), and why it ended
+    (``eos``, ``stop`` or ``length``)."""
+
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+
+
+@dataclass
+class GenerationStats:
+    """Timing of one :func:`generate` call: wall seconds, seconds to the first token of the first batch,
+    decoding steps run, and tokens emitted (all rows, until each row ended)."""
+
+    seconds: float = 0.0
+    first_token_seconds: float | None = None
+    steps: int = 0
+    new_tokens: int = 0
+    per_batch: list[dict] = field(default_factory=list)
+
+
+def shared_vocab_size(proposal_tokenizer, aligner_tokenizer, proposal_name: str, aligner_name: str,
+                      proposal_model=None, aligner_model=None) -> int:
+    """The vocabulary both models decode over: the tokenizer's length, checked on both sides.
+
+    Padded embedding matrices (e.g. 151,936 rows for a 151,665-token tokenizer) are fine: logits are
+    sliced to the tokenizer's length.  Models whose tokenizers differ cannot be combined token by token.
+
+    Raises:
+        ValueError: the tokenizers' vocabularies differ, or a model has fewer output rows than the
+            tokenizer has tokens; the message names both models.
+    """
+    proposal_vocab, aligner_vocab = proposal_tokenizer.get_vocab(), aligner_tokenizer.get_vocab()
+    if proposal_vocab != aligner_vocab:
+        differing = sorted(set(proposal_vocab.items()) ^ set(aligner_vocab.items()), key=str)[:3]
+        raise ValueError(
+            f"proposal '{proposal_name}' ({len(proposal_vocab)} tokens) and aligner '{aligner_name}' "
+            f"({len(aligner_vocab)} tokens) have different vocabularies (e.g. {differing}); RAM needs one "
+            "shared tokenizer"
+        )
+    vocab_size = len(proposal_tokenizer)
+    for name, model in ((proposal_name, proposal_model), (aligner_name, aligner_model)):
+        if model is None:
+            continue
+        rows = model.get_output_embeddings().weight.shape[0]
+        if rows < vocab_size:
+            raise ValueError(
+                f"model '{name}' has {rows} output rows but the tokenizer shared by proposal '{proposal_name}' "
+                f"and aligner '{aligner_name}' has {vocab_size} tokens"
+            )
+    return vocab_size
+
+
+def cache_argument(model) -> str:
+    """Name of the KV-cache keyword of ``model.forward``: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+class CachedLM:
+    """A causal LM stepped one token at a time over a batch, with its KV cache and attention mask.
+
+    Logits are returned for the last position only, fp32, sliced to ``vocab_size``: ``(batch, vocab)``.
+    """
+
+    def __init__(self, model, vocab_size: int, dtype: torch.dtype = torch.float32):
+        self.model, self.vocab_size, self.dtype = model, vocab_size, dtype
+        self.device = next(model.parameters()).device
+        self.cache = None
+        self.attention_mask: torch.Tensor | None = None
+        self._cache_arg = cache_argument(model)
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        kwargs = {self._cache_arg: self.cache} if self.cache is not None else {}
+        with autocast(self.dtype, self.device):
+            out = self.model(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=position_ids,
+                             use_cache=True, logits_to_keep=1, **kwargs)
+        self.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return out.logits[:, -1, : self.vocab_size].float()
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the left-padded prompts ``(batch, seq_len)``; returns next-token logits ``(batch, vocab)``."""
+        self.cache = None
+        self.attention_mask = attention_mask.to(self.device)
+        position_ids = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return self._forward(input_ids.to(self.device), position_ids)
+
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ``(batch,)``; returns next-token logits ``(batch, vocab)``."""
+        position_ids = self.attention_mask.sum(-1, keepdim=True)  # real tokens so far = next position
+        ones = torch.ones_like(self.attention_mask[:, :1])
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
+        return self._forward(token_ids.to(self.device).unsqueeze(-1), position_ids)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both ``(batch, max_len)`` long, prompts right-aligned."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {row} has no tokens")
+        input_ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        attention_mask[row, width - len(prompt):] = 1
+    return input_ids, attention_mask
+
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@torch.inference_mode()
+def generate_batch(
+    proposal, aligner, prompts: Sequence[Sequence[int]], decode: DecodeConfig, config: GenerateConfig, *,
+    vocab_size: int, pad_token_id: int, eos_token_ids: Sequence[int], tokenizer=None,
+    generator: torch.Generator | None = None, on_step: Callable | None = None, stats: GenerationStats | None = None,
+) -> list[Generation]:
+    """Decode one batch of prompts together (see :func:`generate` for the arguments).
+
+    ``on_step(step, token_ids (batch,), finished (batch,) bool)`` is called after every step; rows
+    that had already ended receive ``pad_token_id``.
+    """
+    mode = get_mode(decode.mode)
+    dtype = parse_dtype(config.dtype)
+    began = time.perf_counter()
+    input_ids, attention_mask = left_pad(prompts, pad_token_id)
+    runners = {
+        role: CachedLM(model, vocab_size, dtype)
+        for role, model, used in (("proposal", proposal, mode.uses_proposal), ("aligner", aligner, mode.uses_aligner))
+        if used
+    }
+    logits = {role: runner.prefill(input_ids, attention_mask) for role, runner in runners.items()}
+    batch, device = len(prompts), next(iter(logits.values())).device
+    eos = torch.tensor(list(eos_token_ids), device=device)
+    seen = torch.zeros((batch, vocab_size), dtype=torch.bool, device=device)
+    if decode.repetition_penalty != 1.0:
+        prompt_ids = input_ids.to(device).clamp(max=vocab_size - 1)
+        seen.scatter_(1, prompt_ids, attention_mask.to(device).bool())
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    reasons = ["length"] * batch
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    first_token_seconds = None
+    steps = 0
+    for step in range(config.max_new_tokens):
+        step_logits = {role: repetition_penalty(value, seen, decode.repetition_penalty) for role, value in logits.items()}
+        rule_logits = apply_rule(step_logits.get("proposal"), step_logits.get("aligner"), decode,
+                                 eos_token_id=int(eos_token_ids[0]) if eos_token_ids else None, generator=generator)
+        next_ids = pick_tokens(rule_logits, config.greedy, generator)
+        next_ids = torch.where(finished, torch.full_like(next_ids, pad_token_id), next_ids)
+        steps += 1
+        if first_token_seconds is None:
+            first_token_seconds = time.perf_counter() - began
+        is_eos = torch.isin(next_ids, eos) & ~finished
+        seen.scatter_(1, next_ids.unsqueeze(-1), (~finished).unsqueeze(-1))
+        for row in (~finished & ~is_eos).nonzero().flatten().tolist():
+            generated[row].append(int(next_ids[row]))
+            if config.stop and tokenizer is not None and _hits_stop(tokenizer, generated[row], config.stop):
+                reasons[row] = "stop"
+                finished[row] = True
+        for row in is_eos.nonzero().flatten().tolist():
+            reasons[row] = "eos"
+        finished |= is_eos
+        if on_step is not None:
+            on_step(step, next_ids, finished.clone())
+        if bool(finished.all()) or step == config.max_new_tokens - 1:
+            break
+        logits = {role: runner.step(next_ids) for role, runner in runners.items()}
+    if stats is not None:
+        seconds = time.perf_counter() - began
+        new_tokens = sum(len(g) for g in generated)
+        stats.seconds += seconds
+        stats.steps += steps
+        stats.new_tokens += new_tokens
+        if stats.first_token_seconds is None:
+            stats.first_token_seconds = first_token_seconds
+        stats.per_batch.append({"batch": batch, "prompt_len": input_ids.shape[1], "steps": steps,
+                                "new_tokens": new_tokens, "seconds": seconds, "first_token_seconds": first_token_seconds})
+    return [Generation(ids, _text(tokenizer, ids, config.stop), reason) for ids, reason in zip(generated, reasons)]
+
+
+def _hits_stop(tokenizer, token_ids: list[int], stop: tuple[str, ...]) -> bool:
+    text = tokenizer.decode(token_ids[-32:], skip_special_tokens=True)  # a stop string ends in the tail
+    return any(s in text for s in stop)
+
+
+def _text(tokenizer, token_ids: list[int], stop: tuple[str, ...]) -> str | None:
+    if tokenizer is None:
+        return None
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    cut = min((text.find(s) for s in stop if s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+def generate(
+    proposal, aligner, prompts: Sequence[Sequence[int]], decode: DecodeConfig | None = None,
+    config: GenerateConfig | None = None, *, vocab_size: int, pad_token_id: int, eos_token_ids: Sequence[int],
+    tokenizer=None, on_batch: Callable[[list[int], list[Generation]], None] | None = None,
+    on_step: Callable | None = None, stats: GenerationStats | None = None,
+) -> list[Generation]:
+    """Decode many prompts with ``decode.mode``, ``config.batch_size`` at a time; results in input order.
+
+    Args:
+        proposal, aligner: causal LMs (either may be ``None`` if the mode does not use it).
+        prompts: token ids of each prompt (already templated; BOS included if wanted).
+        vocab_size: shared tokenizer length (:func:`shared_vocab_size`); logits are sliced to it.
+        pad_token_id: fills left padding and the slots of rows that ended.
+        eos_token_ids: ids that end a row (the first one drives PAR's EOS priority).
+        tokenizer: needed for stop strings and for ``Generation.text``.
+        on_batch: called with (input indices, generations) after each batch (checkpointing, printing).
+        on_step: streaming callback of :func:`generate_batch`.
+        stats: filled with timings.
+
+    Prompts are sorted by length so each batch holds similar lengths; the seed makes the whole run
+    reproducible for a fixed batch size.
+    """
+    decode = decode or DecodeConfig()
+    config = config or GenerateConfig()
+    mode = get_mode(decode.mode)
+    some_model = proposal if mode.uses_proposal else aligner
+    if some_model is None:
+        raise ValueError(f"mode '{mode.name}' needs the {'proposal' if mode.uses_proposal else 'aligner'} model")
+    device = next(some_model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    for start in range(0, len(order), config.batch_size):
+        indices = order[start: start + config.batch_size]
+        out = generate_batch(
+            proposal, aligner, [prompts[i] for i in indices], decode, config, vocab_size=vocab_size,
+            pad_token_id=pad_token_id, eos_token_ids=eos_token_ids, tokenizer=tokenizer, generator=generator,
+            on_step=on_step, stats=stats,
+        )
+        for index, generation in zip(indices, out):
+            results[index] = generation
+        if on_batch is not None:
+            on_batch(indices, out)
+    return results  # type: ignore[return-value]
+
+
+def config_record(decode: DecodeConfig, config: GenerateConfig) -> dict:
+    """Both configs as one JSON-ready dict."""
+    return {"decode": decode.to_dict(), "generate": asdict(config)}

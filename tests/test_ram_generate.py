@@ -1,0 +1,124 @@
+"""The batched, KV-cached decoding loop against an uncached one-prompt-at-a-time reference loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from amendlm.ram.api import RAMLogitsProcessor, ResidualAlignedLM
+from amendlm.ram.decoding import DecodeConfig, apply_rule, get_mode
+from amendlm.ram.generate import GenerateConfig, generate, shared_vocab_size
+
+from .conftest import make_tiny_llama
+
+EOS, PAD = 1, 2
+
+
+@torch.no_grad()
+def reference_loop(proposal, aligner, prompt, decode, max_new_tokens, vocab_size):
+    """No cache, no padding, batch of one: rerun both models on the whole sequence every step."""
+    ids, new = list(prompt), []
+    mode = get_mode(decode.mode)
+    for _ in range(max_new_tokens):
+        x = torch.tensor([ids])
+        p = proposal(x).logits[:, -1, :vocab_size] if mode.uses_proposal else None
+        a = aligner(x).logits[:, -1, :vocab_size] if mode.uses_aligner else None
+        token = int(apply_rule(p, a, decode, eos_token_id=EOS).argmax(-1))
+        if token == EOS:
+            break
+        new.append(token)
+        ids.append(token)
+    return new
+
+
+@pytest.fixture(scope="module")
+def models(byte_tokenizer):
+    vocab = len(byte_tokenizer)
+    return make_tiny_llama(vocab, seed=0), make_tiny_llama(vocab, seed=1)
+
+
+@pytest.fixture(scope="module")
+def prompts(byte_tokenizer):
+    texts = ["a much longer prompt than the others", "hi", "mid length", "x"]
+    return [[0, *byte_tokenizer(t, add_special_tokens=False)["input_ids"]] for t in texts]
+
+
+@pytest.mark.parametrize("mode", ["par", "par-kl", "mds", "proposal", "aligner"])
+def test_batched_cached_equals_uncached_one_by_one(models, prompts, byte_tokenizer, mode):
+    proposal, aligner = models
+    vocab = len(byte_tokenizer)
+    decode = DecodeConfig(mode=mode, kl_threshold=0.05)
+    config = GenerateConfig(max_new_tokens=10, greedy=True, batch_size=4)
+    out = generate(proposal, aligner, prompts, decode, config, vocab_size=vocab, pad_token_id=PAD, eos_token_ids=[EOS])
+    for prompt, generation in zip(prompts, out):
+        assert generation.token_ids == reference_loop(proposal, aligner, prompt, decode, 10, vocab)
+
+
+def test_sampling_is_seeded_and_batch_order_independent(models, prompts, byte_tokenizer):
+    proposal, aligner = models
+    kwargs = dict(vocab_size=len(byte_tokenizer), pad_token_id=PAD, eos_token_ids=[EOS])
+    decode = DecodeConfig(mode="sir", candidates=4)
+    first = generate(proposal, aligner, prompts, decode, GenerateConfig(max_new_tokens=6, seed=3), **kwargs)
+    again = generate(proposal, aligner, prompts, decode, GenerateConfig(max_new_tokens=6, seed=3), **kwargs)
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]
+    other = generate(proposal, aligner, prompts, decode, GenerateConfig(max_new_tokens=6, seed=4), **kwargs)
+    assert [g.token_ids for g in first] != [g.token_ids for g in other]
+
+
+def test_stop_strings_max_new_tokens_and_streaming(models, prompts, byte_tokenizer):
+    proposal, aligner = models
+    kwargs = dict(vocab_size=len(byte_tokenizer), pad_token_id=PAD, eos_token_ids=[EOS], tokenizer=byte_tokenizer)
+    free = generate(proposal, aligner, prompts, DecodeConfig(mode="proposal"), GenerateConfig(max_new_tokens=8, greedy=True), **kwargs)
+    assert all(len(g.token_ids) <= 8 for g in free)
+    text = free[0].text
+    assert free[0].finish_reason == "length" and len(text) >= 3
+    stop = text[2]  # a character the greedy continuation is known to produce
+    steps = []
+    stopped = generate(proposal, aligner, prompts[:1], DecodeConfig(mode="proposal"),
+                       GenerateConfig(max_new_tokens=8, greedy=True, stop=(stop,)),
+                       on_step=lambda step, ids, done: steps.append((step, ids.tolist(), done.tolist())), **kwargs)
+    assert stopped[0].finish_reason == "stop"
+    assert stopped[0].text == text[: text.index(stop)]
+    assert steps[-1][2] == [True] and len(steps) == len(stopped[0].token_ids)
+
+
+def test_padded_embedding_rows_are_sliced_and_real_mismatch_fails(byte_tokenizer, prompts):
+    vocab = len(byte_tokenizer)
+    proposal = make_tiny_llama(vocab, seed=0)
+    padded = make_tiny_llama(vocab + 13, seed=1)  # embedding padded past the tokenizer
+    with torch.no_grad():
+        padded.lm_head.weight[vocab:] = 50.0 * padded.lm_head.weight[:13].abs().sum(-1, keepdim=True)
+    ram = ResidualAlignedLM(proposal, padded, byte_tokenizer, DecodeConfig(mode="mds"))
+    out = ram.generate_ids(prompts, config=GenerateConfig(max_new_tokens=5, greedy=True))
+    assert all(t < vocab for g in out for t in g.token_ids)
+
+    small = make_tiny_llama(vocab - 1, seed=2)
+    with pytest.raises(ValueError, match="model 'tiny-small' has .* rows .* proposal 'tiny-proposal'"):
+        shared_vocab_size(byte_tokenizer, byte_tokenizer, "tiny-proposal", "tiny-small", proposal, small)
+
+
+def test_different_vocabularies_fail_naming_both(byte_tokenizer, tmp_path):
+    from .conftest import make_byte_tokenizer
+
+    changed = make_byte_tokenizer()
+    changed.add_tokens(["<extra>"])
+    with pytest.raises(ValueError, match="proposal 'model-a' .* aligner 'model-b' .* different vocabularies"):
+        shared_vocab_size(byte_tokenizer, changed, "model-a", "model-b")
+
+
+def test_generate_shaped_api_and_logits_processor_match_the_loop(models, prompts, byte_tokenizer):
+    proposal, aligner = models
+    ram = ResidualAlignedLM(proposal, aligner, byte_tokenizer, DecodeConfig(mode="par"))
+    loop = ram.generate_ids(prompts, config=GenerateConfig(max_new_tokens=6, greedy=True))
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    attention_mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    out = ram.generate(input_ids, attention_mask, max_new_tokens=6, do_sample=False)
+    for row, generation in enumerate(loop):
+        assert out[row, width: width + len(generation.token_ids)].tolist() == generation.token_ids
+
+    processor = RAMLogitsProcessor(aligner, DecodeConfig(mode="par"), len(byte_tokenizer), attention_mask, eos_token_id=EOS)
+    hf = proposal.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[processor],
+                           do_sample=False, max_new_tokens=6, pad_token_id=PAD, eos_token_id=EOS)
+    for row, generation in enumerate(loop):
+        assert hf[row, width: width + len(generation.token_ids)].tolist() == generation.token_ids
