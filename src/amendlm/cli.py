@@ -83,3 +83,5 @@ def main() -> None:
 
 # Commands of the other subsystems register themselves here (each module adds its commands
 # to ``app``): amendlm.unlearn.commands (debias, merge) and amendlm.ram.commands (align ...).
+from amendlm.unlearn.commands import register as _register_unlearn
+_register_unlearn(app)

@@ -198,3 +198,36 @@ def plot_ss(records: list[dict], path: Path, tolerance: float = 2.0, title: str 
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
     return True
+
+
+def merge_adapter(model_name_or_path: str, adapter: str | Path, out: str | Path, device: str = "cpu") -> Path:
+    """Fold a LoRA adapter into its base model and save the result as a plain safetensors model.
+
+    The merged directory loads with ``from_pretrained`` (and ``amendlm eval --model OUT``) without
+    PEFT.  Written to a sibling temporary directory and renamed into place.
+
+    Raises:
+        FileExistsError: ``out`` exists and is not empty.
+        FileNotFoundError / ValueError: see :func:`amendlm.modeling.attach_adapter`.
+    """
+    from amendlm.modeling import load_model
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new --out")
+    model, tokenizer = load_model(model_name_or_path, adapter=adapter, device=device)
+    merged = model.merge_and_unload()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        merged.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        (staging / "merged_from.json").write_text(json.dumps(
+            {"base": model_name_or_path, "adapter": str(adapter)}, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
