@@ -90,3 +90,23 @@ def test_length_buckets_cover_every_index_once():
     buckets = length_buckets([5, 1, 9, 3, 7], batch_size=2)
     assert sorted(i for b in buckets for i in b) == [0, 1, 2, 3, 4]
     assert buckets[0] == [2, 4]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_shared_prefix_packing_equals_separate_scoring(tiny_llama, byte_tokenizer, batch_size):
+    pairs = [
+        ("", "The chess player was asian."), ("", "The chess player was hispanic."), ("", "The chess player was fox."),
+        ("Many people live in Ethiopia.", " They run."), ("Many people live in Ethiopia.", " They are fat."),
+        ("Many people live in Ethiopia.", " Cats have sharp claws."),
+        ("", "Same"), ("", "Same"), ("", "Sa"),  # identical members and a member that is a prefix of others
+    ]
+    groups = [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    separate = score_pairs(tiny_llama, byte_tokenizer, pairs, batch_size=4)
+    shared = score_pairs(tiny_llama, byte_tokenizer, pairs, batch_size=batch_size, groups=groups)
+    assert torch.equal(shared.n_tokens, separate.n_tokens)
+    assert torch.allclose(shared.logp_sum, separate.logp_sum, rtol=1e-6, atol=1e-5)
+
+
+def test_shared_prefix_groups_must_partition(tiny_llama, byte_tokenizer):
+    with pytest.raises(ValueError, match="exactly once"):
+        score_pairs(tiny_llama, byte_tokenizer, [("", "a"), ("", "b")], groups=[[0]])

@@ -145,6 +145,108 @@ class Scores:
         return self.logp_sum / self.n_tokens
 
 
+@dataclass(frozen=True)
+class PackedGroup:
+    """Several encoded pairs that share a token prefix, packed into one sequence.
+
+    ``ids = common_prefix + suffix_1 + suffix_2 + ...``; each suffix attends to the common prefix
+    and to itself only (a block "tree" mask) and continues its positions from the prefix, so every
+    member gets exactly the logits it would get alone while the prefix is computed once.
+    """
+
+    ids: list[int]
+    position_ids: list[int]
+    segment: list[int]  # 0 = shared prefix, k = k-th member's suffix (1-based)
+    targets: list[tuple[int, int, int]]  # (member index in the input, predicting position, token id)
+
+
+def pack_group(members: Sequence[EncodedPair], member_indices: Sequence[int]) -> PackedGroup:
+    """Pack encoded pairs sharing a prefix (see :class:`PackedGroup`); any group of 1+ pairs works."""
+    common = 0
+    shortest = min(len(m.ids) for m in members)
+    while common < shortest - 1 and all(m.ids[common] == members[0].ids[common] for m in members):
+        common += 1
+    ids, positions, segment = list(members[0].ids[:common]), list(range(common)), [0] * common
+    targets: list[tuple[int, int, int]] = []
+    for number, (member, index) in enumerate(zip(members, member_indices), start=1):
+        offset = len(ids) - common  # packed index of original token k >= common is k + offset
+        ids.extend(member.ids[common:])
+        positions.extend(range(common, len(member.ids)))
+        segment.extend([number] * (len(member.ids) - common))
+        for k in range(len(member.ids) - member.n_scored, len(member.ids)):
+            predictor = k - 1 if k - 1 < common else k - 1 + offset
+            targets.append((index, predictor, member.ids[k]))
+    return PackedGroup(ids, positions, segment, targets)
+
+
+def collate_packed(groups: Sequence[PackedGroup], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad packed groups; returns ``input_ids``/``position_ids`` ``(batch, seq_len)`` and a
+    boolean ``attention_mask`` ``(batch, 1, seq_len, seq_len)`` (True = may attend).
+
+    A query attends to earlier keys of the shared prefix or of its own segment.  Padding
+    positions attend only to themselves, so no row is fully masked (which would give NaN).
+    """
+    width = max(len(g.ids) for g in groups)
+    input_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(groups), width), dtype=torch.long)
+    segment = torch.full((len(groups), width), -1, dtype=torch.long)
+    for row, group in enumerate(groups):
+        n = len(group.ids)
+        input_ids[row, :n] = torch.tensor(group.ids)
+        position_ids[row, :n] = torch.tensor(group.position_ids)
+        segment[row, :n] = torch.tensor(group.segment)
+    query, key = segment.unsqueeze(-1), segment.unsqueeze(-2)  # (batch, seq_len, 1), (batch, 1, seq_len)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    real = (query >= 0) & (key >= 0)
+    allowed = causal & real & ((key == 0) | (key == query))
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding rows see themselves only
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": allowed.unsqueeze(1)}
+
+
+@torch.inference_mode()
+def score_grouped(
+    model,
+    encoded: Sequence[EncodedPair],
+    groups: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 32,
+    dtype: torch.dtype = torch.float32,
+    progress: str | None = None,
+) -> Scores:
+    """Like :func:`score_encoded`, computing each group's shared token prefix once.
+
+    ``groups`` partitions ``range(len(encoded))`` (e.g. the three candidates of a StereoSet
+    cluster); ``batch_size`` counts groups.  Needs a model that accepts a 4-D boolean attention
+    mask and explicit position ids (transformers' Llama, Mistral, Qwen2, GPT-2 ... with the
+    eager or sdpa attention); results equal :func:`score_encoded` up to float rounding.
+
+    Raises:
+        ValueError: ``groups`` is not a partition of the encoded indices.
+    """
+    from tqdm.auto import tqdm
+
+    if sorted(i for g in groups for i in g) != list(range(len(encoded))):
+        raise ValueError("groups must contain every encoded index exactly once")
+    device = next(model.parameters()).device
+    packed = [pack_group([encoded[i] for i in g], g) for g in groups]
+    logp_sum = torch.zeros(len(encoded), dtype=torch.float32)
+    n_tokens = torch.zeros(len(encoded), dtype=torch.long)
+    for order in tqdm(length_buckets([len(p.ids) for p in packed], batch_size), desc=progress,
+                      disable=progress is None, unit="batch", leave=False):
+        batch = [packed[i] for i in order]
+        inputs = {k: v.to(device) for k, v in collate_packed(batch, pad_id).items()}
+        with autocast(dtype, device):
+            logits = model(**inputs, use_cache=False).logits
+        rows = torch.tensor([row for row, g in enumerate(batch) for _ in g.targets])
+        cols = torch.tensor([t[1] for g in batch for t in g.targets])
+        tokens = torch.tensor([t[2] for g in batch for t in g.targets], device=device)
+        members = torch.tensor([t[0] for g in batch for t in g.targets])
+        per_token = token_logps(logits[rows.to(device), cols.to(device)], tokens).cpu()
+        logp_sum.index_add_(0, members, per_token)
+        n_tokens.index_add_(0, members, torch.ones_like(members))
+    return Scores(logp_sum, n_tokens)
+
+
 @torch.inference_mode()
 def score_encoded(
     model,
@@ -183,6 +285,7 @@ def score_pairs(
     start_token: str | int | None = None,
     padding_side: str = "right",
     progress: str | None = None,
+    groups: Sequence[Sequence[int]] | None = None,
 ) -> Scores:
     """Log-probabilities of continuations given prefixes, batched by length.
 
@@ -195,10 +298,15 @@ def score_pairs(
         start_token: see :func:`amendlm.modeling.start_token_id`.
         padding_side: ``"right"`` or ``"left"``; results are identical up to float rounding.
         progress: a tqdm description, or ``None`` for no bar.
+        groups: optional partition of the pair indices into groups that share a prefix (e.g. the
+            candidates of one StereoSet context); each group's common tokens are computed once
+            (:func:`score_grouped`, ``batch_size`` then counts groups).  Same results.
 
     Returns:
         :class:`Scores` in input order: summed log-prob and token count of each continuation.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_token_id(tokenizer, start_token)
     encoded = encode_pairs(tokenizer, pairs, start_token)
+    if groups is not None:
+        return score_grouped(model, encoded, groups, pad_id, batch_size, dtype, progress)
     return score_encoded(model, encoded, pad_id, batch_size, dtype, padding_side, progress)

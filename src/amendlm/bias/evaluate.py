@@ -42,6 +42,9 @@ class EvalConfig:
         dtype: ``fp32`` (exact, default) or ``bf16`` (autocast; fast only on CPUs with native bf16).
         batch_size: sequences per forward pass.
         start_token: see :func:`amendlm.modeling.start_token_id`.
+        share_prefix: compute the tokens the three candidates of a StereoSet context share once
+            (:func:`amendlm.scoring.score_grouped`; same scores).  Turn off for models that do not
+            accept a 4-D attention mask (e.g. flash-attention kernels).
         stereoset / crows_pairs / wikitext: dataset names or local files.
         ppl_window / ppl_stride: perplexity window length and stride in tokens.
     """
@@ -56,6 +59,7 @@ class EvalConfig:
     stereoset: str = "stereoset"
     crows_pairs: str = "crows-pairs"
     wikitext: str = "wikitext-sample"
+    share_prefix: bool = True
     ppl_window: int = 512
     ppl_stride: int = 256
     progress: bool = True
@@ -84,14 +88,17 @@ def stereoset_outcomes(
 ) -> list[tuple[StereoSetCluster, ClusterOutcome]]:
     """Score the three candidates of every cluster (mean per-token log-prob) and count them."""
     pairs = [cluster.scoring_pair(label) for cluster in clusters for label in LABELS]
+    n = len(LABELS)
+    groups = [list(range(i, i + n)) for i in range(0, len(pairs), n)] if config.share_prefix else None
     scores = score_pairs(
         model,
         tokenizer,
         pairs,
-        batch_size=config.batch_size,
+        batch_size=max(1, config.batch_size // n) if groups else config.batch_size,
         dtype=parse_dtype(config.dtype),
         start_token=config.start_token,
         progress=_bar(config, "stereoset"),
+        groups=groups,
     ).logp_mean.view(len(clusters), len(LABELS))
     return [
         (cluster, cluster_outcome(cluster.target, *row.tolist())) for cluster, row in zip(clusters, scores)
