@@ -42,6 +42,7 @@ def eval_command(
     stereoset: str = typer.Option("stereoset", help="StereoSet name or local jsonl/json/csv."),
     crows_pairs: str = typer.Option("crows-pairs", help="CrowS-Pairs name or local csv."),
     wikitext: str = typer.Option("wikitext-sample", help="Perplexity text: name or local jsonl with a 'text' field."),
+    share_prefix: bool = typer.Option(True, help="Compute the shared prefix of StereoSet's three candidates once (needs 4-D attention-mask support)."),
     device: str = typer.Option("cpu", help="Device, e.g. cpu or cuda."),
     out: Optional[Path] = typer.Option(None, help="Write the results JSON here (atomically)."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off by default)."),
@@ -55,7 +56,7 @@ def eval_command(
         config = EvalConfig(
             benchmarks=_split_list(benchmarks), split=split, split_seed=split_seed, limit=limit, dtype=dtype,
             batch_size=batch_size, start_token=start_token, stereoset=stereoset, crows_pairs=crows_pairs,
-            wikitext=wikitext,
+            wikitext=wikitext, share_prefix=share_prefix,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
@@ -85,3 +86,5 @@ def main() -> None:
 # to ``app``): amendlm.unlearn.commands (debias, merge) and amendlm.ram.commands (align ...).
 from amendlm.unlearn.commands import register as _register_unlearn
 _register_unlearn(app)
+from amendlm.ram.commands import register as _register_ram
+_register_ram(app)

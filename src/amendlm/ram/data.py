@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 
+from amendlm.data.io import DataError, read_rows
 from amendlm.data.text import load_prompt_response
 from amendlm.modeling import start_token_id
+from amendlm.resources import resolve_dataset
 
 SPLITS = ("train", "test", "all")
 
@@ -130,14 +132,17 @@ def load_task(config: TaskConfig, tokenizer) -> list[AlignRecord]:
         ValueError: the split cannot be made (duplicate ids, too few rows).
     """
     preset = config.preset
-    prompt_field, response_field = (preset.prompt_field, preset.response_field) if preset else ("prompt", "response")
-    rows = load_prompt_response(config.data, prompt_field, response_field)
+    if preset is not None:
+        rows = _preset_rows(config.data, preset)
+    else:
+        rows = load_prompt_response(config.data, "prompt", "response")
     by_id = {row["id"]: row for row in rows}
     if config.split == "all":
         chosen = [row["id"] for row in rows]
     else:
         n_test = config.n_test or (preset.n_test if preset else max(1, len(rows) // 10))
         chosen = split_ids([row["id"] for row in rows], n_test, config.split_seed)[config.split]
+    chosen = [i for i in chosen if by_id[i]["prompt"].strip() and by_id[i]["response"].strip()]
     if config.limit is not None:
         chosen = chosen[: config.limit]
     instruction = preset.instruction if preset else "{prompt}"
@@ -147,6 +152,27 @@ def load_task(config: TaskConfig, tokenizer) -> list[AlignRecord]:
         document = cut_tokens(tokenizer, row["prompt"], config.max_document_tokens)
         records.append(AlignRecord(record_id, instruction.format(prompt=document), row["response"].strip()))
     return records
+
+
+def _preset_rows(name: str, preset: TaskPreset) -> list[dict]:
+    """Rows of an embedded task as ``{"id", "prompt", "response"}``.  The split is made over every row
+    (so it does not depend on content); rows with an empty field are then dropped (the embedded XSum
+    sample has one empty document, so its splits hold 800/200 ids and 799/200 or 800/199 records).
+
+    Raises:
+        DataError: a field is missing or not text (names file, row and field).
+    """
+    path = resolve_dataset(name)
+    rows = []
+    for number, row in enumerate(read_rows(path), start=1):
+        texts = {}
+        for key, field_name in (("prompt", preset.prompt_field), ("response", preset.response_field)):
+            value = row.get(field_name)
+            if not isinstance(value, str):
+                raise DataError(f"{path} row {number}: field '{field_name}' must be text, got {type(value).__name__}")
+            texts[key] = value
+        rows.append({"id": str(row.get("id", number)), **texts})
+    return rows
 
 
 def uses_chat_template(tokenizer, chat_template: bool | None = None) -> bool:

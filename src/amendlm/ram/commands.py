@@ -1,0 +1,248 @@
+"""``amendlm align {sample,train,generate,eval}``: thin Typer commands over :mod:`amendlm.ram`.
+
+Each command parses its options into config dataclasses and calls one function; torch and
+transformers are imported inside the command bodies so ``amendlm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from amendlm.resources import DEFAULT_MODEL
+
+align_app = typer.Typer(
+    help="Residual Alignment Model (RAM): sample the proposal, train an aligner, decode proposal x aligner.",
+    no_args_is_help=True,
+)
+
+DATA_HELP = "Task: xsum-sample (embedded) or a jsonl/json/csv with prompt and response fields."
+
+
+def _task(data: str, split: str, limit: Optional[int], max_document_tokens: int, split_seed: int,
+          chat_template: Optional[bool]):
+    from amendlm.ram.data import TaskConfig
+
+    return TaskConfig(data=data, split=split, limit=limit, max_document_tokens=max_document_tokens,
+                      split_seed=split_seed, chat_template=chat_template)
+
+
+def _bad(err: Exception):
+    return typer.BadParameter(str(err).strip("'\""))
+
+
+@align_app.command("sample")
+def sample_command(
+    proposal: str = typer.Option(DEFAULT_MODEL, help="Proposal model P_M: embedded name, directory or hub id."),
+    data: str = typer.Option("xsum-sample", help=DATA_HELP),
+    out: Path = typer.Option(..., help="Samples jsonl; appended to, ids already present are skipped."),
+    split: str = typer.Option("train", help="train, test or all."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N prompts of the split."),
+    max_document_tokens: int = typer.Option(256, help="Cut each prompt's document to this many tokens (0 = no cut)."),
+    split_seed: int = typer.Option(0, help="Seed of the hash split."),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Default: when the tokenizer has one."),
+    temperature: float = typer.Option(0.5, help="Sampling temperature (public code: 0.5)."),
+    top_p: float = typer.Option(0.95, help="Nucleus (public code: 0.95)."),
+    top_k: int = typer.Option(10, help="Top-k, 0 = off (public code: 10)."),
+    repetition_penalty: float = typer.Option(1.05, help="CTRL repetition penalty (public code: 1.05)."),
+    max_new_tokens: int = typer.Option(64, help="Tokens per sample at most."),
+    batch_size: int = typer.Option(8, help="Prompts decoded together."),
+    seed: int = typer.Option(0, help="Random seed."),
+    dtype: str = typer.Option("fp32", help="fp32 or bf16 (bf16 is emulated and slow on CPUs without bf16 units)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+) -> None:
+    """Draw one proposal sample y' ~ P_M(.|x) per training prompt (resumable)."""
+    from amendlm.ram.sample import SampleConfig, sample_proposal
+
+    try:
+        config = SampleConfig(proposal=proposal, out=str(out), task=_task(data, split, limit, max_document_tokens, split_seed, chat_template),
+                              temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, dtype=dtype, device=device)
+        config.decode_config()
+    except (ValueError, KeyError) as err:
+        raise _bad(err) from None
+    summary = sample_proposal(config)
+    typer.echo(f"{summary['sampled']} new samples ({summary['already_done']} already done) in {summary['seconds']:.0f} s -> {out}")
+
+
+@align_app.command("train")
+def train_command(
+    out: Path = typer.Option(..., help="Output directory (checkpoints, aligner/, logs); rerun to resume."),
+    samples: Path = typer.Option(..., help="Proposal samples jsonl from 'align sample'."),
+    aligner: Optional[str] = typer.Option(None, help="Initial aligner: any model with the proposal's vocabulary."),
+    proposal: str = typer.Option(DEFAULT_MODEL, help="Proposal model (for --init-from-proposal-layers)."),
+    init_from_proposal_layers: Optional[int] = typer.Option(None, help="Aligner = the proposal's first K blocks."),
+    data: str = typer.Option("xsum-sample", help=DATA_HELP),
+    limit: Optional[int] = typer.Option(None, help="Only the first N training prompts."),
+    max_document_tokens: int = typer.Option(256, help="Cut each prompt's document to this many tokens."),
+    split_seed: int = typer.Option(0, help="Seed of the hash split."),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
+    loss: str = typer.Option("residual", help="residual (-log Q(y|x) + alpha log Q(y'|x)) or dpo (reference-free, y chosen, y' rejected)."),
+    alpha: float = typer.Option(1e-4, help="Weight of the proposal-sample term (RAM default 1e-4); 0 = SFT."),
+    beta: float = typer.Option(1.0, help="DPO beta."),
+    per_token: bool = typer.Option(False, help="Average log-probs per token instead of per-sequence sums."),
+    lora: bool = typer.Option(False, "--lora/--full", help="LoRA adapters (merged at the end) or all weights."),
+    lora_r: int = typer.Option(8), lora_alpha: int = typer.Option(16), lora_dropout: float = typer.Option(0.05),
+    learning_rate: float = typer.Option(1e-4, help="AdamW peak learning rate."),
+    epochs: int = typer.Option(1), max_steps: Optional[int] = typer.Option(None),
+    batch_size: int = typer.Option(8, help="Prompts per micro-batch."), grad_accum: int = typer.Option(1),
+    save_every: int = typer.Option(50, help="Optimizer steps between checkpoints."),
+    seed: int = typer.Option(0), dtype: str = typer.Option("fp32"), device: str = typer.Option("cpu"),
+) -> None:
+    """Train the aligner Q on targets and proposal samples (Accelerate; full or LoRA)."""
+    from amendlm.ram.losses import LossConfig
+    from amendlm.ram.train import TrainConfig, train_aligner
+
+    try:
+        config = TrainConfig(
+            out=str(out), samples=str(samples), aligner=aligner, proposal=proposal,
+            init_from_proposal_layers=init_from_proposal_layers,
+            task=_task(data, "train", limit, max_document_tokens, split_seed, chat_template),
+            loss=LossConfig(name=loss, alpha=alpha, beta=beta, per_token=per_token), lora=lora, lora_r=lora_r,
+            lora_alpha=lora_alpha, lora_dropout=lora_dropout, learning_rate=learning_rate, epochs=epochs,
+            max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, save_every=save_every, seed=seed,
+            dtype=dtype, device=device,
+        )
+    except (ValueError, KeyError) as err:
+        raise _bad(err) from None
+    summary = train_aligner(config)
+    typer.echo(json.dumps({k: summary[k] for k in ("steps", "n_examples", "seconds", "aligner")}))
+
+
+def _decode_config(mode, candidates, kl_threshold, proposal_top_p, aligner_top_p, proposal_temperature,
+                   aligner_temperature, eos_priority):
+    from amendlm.ram.decoding import DecodeConfig
+
+    return DecodeConfig(mode=mode, candidates=candidates, kl_threshold=kl_threshold, proposal_top_p=proposal_top_p,
+                        aligner_top_p=aligner_top_p, proposal_temperature=proposal_temperature,
+                        aligner_temperature=aligner_temperature, eos_priority=eos_priority)
+
+
+@align_app.command("generate")
+def generate_command(
+    prompts: List[str] = typer.Argument(None, help="Prompt texts; none = read one prompt per line from --prompts-file or stdin."),
+    proposal: str = typer.Option(DEFAULT_MODEL, help="Proposal model P_M."),
+    aligner: Optional[str] = typer.Option(None, help="Aligner Q (e.g. runs/ram/aligner); not needed for --mode proposal."),
+    mode: str = typer.Option("par-kl", help="par, par-kl, sir, mds, proposal or aligner."),
+    prompts_file: Optional[Path] = typer.Option(None, help="One prompt per line."),
+    candidates: int = typer.Option(8, help="SIR: proposal draws per token."),
+    kl_threshold: float = typer.Option(0.1, help="PAR-KL: switch to the proposal above this KL (nats)."),
+    proposal_top_p: float = typer.Option(0.95), aligner_top_p: float = typer.Option(0.9),
+    proposal_temperature: float = typer.Option(1.0), aligner_temperature: float = typer.Option(1.0),
+    eos_priority: bool = typer.Option(True, "--eos-priority/--no-eos-priority"),
+    max_new_tokens: int = typer.Option(64), greedy: bool = typer.Option(False, "--greedy/--sample"),
+    seed: int = typer.Option(0), stop: List[str] = typer.Option([], help="Stop string (repeatable)."),
+    batch_size: int = typer.Option(8), chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they come (one prompt) or rows as they end."),
+    out: Optional[Path] = typer.Option(None, help="Also write a jsonl with every generation."),
+    dtype: str = typer.Option("fp32"), device: str = typer.Option("cpu"),
+) -> None:
+    """Decode prompts with proposal x aligner, many at once, both models KV-cached."""
+    from amendlm.ram.api import ResidualAlignedLM
+    from amendlm.ram.data import encode_prompt
+    from amendlm.ram.generate import GenerateConfig, GenerationStats
+    from amendlm.report import atomic_write_text
+
+    texts = list(prompts or [])
+    if not texts:
+        source = prompts_file.read_text(encoding="utf-8") if prompts_file else sys.stdin.read()
+        texts = [line for line in source.splitlines() if line.strip()]
+    if not texts:
+        raise typer.BadParameter("no prompts given")
+    try:
+        decode = _decode_config(mode, candidates, kl_threshold, proposal_top_p, aligner_top_p, proposal_temperature,
+                                aligner_temperature, eos_priority)
+        config = GenerateConfig(max_new_tokens=max_new_tokens, greedy=greedy, seed=seed,
+                                stop=tuple(s.encode().decode("unicode_escape") for s in stop), batch_size=batch_size, dtype=dtype)
+    except (ValueError, KeyError) as err:
+        raise _bad(err) from None
+    ram = ResidualAlignedLM.from_pretrained(proposal, aligner if mode != "proposal" else None, decode, device=device)
+    ids = [encode_prompt(ram.tokenizer, t, chat_template) for t in texts]
+    live = stream and len(texts) == 1
+    shown: list[int] = []
+
+    def on_step(step, token_ids, finished):
+        if live and not (finished.all() and token_ids[0].item() == ram.pad_token_id and step > 0):
+            shown.append(int(token_ids[0]))
+            typer.echo(ram.tokenizer.decode(shown[-1:], skip_special_tokens=True), nl=False)
+
+    def on_batch(indices, generations):
+        if stream and not live:
+            for index, generation in zip(indices, generations):
+                typer.echo(f"[{index}] {generation.text}")
+
+    stats = GenerationStats()
+    results = ram.generate_ids(ids, config=config, stats=stats, on_step=on_step if live else None, on_batch=on_batch)
+    if live:
+        typer.echo("")
+    elif not stream:
+        for index, generation in enumerate(results):
+            typer.echo(f"[{index}] {generation.text}")
+    typer.echo(f"# {stats.new_tokens} tokens in {stats.seconds:.1f} s; first token {stats.first_token_seconds:.2f} s", err=True)
+    if out is not None:
+        atomic_write_text(out, "".join(json.dumps({"prompt": t, "text": g.text, "finish_reason": g.finish_reason},
+                                                  ensure_ascii=False) + "\n" for t, g in zip(texts, results)))
+
+
+@align_app.command("eval")
+def eval_command(
+    proposal: str = typer.Option(DEFAULT_MODEL, help="Proposal model P_M."),
+    aligner: Optional[str] = typer.Option(None, help="Trained aligner (align train's OUT/aligner)."),
+    finetuned: Optional[str] = typer.Option(None, help="The proposal fine-tuned directly (upper baseline)."),
+    systems: str = typer.Option("proposal,aligner,par,par-kl,sir,mds", help="Comma-separated; add finetuned with --finetuned."),
+    data: str = typer.Option("xsum-sample", help=DATA_HELP),
+    limit: Optional[int] = typer.Option(None, help="Only the first N test prompts."),
+    max_document_tokens: int = typer.Option(256), split_seed: int = typer.Option(0),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
+    candidates: int = typer.Option(8), kl_threshold: float = typer.Option(0.1),
+    proposal_top_p: float = typer.Option(0.95), aligner_top_p: float = typer.Option(0.9),
+    proposal_temperature: float = typer.Option(1.0), aligner_temperature: float = typer.Option(1.0),
+    eos_priority: bool = typer.Option(True, "--eos-priority/--no-eos-priority"),
+    max_new_tokens: int = typer.Option(64), greedy: bool = typer.Option(True, "--greedy/--sample"),
+    seed: int = typer.Option(0), batch_size: int = typer.Option(8),
+    out: Path = typer.Option(Path("ram_eval.json"), help="Results JSON (generations go beside it as .generations.jsonl)."),
+    dtype: str = typer.Option("fp32"), device: str = typer.Option("cpu"),
+) -> None:
+    """ROUGE-1/2/L and length of proposal, aligner, RAM modes (and a direct fine-tune) on held-out prompts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from amendlm.ram.evaluate import AlignEvalConfig, evaluate_systems
+    from amendlm.ram.generate import GenerateConfig
+    from amendlm.report import atomic_write_json, package_versions
+
+    try:
+        task = _task(data, "test", limit, max_document_tokens, split_seed, chat_template)
+        config = AlignEvalConfig(
+            proposal=proposal, aligner=aligner, finetuned=finetuned,
+            systems=[s.strip() for s in systems.split(",") if s.strip()], task=task,
+            decode=_decode_config("par-kl", candidates, kl_threshold, proposal_top_p, aligner_top_p,
+                                  proposal_temperature, aligner_temperature, eos_priority),
+            generate=GenerateConfig(max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, stop=task.stop,
+                                    batch_size=batch_size, dtype=dtype),
+            device=device,
+        )
+    except (ValueError, KeyError) as err:
+        raise _bad(err) from None
+    began = time.perf_counter()
+    results = evaluate_systems(config, generations_path=str(out.with_suffix(".generations.jsonl")))
+    results.update(versions=package_versions(), seconds_total=time.perf_counter() - began)
+    atomic_write_json(out, results)
+    table = Table(title=f"RAM on {data} (test, {results['n_prompts']} prompts)")
+    for column in ("system", "ROUGE-1", "ROUGE-2", "ROUGE-L", "words", "tok/s"):
+        table.add_column(column, justify="left" if column == "system" else "right")
+    for system, m in results["systems"].items():
+        table.add_row(system, f"{m['rouge1']:.2f}", f"{m['rouge2']:.2f}", f"{m['rougeL']:.2f}", f"{m['mean_words']:.1f}",
+                      f"{m['tokens_per_second'] or 0:.1f}")
+    Console().print(table)
+    typer.echo(f"wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``align`` command group to the main app."""
+    app.add_typer(align_app, name="align")

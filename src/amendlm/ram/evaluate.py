@@ -1,0 +1,124 @@
+"""``align eval``: ROUGE of every system on the held-out prompts (XSum ``test`` split by default).
+
+Systems: ``proposal`` (P_M alone), ``aligner`` (Q alone), RAM in each mode (``par``, ``par-kl``,
+``sir``, ``mds``) and optionally ``finetuned`` (the proposal fine-tuned directly, decoded alone: the
+upper baseline).  Each system decodes the same prompts with the same seed and settings.
+
+Metrics per system: ROUGE-1/2/L F1 x 100 (``rouge_score``, Porter stemmer, mean over prompts),
+mean summary length in words, tokens/s.  ``higher_is_better`` is recorded beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+from amendlm.ram.data import TaskConfig, encode_prompt, load_task
+from amendlm.ram.decoding import DecodeConfig, get_mode
+from amendlm.ram.generate import GenerateConfig, GenerationStats, generate, shared_vocab_size
+
+logger = logging.getLogger(__name__)
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+HIGHER_IS_BETTER = {"rouge1": True, "rouge2": True, "rougeL": True, "mean_words": None, "tokens_per_second": True}
+SYSTEMS = ("proposal", "aligner", "par", "par-kl", "sir", "mds", "finetuned")
+
+
+@dataclass
+class AlignEvalConfig:
+    """Which systems to decode on which prompts.
+
+    Attributes:
+        proposal, aligner: model names/paths (the aligner is ``align train``'s ``out/aligner``).
+        finetuned: the directly fine-tuned proposal (merged), for the ``finetuned`` system.
+        systems: subset of :data:`SYSTEMS`; ``finetuned`` is skipped without ``finetuned``.
+        task: prompts and references (``test`` split).
+        decode: shared rule parameters (mode is set per system).
+        generate: loop parameters; greedy by default so systems differ by rule, not by luck.
+    """
+
+    proposal: str
+    aligner: str | None
+    finetuned: str | None = None
+    systems: list[str] = field(default_factory=lambda: ["proposal", "aligner", "par", "par-kl", "sir", "mds"])
+    task: TaskConfig = field(default_factory=lambda: TaskConfig(split="test"))
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(greedy=True, max_new_tokens=64))
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.systems if s not in SYSTEMS]
+        if unknown:
+            raise ValueError(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
+        if self.aligner is None and any(s != "proposal" and s != "finetuned" for s in self.systems):
+            raise ValueError("systems other than 'proposal' and 'finetuned' need an aligner")
+        if "finetuned" in self.systems and self.finetuned is None:
+            raise ValueError("system 'finetuned' needs --finetuned (the directly fine-tuned proposal)")
+
+
+def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 x 100 (rouge_score, stemmed) and mean prediction length in words.
+
+    Raises:
+        ValueError: the two lists differ in length or are empty.
+    """
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for prediction, reference in zip(predictions, references):
+        scores = scorer.score(reference, prediction)
+        for name in ROUGE_TYPES:
+            totals[name] += scores[name].fmeasure
+    result = {name: 100.0 * total / len(predictions) for name, total in totals.items()}
+    result["mean_words"] = sum(len(p.split()) for p in predictions) / len(predictions)
+    return result
+
+
+def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = None) -> dict:
+    """Decode every system on the task's prompts and score it.  Returns a results dict (data, not text).
+
+    ``generations_path``: a jsonl written with one line per (system, prompt).
+    """
+    from amendlm.modeling import load_model
+    from amendlm.report import atomic_write_text
+
+    proposal, tokenizer = load_model(config.proposal, device=config.device)
+    aligner = aligner_tokenizer = None
+    if config.aligner is not None:
+        aligner, aligner_tokenizer = load_model(config.aligner, device=config.device)
+    vocab_size = shared_vocab_size(tokenizer, aligner_tokenizer or tokenizer, config.proposal, config.aligner or "-",
+                                   proposal, aligner)
+    records = load_task(config.task, tokenizer)
+    prompts = [encode_prompt(tokenizer, r.prompt, config.task.chat_template) for r in records]
+    references = [r.response for r in records]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    results, lines = {}, []
+    for system in config.systems:
+        models = (proposal, aligner)
+        mode = system
+        if system == "finetuned":
+            finetuned, finetuned_tokenizer = load_model(config.finetuned, device=config.device)
+            shared_vocab_size(tokenizer, finetuned_tokenizer, config.proposal, config.finetuned, proposal, finetuned)
+            models, mode = (None, finetuned), "aligner"
+        get_mode(mode)
+        stats = GenerationStats()
+        began = time.perf_counter()
+        out = generate(*models, prompts, replace(config.decode, mode=mode), config.generate, vocab_size=vocab_size,
+                       pad_token_id=pad, eos_token_ids=[tokenizer.eos_token_id], tokenizer=tokenizer, stats=stats)
+        predictions = [g.text.strip() for g in out]
+        metrics = rouge_scores(predictions, references)
+        metrics.update(seconds=time.perf_counter() - began, new_tokens=stats.new_tokens,
+                       tokens_per_second=stats.new_tokens / stats.seconds if stats.seconds else None,
+                       finish_reasons={r: sum(g.finish_reason == r for g in out) for r in ("eos", "stop", "length")})
+        results[system] = metrics
+        logger.info("%s: ROUGE-L %.2f (%.0f s)", system, metrics["rougeL"], metrics["seconds"])
+        lines += [json.dumps({"system": system, "id": r.id, "prediction": p, "reference": r.response}, ensure_ascii=False)
+                  for r, p in zip(records, predictions)]
+    if generations_path is not None:
+        atomic_write_text(generations_path, "\n".join(lines) + "\n")
+    return {"n_prompts": len(records), "systems": results, "higher_is_better": HIGHER_IS_BETTER,
+            "config": {**asdict(config)}}
