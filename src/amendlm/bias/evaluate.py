@@ -79,6 +79,10 @@ class EvalConfig:
         parse_dtype(self.dtype)
 
 
+def _overall_last(groups: dict) -> list[str]:
+    return sorted(name for name in groups if name != "overall") + ["overall"]
+
+
 def _bar(config: EvalConfig, name: str) -> str | None:
     return name if config.progress else None
 
@@ -118,7 +122,7 @@ def run_stereoset(model, tokenizer, config: EvalConfig) -> dict:
         groups = {"overall": [o for _, o in chosen]}
         for cluster, outcome in chosen:
             groups.setdefault(cluster.bias_type, []).append(outcome)
-        report[task] = {name: stereoset_score(outcomes).to_dict() for name, outcomes in sorted(groups.items())}
+        report[task] = {name: stereoset_score(groups[name]).to_dict() for name in _overall_last(groups)}
     return {"split": config.split, "split_seed": config.split_seed, "scores": report}
 
 
@@ -143,7 +147,7 @@ def run_crows_pairs(model, tokenizer, config: EvalConfig) -> dict:
     return {
         "scores": {
             name: crows_score([more[i] for i in idx], [less[i] for i in idx], [pairs[i].direction for i in idx]).to_dict()
-            for name, idx in sorted(groups.items())
+            for name, idx in ((name, groups[name]) for name in _overall_last(groups))
         }
     }
 
