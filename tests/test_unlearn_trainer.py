@@ -106,14 +106,14 @@ def test_interrupt_then_resume_ends_in_the_same_weights(tmp_path, method):
     reference = load_file(str(tmp_path / "a" / "run" / "adapter_model.safetensors"))
 
     first = make_trainer(tmp_path / "b", **common)
-    step = first._train_step
+    step = first.train_step
 
     def interrupted(log):  # Ctrl-C at the start of the third step
         if first.state.step == 2:
             raise KeyboardInterrupt
         step(log)
 
-    first._train_step = interrupted
+    first.train_step = interrupted
     assert first.train().status == "interrupted"
     assert json.loads((tmp_path / "b" / "run" / "checkpoint" / "state.json").read_text())["step"] == 2
     resumed = make_trainer(tmp_path / "b", **common)
@@ -171,3 +171,39 @@ def test_learning_rate_warms_up_and_decays_linearly(tmp_path):
     config = UnlearnConfig(out=str(tmp_path), lr=1.0, warmup_steps=2, max_steps=10)
     state = TrainState(phase_start=0, phase_steps=10)
     assert [round(learning_rate(config, state, s), 3) for s in (0, 1, 5, 10)] == [0.5, 0.9, 0.5, 0.0]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{chr(97 + i): 4 + i for i in range(26)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def test_merged_model_matches_base_plus_adapter(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from amendlm.modeling import load_model
+    from amendlm.unlearn.artifacts import merge_adapter
+
+    base_dir = tmp_path / "base"
+    tiny_model().save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    trainer = make_trainer(tmp_path, max_steps=2, method="sft-anti", keep_best=False, eval_every=0)
+    trainer.train()
+    adapter = tmp_path / "run"
+
+    merged_dir = merge_adapter(str(base_dir), adapter, tmp_path / "merged")
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with_adapter, _ = load_model(str(base_dir), adapter=adapter)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    base, _ = load_model(str(base_dir))
+    with torch.no_grad():
+        expected = with_adapter(ids).logits
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(base(ids).logits, expected, atol=1e-4)  # the adapter did something
+    with pytest.raises(FileExistsError):
+        merge_adapter(str(base_dir), adapter, merged_dir)

@@ -342,7 +342,7 @@ class UnlearnTrainer:
             if not resume:
                 last_val = self._evaluate(log)
             while self.state.step < c.max_steps and self.state.status == "running":
-                self._train_step(log)
+                self.train_step(log)
                 if self.state.status != "running":
                     break
                 if self.state.step >= self.state.next_eval:
@@ -359,7 +359,8 @@ class UnlearnTrainer:
             logger.warning("interrupted at step %d; checkpoint saved, continue with --resume", self.state.step)
         return self._finish(log, last_val, time.perf_counter() - began)
 
-    def _train_step(self, log: artifacts.StepLog) -> None:
+    def train_step(self, log: artifacts.StepLog) -> None:
+        """One optimizer step on one batch of every stream; sets ``state.status = 'nan'`` instead of stepping on a non-finite loss or gradient."""
         c, s = self.config, self.state
         began = time.perf_counter()
         lr = learning_rate(c, s, s.step)
