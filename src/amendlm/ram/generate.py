@@ -133,7 +133,8 @@ class CachedLM:
         with autocast(self.dtype, self.device):
             out = self.model(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=position_ids,
                              use_cache=True, logits_to_keep=1, **kwargs)
-        self.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache = getattr(out, "cache", None)
+        self.cache = cache if cache is not None else out.past_key_values
         return out.logits[:, -1, : self.vocab_size].float()
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
