@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from amendlm.ram.data import TaskConfig, encode_prompt, encode_response, load_task, split_ids
+from amendlm.ram.data import TaskConfig, cut_tokens, encode_prompt, encode_response, load_task, split_ids
 from amendlm.ram.evaluate import AlignEvalConfig, evaluate_systems, rouge_scores
 from amendlm.ram.generate import GenerateConfig
 from amendlm.ram.losses import LossConfig
@@ -46,12 +46,15 @@ def test_split_is_deterministic_disjoint_and_order_free():
 
 
 def test_xsum_split_is_800_200_and_documents_are_cut(byte_tokenizer):
-    train = load_task(TaskConfig(split="train", max_document_tokens=40), byte_tokenizer)
-    test = load_task(TaskConfig(split="test", max_document_tokens=40), byte_tokenizer)
+    train = load_task(TaskConfig(split="train", max_document_tokens=0), byte_tokenizer)
+    test = load_task(TaskConfig(split="test", max_document_tokens=0), byte_tokenizer)
     assert len(train) + len(test) == 999  # one embedded row has an empty document
     assert len(test) in (199, 200) and not {r.id for r in train} & {r.id for r in test}
     assert all(r.prompt.startswith("Summarize the following BBC article") for r in test)
-    assert all(len(r.prompt) < 200 for r in test)  # 40 byte tokens + instruction
+    cut = load_task(TaskConfig(split="test", max_document_tokens=40, limit=3), byte_tokenizer)
+    assert [r.id for r in cut] == [r.id for r in test[:3]]
+    assert all(len(r.prompt) < 120 for r in cut)  # 40 byte tokens + instruction
+    assert cut_tokens(byte_tokenizer, "abcdef", 4) == "abcd" and cut_tokens(byte_tokenizer, "abc", 4) == "abc"
 
 
 def test_prompt_and_response_encoding(byte_tokenizer):
