@@ -207,3 +207,15 @@ def test_merged_model_matches_base_plus_adapter(tmp_path):
         assert not torch.allclose(base(ids).logits, expected, atol=1e-4)  # the adapter did something
     with pytest.raises(FileExistsError):
         merge_adapter(str(base_dir), adapter, merged_dir)
+
+
+def test_full_finetuning_uses_a_frozen_reference_copy(tmp_path):
+    trainer = make_trainer(tmp_path, finetune="full", reference="copy", max_steps=2, keep_best=False, eval_every=0)
+    frozen = {n: p.detach().clone() for n, p in trainer.reference_model.named_parameters()}
+    trainer.train()
+    assert all(torch.equal(p, frozen[n]) for n, p in trainer.reference_model.named_parameters())
+    assert any(not torch.equal(p, frozen[n]) for n, p in trainer.model.named_parameters())
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    first = next(r for r in records if "loss" in r)
+    assert first["forget"] == pytest.approx(2 / 0.1 * 0.6931471805599453, rel=1e-5)  # policy = reference at step 1
+    assert (tmp_path / "run" / "model.safetensors").is_file()
