@@ -58,6 +58,8 @@ def test_eval_config_validation():
         EvalConfig(dtype="fp8")
     with pytest.raises(ValueError, match="unknown split"):
         EvalConfig(split="dev")
+    with pytest.raises(ValueError, match="ppl_stride < ppl_window"):
+        EvalConfig(ppl_window=64, ppl_stride=64)
 
 
 def test_adapter_changes_scores_and_wrong_base_is_rejected(tiny_llama, tmp_path):
@@ -76,3 +78,41 @@ def test_adapter_changes_scores_and_wrong_base_is_rejected(tiny_llama, tmp_path)
         attach_adapter(wider, tmp_path / "adapter")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         attach_adapter(make_tiny_llama(259), tmp_path)
+
+
+def test_adapter_for_fewer_layers_or_without_effect_is_rejected(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from .conftest import make_tiny_llama
+
+    one_layer = get_peft_model(make_tiny_llama(259, num_hidden_layers=1), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    one_layer.save_pretrained(tmp_path / "one_layer")
+    with pytest.raises(ValueError, match="does not fit this model"):
+        attach_adapter(make_tiny_llama(259), tmp_path / "one_layer")
+    untrained = get_peft_model(make_tiny_llama(259), LoraConfig(r=4, target_modules=["q_proj"]))  # lora_B = 0
+    untrained.save_pretrained(tmp_path / "untrained")
+    with pytest.raises(ValueError, match="every lora_B is zero"):
+        attach_adapter(make_tiny_llama(259), tmp_path / "untrained")
+
+
+def test_stereoset_runner_turns_scores_into_metrics(monkeypatch, byte_tokenizer, tmp_path):
+    """Fixed sentence scores -> hand-computed SS/LMS per task and bias type (a target in both tasks)."""
+    import amendlm.bias.evaluate as evaluate_module
+    from amendlm.scoring import Scores
+
+    rows = [GOOD_INTRA, dict(GOOD_INTER, target="chess player", bias_type="profession"), GOOD_INTER]
+    path = write_jsonl(tmp_path / "s.jsonl", rows)
+    # per cluster (stereotype, anti, unrelated) mean log-probs
+    means = [[-1.0, -2.0, -3.0],   # chess intra: pro, related 2
+             [-2.0, -1.0, -1.5],   # chess inter: anti, related 1
+             [-1.0, -1.0, -0.5]]   # Ethiopia inter: tie (not pro), related 0
+    flat = torch.tensor(means).flatten()
+    monkeypatch.setattr(evaluate_module, "score_pairs", lambda *a, **k: Scores(flat.clone(), torch.ones(9, dtype=torch.long)))
+    result = evaluate_module.run_stereoset(None, byte_tokenizer, EvalConfig(stereoset=str(path), progress=False))["scores"]
+    assert result["intrasentence"]["profession"]["ss"] == 100.0
+    assert result["intersentence"]["overall"]["ss"] == 0.0  # two targets, neither pro
+    assert result["intersentence"]["overall"]["lms"] == pytest.approx((50.0 + 0.0) / 2)
+    # overall: chess player has 2 clusters (SS 50, LMS 75), Ethiopia 1 (SS 0, LMS 0) -> macro
+    assert result["overall"]["overall"]["ss"] == pytest.approx(25.0)
+    assert result["overall"]["overall"]["lms"] == pytest.approx(37.5)
+    assert result["overall"]["profession"]["n_clusters"] == 2 and result["overall"]["overall"]["n_targets"] == 2

@@ -92,8 +92,12 @@ def test_length_buckets_cover_every_index_once():
     assert buckets[0] == [2, 4]
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("batch_size", [1, 2])
-def test_shared_prefix_packing_equals_separate_scoring(tiny_llama, byte_tokenizer, batch_size):
+def test_shared_prefix_packing_equals_separate_scoring(byte_tokenizer, batch_size, attention):
+    from .conftest import make_tiny_llama
+
+    tiny_llama = make_tiny_llama(len(byte_tokenizer), attn_implementation=attention)
     pairs = [
         ("", "The chess player was asian."), ("", "The chess player was hispanic."), ("", "The chess player was fox."),
         ("Many people live in Ethiopia.", " They run."), ("Many people live in Ethiopia.", " They are fat."),
@@ -110,3 +114,37 @@ def test_shared_prefix_packing_equals_separate_scoring(tiny_llama, byte_tokenize
 def test_shared_prefix_groups_must_partition(tiny_llama, byte_tokenizer):
     with pytest.raises(ValueError, match="exactly once"):
         score_pairs(tiny_llama, byte_tokenizer, [("", "a"), ("", "b")], groups=[[0]])
+
+
+def test_shared_prefix_refuses_kernels_without_mask_support(tiny_llama, byte_tokenizer):
+    tiny_llama.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="--no-share-prefix"):
+        score_pairs(tiny_llama, byte_tokenizer, [("", "a"), ("", "b")], groups=[[0, 1]])
+
+
+def test_start_token_is_not_doubled_by_a_tokenizer_that_adds_bos():
+    """A tokenizer whose post-processor adds <s> must still yield exactly one start token."""
+    from tokenizers.processors import TemplateProcessing
+
+    from .conftest import make_byte_tokenizer
+
+    tokenizer = make_byte_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    assert tokenizer("x")["input_ids"][0] == 0  # the tokenizer itself adds BOS
+    (encoded,) = encode_pairs(tokenizer, [("ab", " c")])
+    assert encoded.ids.count(0) == 1 and encoded.ids[0] == 0 and encoded.n_scored == 2
+
+
+def test_continuation_tokens_come_from_the_whole_text():
+    """With merges across words, a continuation is scored on the tokens of the full sentence."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "a": 1, "b": 2, "ab": 3, "c": 4}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="removed")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
+    (encoded,) = encode_pairs(tokenizer, [("c", "ab")])
+    assert encoded.ids == [0, 4, 3] and encoded.n_scored == 1
+    with pytest.raises(ValueError, match="pair 0: a token spans the boundary"):
+        encode_pairs(tokenizer, [("a", "b")])

@@ -86,32 +86,42 @@ def load_model(
 def attach_adapter(model, adapter: str | Path):
     """Wrap ``model`` in a :class:`peft.PeftModel` loaded from ``adapter`` and check it took effect.
 
-    A PEFT adapter whose module names do not exist in the model would otherwise be ignored
-    silently (the "debiased" model would be the base model).
+    An adapter whose modules do not all exist in the model, or that the model has more LoRA
+    slots for than it provides, would otherwise be partly or silently ignored (the "debiased"
+    model would be the base model), and so would an adapter whose ``lora_B`` are all zero.
 
     Raises:
         FileNotFoundError: no ``adapter_config.json`` in ``adapter``.
-        ValueError: none or only part of the adapter's tensors were loaded into the model.
+        ValueError: unreadable ``adapter_config.json``; the adapter's tensors and the LoRA
+            parameters created in the model differ (names the first few of each); or the
+            adapter changes nothing (every ``lora_B`` is zero).
     """
-    from peft import PeftModel
+    from peft import PeftModel, get_peft_model_state_dict
     from safetensors import safe_open
 
     adapter = Path(adapter)
     config_file = adapter / "adapter_config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
-    base_recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    try:
+        base_recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file}: invalid JSON ({err})") from None
     peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     weights_file = adapter / "adapter_model.safetensors"
     if weights_file.is_file():
         with safe_open(str(weights_file), framework="pt") as handle:
-            n_saved = len(list(handle.keys()))
-        n_loaded = sum(1 for name, _ in peft_model.named_parameters() if "lora_" in name)
-        if n_loaded < n_saved:
+            saved = set(handle.keys())
+        created = set(get_peft_model_state_dict(peft_model))
+        if saved != created:
+            missing, unused = sorted(created - saved)[:3], sorted(saved - created)[:3]
             raise ValueError(
-                f"{adapter}: adapter has {n_saved} tensors but only {n_loaded} LoRA parameters exist in "
-                f"the model; it was trained for a different base ({base_recorded})"
+                f"{adapter}: adapter does not fit this model (trained on {base_recorded}); "
+                f"model LoRA tensors absent from the adapter: {missing}; adapter tensors with no place in the model: {unused}"
             )
+    lora_b = [p for name, p in peft_model.named_parameters() if "lora_B" in name]
+    if lora_b and all(not bool(p.detach().any()) for p in lora_b):
+        raise ValueError(f"{adapter}: every lora_B is zero, so the adapter leaves the base model unchanged")
     logger.info("loaded adapter %s (trained on base %s)", adapter, base_recorded)
     return peft_model
 
@@ -153,3 +163,14 @@ def start_token_id(tokenizer, start_token: str | int | None = None) -> int:
     if token_id is None:
         raise ValueError(f"tokenizer has no start token {start_token!r} (bos={tokenizer.bos_token}, eos={tokenizer.eos_token})")
     return int(token_id)
+
+
+def pad_token_id(tokenizer, start_token: str | int | None = None) -> int:
+    """The id used for padding: the tokenizer's pad token, else its EOS, else the start token.
+
+    Padded positions are always masked, so the choice never changes a score.
+    """
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return start_token_id(tokenizer, start_token)

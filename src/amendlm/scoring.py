@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from amendlm.modeling import autocast, start_token_id
+from amendlm.modeling import autocast, pad_token_id, start_token_id
 
 
 def token_logps(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
@@ -72,17 +72,29 @@ def encode_pairs(
 ) -> list[EncodedPair]:
     """Tokenize ``(prefix, continuation)`` pairs for :func:`score_encoded`.
 
+    The text ``prefix + continuation`` is tokenized as a whole (so a continuation is scored on
+    exactly the tokens the full sentence has, whatever the tokenizer does with leading spaces),
+    and split where the prefix's own tokens end.
+
     Raises:
-        ValueError: a continuation has no tokens (names the pair's index).
+        ValueError: a continuation has no tokens, or the prefix's tokens change when the
+            continuation follows it (a token spans the boundary); names the pair's index.
     """
     start = start_token_id(tokenizer, start_token)
     prefixes = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
-    continuations = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+    wholes = tokenizer([p + c for p, c in pairs], add_special_tokens=False)["input_ids"]
     encoded = []
-    for index, (prefix_ids, continuation_ids) in enumerate(zip(prefixes, continuations)):
-        if not continuation_ids:
-            raise ValueError(f"pair {index}: continuation {pairs[index][1]!r} has no tokens to score")
-        encoded.append(EncodedPair([start, *prefix_ids, *continuation_ids], len(continuation_ids)))
+    for index, (prefix_ids, whole_ids) in enumerate(zip(prefixes, wholes)):
+        prefix, continuation = pairs[index]
+        if whole_ids[: len(prefix_ids)] != prefix_ids:
+            raise ValueError(
+                f"pair {index}: a token spans the boundary between prefix {prefix!r} and continuation "
+                f"{continuation!r}; move the boundary (e.g. put the space at the start of the continuation)"
+            )
+        n_scored = len(whole_ids) - len(prefix_ids)
+        if n_scored == 0:
+            raise ValueError(f"pair {index}: continuation {continuation!r} has no tokens to score")
+        encoded.append(EncodedPair([start, *whole_ids], n_scored))
     return encoded
 
 
@@ -179,9 +191,14 @@ def pack_group(members: Sequence[EncodedPair], member_indices: Sequence[int]) ->
     return PackedGroup(ids, positions, segment, targets)
 
 
-def collate_packed(groups: Sequence[PackedGroup], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad packed groups; returns ``input_ids``/``position_ids`` ``(batch, seq_len)`` and a
-    boolean ``attention_mask`` ``(batch, 1, seq_len, seq_len)`` (True = may attend).
+def collate_packed(groups: Sequence[PackedGroup], pad_id: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Right-pad packed groups into model inputs.
+
+    Returns:
+        ``input_ids`` and ``position_ids``: ``(batch, seq_len)`` long tensors; ``attention_mask``:
+        an *additive* float mask ``(batch, 1, seq_len, seq_len)`` of ``dtype``, 0 where a query may
+        attend and the dtype's minimum elsewhere (transformers' eager attention adds a 4-D mask
+        to the scores and sdpa accepts the same, so both compute the same thing).
 
     A query attends to earlier keys of the shared prefix or of its own segment.  Padding
     positions attend only to themselves, so no row is fully masked (which would give NaN).
@@ -200,7 +217,25 @@ def collate_packed(groups: Sequence[PackedGroup], pad_id: int) -> dict[str, torc
     real = (query >= 0) & (key >= 0)
     allowed = causal & real & ((key == 0) | (key == query))
     allowed |= torch.eye(width, dtype=torch.bool)  # padding rows see themselves only
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": allowed.unsqueeze(1)}
+    additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": additive.unsqueeze(1)}
+
+
+PACKING_ATTENTION = ("eager", "sdpa")
+
+
+def check_packing_support(model) -> None:
+    """Raise if the model's attention kernel ignores custom 4-D masks (needed by :func:`score_grouped`).
+
+    Raises:
+        ValueError: e.g. flash-attention; the message says to pass ``--no-share-prefix``.
+    """
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if implementation is not None and implementation not in PACKING_ATTENTION:
+        raise ValueError(
+            f"shared-prefix scoring needs {' or '.join(PACKING_ATTENTION)} attention, the model uses "
+            f"'{implementation}'; pass --no-share-prefix (EvalConfig(share_prefix=False))"
+        )
 
 
 @torch.inference_mode()
@@ -216,17 +251,19 @@ def score_grouped(
     """Like :func:`score_encoded`, computing each group's shared token prefix once.
 
     ``groups`` partitions ``range(len(encoded))`` (e.g. the three candidates of a StereoSet
-    cluster); ``batch_size`` counts groups.  Needs a model that accepts a 4-D boolean attention
-    mask and explicit position ids (transformers' Llama, Mistral, Qwen2, GPT-2 ... with the
-    eager or sdpa attention); results equal :func:`score_encoded` up to float rounding.
+    cluster); ``batch_size`` counts groups.  Needs a model that accepts a 4-D additive attention
+    mask and explicit position ids (transformers models with eager or sdpa attention); results
+    equal :func:`score_encoded` up to float rounding.
 
     Raises:
-        ValueError: ``groups`` is not a partition of the encoded indices.
+        ValueError: ``groups`` is not a partition of the encoded indices, or the model's attention
+            kernel cannot take a custom mask (:func:`check_packing_support`).
     """
     from tqdm.auto import tqdm
 
     if sorted(i for g in groups for i in g) != list(range(len(encoded))):
         raise ValueError("groups must contain every encoded index exactly once")
+    check_packing_support(model)
     device = next(model.parameters()).device
     packed = [pack_group([encoded[i] for i in g], g) for g in groups]
     logp_sum = torch.zeros(len(encoded), dtype=torch.float32)
@@ -234,7 +271,8 @@ def score_grouped(
     for order in tqdm(length_buckets([len(p.ids) for p in packed], batch_size), desc=progress,
                       disable=progress is None, unit="batch", leave=False):
         batch = [packed[i] for i in order]
-        inputs = {k: v.to(device) for k, v in collate_packed(batch, pad_id).items()}
+        mask_dtype = next(model.parameters()).dtype
+        inputs = {k: v.to(device) for k, v in collate_packed(batch, pad_id, mask_dtype).items()}
         with autocast(dtype, device):
             logits = model(**inputs, use_cache=False).logits
         rows = torch.tensor([row for row, g in enumerate(batch) for _ in g.targets])
@@ -305,7 +343,7 @@ def score_pairs(
     Returns:
         :class:`Scores` in input order: summed log-prob and token count of each continuation.
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_token_id(tokenizer, start_token)
+    pad_id = pad_token_id(tokenizer, start_token)
     encoded = encode_pairs(tokenizer, pairs, start_token)
     if groups is not None:
         return score_grouped(model, encoded, groups, pad_id, batch_size, dtype, progress)

@@ -21,10 +21,11 @@ from amendlm.bias.metrics import (
     stereoset_score,
 )
 from amendlm.data.crows_pairs import load_crows_pairs
+from amendlm.data.io import DataError
 from amendlm.data.splits import DEFAULT_SEED, SPLITS, select_split
 from amendlm.data.stereoset import LABELS, StereoSetCluster, load_stereoset
 from amendlm.data.text import load_texts
-from amendlm.modeling import parse_dtype, start_token_id
+from amendlm.modeling import pad_token_id, parse_dtype, start_token_id
 from amendlm.resources import file_sha256, resolve_dataset
 from amendlm.scoring import EncodedPair, score_encoded, score_pairs
 
@@ -74,8 +75,8 @@ class EvalConfig:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not 0 < self.ppl_stride <= self.ppl_window:
-            raise ValueError("need 0 < ppl_stride <= ppl_window")
+        if not 0 < self.ppl_stride < self.ppl_window:
+            raise ValueError(f"need 0 < ppl_stride < ppl_window, got stride {self.ppl_stride}, window {self.ppl_window}")
         parse_dtype(self.dtype)
 
 
@@ -158,7 +159,12 @@ def perplexity_windows(token_ids: list[int], start_id: int, window: int, stride:
     The first window is ``[start] + tokens[:window - 1]`` (all scored); each later window covers
     ``window`` tokens ending ``stride`` tokens further and scores only its last, new tokens, so
     every scored token sees at least ``window - stride`` tokens of context.
+
+    Raises:
+        ValueError: not ``0 < stride < window``.
     """
+    if not 0 < stride < window:
+        raise ValueError(f"need 0 < stride < window, got stride {stride}, window {window}")
     first = token_ids[: window - 1]
     windows = [EncodedPair([start_id, *first], len(first))]
     scored_until = len(first)
@@ -175,9 +181,11 @@ def run_perplexity(model, tokenizer, config: EvalConfig) -> dict:
     texts = load_texts(config.wikitext)
     texts = texts[: config.limit] if config.limit else texts
     token_ids = tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]
+    if not token_ids:
+        raise DataError(f"{resolve_dataset(config.wikitext)}: no text to compute perplexity on")
     start = start_token_id(tokenizer, config.start_token)
     windows = perplexity_windows(token_ids, start, config.ppl_window, config.ppl_stride)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
+    pad_id = pad_token_id(tokenizer, config.start_token)
     scores = score_encoded(
         model, windows, pad_id, max(1, config.batch_size // 8), parse_dtype(config.dtype),
         progress=_bar(config, "perplexity"),
