@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/amendlm eval --out results/demo_eval.json
 
+# pytest exits 5 when it collects no test: say so and do not fail the build on it
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$status
 
 test-unit: install
 	$(BIN)/python -m pytest -q -m "not integration"

@@ -9,7 +9,11 @@ from typing import Optional
 
 import typer
 
+from amendlm.data.splits import DEFAULT_SEED
 from amendlm.resources import DEFAULT_MODEL
+
+# defaults shown by --help; EvalConfig (amendlm.bias.evaluate) validates the values
+_EVAL_BENCHMARKS = "stereoset,crows-pairs,perplexity"
 
 app = typer.Typer(
     help="Change what a pretrained causal LM says after pre-training, and measure it.",
@@ -32,9 +36,9 @@ def _split_list(value: str) -> list[str]:
 def eval_command(
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local directory or Hugging Face id."),
     adapter: Optional[Path] = typer.Option(None, help="PEFT adapter directory applied on top of --model."),
-    benchmarks: str = typer.Option("stereoset,crows-pairs,perplexity", help="Comma-separated: stereoset, crows-pairs, perplexity."),
+    benchmarks: str = typer.Option(_EVAL_BENCHMARKS, help=f"Comma-separated subset of: {_EVAL_BENCHMARKS}."),
     split: str = typer.Option("all", help="StereoSet target-term split: train, val, test or all."),
-    split_seed: int = typer.Option(0, help="Seed of the target-term split."),
+    split_seed: int = typer.Option(DEFAULT_SEED, help="Seed of the target-term split."),
     limit: Optional[int] = typer.Option(None, help="Keep only the first N examples of each benchmark."),
     dtype: str = typer.Option("fp32", help="fp32 (exact) or bf16 (autocast; fast only where the CPU/GPU has bf16 units)."),
     batch_size: int = typer.Option(32, help="Sequences per forward pass."),

@@ -14,6 +14,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,13 +117,18 @@ def resolve_model(name_or_path: str) -> str:
         return str(target)
     gguf_path = MODELS[name_or_path].locate()
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{name_or_path}.*"):  # left by a conversion killed with SIGKILL
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name_or_path}.", dir=target.parent))
     try:
         _convert_gguf(gguf_path, staging)
-        if target.exists():  # a concurrent conversion finished first; keep theirs
-            shutil.rmtree(staging)
-        else:
+        try:
             os.replace(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            shutil.rmtree(staging)  # a concurrent conversion finished first; keep theirs
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

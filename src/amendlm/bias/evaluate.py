@@ -195,23 +195,36 @@ def run_perplexity(model, tokenizer, config: EvalConfig) -> dict:
     return {"perplexity": math.exp(nll), "nll_per_token": nll, "n_tokens": n_tokens, "window": config.ppl_window, "stride": config.ppl_stride}
 
 
-BENCHMARKS: dict[str, Callable[..., dict]] = {
-    "stereoset": run_stereoset,
-    "crows-pairs": run_crows_pairs,
-    "perplexity": run_perplexity,
+@dataclass(frozen=True)
+class Benchmark:
+    """A registered benchmark: its runner and the :class:`EvalConfig` field naming its data."""
+
+    run: Callable[..., dict]
+    data_field: str
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "stereoset": Benchmark(run_stereoset, "stereoset"),
+    "crows-pairs": Benchmark(run_crows_pairs, "crows_pairs"),
+    "perplexity": Benchmark(run_perplexity, "wikitext"),
 }
-DATA_FIELDS = {"stereoset": "stereoset", "crows-pairs": "crows_pairs", "perplexity": "wikitext"}
 
 
 def evaluate(model, tokenizer, config: EvalConfig) -> dict:
     """Run ``config.benchmarks`` and return results as data (plus the seconds each took)."""
-    results: dict = {"config": asdict(config), "benchmarks": {}}
+    start_id = start_token_id(tokenizer, config.start_token)
+    results: dict = {
+        "config": asdict(config),
+        "start_token": {"id": start_id, "token": tokenizer.convert_ids_to_tokens(start_id)},
+        "benchmarks": {},
+    }
     for name in config.benchmarks:
+        benchmark = BENCHMARKS[name]
         began = time.perf_counter()
         with torch.inference_mode():
-            result = BENCHMARKS[name](model, tokenizer, config)
+            result = benchmark.run(model, tokenizer, config)
         result["seconds"] = time.perf_counter() - began
-        data_file = resolve_dataset(getattr(config, DATA_FIELDS[name]))
+        data_file = resolve_dataset(getattr(config, benchmark.data_field))
         result["data_file"] = str(data_file)
         result["data_sha256"] = file_sha256(data_file)
         results["benchmarks"][name] = result

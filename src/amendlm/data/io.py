@@ -15,7 +15,9 @@ class DataError(ValueError):
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """Read a ``.jsonl``, ``.json`` (list of objects) or ``.csv`` file into a list of dicts.
 
-    Row numbers in errors are 1-based data rows (the CSV header is not counted).
+    Row numbers in errors (here and in the loaders) are 1-based data rows: blank lines and the
+    CSV header are not counted, so "row 3" is the third record, however the file is laid out.
+    A UTF-8 byte-order mark is ignored.
 
     Raises:
         DataError: empty file, invalid JSON on a line, a row that is not an object, a CSV row
@@ -27,7 +29,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         rows = list(_read_jsonl(path))
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: invalid JSON ({err})") from None
         if not isinstance(data, list):
@@ -46,7 +48,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _read_jsonl(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         number = 0
         for line in handle:
             if not line.strip():
@@ -59,14 +61,16 @@ def _read_jsonl(path: Path) -> Iterator[dict]:
 
 
 def _read_csv(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         if header is None:
             return
-        for number, values in enumerate(reader, start=1):
+        number = 0
+        for values in reader:
             if not values:
                 continue
+            number += 1
             if len(values) != len(header):
                 raise DataError(
                     f"{path} row {number}: expected {len(header)} fields ({', '.join(header)}), got {len(values)}"

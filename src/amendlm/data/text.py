@@ -20,7 +20,9 @@ def load_texts(source: str | Path = "wikitext-sample", field: str = "text") -> l
         if field not in row or row[field] is None:
             raise DataError(f"{path} row {number}: missing field '{field}'")
         value = row[field]
-        if isinstance(value, str) and value.strip():
+        if not isinstance(value, str):
+            raise DataError(f"{path} row {number}: field '{field}' must be text, got {type(value).__name__}")
+        if value.strip():
             texts.append(value)
     return texts
 
