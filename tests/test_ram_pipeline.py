@@ -79,6 +79,7 @@ def test_sampling_appends_and_resumes(workspace):
     samples = read_samples(out)
     assert len(samples) == 9 and len(out.read_text().splitlines()) == 9
     assert all(len(s["sample_ids"]) <= 5 for s in samples.values())
+    assert json.loads((root / "samples.jsonl.config.json").read_text())["config"]["decode"]["proposal_top_k"] == 10
 
 
 def _weights(path):

@@ -7,7 +7,8 @@ time (flushed and fsync'ed), one line per prompt::
     {"id": "...", "sample": "text", "sample_ids": [...], "finish_reason": "eos|stop|length"}
 
 A rerun reads the ids already in the file and samples only the others, so a killed run resumes
-where it stopped.  A half-written last line (killed mid-write) is ignored and re-sampled.
+where it stopped.  A half-written last line (killed mid-write) is ignored and re-sampled.  The
+configuration and a summary of the last run are written beside it (``<out>.config.json``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from amendlm.ram.data import TaskConfig, encode_prompt, load_task
 from amendlm.ram.decoding import DecodeConfig
 from amendlm.ram.generate import GenerateConfig, GenerationStats, generate
+from amendlm.report import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +137,11 @@ def sample_proposal(config: SampleConfig, model=None, tokenizer=None) -> dict:
             generate(model, None, prompts, config.decode_config(), config.generate_config(config.seed + len(done)),
                      vocab_size=len(tokenizer), pad_token_id=pad, eos_token_ids=[tokenizer.eos_token_id],
                      tokenizer=tokenizer, on_batch=write, stats=stats)
-    return {
+    summary = {
         "prompts": len(records), "already_done": len(records) - len(todo), "sampled": len(todo),
         "seconds": stats.seconds, "new_tokens": stats.new_tokens,
         "tokens_per_second": stats.new_tokens / stats.seconds if stats.seconds else None,
         "config": {**asdict(config), "decode": config.decode_config().to_dict()},
     }
+    atomic_write_json(out.with_name(out.name + ".config.json"), summary)
+    return summary
