@@ -26,7 +26,9 @@ class UnlearnConfig:
         model: embedded name, local directory or hub id of the base model.
         method: a name in :data:`amendlm.unlearn.methods.METHODS`.
         max_steps: optimizer steps at most (BiasUnlearn may stop earlier by its stop rule).
-            200 steps of batch 8 take about 30 minutes for the embedded model on 2 CPU cores.
+            A step of batch 8 is about 0.8 TFLOP for the embedded model (6 x params per policy
+            token, 2 x params per reference token), ~8 s at 108 GFLOP/s fp32, so 200 steps plus
+            evaluations aim at ~30 minutes on 2 idle cores (estimated, not measured on an idle machine).
         batch_size: examples per stream per step (forget, retain and KL batches each).
         lr: peak AdamW learning rate.  The paper uses 4e-5 for GPT-2 over thousands of steps;
             our default budget is a few hundred steps, so LoRA needs a larger rate.
