@@ -280,9 +280,7 @@ class UnlearnTrainer:
             s.best_gap, s.best_step = record["worst_gap"], s.step
             if c.keep_best and self.accelerator.is_main_process:
                 artifacts.save_weights(self.out / "best", self.accelerator.unwrap_model(self.model))
-        if not apply_schedule:
-            pass
-        elif self.method.dynamic_swap:
+        if apply_schedule and self.method.dynamic_swap:
             decision = decide(types, c.tolerance, c.schedule())
             record["decision"] = {"stop": decision.stop, "focus": decision.focus, "swap": decision.swap, "gap": decision.gap}
             if decision.stop:
@@ -294,7 +292,7 @@ class UnlearnTrainer:
                 s.next_eval = s.step + decision.phase.eval_every
                 if changed:
                     self._build_streams()
-        else:
+        elif apply_schedule:
             s.next_eval = s.step + c.eval_every if c.eval_every else c.max_steps
         if self.accelerator.is_main_process:
             log.write(record)
