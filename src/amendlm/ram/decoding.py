@@ -171,9 +171,13 @@ def rule_par(proposal_logits, aligner_logits, config, eos_token_id=None, generat
     proposal's nucleus.  With ``eos_priority`` and ``eos_token_id`` set, rows whose proposal argmax is
     EOS become EOS-only.
     """
-    nucleus = proposal_nucleus_logits(proposal_logits, config)
+    return _par(proposal_logits, aligner_logits, proposal_nucleus_logits(proposal_logits, config), config, eos_token_id)
+
+
+def _par(proposal_logits, aligner_logits, nucleus, config, eos_token_id):
     aligned = masked(aligner_logits.float() / config.aligner_temperature, torch.isfinite(nucleus))
-    aligned = masked(aligned, top_p_mask(aligned, config.aligner_top_p))
+    if config.aligner_top_p < 1.0:
+        aligned = masked(aligned, top_p_mask(aligned, config.aligner_top_p))
     aligned = _nonempty(aligned, nucleus)
     if config.eos_priority and eos_token_id is not None:
         proposal_eos = (proposal_logits.argmax(-1) == eos_token_id).unsqueeze(-1)
@@ -190,8 +194,8 @@ def rule_par_kl(proposal_logits, aligner_logits, config, eos_token_id=None, gene
     kl = kl_divergence(proposal_logits.float() / config.proposal_temperature,
                        aligner_logits.float() / config.aligner_temperature)
     use_proposal = (kl > config.kl_threshold).unsqueeze(-1)
-    par = rule_par(proposal_logits, aligner_logits, config, eos_token_id)
-    return torch.where(use_proposal, proposal_nucleus_logits(proposal_logits, config), par)
+    nucleus = proposal_nucleus_logits(proposal_logits, config)
+    return torch.where(use_proposal, nucleus, _par(proposal_logits, aligner_logits, nucleus, config, eos_token_id))
 
 
 def rule_sir(proposal_logits, aligner_logits, config, eos_token_id=None, generator=None):
