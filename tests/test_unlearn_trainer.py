@@ -219,3 +219,24 @@ def test_full_finetuning_uses_a_frozen_reference_copy(tmp_path):
     first = next(r for r in records if "loss" in r)
     assert first["forget"] == pytest.approx(2 / 0.1 * 0.6931471805599453, rel=1e-5)  # policy = reference at step 1
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path):
+    import os
+    import signal
+
+    trainer = make_trainer(tmp_path, max_steps=4, method="sft-anti", eval_every=0)
+    step = trainer.train_step
+
+    def terminated(log):
+        if trainer.state.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        step(log)
+
+    trainer.train_step = terminated
+    previous = signal.getsignal(signal.SIGTERM)
+    result = trainer.train()
+    assert result.status == "interrupted" and result.steps == 1
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 1
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    assert signal.getsignal(signal.SIGTERM) is previous  # handler restored

@@ -10,8 +10,11 @@ the swap schedule of :mod:`amendlm.unlearn.schedule`.  The same code runs under
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import signal
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -318,7 +321,11 @@ class UnlearnTrainer:
                 sampler.load_state_dict(self.state.samplers[name])
 
     def train(self, resume: bool = False) -> TrainResult:
-        """Run until ``max_steps``, the stop rule, a NaN, or Ctrl-C; write every output file.
+        """Run until ``max_steps``, the stop rule, a NaN, or Ctrl-C / SIGTERM; write every output file.
+
+        Ctrl-C (SIGINT) and SIGTERM save a checkpoint and the current weights, then return with
+        status ``interrupted``.  (Jobs started in the background by a non-interactive shell
+        ignore SIGINT; stop those with ``kill -TERM``.)
 
         Raises:
             FileNotFoundError: ``resume`` without a checkpoint in ``out/checkpoint``.
@@ -337,25 +344,32 @@ class UnlearnTrainer:
         log = artifacts.StepLog(self.out / "log.jsonl", self.state.step if resume else None)
         last_val = None
         try:
-            if not resume:
-                last_val = self._evaluate(log)
-            while self.state.step < c.max_steps and self.state.status == "running":
-                self.train_step(log)
-                if self.state.status != "running":
-                    break
-                if self.state.step >= self.state.next_eval:
-                    last_val = self._evaluate(log)
-                elif self.state.step == c.max_steps:
-                    last_val = self._evaluate(log, apply_schedule=False)
-                if self.state.step % c.checkpoint_every == 0 or self.state.step == c.max_steps or self.state.status == "stopped":
-                    self._checkpoint()
-            if self.state.status == "running":
-                self.state.status = "completed"
+            with _sigterm_as_interrupt():
+                last_val = self._run(log, resume)
         except KeyboardInterrupt:
             self.state.status = "interrupted"
             self._checkpoint()
             logger.warning("interrupted at step %d; checkpoint saved, continue with --resume", self.state.step)
         return self._finish(log, last_val, time.perf_counter() - began)
+
+    def _run(self, log: artifacts.StepLog, resume: bool) -> dict | None:
+        """The loop: evaluate, step, evaluate on schedule, checkpoint; returns the last val scores."""
+        c, last_val = self.config, None
+        if not resume:
+            last_val = self._evaluate(log)
+        while self.state.step < c.max_steps and self.state.status == "running":
+            self.train_step(log)
+            if self.state.status != "running":
+                break
+            if self.state.step >= self.state.next_eval:
+                last_val = self._evaluate(log)
+            elif self.state.step == c.max_steps:
+                last_val = self._evaluate(log, apply_schedule=False)
+            if self.state.step % c.checkpoint_every == 0 or self.state.step == c.max_steps or self.state.status == "stopped":
+                self._checkpoint()
+        if self.state.status == "running":
+            self.state.status = "completed"
+        return last_val
 
     def train_step(self, log: artifacts.StepLog) -> None:
         """One optimizer step on one batch of every stream; sets ``state.status = 'nan'`` instead of stepping on a non-finite loss or gradient."""
@@ -413,6 +427,23 @@ class UnlearnTrainer:
                 "val_clusters": len(self.val_clusters), "versions": package_versions(),
             })
         return TrainResult(s.status, s.step, str(self.out), s.best_step, last_val, seconds)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Turn SIGTERM into KeyboardInterrupt while training (main thread only), then restore."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def train(config: UnlearnConfig, resume: bool = False) -> TrainResult:
