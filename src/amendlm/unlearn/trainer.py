@@ -171,8 +171,8 @@ class TrainResult:
     steps: int
     out: str
     best_step: int | None
-    last_val: dict | None
-    seconds: float
+    last_val: dict | None  # val scores per bias type of the last evaluation
+    seconds: float  # wall-clock seconds of this invocation (a resumed run counts only its own)
 
 
 class UnlearnTrainer:
@@ -420,12 +420,16 @@ class UnlearnTrainer:
                 self.tokenizer.save_pretrained(str(self.out))
             records = artifacts.read_log(self.out / "log.jsonl")
             artifacts.plot_ss(records, self.out / "ss_per_type.png", c.tolerance, f"{c.method} on {c.model}")
+            evals = [r for r in records if r.get("event") == "eval"]
+            if last_val is None and evals:  # e.g. a resumed run that evaluated before the checkpoint
+                last_val = {name: {"ss": ss, "lms": evals[-1]["lms"][name]} for name, ss in evals[-1]["ss"].items()}
             result = TrainResult(s.status, s.step, str(self.out), s.best_step, last_val, seconds)
             atomic_write_json(self.out / "summary.json", {
                 **result.__dict__, "weights_saved": f"best (step {s.best_step})" if use_best else f"last (step {s.step})",
                 "data_sizes": self.sizes, "train_clusters": len(self.train_clusters),
                 "val_clusters": len(self.val_clusters), "versions": package_versions(),
             })
+            return result
         return TrainResult(s.status, s.step, str(self.out), s.best_step, last_val, seconds)
 
 
