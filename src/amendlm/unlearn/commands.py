@@ -59,6 +59,9 @@ def debias(
     result = train(run_config, resume=resume)
     _print_summary(out)
     typer.echo(f"{result.status} after {result.steps} steps; adapter/model in {out}")
+    if run_config.keep_best and result.best_step == 0 and result.status != "interrupted":
+        typer.echo("warning: no evaluation beat step 0 on val, so the saved weights are the untouched base "
+                   "(rerun with --no-keep-best to keep the last step's weights)", err=True)
     if result.status == "nan":
         raise typer.Exit(1)
     if result.status == "interrupted":
