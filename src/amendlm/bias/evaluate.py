@@ -80,6 +80,20 @@ class EvalConfig:
         parse_dtype(self.dtype)
 
 
+def check_data(config: EvalConfig) -> None:
+    """Load and validate every dataset the selected benchmarks need (seconds, no model).
+
+    Called before a model is loaded so that a wrong path or a malformed row fails at once
+    instead of after an earlier benchmark has run.
+
+    Raises:
+        FileNotFoundError, DataError: as the loaders do (naming file, row and field).
+    """
+    loaders = {"stereoset": load_stereoset, "crows-pairs": load_crows_pairs, "perplexity": load_texts}
+    for name in config.benchmarks:
+        loaders[name](getattr(config, BENCHMARKS[name].data_field))
+
+
 def _overall_last(groups: dict) -> list[str]:
     return sorted(name for name in groups if name != "overall") + ["overall"]
 
