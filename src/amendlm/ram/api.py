@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from amendlm.modeling import pad_token_id
 from amendlm.ram.data import encode_prompt
 from amendlm.ram.decoding import DecodeConfig, apply_rule
 from amendlm.ram.generate import CachedLM, Generation, GenerateConfig, GenerationStats, generate, shared_vocab_size
@@ -47,7 +48,7 @@ class ResidualAlignedLM:
         self.decode = decode or DecodeConfig()
         self.vocab_size = shared_vocab_size(tokenizer, aligner_tokenizer or tokenizer, proposal_name, aligner_name,
                                             proposal, aligner)
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = pad_token_id(tokenizer)
         self.eos_token_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     @classmethod

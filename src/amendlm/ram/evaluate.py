@@ -15,6 +15,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 
+from amendlm.modeling import pad_token_id
 from amendlm.ram.data import TaskConfig, encode_prompt, load_task
 from amendlm.ram.decoding import DecodeConfig, get_mode
 from amendlm.ram.generate import GenerateConfig, GenerationStats, generate, shared_vocab_size
@@ -95,7 +96,7 @@ def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = Non
     records = load_task(config.task, tokenizer)
     prompts = [encode_prompt(tokenizer, r.prompt, config.task.chat_template) for r in records]
     references = [r.response for r in records]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     results, lines = {}, []
     for system in config.systems:
         models = (proposal, aligner)

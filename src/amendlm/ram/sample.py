@@ -19,6 +19,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from amendlm.modeling import pad_token_id
 from amendlm.ram.data import TaskConfig, encode_prompt, load_task
 from amendlm.ram.decoding import DecodeConfig
 from amendlm.ram.generate import GenerateConfig, GenerationStats, generate
@@ -122,7 +123,7 @@ def sample_proposal(config: SampleConfig, model=None, tokenizer=None) -> dict:
     logger.info("%d prompts, %d already sampled, %d to do", len(records), len(records) - len(todo), len(todo))
     prompts = [encode_prompt(tokenizer, r.prompt, config.task.chat_template) for r in todo]
     stats = GenerationStats()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
 
     with open(out, "a", encoding="utf-8") as handle:
         def write(indices, generations):

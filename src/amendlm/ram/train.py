@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from amendlm.modeling import pad_token_id
 from amendlm.ram.data import TaskConfig, encode_prompt, encode_response, load_task
 from amendlm.ram.losses import LossConfig, get_loss
 from amendlm.ram.sample import read_samples
@@ -239,7 +240,7 @@ def train_aligner(config: TrainConfig) -> dict:
     set_seed(config.seed)
     model, tokenizer = build_aligner(config)
     examples = build_examples(config, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     batches = _micro_batches(len(examples), config.batch_size, config.epochs, config.seed)
     total_steps = math.ceil(len(batches) / config.grad_accum)
     if config.max_steps is not None:

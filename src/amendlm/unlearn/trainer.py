@@ -27,7 +27,7 @@ from amendlm.bias.evaluate import EvalConfig, stereoset_outcomes
 from amendlm.bias.metrics import stereoset_score
 from amendlm.data.splits import select_split
 from amendlm.data.stereoset import StereoSetCluster, load_stereoset
-from amendlm.modeling import adapter_disabled, autocast, parse_dtype, start_token_id
+from amendlm.modeling import adapter_disabled, autocast, pad_token_id, parse_dtype
 from amendlm.report import atomic_write_json, package_versions
 from amendlm.scoring import EncodedPair, collate, encode_pairs, sequence_logps
 from amendlm.unlearn import artifacts
@@ -198,7 +198,7 @@ class UnlearnTrainer:
         if not self.train_clusters or not self.val_clusters:
             raise ValueError("the target-term split left no train or no val clusters")
         self.general = text_chunks(general_texts, tokenizer, config.kl_chunk_tokens) if "kl" in self.method.streams else []
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_token_id(tokenizer)
+        self.pad_id = pad_token_id(tokenizer)
         self.reference_model = None
         if self.method.reference_streams and config.reference == "copy":
             self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
