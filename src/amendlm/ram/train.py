@@ -34,6 +34,7 @@ from amendlm.modeling import pad_token_id
 from amendlm.ram.data import TaskConfig, encode_prompt, encode_response, load_task
 from amendlm.ram.losses import LossConfig, get_loss
 from amendlm.ram.sample import read_samples
+from amendlm.report import atomic_directory
 from amendlm.resources import DEFAULT_MODEL
 from amendlm.scoring import EncodedPair, collate, sequence_logps
 
@@ -205,20 +206,17 @@ def _micro_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
-    done = [p for p in (out / "checkpoints").glob("step-*") if (p / "trainer_state.json").is_file()]
+    done = [p for p in (out / "checkpoints").glob("step-*")
+            if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
 def _save_checkpoint(accelerator, out: Path, step: int, micro: int) -> None:
     root = out / "checkpoints"
     final = root / f"step-{step:06d}"
-    staging = root / f".tmp-step-{step:06d}"
-    shutil.rmtree(staging, ignore_errors=True)
-    accelerator.save_state(str(staging))
-    (staging / "trainer_state.json").write_text(json.dumps({"step": step, "micro_batches": micro}))
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
+    with atomic_directory(final) as staging:
+        accelerator.save_state(str(staging))
+        (staging / "trainer_state.json").write_text(json.dumps({"step": step, "micro_batches": micro}))
     for old in root.glob("step-*"):  # keep only the newest checkpoint
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from amendlm.report import atomic_write_text
+from amendlm.report import atomic_directory, atomic_write_text
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -61,21 +60,9 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def _replace_dir(staging: Path, target: Path) -> None:
-    old = target.with_name(target.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_checkpoint(directory: Path, model, optimizer, state: dict) -> None:
     """Write weights, optimizer, RNG states and the trainer state, atomically (see module doc)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as staging:
         save_file(trainable_state(model), str(staging / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -83,10 +70,6 @@ def save_checkpoint(directory: Path, model, optimizer, state: dict) -> None:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, staging / "rng.pt")
         (staging / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-        _replace_dir(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def find_checkpoint(directory: Path) -> Path | None:
@@ -119,14 +102,8 @@ def load_checkpoint(directory: Path, model, optimizer) -> dict:
 
 def save_weights(directory: Path, model) -> None:
     """Atomically write only the trainable weights (the ``best/`` snapshot)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as staging:
         save_file(trainable_state(model), str(staging / "trainable.safetensors"))
-        _replace_dir(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def load_weights(directory: Path, model) -> None:
@@ -217,17 +194,9 @@ def merge_adapter(model_name_or_path: str, adapter: str | Path, out: str | Path,
         raise FileExistsError(f"{out} exists and is not empty; choose a new --out")
     model, tokenizer = load_model(model_name_or_path, adapter=adapter, device=device)
     merged = model.merge_and_unload()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         merged.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
         (staging / "merged_from.json").write_text(json.dumps(
             {"base": model_name_or_path, "adapter": str(adapter)}, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
