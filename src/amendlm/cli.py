@@ -108,8 +108,13 @@ def main() -> None:
 
 
 # Commands of the other subsystems register themselves here (each module adds its commands
-# to ``app``): amendlm.unlearn.commands (debias, merge) and amendlm.ram.commands (align ...).
+# to ``app``): amendlm.unlearn.commands (debias, merge), amendlm.ram.commands (align ...) and
+# amendlm.bias.compare_command (compare).
 from amendlm.unlearn.commands import register as _register_unlearn
 _register_unlearn(app)
 from amendlm.ram.commands import register as _register_ram
 _register_ram(app)
+from amendlm.bias.compare_command import register as _register_compare
+_register_compare(app)
+from amendlm.finetune import register as _register_finetune
+_register_finetune(app)
