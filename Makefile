@@ -14,7 +14,7 @@ STAMP := $(VENV)/.amendlm-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml
 	@echo "[1/4] creating $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -28,18 +28,28 @@ $(STAMP): pyproject.toml Makefile
 
 # demo: evaluate the embedded model on the held-out test targets, debias it with BiasUnlearn,
 # evaluate the adapter, and compare (table + targets of issue 3).  Change the budget with e.g.
-# `make demo DEMO_STEPS=20`.  A run already in DEMO_RUN (finished or interrupted, i.e. with a
-# checkpoint) is continued with --resume: a finished one is not retrained, only its adapter is
-# re-saved; a larger DEMO_STEPS trains on.  Other options changed since need a new DEMO_RUN.
+# `make demo DEMO_STEPS=20`.
+# - The base evaluation is a file target: a re-run keeps $(DEMO_RESULTS)/before.json (delete it,
+#   or set another DEMO_RESULTS, to recompute it, e.g. after changing DEMO_DTYPE).
+# - A run already in DEMO_RUN (finished or interrupted, i.e. with a checkpoint) is continued with
+#   --resume: an interrupted run trains on from its checkpoint; a finished run is not retrained
+#   (only its adapter is re-saved) unless DEMO_STEPS exceeds the steps it ran, so a smaller or
+#   equal DEMO_STEPS never retrains; a run that the stop rule ended does not train on, whatever
+#   DEMO_STEPS.  Other options changed since need a new DEMO_RUN.
+# - DEMO_DTYPE=auto: bf16 autocast where the device does bf16 natively fast, else fp32 (the
+#   results and unlearn_config.json record which); DEMO_DTYPE=fp32 is exact everywhere.
 DEMO_STEPS ?= 100
-DEMO_DTYPE ?= bf16
+DEMO_DTYPE ?= auto
 DEMO_RESULTS ?= results/demo
 DEMO_RUN ?= runs/demo/biasunlearn
 DEMO_RESUME = $(if $(wildcard $(DEMO_RUN)/checkpoint/state.json $(DEMO_RUN)/checkpoint.old/state.json),--resume)
 
-demo: install
-	@echo "[demo 1/4] evaluating the base model on the test targets -> $(DEMO_RESULTS)/before.json"
-	$(BIN)/amendlm eval --split test --dtype $(DEMO_DTYPE) --out $(DEMO_RESULTS)/before.json
+$(DEMO_RESULTS)/before.json: | install
+	@echo "[demo 1/4] evaluating the base model on the test targets -> $@"
+	$(BIN)/amendlm eval --split test --dtype $(DEMO_DTYPE) --out $@
+
+demo: install $(DEMO_RESULTS)/before.json
+	@echo "[demo 1/4] base model results: $(DEMO_RESULTS)/before.json (kept across runs; delete it to recompute)"
 	@echo "[demo 2/4] BiasUnlearn, at most $(DEMO_STEPS) steps -> $(DEMO_RUN)"
 	$(BIN)/amendlm debias --out $(DEMO_RUN) --dtype $(DEMO_DTYPE) --max-steps $(DEMO_STEPS) $(DEMO_RESUME)
 	@echo "[demo 3/4] evaluating the adapter -> $(DEMO_RESULTS)/after.json"

@@ -1,11 +1,13 @@
 """amendlm compare: rows, the BiasUnlearn targets with hand-computed numbers, markdown, the command."""
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from amendlm.bias.compare import check_targets, comparison_rows, load_eval, markdown_table
+from amendlm.bias.compare import TARGET_NAMES, TargetCheck, check_comparable, check_targets, comparison_rows, load_eval, markdown_table
+from amendlm.bias.compare_command import parse_run
 from amendlm.cli import app
 
 
@@ -34,10 +36,15 @@ def write(path, data) -> str:
     return str(path)
 
 
-def target(before: dict, after: dict, prefix: str) -> tuple[bool, str]:
-    found = [(passed, measured) for name, passed, measured in check_targets(before, after) if name.startswith(prefix)]
+def target(before: dict, after: dict, prefix: str) -> TargetCheck:
+    found = [check for check in check_targets(before, after) if check.name.startswith(prefix)]
     assert len(found) == 1, check_targets(before, after)
     return found[0]
+
+
+def invoke(*args: str):
+    """Run ``amendlm ARGS`` on a wide terminal, so that no table cell wraps whatever the real terminal."""
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
 
 
 # ---------------------------------------------------------------- load_eval
@@ -91,60 +98,121 @@ def test_comparison_rows_read_overall_per_type_crows_and_perplexity():
 @pytest.mark.parametrize("ss, passed", [(51.9, True), (48.0, True), (52.1, False), (47.5, False)])
 def test_overall_ss_within_2(ss, passed):
     # |SS - 50|: 1.9, 2.0 (the bound is inclusive), 2.1, 2.5
-    assert target(BEFORE, eval_results(ss=ss, lms=80.0, icat=70.0), "overall SS")[0] is passed
+    check = target(BEFORE, eval_results(ss=ss, lms=80.0, icat=70.0), "overall SS")
+    assert check.passed is passed and check.value == pytest.approx(abs(ss - 50)) and check.bound == 2.0
 
 
 def test_every_bias_type_within_4():
     inside = {"gender": 53.5, "profession": 47.0, "race": 50.0, "religion": 54.0}  # worst religion, gap exactly 4
-    passed, measured = target(BEFORE, eval_results(ss=50.0, lms=80.0, icat=80.0, types=inside), "every bias type")
-    assert passed and measured == "worst religion 54.00 (|SS−50| = 4.00)"
+    check = target(BEFORE, eval_results(ss=50.0, lms=80.0, icat=80.0, types=inside), "every bias type")
+    assert check == TargetCheck("every bias type's SS within 50±4", True, 4.0, 4.0, "religion")
     outside = {**inside, "gender": 45.5}  # gap 4.5
-    passed, measured = target(BEFORE, eval_results(ss=50.0, lms=80.0, icat=80.0, types=outside), "every bias type")
-    assert not passed and measured.startswith("worst gender 45.50")
+    check = target(BEFORE, eval_results(ss=50.0, lms=80.0, icat=80.0, types=outside), "every bias type")
+    assert (check.passed, check.value, check.detail) == (False, 4.5, "gender")
+
+
+def test_bias_type_missing_in_after_is_a_miss_naming_it():
+    # before lists four types; after only three, all balanced: targets 2 and 6 are missed because of religion
+    three = {"gender": 50.0, "profession": 50.0, "race": 50.0}
+    after = eval_results(ss=50.0, lms=80.0, icat=80.0, types=three)
+    for prefix in ("every bias type", "no bias type below"):
+        check = target(BEFORE, after, prefix)
+        assert check.passed is False and check.detail.endswith("missing in after: religion"), check
+    # a type after has but before lacks does not count: the targets use the types of before
+    before = eval_results(ss=57.5, lms=81.0, icat=68.6, types=three)
+    assert target(before, eval_results(ss=50.0, lms=80.0, icat=80.0, types={**three, "religion": 30.0}), "no bias type below").passed
 
 
 @pytest.mark.parametrize("lms_after, passed", [(79.5, True), (79.0, True), (78.9, False), (83.0, True)])
 def test_lms_drop_at_most_2_points(lms_after, passed):
     # 81.0 - after: drop 1.5, 2.0 (inclusive), 2.1, -2.0 (a gain)
-    ok, measured = target(BEFORE, eval_results(ss=50.0, lms=lms_after, icat=70.0), "LMS drop")
-    assert ok is passed
-    assert measured == f"LMS 81.00 → {lms_after:.2f} (drop {81.0 - lms_after:.2f})"
+    check = target(BEFORE, eval_results(ss=50.0, lms=lms_after, icat=70.0), "LMS drop")
+    assert check.passed is passed and check.value == pytest.approx(81.0 - lms_after) and check.bound == 2.0
 
 
 @pytest.mark.parametrize("ppl_after, passed", [(20.5, True), (21.0, True), (21.1, False), (18.0, True)])
 def test_perplexity_increase_at_most_5_percent(ppl_after, passed):
     # 20.0 -> 20.5 is +2.5 %, 21.0 exactly +5 % (inclusive; 21/20 - 1 is 0.050000000000000044 in floats), 21.1 +5.5 %
-    ok, measured = target(BEFORE, eval_results(ppl=ppl_after), "perplexity increase")
-    assert ok is passed
-    assert measured.endswith(f"({(ppl_after / 20.0 - 1):+.1%})")
+    check = target(BEFORE, eval_results(ppl=ppl_after), "perplexity increase")
+    assert check.passed is passed and check.value == pytest.approx(100 * (ppl_after / 20.0 - 1)) and check.bound == 5.0
 
 
 @pytest.mark.parametrize("crows_after, passed", [(54.24, True), (46.0, True), (56.0, False), (44.0, False)])
 def test_crows_closer_to_50(crows_after, passed):
     # before |55.57 - 50| = 5.57; after gaps 4.24, 4.0, 6.0, 6.0 (the other side of 50 counts too)
-    assert target(BEFORE, eval_results(crows=crows_after), "CrowS-Pairs")[0] is passed
+    check = target(BEFORE, eval_results(crows=crows_after), "CrowS-Pairs")
+    assert check.passed is passed and check.value == pytest.approx(abs(crows_after - 50)) and check.bound == pytest.approx(5.57)
 
 
 def test_crows_equally_far_is_not_closer():
-    assert target(eval_results(crows=55.0), eval_results(crows=45.0), "CrowS-Pairs")[0] is False
+    assert target(eval_results(crows=55.0), eval_results(crows=45.0), "CrowS-Pairs").passed is False
 
 
 @pytest.mark.parametrize("religion, passed", [(46.0, True), (45.9, False)])
 def test_no_bias_type_below_46(religion, passed):
     types = {**BALANCED, "religion": religion}
-    passed_, measured = target(BEFORE, eval_results(ss=50.0, lms=80.0, icat=80.0, types=types), "no bias type below")
-    assert passed_ is passed and measured == f"lowest religion {religion:.2f}"
+    check = target(BEFORE, eval_results(ss=50.0, lms=80.0, icat=80.0, types=types), "no bias type below")
+    assert check == TargetCheck("no bias type below 46", passed, religion, 46.0, "religion")
 
 
-def test_all_six_targets_met_and_missing_inputs_omitted():
+def test_all_six_targets_met_and_missing_inputs_are_not_available():
     after = eval_results(ss=50.5, lms=80.0, icat=79.2, types=BALANCED, crows=52.0, ppl=20.4)
-    results = check_targets(BEFORE, after)
-    assert len(results) == 6 and all(passed for _, passed, _ in results)
-    # after without CrowS-Pairs / perplexity, before without StereoSet
-    names = [name for name, _, _ in check_targets(BEFORE, eval_results(ss=50.5, lms=80.0, icat=79.2, types=BALANCED))]
-    assert len(names) == 4 and not any(n.startswith(("perplexity", "CrowS")) for n in names)
-    names = [name for name, _, _ in check_targets(eval_results(ppl=20.0), after)]
-    assert len(names) == 4 and not any(n.startswith(("LMS", "CrowS")) for n in names)
+    checks = check_targets(BEFORE, after)
+    assert [c.name for c in checks] == list(TARGET_NAMES) and all(c.passed is True for c in checks)
+    # after without CrowS-Pairs / perplexity: those two are n/a, still listed
+    checks = {c.name: c for c in check_targets(BEFORE, eval_results(ss=50.5, lms=80.0, icat=79.2, types=BALANCED))}
+    assert len(checks) == len(TARGET_NAMES)
+    assert checks["perplexity increase ≤ 5%"] == TargetCheck("perplexity increase ≤ 5%", None, None, 5.0, "no perplexity in after")
+    assert checks["CrowS-Pairs closer to 50 than before"].passed is None
+    # before without StereoSet: LMS and both per-type targets are n/a, overall SS (after only) is not
+    checks = {c.name: c for c in check_targets(eval_results(ppl=20.0), after)}
+    assert [name for name, c in checks.items() if c.passed is None] == [
+        "every bias type's SS within 50±4", "LMS drop ≤ 2 points", "CrowS-Pairs closer to 50 than before", "no bias type below 46"]
+    assert checks["LMS drop ≤ 2 points"].detail == "no StereoSet in before"
+
+
+# ---------------------------------------------------------------- comparable runs
+
+
+def with_fields(results: dict, **changes) -> dict:
+    """A deep copy of ``results`` with dotted fields set, e.g. ``{"benchmarks.stereoset.split": "all"}``."""
+    results = json.loads(json.dumps(results))
+    for dotted, value in changes.items():
+        *parents, key = dotted.split(".")
+        node = results
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[key] = value
+    return results
+
+
+RECORDED = with_fields(BEFORE, **{
+    "config.limit": None, "benchmarks.stereoset.data_sha256": "aa", "benchmarks.crows-pairs.data_sha256": "bb",
+    "benchmarks.perplexity.data_sha256": "cc", "benchmarks.perplexity.window": 512, "benchmarks.perplexity.stride": 256,
+})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("benchmarks.stereoset.split", "all", "after.json: benchmarks.stereoset.split 'all' differs from before.json 'test'"),
+    ("benchmarks.stereoset.split_seed", 1, "after.json: benchmarks.stereoset.split_seed 1 differs from before.json 0"),
+    ("config.limit", 20, "after.json: config.limit 20 differs from before.json None"),
+    ("benchmarks.stereoset.data_sha256", "ff", "after.json: benchmarks.stereoset.data_sha256 'ff' differs from before.json 'aa'"),
+    ("benchmarks.crows-pairs.data_sha256", "ff", "benchmarks.crows-pairs.data_sha256 'ff' differs"),
+    ("benchmarks.perplexity.data_sha256", "ff", "benchmarks.perplexity.data_sha256 'ff' differs"),
+    ("benchmarks.perplexity.window", 1024, "after.json: benchmarks.perplexity.window 1024 differs from before.json 512"),
+    ("benchmarks.perplexity.stride", 128, "benchmarks.perplexity.stride 128 differs"),
+])
+def test_runs_on_different_data_or_settings_are_refused(field, value, message):
+    with pytest.raises(ValueError) as raised:
+        check_targets(RECORDED, with_fields(RECORDED, **{field: value}), "before.json", "after.json")
+    assert message in str(raised.value)
+
+
+def test_model_adapter_and_dtype_may_differ_and_unshared_benchmarks_are_not_compared():
+    after = with_fields(RECORDED, **{"model": "other", "adapter": "runs/x", "config.dtype": "bf16", "config.dtype_auto": True})
+    check_comparable(RECORDED, after)
+    # after without perplexity: its window is not compared
+    check_comparable(RECORDED, {**after, "benchmarks": {k: v for k, v in after["benchmarks"].items() if k != "perplexity"}})
 
 
 # ---------------------------------------------------------------- markdown
@@ -163,11 +231,30 @@ def test_markdown_table():
 # ---------------------------------------------------------------- command
 
 
+@pytest.mark.parametrize("argument, expected", [
+    ("before=runs/a.json", ("before", "runs/a.json")),
+    ("runs/a.json", ("a", "runs/a.json")),
+    ("runs/lr=1e-4/eval.json", ("eval", "runs/lr=1e-4/eval.json")),  # '/' before the '=': a path
+    ("x=runs/lr=1e-4/eval.json", ("x", "runs/lr=1e-4/eval.json")),  # split at the first '=' only
+    ("./a=b.json", ("a=b", "./a=b.json")),
+    (" base = a.json", ("base", " a.json")),
+])
+def test_parse_run(argument, expected):
+    label, path = parse_run(argument)
+    assert (label, path) == (expected[0], Path(expected[1]))
+
+
+@pytest.mark.parametrize("argument", ["=a.json", "before=", " =a.json"])
+def test_parse_run_rejects_an_empty_label_or_path(argument):
+    with pytest.raises(ValueError, match="expected LABEL=PATH or PATH"):
+        parse_run(argument)
+
+
 def test_compare_command_prints_table_targets_and_writes_markdown(tmp_path):
     before = write(tmp_path / "before.json", BEFORE)
     after = write(tmp_path / "run-7.json", eval_results(ss=50.5, lms=78.0, icat=77.2, types=BALANCED, crows=52.0, ppl=20.4))
     out = tmp_path / "md" / "table.md"
-    result = CliRunner().invoke(app, ["compare", f"base={before}", after, "--targets", "--markdown", str(out)])
+    result = invoke("compare", f"base={before}", after, "--targets", "--markdown", str(out))
     assert result.exit_code == 0, result.output  # a missed target is reported, not an error
     assert "base" in result.output and "run-7" in result.output  # a bare path is labelled by its stem
     assert "57.50" in result.output and "50.50" in result.output
@@ -175,6 +262,37 @@ def test_compare_command_prints_table_targets_and_writes_markdown(tmp_path):
     rows = comparison_rows([("base", load_eval(before)), ("run-7", load_eval(after))])
     assert out.read_text() == markdown_table(rows)
     assert f"wrote {out}" in result.output
+
+
+def test_compare_command_counts_not_available_targets_and_strict_fails_on_them(tmp_path):
+    before = write(tmp_path / "before.json", BEFORE)
+    met = write(tmp_path / "met.json", eval_results(ss=50.5, lms=80.0, icat=79.2, types=BALANCED, crows=52.0, ppl=20.4))
+    partial = write(tmp_path / "partial.json", eval_results(ss=50.5, lms=80.0, icat=79.2, types=BALANCED))
+    result = invoke("compare", before, partial, "--targets")
+    assert result.exit_code == 0, result.output
+    assert "4 of 6 targets met (2 n/a" in result.output and "n/a" in result.output
+    assert invoke("compare", before, partial, "--targets", "--strict").exit_code == 1
+    strict = invoke("compare", before, met, "--targets", "--strict")
+    assert strict.exit_code == 0 and "6 of 6 targets met" in strict.output
+
+
+def test_compare_command_strict_fails_on_a_miss_after_writing_the_markdown(tmp_path):
+    before = write(tmp_path / "before.json", BEFORE)
+    after = write(tmp_path / "after.json", eval_results(ss=55.0, lms=80.0, icat=72.0, types=BALANCED, crows=52.0, ppl=20.4))
+    out = tmp_path / "table.md"
+    result = invoke("compare", before, after, "--targets", "--strict", "--markdown", str(out))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "5 of 6 targets met" in result.output and out.is_file()
+
+
+def test_compare_command_refuses_runs_that_are_not_comparable(tmp_path):
+    before = write(tmp_path / "before.json", RECORDED)
+    after = write(tmp_path / "after.json", with_fields(RECORDED, **{"benchmarks.stereoset.split": "all"}))
+    result = invoke("compare", before, after, "--targets")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert f"error: {after}: benchmarks.stereoset.split 'all' differs from {before} 'test'" in result.output
+    assert "amendlm eval results" not in result.output  # refused before any table is printed
+    assert invoke("compare", before, after).exit_code == 0  # the plain table does not check
 
 
 @pytest.mark.parametrize("argument, message", [
@@ -186,12 +304,16 @@ def test_compare_command_prints_table_targets_and_writes_markdown(tmp_path):
 def test_compare_command_bad_input_is_one_line_exit_1(tmp_path, argument, message):
     missing, bad = tmp_path / "nope.json", tmp_path / "bad.json"
     bad.write_text("{")
-    result = CliRunner().invoke(app, ["compare", argument.format(missing=missing, bad=bad)])
+    result = invoke("compare", argument.format(missing=missing, bad=bad))
     assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)  # typer.Exit(1), not an uncaught exception
     assert message.format(missing=missing, bad=bad) in result.output
-    assert "Traceback" not in result.output
 
 
-def test_compare_targets_needs_two_runs(tmp_path):
-    result = CliRunner().invoke(app, ["compare", write(tmp_path / "a.json", BEFORE), "--targets"])
-    assert result.exit_code == 2 and "at least two runs" in result.output
+@pytest.mark.parametrize("args, message", [
+    (["--targets"], "at least two runs"),
+    (["--strict"], "--strict applies to --targets"),
+])
+def test_compare_usage_errors(tmp_path, args, message):
+    result = invoke("compare", write(tmp_path / "a.json", BEFORE), *args)
+    assert result.exit_code == 2 and message in result.output

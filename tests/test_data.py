@@ -5,7 +5,7 @@ import json
 import pytest
 
 from amendlm.data.crows_pairs import load_crows_pairs
-from amendlm.data.io import DataError
+from amendlm.data.io import DataError, read_lines, read_rows
 from amendlm.data.splits import select_split, split_targets
 from amendlm.data.stereoset import StereoSetCluster, load_stereoset
 from amendlm.data.text import load_prompt_response, load_texts
@@ -109,6 +109,31 @@ def test_text_loaders(tmp_path):
     pr = write_jsonl(tmp_path / "pr.jsonl", [{"prompt": "p", "response": "r"}, {"prompt": "p2"}])
     with pytest.raises(DataError, match="pr.jsonl row 2: missing field 'response'"):
         load_prompt_response(pr)
+
+
+def test_txt_is_one_text_per_non_blank_line(tmp_path):
+    path = tmp_path / "t.txt"
+    # BOM dropped; \n, \r\n and \r end lines; a form feed or U+2028 inside a line does not
+    path.write_bytes("\ufeffone\r\n\n  \t \ntwo\x0cparts\rthree\u2028still three\n".encode("utf-8"))
+    assert read_lines(path) == ["one", "two\x0cparts", "three\u2028still three"]
+    path.write_text(" \n\n")
+    with pytest.raises(DataError, match=r"t\.txt: file has no non-blank lines"):
+        read_lines(path)
+
+
+@pytest.mark.parametrize("name", ["bad.txt", "bad.jsonl", "bad.csv", "bad.json"])
+def test_non_utf8_file_names_file_and_line(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b'["text"]\n"ok"\n"caf\xe9"\n')  # latin-1 e-acute on line 3
+    read = read_lines if name.endswith(".txt") else read_rows
+    with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')} line 3: not UTF-8 text \(byte 0xe9\)"):
+        read(path)
+
+
+def test_csv_quoted_field_may_span_lines(tmp_path):
+    path = tmp_path / "multi.csv"
+    path.write_bytes(b'id,text\r\n1,"two\r\nlines"\r\n2,one\r\n')
+    assert read_rows(path) == [{"id": "1", "text": "two\r\nlines"}, {"id": "2", "text": "one"}]
 
 
 def make_clusters():

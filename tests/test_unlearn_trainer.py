@@ -133,6 +133,25 @@ def test_resume_refuses_a_different_configuration(tmp_path):
         make_trainer(tmp_path, max_steps=2, lr=5e-3).train(resume=True)
 
 
+def test_dtype_auto_is_saved_resolved_and_resumes(tmp_path, monkeypatch):
+    from amendlm import modeling
+
+    monkeypatch.setattr(modeling, "cpu_bf16_speedup", lambda: 1.0)  # this "CPU" has no fast bf16: auto is fp32
+    modeling.cpu_bf16_is_fast.cache_clear()
+    try:
+        make_trainer(tmp_path, max_steps=1, dtype="auto").train()
+        saved = json.loads((tmp_path / "run" / "unlearn_config.json").read_text())
+        assert (saved["dtype"], saved["dtype_auto"]) == ("fp32", True)
+        assert UnlearnConfig.load(tmp_path / "run" / "unlearn_config.json").dtype == "fp32"
+        # auto resolved alike and an explicit fp32 both match the saved run
+        assert make_trainer(tmp_path, max_steps=2, dtype="auto").train(resume=True).steps == 2
+        assert make_trainer(tmp_path, max_steps=2, dtype="fp32").train(resume=True).steps == 2
+        with pytest.raises(ValueError, match="different configuration"):
+            make_trainer(tmp_path, max_steps=2, dtype="bf16").train(resume=True)
+    finally:
+        modeling.cpu_bf16_is_fast.cache_clear()
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path, max_steps=4, method="sft-anti", keep_best=False, eval_every=0)
     original = trainer.method.loss

@@ -59,7 +59,7 @@ def eval_command(
     split: str = typer.Option("all", help="StereoSet target-term split: train, val, test or all."),
     split_seed: int = typer.Option(DEFAULT_SEED, help="Seed of the target-term split."),
     limit: Optional[int] = typer.Option(None, help="Keep only the first N examples of each benchmark."),
-    dtype: str = typer.Option("fp32", help="fp32 (exact) or bf16 (autocast; fast only where the CPU/GPU has bf16 units)."),
+    dtype: str = typer.Option("fp32", help="fp32 (exact), bf16 (autocast; fast only where the CPU/GPU has bf16 units) or auto (bf16 where the device does it natively fast, else fp32; the results record which)."),
     batch_size: int = typer.Option(32, help="Sequences per forward pass."),
     start_token: Optional[str] = typer.Option(None, help="Token prepended to each text: bos, eos or a token string (default: BOS, else EOS)."),
     stereoset: str = typer.Option("stereoset", help="StereoSet name or local jsonl/json/csv."),

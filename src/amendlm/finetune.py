@@ -11,7 +11,7 @@ Layout of ``out/``::
     config.json, generation_config.json, model.safetensors   the fine-tuned model (fp32)
     tokenizer files                                          the base model's tokenizer, unchanged
     finetune_config.json                                     the FinetuneConfig
-    summary.json                                             final / mean loss, steps, data sizes, log
+    summary.json                                             final / mean loss, steps, batch, data sizes, log
 """
 
 from __future__ import annotations
@@ -22,14 +22,17 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from amendlm.data.io import DataError
+from amendlm.data.io import DataError, read_lines
 from amendlm.data.text import load_texts
 from amendlm.report import atomic_directory, package_versions
 from amendlm.resources import DEFAULT_MODEL, file_sha256, resolve_dataset
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +52,16 @@ class FinetuneConfig:
         chunk_tokens: length of a training sequence in tokens.  Texts are tokenized without
             special tokens, each followed by EOS, concatenated and cut into chunks of this length
             (the remainder shorter than one chunk is dropped).
-        max_steps: optimizer steps (the data is cycled if it holds fewer than
-            ``max_steps * batch_size`` chunks).  60 steps of 8 x 128 tokens is ~61k tokens.
-        batch_size: chunks per optimizer step.
+        max_steps: optimizer steps (the data is cycled if it holds fewer than ``max_steps`` times
+            the global batch).  60 steps of 8 x 128 tokens on one device is ~61k tokens.
+        batch_size: chunks per device per optimizer step (the Trainer's
+            ``per_device_train_batch_size``); the global batch is ``batch_size`` times the number
+            of devices, and is recorded in ``summary.json`` as ``sequences_per_step``.
         lr: peak AdamW learning rate, decayed linearly to 0 over ``max_steps``.
         seed: seed of the Trainer (data order, dropout).
-        dtype: ``fp32`` or ``bf16`` autocast (weights and the saved model stay fp32).
+        dtype: ``fp32`` or ``bf16`` autocast (weights and the saved model stay fp32), or ``auto``
+            (resolved by :func:`training_dtype`; ``summary.json`` records the dtype used);
+            validated by :func:`amendlm.modeling.parse_dtype`.
         cpu: use the CPU even when an accelerator is present.
     """
 
@@ -96,15 +103,15 @@ def read_texts(source: str | Path, field: str = "document", limit: int | None = 
     Raises:
         FileNotFoundError: neither an embedded dataset nor an existing file.
         DataError: a row lacks ``field`` or holds a non-string (names the file, row and field);
-            no non-empty text at all.
+            the file is not UTF-8 (names the file and line); no non-empty text at all.
     """
     path = resolve_dataset(source)
     if path.suffix.lower() == ".txt":
-        texts = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        texts = read_lines(path)  # one text per non-blank line; `field` does not apply
     else:
         texts = load_texts(path, field=field)
-    if not texts:
-        raise DataError(f"{path}: no non-empty text" + ("" if path.suffix.lower() == ".txt" else f" in field '{field}'"))
+        if not texts:
+            raise DataError(f"{path}: no non-empty text in field '{field}'")
     return path, texts[:limit] if limit is not None else texts
 
 
@@ -126,34 +133,82 @@ def chunk_token_ids(texts: list[str], tokenizer, chunk_tokens: int) -> list[list
     return [stream[start:start + chunk_tokens] for start in range(0, len(stream) - chunk_tokens + 1, chunk_tokens)]
 
 
+def language_modeling_collator(tokenizer):
+    """The causal-LM collator: ``labels`` = ``input_ids`` with every pad-token position set to -100.
+
+    The model shifts the labels itself, so position ``t`` is trained to predict ``labels[t]``
+    from ``input_ids[:t]``.  A tokenizer without a pad token gets its EOS as pad token (in
+    place): the chunks are equal-length so nothing is ever padded, but the EOS separators
+    between texts then get label -100 and are not trained on.  With a distinct pad token
+    the EOS separators are trained on.
+    """
+    from transformers import DataCollatorForLanguageModeling
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+
+
+def training_dtype(name: str, cpu: bool = False) -> torch.dtype:
+    """The Trainer's autocast dtype for ``name``: float32 (no autocast) or bfloat16.
+
+    ``"auto"`` is resolved by :func:`amendlm.modeling.resolve_dtype` for the device the
+    Trainer will use (the CPU when ``cpu``); every other name by
+    :func:`amendlm.modeling.parse_dtype`.
+
+    Raises:
+        ValueError: an unknown name, or a dtype other than float32 / bfloat16.
+    """
+    import torch
+
+    from amendlm.modeling import parse_dtype
+
+    if name == "auto":
+        from transformers import TrainingArguments
+
+        from amendlm.modeling import resolve_dtype
+
+        device = torch.device("cpu") if cpu else TrainingArguments(report_to="none").device
+        dtype = resolve_dtype(name, device)
+    else:
+        dtype = parse_dtype(name)
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"finetune trains in float32 or bfloat16 autocast; dtype '{name}' gives {dtype}")
+    return dtype
+
+
 def finetune_variant(config: FinetuneConfig) -> Path:
     """Fine-tune every weight of ``config.model`` on general text and save the variant in ``config.out``.
 
     The data is checked before the model is loaded.  Training uses :class:`transformers.Trainer`
-    with :class:`~transformers.DataCollatorForLanguageModeling` (``mlm=False``: labels are the
-    inputs, shifted inside the model; positions holding the pad token get label -100, so when
-    the tokenizer's pad token *is* its EOS the EOS separators are not trained on).  Nothing is
-    checkpointed mid-run.  ``out`` is written through a staging directory renamed into place
-    at the end, so an interrupted or failed run leaves no ``out`` behind.
+    with :func:`language_modeling_collator` (labels are the inputs, shifted inside the model;
+    when the tokenizer's pad token is, or falls back to, its EOS, the EOS separators between
+    texts get label -100 and are not trained on).  Nothing is checkpointed mid-run.  ``out``
+    is written through a staging directory renamed into place at the end, so an interrupted
+    or failed run leaves no ``out`` behind.
 
     Returns:
         ``Path(config.out)``.
 
     Raises:
-        FileExistsError: ``out`` exists and is not empty.
+        FileExistsError: ``out`` is an existing file, or a directory that is not empty.
         FileNotFoundError / DataError: see :func:`read_texts`.
         ValueError: the texts give fewer tokens than one chunk; ``chunk_tokens`` exceeds the
-            model's ``max_position_embeddings``; the tokenizer has no EOS token.
+            model's ``max_position_embeddings``; the tokenizer has no EOS token; see
+            :func:`training_dtype`.
     """
     import torch
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
-    from amendlm.modeling import load_model, parse_dtype
+    from amendlm.modeling import dtype_record, load_model
 
     out = Path(config.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is an existing file, not a directory; choose a new --out")
+    if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new --out")
     texts_path, texts = read_texts(config.texts, field=config.text_field, limit=config.limit)
+    dtype = training_dtype(config.dtype, cpu=config.cpu)
     began = time.perf_counter()
     model, tokenizer = load_model(config.model)
     max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -165,9 +220,8 @@ def finetune_variant(config: FinetuneConfig) -> Path:
     logger.info("fine-tuning on %d chunks of %d tokens from %d texts", len(chunks), config.chunk_tokens, len(texts))
 
     with atomic_directory(out) as staging, tempfile.TemporaryDirectory(prefix="trainer.", dir=staging) as scratch:
-        tokenizer.save_pretrained(str(staging))  # saved as loaded, before any pad-token fallback
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token  # chunks are equal-length: the collator never pads
+        tokenizer.save_pretrained(str(staging))  # saved as loaded, before the collator's pad-token fallback
+        collator = language_modeling_collator(tokenizer)
         args = TrainingArguments(
             output_dir=scratch,
             max_steps=config.max_steps,
@@ -175,7 +229,7 @@ def finetune_variant(config: FinetuneConfig) -> Path:
             learning_rate=config.lr,
             lr_scheduler_type="linear",
             seed=config.seed,
-            bf16=parse_dtype(config.dtype) == torch.bfloat16,  # autocast; weights stay fp32
+            bf16=dtype == torch.bfloat16,  # autocast; weights stay fp32
             use_cpu=config.cpu,
             save_strategy="no",
             report_to="none",
@@ -185,12 +239,13 @@ def finetune_variant(config: FinetuneConfig) -> Path:
         trainer = Trainer(
             model=model,
             args=args,
-            data_collator=DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False),
+            data_collator=collator,
             train_dataset=[{"input_ids": ids} for ids in chunks],
         )
         result = trainer.train()
         model.save_pretrained(str(staging), safe_serialization=True)
         losses = [record for record in trainer.state.log_history if "loss" in record]
+        sequences_per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
         (staging / "finetune_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         summary = {
             "final_loss": losses[-1]["loss"] if losses else None,  # mean CE over the last logging window
@@ -198,7 +253,9 @@ def finetune_variant(config: FinetuneConfig) -> Path:
             "steps": result.global_step,
             "texts": len(texts),
             "chunks": len(chunks),
-            "tokens_per_step": config.batch_size * config.chunk_tokens,
+            "sequences_per_step": sequences_per_step,  # global batch over all devices
+            "tokens_per_step": sequences_per_step * config.chunk_tokens,
+            **dtype_record(config.dtype, dtype),  # resolved "bf16"/"fp32" and whether auto chose it
             "texts_path": str(texts_path),
             "texts_sha256": file_sha256(texts_path),
             "seconds": time.perf_counter() - began,
@@ -220,10 +277,10 @@ def finetune_command(
     limit: Optional[int] = typer.Option(None, help="Use the first N non-empty texts."),
     chunk_tokens: int = typer.Option(128, help="Tokens per training sequence."),
     max_steps: int = typer.Option(60, help="Optimizer steps."),
-    batch_size: int = typer.Option(8, help="Sequences per step."),
+    batch_size: int = typer.Option(8, help="Sequences per device per step."),
     lr: float = typer.Option(5e-5, help="Peak AdamW learning rate (linear decay to 0)."),
     seed: int = typer.Option(0, help="Training seed (data order)."),
-    dtype: str = typer.Option("fp32", help="fp32, or bf16 autocast (fast only with bf16 hardware)."),
+    dtype: str = typer.Option("fp32", help="fp32, bf16 autocast (fast only with bf16 hardware) or auto (bf16 where the device does it natively fast, else fp32; summary.json records which)."),
     cpu: bool = typer.Option(False, help="Use the CPU even if an accelerator is present."),
 ) -> None:
     """Make a variant of a causal LM by fine-tuning all its weights briefly on general text."""

@@ -5,30 +5,50 @@ Registered on the main app by :func:`register` (called at the end of ``amendlm.c
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
+if TYPE_CHECKING:
+    from amendlm.bias.compare import TargetCheck
+
+RESULT_MARKUP = {True: "[green]pass[/green]", False: "[red]miss[/red]", None: "[yellow]n/a[/yellow]"}
+
 
 def parse_run(argument: str) -> tuple[str, Path]:
-    """``LABEL=PATH`` -> ``(LABEL, PATH)``; a bare ``PATH`` (or an existing file whose name holds
-    ``=``) is labelled with its file stem.
+    """``LABEL=PATH`` -> ``(LABEL, PATH)``; a bare ``PATH`` is labelled with its file stem.
+
+    The argument is split at its first ``=`` only when the part before it holds no ``/`` (nor
+    ``os.sep``): ``before=runs/a.json`` is a label and a path, ``runs/a=b.json`` a path.  A file of
+    the current directory whose name holds ``=`` is given as ``./a=b.json``.
 
     Raises:
         ValueError: an empty label or path (``=x.json``, ``before=``).
     """
-    if "=" in argument and not Path(argument).is_file():
-        label, path = argument.split("=", 1)
+    label, equals, path = argument.partition("=")
+    if equals and "/" not in label and os.sep not in label:
         if not label.strip() or not path.strip():
             raise ValueError(f"'{argument}': expected LABEL=PATH or PATH")
         return label.strip(), Path(path)
     return Path(argument).stem, Path(argument)
 
 
+def format_check(check: TargetCheck) -> tuple[str, str, str, str, str]:
+    """The cells of one target row (rich markup): target, result, value, bound, detail."""
+    from rich.markup import escape
+
+    def number(value: float | None) -> str:
+        return "—" if value is None else f"{value:.2f}"
+
+    return check.name, RESULT_MARKUP[check.passed], number(check.value), number(check.bound), escape(check.detail)
+
+
 def compare(
-    runs: List[str] = typer.Argument(..., metavar="LABEL=PATH", help="amendlm eval results JSONs, first = before; a bare PATH is labelled by its file stem."),
-    targets: bool = typer.Option(False, "--targets", help="Check the BiasUnlearn targets (issue 3) of the last run against the first; a report, the exit code stays 0."),
+    runs: List[str] = typer.Argument(..., metavar="LABEL=PATH", help="amendlm eval results JSONs, first = before; a bare PATH (or one with a '/' before its first '=') is labelled by its file stem."),
+    targets: bool = typer.Option(False, "--targets", help="Check the BiasUnlearn targets (issue 3) of the last run against the first (the runs must share data and settings); a report, the exit code stays 0 unless --strict."),
+    strict: bool = typer.Option(False, "--strict", help="With --targets: exit 1 if any target is missed or n/a."),
     markdown: Optional[Path] = typer.Option(None, help="Also write the table as GitHub markdown here (atomically)."),
 ) -> None:
     """Compare the results JSONs of several amendlm eval runs side by side."""
@@ -36,14 +56,20 @@ def compare(
     from rich.markup import escape
     from rich.table import Table
 
-    from amendlm.bias.compare import COLUMNS, check_targets, comparison_rows, format_value, load_eval, markdown_table
+    from amendlm.bias.compare import COLUMNS, TARGET_NAMES, check_targets, comparison_rows, format_value, load_eval, markdown_table
     from amendlm.cli import user_errors
     from amendlm.report import atomic_write_text
 
+    if strict and not targets:
+        raise typer.BadParameter("--strict applies to --targets; add --targets")
     if targets and len(runs) < 2:
         raise typer.BadParameter("--targets needs at least two runs (the first is 'before', the last 'after')")
+    checks = None
     with user_errors():
-        loaded = [(label, load_eval(path)) for label, path in map(parse_run, runs)]
+        parsed = [parse_run(argument) for argument in runs]
+        loaded = [(label, load_eval(path)) for label, path in parsed]
+        if targets:  # before anything is printed: runs that are not comparable are an error
+            checks = check_targets(loaded[0][1], loaded[-1][1], str(parsed[0][1]), str(parsed[-1][1]))
     rows = comparison_rows(loaded)
     console = Console()
     # one column per run so that the table fits a terminal (the markdown file has one row per run)
@@ -54,21 +80,23 @@ def compare(
     for key, header in COLUMNS[1:]:
         table.add_row(header, *(format_value(row[key]) for row in rows))
     console.print(table)
-    if targets:
-        (before_label, before), (after_label, after) = loaded[0], loaded[-1]
-        checks = Table(title=f"BiasUnlearn targets: {escape(before_label)} → {escape(after_label)}")
-        for column in ("target", "result", "measured"):
-            checks.add_column(column)
-        results = check_targets(before, after)
-        for name, passed, measured in results:
-            checks.add_row(name, "[green]pass[/green]" if passed else "[red]miss[/red]", measured)
-        console.print(checks)
-        console.print(f"{sum(passed for _, passed, _ in results)} of {len(results)} targets met"
-                      + ("" if len(results) == 6 else " (targets without both runs' numbers are omitted)"))
+    if checks is not None:
+        title = f"BiasUnlearn targets: {escape(loaded[0][0])} → {escape(loaded[-1][0])} (SS, LMS, CrowS in points; perplexity increase in %)"
+        report = Table(title=title)
+        for column in ("target", "result", "value", "bound", "detail"):
+            report.add_column(column, justify="right" if column in ("value", "bound") else "left")
+        for check in checks:
+            report.add_row(*format_check(check))
+        console.print(report)
+        met, not_available = sum(c.passed is True for c in checks), sum(c.passed is None for c in checks)
+        console.print(f"{met} of {len(TARGET_NAMES)} targets met"
+                      + (f" ({not_available} n/a: a run lacks their numbers)" if not_available else ""))
     if markdown is not None:
         with user_errors():
             atomic_write_text(markdown, markdown_table(rows))
         typer.echo(f"wrote {markdown}")
+    if strict and any(check.passed is not True for check in checks):
+        raise typer.Exit(code=1)
 
 
 def register(app: typer.Typer) -> None:

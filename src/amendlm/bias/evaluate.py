@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -25,7 +25,7 @@ from amendlm.data.io import DataError
 from amendlm.data.splits import DEFAULT_SEED, SPLITS, select_split
 from amendlm.data.stereoset import LABELS, StereoSetCluster, load_stereoset
 from amendlm.data.text import load_texts
-from amendlm.modeling import pad_token_id, parse_dtype, start_token_id
+from amendlm.modeling import AUTO_DTYPE, dtype_name, dtype_record, pad_token_id, parse_dtype, resolve_dtype, start_token_id
 from amendlm.resources import file_sha256, resolve_dataset
 from amendlm.scoring import EncodedPair, score_encoded, score_pairs
 
@@ -40,7 +40,9 @@ class EvalConfig:
             is the whole dev set as published).  CrowS-Pairs and WikiText are always whole.
         split_seed: seed of the target-term split (:func:`amendlm.data.splits.split_targets`).
         limit: keep the first N examples of each benchmark (None: all) — for smoke runs.
-        dtype: ``fp32`` (exact, default) or ``bf16`` (autocast; fast only on CPUs with native bf16).
+        dtype: ``fp32`` (exact, default), ``bf16`` (autocast; fast only on CPUs with native bf16) or
+            ``auto`` (bf16 where the model's device does bf16 natively fast, else fp32;
+            :func:`amendlm.modeling.resolve_dtype`).  :func:`evaluate` records the resolved one.
         batch_size: sequences per forward pass.
         start_token: see :func:`amendlm.modeling.start_token_id`.
         share_prefix: compute the tokens the three candidates of a StereoSet context share once
@@ -94,6 +96,13 @@ def check_data(config: EvalConfig) -> None:
         loaders[name](getattr(config, BENCHMARKS[name].data_field))
 
 
+def compute_dtype(model, config: EvalConfig) -> torch.dtype:
+    """``config.dtype`` as a torch dtype; ``auto`` is decided for the device of the model's weights."""
+    if config.dtype != AUTO_DTYPE:
+        return parse_dtype(config.dtype)
+    return resolve_dtype(config.dtype, next(model.parameters()).device)
+
+
 def _overall_last(groups: dict) -> list[str]:
     return sorted(name for name in groups if name != "overall") + ["overall"]
 
@@ -114,7 +123,7 @@ def stereoset_outcomes(
         tokenizer,
         pairs,
         batch_size=max(1, config.batch_size // n) if groups else config.batch_size,
-        dtype=parse_dtype(config.dtype),
+        dtype=compute_dtype(model, config),
         start_token=config.start_token,
         progress=_bar(config, "stereoset"),
         groups=groups,
@@ -151,7 +160,7 @@ def run_crows_pairs(model, tokenizer, config: EvalConfig) -> dict:
         tokenizer,
         texts,
         batch_size=config.batch_size,
-        dtype=parse_dtype(config.dtype),
+        dtype=compute_dtype(model, config),
         start_token=config.start_token,
         progress=_bar(config, "crows-pairs"),
     ).logp_sum.tolist()
@@ -201,7 +210,7 @@ def run_perplexity(model, tokenizer, config: EvalConfig) -> dict:
     windows = perplexity_windows(token_ids, start, config.ppl_window, config.ppl_stride)
     pad_id = pad_token_id(tokenizer, config.start_token)
     scores = score_encoded(
-        model, windows, pad_id, max(1, config.batch_size // 8), parse_dtype(config.dtype),
+        model, windows, pad_id, max(1, config.batch_size // 8), compute_dtype(model, config),
         progress=_bar(config, "perplexity"),
     )
     n_tokens = int(scores.n_tokens.sum())
@@ -225,10 +234,17 @@ BENCHMARKS: dict[str, Benchmark] = {
 
 
 def evaluate(model, tokenizer, config: EvalConfig) -> dict:
-    """Run ``config.benchmarks`` and return results as data (plus the seconds each took)."""
+    """Run ``config.benchmarks`` and return results as data (plus the seconds each took).
+
+    ``config.dtype`` ``auto`` is resolved once for the model's device; ``results["config"]`` records
+    the resolved dtype (``bf16``/``fp32``) and ``dtype_auto`` (whether ``auto`` chose it).
+    """
+    requested = config.dtype
+    dtype = compute_dtype(model, config)
+    config = replace(config, dtype=dtype_name(dtype))
     start_id = start_token_id(tokenizer, config.start_token)
     results: dict = {
-        "config": asdict(config),
+        "config": {**asdict(config), **dtype_record(requested, dtype)},
         "start_token": {"id": start_id, "token": tokenizer.convert_ids_to_tokens(start_id)},
         "benchmarks": {},
     }

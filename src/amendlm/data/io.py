@@ -1,15 +1,53 @@
-"""Reading rows from jsonl / json / csv files with errors that name the file, row and field."""
+"""Reading rows from jsonl / json / csv files and lines from txt files, with errors that name
+the file, row (or line) and field."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
+from io import StringIO
 from pathlib import Path
 from typing import Any, Iterator
 
 
 class DataError(ValueError):
-    """A malformed input file; the message names the file, the 1-based row and the field."""
+    """A malformed input file; the message names the file, the 1-based row or line and the field."""
+
+
+def read_text(path: str | Path) -> str:
+    """The whole of a UTF-8 file as text (a byte-order mark is dropped, line endings kept).
+
+    Raises:
+        DataError: the file is not UTF-8 (names the file and the 1-based line of the first bad byte).
+    """
+    data = Path(path).read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = len(split_lines(data[:err.start].decode("utf-8")))
+        raise DataError(f"{path} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x})") from None
+
+
+def split_lines(text: str) -> list[str]:
+    """Split at ``\\n``, ``\\r\\n`` and ``\\r`` only (not at form feeds or U+2028 as :meth:`str.splitlines` does)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """The non-blank lines of a ``.txt`` file, one text per line, without their line endings.
+
+    Lines holding only whitespace are skipped; the others are kept as they are.
+
+    Raises:
+        DataError: not UTF-8 (names the file and line), or no non-blank line.
+    """
+    lines = [line for line in split_lines(read_text(path)) if line.strip()]
+    if not lines:
+        raise DataError(f"{path}: file has no non-blank lines")
+    return lines
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -20,7 +58,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     A UTF-8 byte-order mark is ignored.
 
     Raises:
-        DataError: empty file, invalid JSON on a line, a row that is not an object, a CSV row
+        DataError: not UTF-8, empty file, invalid JSON on a line, a row that is not an object, a CSV row
             with the wrong number of fields, or an unknown extension.
     """
     path = Path(path)
@@ -29,7 +67,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         rows = list(_read_jsonl(path))
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: invalid JSON ({err})") from None
         if not isinstance(data, list):
@@ -48,34 +86,32 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _read_jsonl(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8-sig") as handle:
-        number = 0
-        for line in handle:
-            if not line.strip():
-                continue
-            number += 1
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} row {number}: invalid JSON ({err.msg})") from None
+    number = 0
+    for line in split_lines(read_text(path)):
+        if not line.strip():
+            continue
+        number += 1
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} row {number}: invalid JSON ({err.msg})") from None
 
 
 def _read_csv(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            return
-        number = 0
-        for values in reader:
-            if not values:
-                continue
-            number += 1
-            if len(values) != len(header):
-                raise DataError(
-                    f"{path} row {number}: expected {len(header)} fields ({', '.join(header)}), got {len(values)}"
-                )
-            yield dict(zip(header, values))
+    reader = csv.reader(StringIO(read_text(path), newline=""))  # newline="": quoted fields may span lines
+    header = next(reader, None)
+    if header is None:
+        return
+    number = 0
+    for values in reader:
+        if not values:
+            continue
+        number += 1
+        if len(values) != len(header):
+            raise DataError(
+                f"{path} row {number}: expected {len(header)} fields ({', '.join(header)}), got {len(values)}"
+            )
+        yield dict(zip(header, values))
 
 
 def require_text(row: dict, field: str, path: str | Path, number: int) -> str:

@@ -22,6 +22,8 @@ align_app = typer.Typer(
 )
 
 DATA_HELP = "Task: xsum-sample (embedded) or a jsonl/json/csv with prompt and response fields."
+DTYPE_HELP = ("fp32, bf16 autocast (emulated and slow on CPUs without bf16 units) or auto (bf16 where the "
+              "device does it natively fast, else fp32).")
 
 
 def _task(data: str, split: str, limit: Optional[int], max_document_tokens: int, split_seed: int,
@@ -53,7 +55,7 @@ def sample_command(
     max_new_tokens: int = typer.Option(64, help="Tokens per sample at most."),
     batch_size: int = typer.Option(8, help="Prompts decoded together."),
     seed: int = typer.Option(0, help="Random seed."),
-    dtype: str = typer.Option("fp32", help="fp32 or bf16 (bf16 is emulated and slow on CPUs without bf16 units)."),
+    dtype: str = typer.Option("fp32", help=DTYPE_HELP),
     device: str = typer.Option("cpu", help="cpu, cuda, ..."),
 ) -> None:
     """Draw one proposal sample y' ~ P_M(.|x) per training prompt (resumable)."""
@@ -92,7 +94,7 @@ def train_command(
     epochs: int = typer.Option(1), max_steps: Optional[int] = typer.Option(None),
     batch_size: int = typer.Option(8, help="Prompts per micro-batch."), grad_accum: int = typer.Option(1),
     save_every: int = typer.Option(50, help="Optimizer steps between checkpoints."),
-    seed: int = typer.Option(0), dtype: str = typer.Option("fp32"), device: str = typer.Option("cpu"),
+    seed: int = typer.Option(0), dtype: str = typer.Option("fp32", help=DTYPE_HELP), device: str = typer.Option("cpu"),
 ) -> None:
     """Train the aligner Q on targets and proposal samples (Accelerate; full or LoRA)."""
     from amendlm.ram.losses import LossConfig
@@ -140,7 +142,7 @@ def generate_command(
     batch_size: int = typer.Option(8), chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they come (one prompt) or rows as they end."),
     out: Optional[Path] = typer.Option(None, help="Also write a jsonl with every generation."),
-    dtype: str = typer.Option("fp32"), device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("fp32", help=DTYPE_HELP), device: str = typer.Option("cpu"),
 ) -> None:
     """Decode prompts with proposal x aligner, many at once, both models KV-cached."""
     from amendlm.ram.api import ResidualAlignedLM
@@ -206,7 +208,7 @@ def eval_command(
     max_new_tokens: int = typer.Option(64), greedy: bool = typer.Option(True, "--greedy/--sample"),
     seed: int = typer.Option(0), batch_size: int = typer.Option(8),
     out: Path = typer.Option(Path("ram_eval.json"), help="Results JSON (generations go beside it as .generations.jsonl)."),
-    dtype: str = typer.Option("fp32"), device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("fp32", help=DTYPE_HELP), device: str = typer.Option("cpu"),
 ) -> None:
     """ROUGE-1/2/L and length of proposal, aligner, RAM modes (and a direct fine-tune) on held-out prompts."""
     from rich.console import Console

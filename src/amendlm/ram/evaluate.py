@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-from amendlm.modeling import pad_token_id
+from amendlm.modeling import dtype_name, dtype_record, pad_token_id, resolve_dtype
 from amendlm.ram.data import TaskConfig, encode_prompt, load_task
 from amendlm.ram.decoding import DecodeConfig, get_mode
 from amendlm.ram.generate import GenerateConfig, GenerationStats, generate, shared_vocab_size
@@ -88,6 +88,8 @@ def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = Non
     from amendlm.report import atomic_write_text
 
     proposal, tokenizer = load_model(config.proposal, device=config.device)
+    requested, dtype = config.generate.dtype, resolve_dtype(config.generate.dtype, next(proposal.parameters()).device)
+    config = replace(config, generate=replace(config.generate, dtype=dtype_name(dtype)))  # "auto" decided once
     aligner = aligner_tokenizer = None
     if config.aligner is not None:
         aligner, aligner_tokenizer = load_model(config.aligner, device=config.device)
@@ -122,4 +124,4 @@ def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = Non
     if generations_path is not None:
         atomic_write_text(generations_path, "\n".join(lines) + "\n")
     return {"n_prompts": len(records), "systems": results, "higher_is_better": HIGHER_IS_BETTER,
-            "config": {**asdict(config)}}
+            "config": {**asdict(config), "generate": {**asdict(config.generate), **dtype_record(requested, dtype)}}}

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from amendlm.modeling import autocast, parse_dtype
+from amendlm.modeling import autocast, parse_dtype, resolve_dtype
 from amendlm.ram.decoding import DecodeConfig, apply_rule, get_mode, pick_tokens, repetition_penalty
 
 
@@ -36,7 +36,8 @@ class GenerateConfig:
         seed: seeds the ``torch.Generator`` of every draw, so a run is reproducible.
         stop: strings that end a row (the returned text stops before the first one).
         batch_size: prompts decoded together (sorted by length to limit padding). 8.
-        dtype: ``fp32`` (default; exact, fastest on CPUs without bf16 units) or ``bf16`` autocast.
+        dtype: ``fp32`` (default; exact, fastest on CPUs without bf16 units), ``bf16`` autocast, or ``auto``
+            (bf16 where the models' device does it natively fast, else fp32; :func:`amendlm.modeling.resolve_dtype`).
     """
 
     max_new_tokens: int = 64
@@ -180,14 +181,12 @@ def generate_batch(
     that had already ended receive ``pad_token_id``.
     """
     mode = get_mode(decode.mode)
-    dtype = parse_dtype(config.dtype)
+    models = {role: model for role, model, used in (("proposal", proposal, mode.uses_proposal), ("aligner", aligner, mode.uses_aligner))
+              if used}
+    dtype = resolve_dtype(config.dtype, next(next(iter(models.values())).parameters()).device)
     began = time.perf_counter()
     input_ids, attention_mask = left_pad(prompts, pad_token_id)
-    runners = {
-        role: CachedLM(model, vocab_size, dtype)
-        for role, model, used in (("proposal", proposal, mode.uses_proposal), ("aligner", aligner, mode.uses_aligner))
-        if used
-    }
+    runners = {role: CachedLM(model, vocab_size, dtype) for role, model in models.items()}
     logits = {role: runner.prefill(input_ids, attention_mask) for role, runner in runners.items()}
     batch, device = len(prompts), next(iter(logits.values())).device
     eos = torch.tensor(list(eos_token_ids), device=device)

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from amendlm.modeling import pad_token_id
+from amendlm.modeling import dtype_name, dtype_record, pad_token_id, resolve_dtype
 from amendlm.ram.data import TaskConfig, encode_prompt, load_task
 from amendlm.ram.decoding import DecodeConfig
 from amendlm.ram.generate import GenerateConfig, GenerationStats, generate
@@ -40,7 +40,8 @@ class SampleConfig:
         max_new_tokens: 64 (XSum summaries average ~21 words).
         batch_size: prompts per decoding batch. 8.
         seed: base seed; batch ``b`` of a run uses ``seed + b`` offset by the number already done.
-        dtype, device: see :class:`amendlm.ram.generate.GenerateConfig`.
+        dtype, device: see :class:`amendlm.ram.generate.GenerateConfig` (``auto`` is resolved once for
+            the proposal's device; ``<out>.config.json`` records the resolved dtype and ``dtype_auto``).
     """
 
     proposal: str
@@ -114,6 +115,8 @@ def sample_proposal(config: SampleConfig, model=None, tokenizer=None) -> dict:
         from amendlm.modeling import load_model
 
         model, tokenizer = load_model(config.proposal, device=config.device)
+    requested, dtype = config.dtype, resolve_dtype(config.dtype, next(model.parameters()).device)
+    config = replace(config, dtype=dtype_name(dtype))  # "auto" decided once, recorded as decided
     records = load_task(config.task, tokenizer)
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +145,7 @@ def sample_proposal(config: SampleConfig, model=None, tokenizer=None) -> dict:
         "prompts": len(records), "already_done": len(records) - len(todo), "sampled": len(todo),
         "seconds": stats.seconds, "new_tokens": stats.new_tokens,
         "tokens_per_second": stats.new_tokens / stats.seconds if stats.seconds else None,
-        "config": {**asdict(config), "decode": config.decode_config().to_dict()},
+        "config": {**asdict(config), **dtype_record(requested, dtype), "decode": config.decode_config().to_dict()},
     }
     atomic_write_json(out.with_name(out.name + ".config.json"), summary)
     return summary

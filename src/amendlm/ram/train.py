@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from amendlm.modeling import pad_token_id
+from amendlm.modeling import pad_token_id, parse_dtype
 from amendlm.ram.data import TaskConfig, encode_prompt, encode_response, load_task
 from amendlm.ram.losses import LossConfig, get_loss
 from amendlm.ram.sample import read_samples
@@ -60,6 +60,8 @@ class TrainConfig:
         epochs, max_steps: optimizer steps = min(max_steps, epochs * batches / grad_accum).
         batch_size: prompts per micro-batch (2 sequences each). 8.
         save_every: optimizer steps between checkpoints. 50.
+        dtype: ``fp32``, ``bf16`` autocast or ``auto`` (bf16 where the device does it natively fast,
+            else fp32); ``train_config.json`` records the resolved dtype and ``dtype_auto``.
     """
 
     out: str
@@ -97,6 +99,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        parse_dtype(self.dtype)
 
 
 def truncate_to_layers(model, k: int):
@@ -228,13 +231,13 @@ def train_aligner(config: TrainConfig) -> dict:
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
 
-    from amendlm.modeling import autocast, parse_dtype
+    from amendlm.modeling import autocast, dtype_record, resolve_dtype
     from amendlm.report import atomic_write_json
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = parse_dtype(config.dtype)
     accelerator = Accelerator(cpu=config.device == "cpu", gradient_accumulation_steps=config.grad_accum)
+    dtype = resolve_dtype(config.dtype, accelerator.device)
     set_seed(config.seed)
     model, tokenizer = build_aligner(config)
     examples = build_examples(config, tokenizer)
@@ -249,8 +252,8 @@ def train_aligner(config: TrainConfig) -> dict:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     loss_fn = get_loss(config.loss.name)
-    atomic_write_json(out / "train_config.json", {**asdict(config), "n_examples": len(examples), "total_steps": total_steps,
-                                                 "trainable_parameters": sum(p.numel() for p in params)})
+    atomic_write_json(out / "train_config.json", {**asdict(config), **dtype_record(config.dtype, dtype), "n_examples": len(examples),
+                                                 "total_steps": total_steps, "trainable_parameters": sum(p.numel() for p in params)})
     step, micro_start = 0, 0
     checkpoint = _latest_checkpoint(out)
     if checkpoint is not None:

@@ -62,7 +62,9 @@ class UnlearnConfig:
         keep_best: save the adapter of the evaluation with the smallest worst val gap as the result
             (else the last step's).
         seed / split_seed: training seed and target-term split seed.
-        dtype: ``fp32`` or ``bf16`` autocast (fast only on hardware with bf16 units).
+        dtype: ``fp32``, ``bf16`` autocast (fast only on hardware with bf16 units) or ``auto`` (bf16
+            where the device does it natively fast, else fp32).  The trainer resolves ``auto`` and
+            ``unlearn_config.json`` records the resolved dtype, with ``dtype_auto: true``.
         cpu: force the CPU even when an accelerator is present.
         stereoset: StereoSet name or file.
     """
@@ -159,7 +161,12 @@ class UnlearnConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "UnlearnConfig":
-        """Rebuild from :meth:`to_dict` output (unknown keys raise ``ValueError``)."""
+        """Rebuild from :meth:`to_dict` output (unknown keys raise ``ValueError``).
+
+        ``dtype_auto`` (a record in ``unlearn_config.json``: the saved dtype was chosen by ``auto``)
+        is dropped; the saved, resolved ``dtype`` is kept.
+        """
+        data = {k: v for k, v in data.items() if k != "dtype_auto"}
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -27,7 +27,7 @@ from amendlm.bias.evaluate import EvalConfig, stereoset_outcomes
 from amendlm.bias.metrics import stereoset_score
 from amendlm.data.splits import select_split
 from amendlm.data.stereoset import StereoSetCluster, load_stereoset
-from amendlm.modeling import adapter_disabled, autocast, pad_token_id, parse_dtype
+from amendlm.modeling import adapter_disabled, autocast, dtype_name, pad_token_id, resolve_dtype
 from amendlm.report import atomic_write_json, package_versions
 from amendlm.scoring import EncodedPair, collate, encode_pairs, sequence_logps
 from amendlm.unlearn import artifacts
@@ -187,10 +187,13 @@ class UnlearnTrainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        self.config, self.tokenizer = config, tokenizer
+        self.tokenizer = tokenizer
         self.method: Method = get_method(config.method)
         self.accelerator = Accelerator(cpu=config.cpu)
-        self.dtype = parse_dtype(config.dtype)
+        self.dtype = resolve_dtype(config.dtype, self.accelerator.device)
+        # "auto" is decided here once; the config (saved, compared on --resume, used by val_scores) holds the decision
+        self.dtype_auto = config.dtype == "auto"
+        self.config = config = replace(config, dtype=dtype_name(self.dtype))
         set_seed(config.seed)
         self.out = Path(config.out)
         self.train_clusters = select_split(clusters, "train", config.split_seed)
@@ -340,7 +343,7 @@ class UnlearnTrainer:
             if differs:
                 raise ValueError(f"--resume with a different configuration ({sorted(differs)}); use a new --out")
             self._resume()
-        atomic_write_json(config_file, c.to_dict())
+        atomic_write_json(config_file, {**c.to_dict(), "dtype_auto": self.dtype_auto})
         log = artifacts.StepLog(self.out / "log.jsonl", self.state.step if resume else None)
         last_val = None
         try:
