@@ -127,6 +127,15 @@ def test_interrupt_then_resume_ends_in_the_same_weights(tmp_path, method):
     assert steps == [1, 2, 3]
 
 
+def test_an_existing_run_is_not_overwritten_without_resume(tmp_path):
+    make_trainer(tmp_path, max_steps=1).train()
+    run = next(p for p in tmp_path.rglob("unlearn_config.json")).parent
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(FileExistsError, match="--resume"):
+        make_trainer(tmp_path, max_steps=1).train()
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
 def test_resume_refuses_a_different_configuration(tmp_path):
     make_trainer(tmp_path, max_steps=1).train()
     with pytest.raises(ValueError, match="different configuration"):

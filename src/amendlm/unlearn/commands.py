@@ -56,7 +56,10 @@ def debias(
             )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    result = train(run_config, resume=resume)
+    from amendlm.cli import user_errors
+
+    with user_errors():  # an existing run without --resume, --resume with another configuration
+        result = train(run_config, resume=resume)
     _print_summary(out)
     typer.echo(f"{result.status} after {result.steps} steps; adapter/model in {out}")
     if run_config.keep_best and result.best_step == 0 and result.status != "interrupted":

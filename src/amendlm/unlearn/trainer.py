@@ -331,12 +331,17 @@ class UnlearnTrainer:
         ignore SIGINT; stop those with ``kill -TERM``.)
 
         Raises:
+            FileExistsError: ``out`` already holds a run and ``resume`` is off (nothing is overwritten).
             FileNotFoundError: ``resume`` without a checkpoint in ``out/checkpoint``.
             ValueError: ``resume`` with a different saved configuration.
         """
         c, began = self.config, time.perf_counter()
-        self.out.mkdir(parents=True, exist_ok=True)
         config_file = self.out / "unlearn_config.json"
+        previous = [p.name for p in (config_file, self.out / "checkpoint", self.out / "checkpoint.old") if p.exists()]
+        if previous and not resume:
+            raise FileExistsError(f"{self.out} already holds a run ({', '.join(previous)}); pass --resume to continue it "
+                                  "or choose a new --out")
+        self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             saved = UnlearnConfig.load(config_file).to_dict() if config_file.is_file() else None
             differs = {k for k, v in c.to_dict().items() if saved is not None and k != "max_steps" and saved.get(k) != v}
