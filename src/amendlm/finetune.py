@@ -230,7 +230,7 @@ def finetune_variant(config: FinetuneConfig) -> Path:
             lr_scheduler_type="linear",
             seed=config.seed,
             bf16=dtype == torch.bfloat16,  # autocast; weights stay fp32
-            use_cpu=config.cpu,
+            use_cpu=config.cpu or not torch.cuda.is_available(),  # else Trainer refuses bf16 on a CPU-only machine
             save_strategy="no",
             report_to="none",
             logging_steps=max(1, config.max_steps // 10),  # ~10 loss lines under the progress bar
