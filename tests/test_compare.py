@@ -208,11 +208,18 @@ def test_runs_on_different_data_or_settings_are_refused(field, value, message):
     assert message in str(raised.value)
 
 
-def test_model_adapter_and_dtype_may_differ_and_unshared_benchmarks_are_not_compared():
-    after = with_fields(RECORDED, **{"model": "other", "adapter": "runs/x", "config.dtype": "bf16", "config.dtype_auto": True})
+def test_model_and_adapter_may_differ_and_unshared_benchmarks_are_not_compared():
+    after = with_fields(RECORDED, **{"model": "other", "adapter": "runs/x", "config.dtype_auto": True})
     check_comparable(RECORDED, after)
     # after without perplexity: its window is not compared
     check_comparable(RECORDED, {**after, "benchmarks": {k: v for k, v in after["benchmarks"].items() if k != "perplexity"}})
+
+
+@pytest.mark.parametrize("field, value", [("config.dtype", "bf16"), ("start_token.id", 2)])
+def test_dtype_and_start_token_must_match(field, value):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        check_comparable(with_fields(RECORDED, **{field: "fp32" if field == "config.dtype" else 1}),
+                         with_fields(RECORDED, **{field: value}))
 
 
 # ---------------------------------------------------------------- markdown

@@ -136,6 +136,33 @@ def test_an_existing_run_is_not_overwritten_without_resume(tmp_path):
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
+def test_a_run_that_died_before_its_first_checkpoint_can_start_afresh(tmp_path):
+    from amendlm.unlearn.trainer import check_run_directory
+
+    (tmp_path / "unlearn_config.json").write_text("{}")
+    (tmp_path / "log.jsonl").write_text("")
+    check_run_directory(tmp_path, resume=False)  # nothing to lose: no checkpoint, no weights
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
+        check_run_directory(tmp_path, resume=True)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="adapter_model.safetensors"):
+        check_run_directory(tmp_path, resume=False)
+
+
+def test_check_resume_config_names_the_differing_options(tmp_path):
+    from amendlm.unlearn.config import UnlearnConfig
+    from amendlm.unlearn.trainer import check_resume_config
+
+    saved = UnlearnConfig(out=str(tmp_path), lr=1e-4, dtype="bf16").to_dict()
+    (tmp_path / "unlearn_config.json").write_text(json.dumps({**saved, "dtype_auto": True}))
+    check_resume_config(UnlearnConfig(out=str(tmp_path), lr=1e-4, dtype="auto", max_steps=999), resume=True)
+    check_resume_config(UnlearnConfig(out=str(tmp_path), lr=5e-4), resume=False)  # not resuming: no check
+    with pytest.raises(ValueError, match=r"\['lr'\]"):
+        check_resume_config(UnlearnConfig(out=str(tmp_path), lr=5e-4, dtype="bf16"), resume=True)
+    with pytest.raises(ValueError, match="dtype"):
+        check_resume_config(UnlearnConfig(out=str(tmp_path), lr=1e-4, dtype="fp32"), resume=True)
+
+
 def test_resume_refuses_a_different_configuration(tmp_path):
     make_trainer(tmp_path, max_steps=1).train()
     with pytest.raises(ValueError, match="different configuration"):

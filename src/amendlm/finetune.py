@@ -164,11 +164,9 @@ def training_dtype(name: str, cpu: bool = False) -> torch.dtype:
     from amendlm.modeling import parse_dtype
 
     if name == "auto":
-        from transformers import TrainingArguments
-
         from amendlm.modeling import resolve_dtype
 
-        device = torch.device("cpu") if cpu else TrainingArguments(report_to="none").device
+        device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")  # as use_cpu below
         dtype = resolve_dtype(name, device)
     else:
         dtype = parse_dtype(name)
@@ -246,7 +244,7 @@ def finetune_variant(config: FinetuneConfig) -> Path:
         model.save_pretrained(str(staging), safe_serialization=True)
         losses = [record for record in trainer.state.log_history if "loss" in record]
         sequences_per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
-        (staging / "finetune_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (staging / "finetune_config.json").write_text(json.dumps({**config.to_dict(), **dtype_record(config.dtype, dtype)}, indent=2) + "\n")
         summary = {
             "final_loss": losses[-1]["loss"] if losses else None,  # mean CE over the last logging window
             "mean_loss": result.training_loss,  # mean CE over all steps
@@ -296,7 +294,8 @@ def finetune_command(
     with user_errors():
         path = finetune_variant(config)
     summary = json.loads((path / "summary.json").read_text())
-    typer.echo(f"variant written to {path} ({summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+    final = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+    typer.echo(f"variant written to {path} ({summary['steps']} steps, final loss {final}, "
                f"mean loss {summary['mean_loss']:.4f})")
 
 

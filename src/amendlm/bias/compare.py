@@ -163,6 +163,8 @@ class TargetCheck:
 # None for the whole run; dotted field of the results JSON)
 COMPARABLE_FIELDS: tuple[tuple[str | None, str], ...] = (
     (None, "config.limit"),
+    (None, "config.dtype"),
+    (None, "start_token.id"),
     ("stereoset", "benchmarks.stereoset.split"),
     ("stereoset", "benchmarks.stereoset.split_seed"),
     ("stereoset", "benchmarks.stereoset.data_sha256"),
@@ -176,9 +178,10 @@ COMPARABLE_FIELDS: tuple[tuple[str | None, str], ...] = (
 def check_comparable(before: dict, after: dict, before_name: str = "before", after_name: str = "after") -> None:
     """Refuse two results measured on different data or settings.
 
-    Checked (:data:`COMPARABLE_FIELDS`): the same ``config.limit``, and for every benchmark both
-    ran, the same data SHA-256, StereoSet split and split seed, perplexity window and stride.
-    Model, adapter and dtype may differ: that is what is compared.  A field neither result
+    Checked (:data:`COMPARABLE_FIELDS`): the same ``config.limit``, compute dtype (bf16 flips a
+    few close decisions) and start token, and for every benchmark both ran, the same data
+    SHA-256, StereoSet split and split seed, perplexity window and stride.  Model and adapter
+    may differ: that is what is compared.  A field neither result
     records counts as equal; a field only one of them records differs.
 
     Raises:

@@ -57,9 +57,12 @@ def debias(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     from amendlm.cli import user_errors
+    from amendlm.unlearn.trainer import check_resume_config, check_run_directory
 
-    with user_errors():  # an existing run without --resume, --resume with another configuration
-        result = train(run_config, resume=resume)
+    with user_errors():  # an existing run without --resume, --resume with another configuration: one line, exit 1
+        check_run_directory(out, resume)
+        check_resume_config(run_config, resume)
+    result = train(run_config, resume=resume)
     _print_summary(out)
     typer.echo(f"{result.status} after {result.steps} steps; adapter/model in {out}")
     if run_config.keep_best and result.best_step == 0 and result.status != "interrupted":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import signal
 import threading
@@ -337,10 +338,7 @@ class UnlearnTrainer:
         """
         c, began = self.config, time.perf_counter()
         config_file = self.out / "unlearn_config.json"
-        previous = [p.name for p in (config_file, self.out / "checkpoint", self.out / "checkpoint.old") if p.exists()]
-        if previous and not resume:
-            raise FileExistsError(f"{self.out} already holds a run ({', '.join(previous)}); pass --resume to continue it "
-                                  "or choose a new --out")
+        check_run_directory(self.out, resume)
         self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             saved = UnlearnConfig.load(config_file).to_dict() if config_file.is_file() else None
@@ -458,6 +456,62 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def check_run_directory(out: str | Path, resume: bool) -> None:
+    """Refuse to overwrite a previous run, or to resume one that cannot be resumed.
+
+    A directory "holds a run" when it has a checkpoint (``checkpoint/`` or its ``.old`` twin) or
+    saved weights (``adapter_model.safetensors`` / ``model.safetensors``).  A directory left by a
+    run that died before its first checkpoint holds neither and may be started afresh.
+
+    Raises:
+        FileExistsError: ``out`` holds a run and ``resume`` is off (nothing is overwritten).
+        FileNotFoundError: ``resume`` is on and ``out`` has no complete checkpoint.
+    """
+    out = Path(out)
+    checkpoint = artifacts.find_checkpoint(out / "checkpoint")
+    if resume:
+        if checkpoint is None:
+            raise FileNotFoundError(f"{out}: no checkpoint to resume; run without --resume to start afresh")
+        return
+    held = [p.name for p in (out / "adapter_model.safetensors", out / "model.safetensors") if p.is_file()]
+    held += [checkpoint.name] if checkpoint is not None else []
+    if held:
+        raise FileExistsError(f"{out} already holds a run ({', '.join(held)}); pass --resume to continue it "
+                              "or choose a new --out")
+
+
+def check_resume_config(config: UnlearnConfig, resume: bool) -> None:
+    """On ``resume``, refuse a configuration that differs from the saved one (``max_steps`` may grow).
+
+    ``dtype="auto"`` matches a saved run that was started with ``auto``.
+
+    Raises:
+        ValueError: the differing option names, e.g. ``['lr']``.
+    """
+    config_file = Path(config.out) / "unlearn_config.json"
+    if not (resume and config_file.is_file()):
+        return
+    saved = json.loads(config_file.read_text())
+    current = config.to_dict()
+    skip = {"max_steps"} | ({"dtype"} if config.dtype == "auto" and saved.get("dtype_auto") else set())
+    differs = sorted(k for k, v in current.items() if k not in skip and k in saved and saved[k] != v)
+    if differs:
+        raise ValueError(f"--resume with a different configuration ({differs}); use a new --out")
+
+
+def resume_dtype(config: UnlearnConfig, resume: bool) -> UnlearnConfig:
+    """On ``resume`` with ``dtype="auto"``, reuse the dtype the run resolved at its start.
+
+    ``auto`` is decided by a timing probe (:func:`amendlm.modeling.resolve_dtype`); probing again
+    could pick the other dtype and make the resumed run differ from the saved one.
+    """
+    config_file = Path(config.out) / "unlearn_config.json"
+    if not (resume and config.dtype == "auto" and config_file.is_file()):
+        return config
+    saved = json.loads(config_file.read_text())
+    return replace(config, dtype=saved["dtype"]) if saved.get("dtype_auto") else config
+
+
 def train(config: UnlearnConfig, resume: bool = False) -> TrainResult:
     """Load the model and data named by ``config`` and run :class:`UnlearnTrainer`.
 
@@ -470,6 +524,8 @@ def train(config: UnlearnConfig, resume: bool = False) -> TrainResult:
     from amendlm.data.text import load_texts
     from amendlm.modeling import load_model
 
+    check_run_directory(config.out, resume)  # before the expensive loading
+    config = resume_dtype(config, resume)
     model, tokenizer = load_model(config.model)
     texts = load_texts(config.kl_texts, field=config.kl_text_field) if config.kl_texts else []
     texts = texts[: config.kl_text_limit] if config.kl_text_limit is not None else texts
