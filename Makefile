@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml
 #   DEMO_STEPS.  Other options changed since need a new DEMO_RUN.
 # - DEMO_DTYPE=auto: bf16 autocast where the device does bf16 natively fast, else fp32 (the
 #   results and unlearn_config.json record which); DEMO_DTYPE=fp32 is exact everywhere.
-DEMO_STEPS ?= 100
+DEMO_STEPS ?= 50
 DEMO_DTYPE ?= auto
 DEMO_RESULTS ?= results/demo
 DEMO_RUN ?= runs/demo/biasunlearn

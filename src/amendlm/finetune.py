@@ -278,7 +278,7 @@ def finetune_command(
     batch_size: int = typer.Option(8, help="Sequences per device per step."),
     lr: float = typer.Option(5e-5, help="Peak AdamW learning rate (linear decay to 0)."),
     seed: int = typer.Option(0, help="Training seed (data order)."),
-    dtype: str = typer.Option("fp32", help="fp32, bf16 autocast (fast only with bf16 hardware) or auto (bf16 where the device does it natively fast, else fp32; summary.json records which)."),
+    dtype: str = typer.Option("auto", help="fp32, bf16 autocast (fast only with bf16 hardware) or auto (bf16 where the device does it natively fast, else fp32; summary.json records which)."),
     cpu: bool = typer.Option(False, help="Use the CPU even if an accelerator is present."),
 ) -> None:
     """Make a variant of a causal LM by fine-tuning all its weights briefly on general text."""

@@ -94,7 +94,7 @@ def train_command(
     epochs: int = typer.Option(1), max_steps: Optional[int] = typer.Option(None),
     batch_size: int = typer.Option(8, help="Prompts per micro-batch."), grad_accum: int = typer.Option(1),
     save_every: int = typer.Option(50, help="Optimizer steps between checkpoints."),
-    seed: int = typer.Option(0), dtype: str = typer.Option("fp32", help=DTYPE_HELP), device: str = typer.Option("cpu"),
+    seed: int = typer.Option(0), dtype: str = typer.Option("auto", help=DTYPE_HELP), device: str = typer.Option("cpu"),
 ) -> None:
     """Train the aligner Q on targets and proposal samples (Accelerate; full or LoRA)."""
     from amendlm.ram.losses import LossConfig

@@ -35,7 +35,7 @@ def debias(
     checkpoint_every: int = typer.Option(25, help="Steps between checkpoints."),
     kl_texts: str = typer.Option("xsum-sample", help="General text added to the KL set ('none' for unrelated sentences only)."),
     keep_best: bool = typer.Option(True, help="Keep the weights of the evaluation with the smallest worst val gap."),
-    dtype: str = typer.Option("fp32", help="fp32, bf16 autocast (fast only with bf16 hardware) or auto (bf16 where the device does it natively fast, else fp32; unlearn_config.json records which)."),
+    dtype: str = typer.Option("auto", help="fp32, bf16 autocast (fast only with bf16 hardware) or auto (bf16 where the device does it natively fast, else fp32; unlearn_config.json records which)."),
     cpu: bool = typer.Option(False, help="Use the CPU even if an accelerator is present."),
     config: Optional[Path] = typer.Option(None, help="Run the configuration saved in this unlearn_config.json (every other option except --out is ignored)."),
 ) -> None:
