@@ -32,6 +32,8 @@ from amendlm.ram.generate import CachedLM, GenerateConfig, GenerationStats, gene
 from amendlm.ram.train import truncate_to_layers
 from amendlm.report import atomic_write_json, package_versions
 
+from benchlib import matmul_peak_gflops  # noqa: E402  (benchmarks/ is the script's directory)
+
 TARGETS = {"step_ratio": 1.15, "first_token_ratio": 1.2, "batch_speedup": 4.0}
 
 
@@ -110,7 +112,9 @@ def main() -> None:
     vocab, pad = len(tokenizer), tokenizer.pad_token_id
     decode = DecodeConfig(mode=args.mode)
     prompts = prompts_of(tokenizer, args.batch, args.prompt_tokens)
-    results = {"args": vars(args), "torch_threads": torch.get_num_threads(), "versions": package_versions(), "batches": {}}
+    results = {"args": vars(args), "torch_threads": torch.get_num_threads(), "versions": package_versions(), "batches": {},
+               "matmul_peak_gflops": {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}}
+    print("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in results["matmul_peak_gflops"].items()), flush=True)
     ram_run(proposal, aligner, prompts[:1], decode, 2, vocab, pad)  # warm-up
     for batch in sorted({1, args.batch}):
         chunk = prompts[:batch]

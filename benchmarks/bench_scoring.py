@@ -26,24 +26,9 @@ from amendlm.modeling import autocast, load_model
 from amendlm.report import atomic_write_json, package_versions
 from amendlm.scoring import encode_pairs, pack_group, score_encoded, score_grouped
 
+from benchlib import matmul_peak_gflops  # noqa: E402  (benchmarks/ is the script's directory)
+
 TARGETS = {"speedup_vs_loop": 5.0, "fraction_of_peak": 0.35, "full_eval_seconds_bf16": 240.0, "ss_lms_bf16_vs_fp32": 0.5}
-
-
-def matmul_peak_gflops(dtype: torch.dtype, size: int = 1536, seconds: float = 3.0) -> float:
-    """Best GFLOP/s of a ``size``-square ``F.linear`` over about ``seconds``, the kernel the model uses.
-
-    fp32 runs on fp32 tensors; bf16 runs fp32 tensors under bf16 autocast, as the scorer does.
-    """
-    x, w = torch.randn(size, size), torch.randn(size, size)
-    best, deadline, runs = 0.0, time.perf_counter() + seconds, 0
-    with torch.inference_mode(), autocast(dtype):
-        torch.nn.functional.linear(x, w)
-        while time.perf_counter() < deadline or runs < 2:
-            began = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            best = max(best, 2 * size**3 / (time.perf_counter() - began) / 1e9)
-            runs += 1
-    return best
 
 
 def time_batched(model, encoded, pad_id, dtype, batch_size) -> float:

@@ -25,21 +25,9 @@ import time
 
 import torch
 
+from benchlib import matmul_peak_gflops  # noqa: E402  (benchmarks/ is the script's directory)
+
 CONFIGS = [("adapter", "fp32"), ("copy", "fp32"), ("adapter", "bf16")]
-
-
-def matmul_gflops(dtype: torch.dtype, size: int = 1024, seconds: float = 1.5) -> float:
-    """Best GFLOP/s of a square ``F.linear`` (fp32 tensors, bf16 under autocast)."""
-    from amendlm.modeling import autocast
-
-    x, w = torch.randn(size, size), torch.randn(size, size)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    with torch.inference_mode(), autocast(dtype):
-        while time.perf_counter() < deadline:
-            began = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            best = max(best, 2 * size**3 / (time.perf_counter() - began) / 1e9)
-    return best
 
 
 def _measure(reference: str, dtype: str, model_name: str, steps: int, batch_size: int, queue) -> None:
@@ -100,7 +88,7 @@ def main() -> None:
 
     from amendlm.report import atomic_write_json, package_versions
 
-    fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    fp32, bf16 = matmul_peak_gflops(torch.float32), matmul_peak_gflops(torch.bfloat16)
     rows = []
     for reference, dtype in CONFIGS:
         if dtype == "bf16" and not torch.cuda.is_available() and bf16 < 0.5 * fp32:
