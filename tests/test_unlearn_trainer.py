@@ -272,7 +272,10 @@ def test_full_finetuning_uses_a_frozen_reference_copy(tmp_path):
     assert any(not torch.equal(p, frozen[n]) for n, p in trainer.model.named_parameters())
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     first = next(r for r in records if "loss" in r)
-    assert first["forget"] == pytest.approx(2 / 0.1 * 0.6931471805599453, rel=1e-5)  # policy = reference at step 1
+    # policy = reference at step 1, so the NPO log-ratio is ~0 and the loss (2/beta) log 2; the
+    # tolerance (log-ratio within ~1e-3 nats) allows for the grad / no-grad attention kernels
+    # summing in a different order (seen with one OpenMP thread: 13.86253 vs 13.86294)
+    assert first["forget"] == pytest.approx(2 / 0.1 * 0.6931471805599453, abs=2e-3)
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
