@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # demo: evaluate the embedded model on the held-out test targets, debias it with BiasUnlearn,
-# evaluate the adapter, and compare (table + targets of issue 3).  Change the budget with e.g.
+# evaluate the adapter, and compare (table + the BiasUnlearn targets).  Change the budget with e.g.
 # `make demo DEMO_STEPS=20`.
 # - The base evaluation is a file target: a re-run keeps $(DEMO_RESULTS)/before.json (delete it,
 #   or set another DEMO_RESULTS, to recompute it, e.g. after changing DEMO_DTYPE).

@@ -11,7 +11,7 @@ One run measures, side by side on the same machine and prompts (XSum test docume
 
 Reported: tokens/s, first-token latency (prefill + first pick), the RAM step cost over
 (proposal step + aligner step), RAM first-token latency over the proposal's, and the batch-B over
-batch-1 throughput of RAM.  Targets (issue 4): step ratio <= 1.15, first-token ratio <= 1.2,
+batch-1 throughput of RAM.  Targets: step ratio <= 1.15, first-token ratio <= 1.2,
 batch-B throughput >= 4 x batch 1.
 
 Usage: ``python benchmarks/bench_decode.py [--aligner-layers 6] [--batch 8] [--out results/bench_decode.json]``

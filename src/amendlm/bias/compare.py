@@ -33,7 +33,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("ppl", "PPL"),
 )
 
-# BiasUnlearn targets (issue 3)
+# BiasUnlearn targets (README, `amendlm compare`)
 SS_TOLERANCE = 2.0  # overall |SS - 50|, points
 TYPE_SS_TOLERANCE = 4.0  # per bias type |SS - 50|, points
 MAX_LMS_DROP = 2.0  # before - after overall LMS, points
@@ -197,7 +197,7 @@ def check_comparable(before: dict, after: dict, before_name: str = "before", aft
 
 
 def check_targets(before: dict, after: dict, before_name: str = "before", after_name: str = "after") -> list[TargetCheck]:
-    """The BiasUnlearn targets of issue 3 for ``after`` against ``before``: one check per :data:`TARGET_NAMES`, in order.
+    """The BiasUnlearn targets (README) for ``after`` against ``before``: one check per :data:`TARGET_NAMES`, in order.
 
     1. overall SS within 50 ± 2 (after): value ``|SS − 50|``, bound 2;
     2. every bias type's SS within 50 ± 4 (after): value the largest ``|SS − 50|``, bound 4;
