@@ -152,24 +152,18 @@ def language_modeling_collator(tokenizer):
 def training_dtype(name: str, cpu: bool = False) -> torch.dtype:
     """The Trainer's autocast dtype for ``name``: float32 (no autocast) or bfloat16.
 
-    ``"auto"`` is resolved by :func:`amendlm.modeling.resolve_dtype` for the device the
-    Trainer will use (the CPU when ``cpu``); every other name by
-    :func:`amendlm.modeling.parse_dtype`.
+    Resolved by :func:`amendlm.modeling.resolve_dtype` (``"auto"`` for the device the Trainer
+    will use: the CPU when ``cpu`` or without CUDA).
 
     Raises:
         ValueError: an unknown name, or a dtype other than float32 / bfloat16.
     """
     import torch
 
-    from amendlm.modeling import parse_dtype
+    from amendlm.modeling import resolve_dtype
 
-    if name == "auto":
-        from amendlm.modeling import resolve_dtype
-
-        device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")  # as use_cpu below
-        dtype = resolve_dtype(name, device)
-    else:
-        dtype = parse_dtype(name)
+    device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")  # as use_cpu below
+    dtype = resolve_dtype(name, device)
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"finetune trains in float32 or bfloat16 autocast; dtype '{name}' gives {dtype}")
     return dtype

@@ -341,10 +341,7 @@ class UnlearnTrainer:
         check_run_directory(self.out, resume)
         self.out.mkdir(parents=True, exist_ok=True)
         if resume:
-            saved = UnlearnConfig.load(config_file).to_dict() if config_file.is_file() else None
-            differs = {k for k, v in c.to_dict().items() if saved is not None and k != "max_steps" and saved.get(k) != v}
-            if differs:
-                raise ValueError(f"--resume with a different configuration ({sorted(differs)}); use a new --out")
+            check_resume_config(c, resume)
             self._resume()
         atomic_write_json(config_file, {**c.to_dict(), "dtype_auto": self.dtype_auto})
         log = artifacts.StepLog(self.out / "log.jsonl", self.state.step if resume else None)
