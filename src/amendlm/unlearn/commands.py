@@ -64,7 +64,8 @@ def debias(
         check_resume_config(run_config, resume)
     result = train(run_config, resume=resume)
     _print_summary(out)
-    typer.echo(f"{result.status} after {result.steps} steps; adapter/model in {out}")
+    kept = f"the weights of step {result.best_step} (best val worst gap)" if run_config.keep_best and result.best_step is not None else "the last step's weights"
+    typer.echo(f"{result.status} after {result.steps} steps; {kept} saved in {out}")
     if run_config.keep_best and result.best_step == 0 and result.status != "interrupted":
         typer.echo("warning: no evaluation beat step 0 on val, so the saved weights are the untouched base "
                    "(rerun with --no-keep-best to keep the last step's weights)", err=True)
