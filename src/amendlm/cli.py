@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
 
 from amendlm.data.splits import DEFAULT_SEED
+from amendlm.errors import user_errors
 from amendlm.resources import DEFAULT_MODEL
 
 # defaults shown by --help; EvalConfig (amendlm.bias.evaluate) validates the values
@@ -27,24 +26,6 @@ app = typer.Typer(
 def root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
     """amendlm: debias by unlearning (BiasUnlearn), align with a residual model (RAM), measure it."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn input errors (bad file, row, adapter, unreachable model) into one clear line and exit 1.
-
-    Programming errors still show their traceback; ``-v`` shows it for these too.
-    """
-    from amendlm.data.io import DataError
-
-    try:
-        yield
-    except (DataError, FileNotFoundError, ValueError, OSError) as err:
-        if logging.getLogger().isEnabledFor(logging.INFO):
-            raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=1) from None
 
 
 def _split_list(value: str) -> list[str]:
@@ -71,9 +52,8 @@ def eval_command(
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off by default)."),
 ) -> None:
     """Evaluate bias (StereoSet, CrowS-Pairs) and perplexity of a model, optionally with an adapter."""
-    from amendlm.bias.evaluate import EvalConfig, check_data, evaluate
-    from amendlm.modeling import load_model
-    from amendlm.report import atomic_write_json, package_versions, print_eval_report
+    from amendlm.bias.evaluate import EvalConfig, evaluate_model
+    from amendlm.report import atomic_write_json, print_eval_report
 
     try:
         config = EvalConfig(
@@ -83,19 +63,8 @@ def eval_command(
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    began = time.perf_counter()
     with user_errors():
-        check_data(config)  # fail on a bad path or row before loading the model
-        loaded, tokenizer = load_model(model, adapter=adapter, device=device, trust_remote_code=trust_remote_code)
-        results = evaluate(loaded, tokenizer, config)
-    results.update(
-        model=model,
-        model_path=str(getattr(loaded, "name_or_path", model)),
-        adapter=str(adapter) if adapter else None,
-        device=device,
-        versions=package_versions(),
-        seconds_total=time.perf_counter() - began,
-    )
+        results = evaluate_model(model, config, adapter=adapter, device=device, trust_remote_code=trust_remote_code)
     print_eval_report(results)
     if out is not None:
         atomic_write_json(out, results)

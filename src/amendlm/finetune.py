@@ -276,7 +276,7 @@ def finetune_command(
     cpu: bool = typer.Option(False, help="Use the CPU even if an accelerator is present."),
 ) -> None:
     """Make a variant of a causal LM by fine-tuning all its weights briefly on general text."""
-    from amendlm.cli import user_errors
+    from amendlm.errors import user_errors
 
     try:
         config = FinetuneConfig(

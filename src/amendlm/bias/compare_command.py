@@ -57,7 +57,7 @@ def compare(
     from rich.table import Table
 
     from amendlm.bias.compare import COLUMNS, TARGET_NAMES, check_targets, comparison_rows, format_value, load_eval, markdown_table
-    from amendlm.cli import user_errors
+    from amendlm.errors import user_errors
     from amendlm.report import atomic_write_text
 
     if strict and not targets:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -258,4 +259,33 @@ def evaluate(model, tokenizer, config: EvalConfig) -> dict:
         result["data_file"] = str(data_file)
         result["data_sha256"] = file_sha256(data_file)
         results["benchmarks"][name] = result
+    return results
+
+
+def evaluate_model(model: str, config: EvalConfig, adapter: str | Path | None = None, device: str = "cpu",
+                   trust_remote_code: bool = False) -> dict:
+    """Validate the data, load ``model`` (+ ``adapter``) and :func:`evaluate` it: what ``amendlm eval`` writes.
+
+    Returns the :func:`evaluate` dict plus ``model``, ``model_path``, ``adapter``, ``device``,
+    ``versions`` and ``seconds_total`` (wall-clock seconds, loading included).
+
+    Raises:
+        FileNotFoundError, DataError: a bad data path or row (before the model is loaded).
+        ValueError, OSError: as :func:`amendlm.modeling.load_model` (unknown model, misfit adapter).
+    """
+    from amendlm.modeling import load_model
+    from amendlm.report import package_versions
+
+    began = time.perf_counter()
+    check_data(config)  # fail on a bad path or row before loading the model
+    loaded, tokenizer = load_model(model, adapter=adapter, device=device, trust_remote_code=trust_remote_code)
+    results = evaluate(loaded, tokenizer, config)
+    results.update(
+        model=model,
+        model_path=str(getattr(loaded, "name_or_path", model)),
+        adapter=str(adapter) if adapter else None,
+        device=device,
+        versions=package_versions(),
+        seconds_total=time.perf_counter() - began,
+    )
     return results
