@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
              + ", ".join(f"{k} {v}" for k, v in seconds.items()) + ".")
     summary = {"config": data["step_config"] if "step_config" in data else data["config"],
                "stereoset": stereoset, "crows_pairs": crows, "perplexity": ppl["perplexity"]}
-    exp.finish(summary, markdown, notes=notes, sources=[path])
+    o = stereoset["overall"]["overall"]
+    headline = [(f"`{data['model']}`, whole StereoSet dev set: SS / LMS / ICAT; CrowS-Pairs; WikiText perplexity ({data['config']['dtype']})",
+                 f"{o['ss']:.2f} / {o['lms']:.2f} / {o['icat']:.2f}; {crows['overall']['metric']:.2f}; {ppl['perplexity']:.2f}")]
+    exp.finish(summary, markdown, notes=notes, sources=[path], headline=headline)
     return summary
 
 

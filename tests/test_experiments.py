@@ -1,0 +1,87 @@
+"""experiments/: the resumable-step framework (fast), and every script in --quick mode (integration)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+sys.path.insert(0, str(EXPERIMENTS_DIR))
+
+import common  # noqa: E402  (experiments/common.py)
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"experiment_{name}", EXPERIMENTS_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_listed_experiment_has_a_script_and_every_script_is_listed():
+    scripts = {p.stem for p in EXPERIMENTS_DIR.glob("*.py") if p.stem != "common" and not p.stem.endswith("_common")}
+    assert scripts == set(common.EXPERIMENTS)
+
+
+def test_step_computes_once_then_reuses_and_recomputes_on_a_changed_config(tmp_path):
+    exp, _ = common.Experiment.start("demo", "Demo", ["--quick", "--results-dir", str(tmp_path)])
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"value": len(calls)}
+
+    path = exp.path("demo/x.json")
+    first = exp.step(path, {"lr": 1e-4, "steps": (1, 2)}, compute)
+    assert first["value"] == 1 and first["step_config"] == {"lr": 1e-4, "steps": [1, 2]}
+    assert first["provenance"]["quick"] is True and "machine" in first["provenance"]
+    again = exp.step(path, {"lr": 1e-4, "steps": [1, 2]}, compute)  # tuple == list after JSON
+    assert again["value"] == 1 and len(calls) == 1
+    changed = exp.step(path, {"lr": 2e-4, "steps": [1, 2]}, compute)
+    assert changed["value"] == 2 and len(calls) == 2
+    assert (exp.steps_done, exp.steps_reused) == (2, 1)
+
+
+def test_step_reads_a_legacy_files_own_record(tmp_path):
+    exp, _ = common.Experiment.start("demo", "Demo", ["--quick", "--results-dir", str(tmp_path)])
+    path = exp.path("legacy.json")
+    path.write_text(json.dumps({"config": {"dtype": "bf16", "split": "test"}, "score": 61.0}))
+    recorded = lambda data: data["config"]  # noqa: E731
+    assert exp.step(path, {"dtype": "bf16"}, lambda: pytest.fail("must reuse"), recorded)["score"] == 61.0
+    assert exp.step(path, {"dtype": "fp32"}, lambda: {"score": 1.0}, recorded)["score"] == 1.0
+
+
+def test_finish_writes_outputs_and_the_page_in_order(tmp_path):
+    for name in ("transfer", "eval_embedded"):
+        exp, _ = common.Experiment.start(name, f"Title {name}", ["--quick", "--results-dir", str(tmp_path)])
+        exp.finish({"rows": [1]}, common.markdown_table(["a", "b"], [["x", 1.234], ["y", None]]))
+    page = (tmp_path / "results.md").read_text()
+    assert page.index("Title eval_embedded") < page.index("Title transfer")
+    assert "| x | 1.23 |" in page and "| y | n/a |" in page
+    assert "Regenerate: `python experiments/transfer.py --quick --results-dir" in page
+    result = json.loads((tmp_path / "transfer" / "results.json").read_text())
+    assert result["rows"] == [1] and result["quick"] is True
+
+
+def test_quick_needs_a_results_dir():
+    with pytest.raises(SystemExit):
+        common.Experiment.start("demo", "Demo", ["--quick"])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", common.EXPERIMENTS)
+def test_script_runs_in_quick_mode(name, tmp_path):
+    """The whole pipeline of each results table on a tiny budget, so no script rots."""
+    load_script(name).main(["--quick", "--results-dir", str(tmp_path)])
+    out = tmp_path / name
+    assert (out / "results.json").is_file() and (out / "table.md").read_text().strip()
+    assert f"python experiments/{name}.py --quick" in (tmp_path / "results.md").read_text()
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["quick"] is True and summary["steps"]["computed"] >= 1
+    # a second run computes nothing (resumable)
+    load_script(name).main(["--quick", "--results-dir", str(tmp_path)])
+    assert json.loads((out / "results.json").read_text())["steps"]["computed"] == 0
