@@ -86,10 +86,13 @@ def test_comparison_rows_read_overall_per_type_crows_and_perplexity():
     only_stereoset = eval_results(ss=52.0, lms=79.0, icat=75.84, types={"gender": 48.0, "race": 55.0})
     rows = comparison_rows([("before", BEFORE), ("after", only_stereoset)])
     assert rows[0] == {"run": "before", "ss": 57.5, "lms": 81.0, "icat": 68.6, "ss_gender": 59.3, "ss_profession": 57.7,
-                       "ss_race": 57.5, "ss_religion": 53.8, "crows": 55.57, "ppl": 20.0}
+                       "ss_race": 57.5, "ss_religion": 53.8, "crows": 55.57, "ppl": 20.0,
+                       "ss_ci": None, "lms_ci": None, "crows_ci": None}  # no per-unit records: no intervals
     # missing benchmarks and bias types are None
     assert rows[1] == {"run": "after", "ss": 52.0, "lms": 79.0, "icat": 75.84, "ss_gender": 48.0, "ss_profession": None,
-                       "ss_race": 55.0, "ss_religion": None, "crows": None, "ppl": None}
+                       "ss_race": 55.0, "ss_religion": None, "crows": None, "ppl": None,
+                       "ss_ci": None, "lms_ci": None, "crows_ci": None,
+                       "vs_first": {"ss": None, "lms": None, "crows": None}}
 
 
 # ---------------------------------------------------------------- targets

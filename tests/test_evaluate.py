@@ -48,6 +48,13 @@ def test_evaluate_tiny_model(tiny_llama, byte_tokenizer, toy_files):
     assert ppl["perplexity"] == pytest.approx(math.exp(ppl["nll_per_token"]))
     assert 1 < ppl["perplexity"] < 10 * len(byte_tokenizer)  # a random model is near uniform
     assert len(results["benchmarks"]["stereoset"]["data_sha256"]) == 64
+    # the per-unit records behind the bootstrap intervals reproduce the reported scores
+    per_target = results["benchmarks"]["stereoset"]["per_target"]
+    assert sum(n for n, _, _ in per_target["overall"].values()) == 3
+    ss_from_counts = sum(100.0 * pro / n for n, pro, _ in per_target["overall"].values()) / len(per_target["overall"])
+    assert ss_from_counts == pytest.approx(ss["overall"]["overall"]["ss"])
+    per_pair = results["benchmarks"]["crows-pairs"]["per_pair"]
+    assert 100.0 * sum(per_pair["more_higher"]) / 2 == pytest.approx(crows_result["overall"]["metric"])
     json.dumps(results)  # results are plain data
 
 

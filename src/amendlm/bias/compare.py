@@ -129,13 +129,29 @@ def _summary(results: dict) -> dict[str, float | None]:
 
 
 def comparison_rows(runs: list[tuple[str, dict]]) -> list[dict]:
-    """One row per ``(label, results)``: run, ss, lms, icat, ss_<bias type>, crows, ppl.
+    """One row per ``(label, results)``: run, ss, lms, icat, ss_<bias type>, crows, ppl, and intervals.
+
+    ``ss_ci``, ``lms_ci``, ``crows_ci`` are 95 % bootstrap intervals ``[low, high]`` over target terms
+    (StereoSet) and pairs (CrowS-Pairs); every row after the first has ``vs_first``: the paired
+    difference to the first run per metric (value, low, high, p; :mod:`amendlm.bias.bootstrap`).
+    Both are None for results written without per-unit records.
 
     SS / LMS / ICAT are StereoSet's overall task (intra + inter), in percent; ``ss_gender`` etc.
     are that task's per-type SS; ``crows`` is the CrowS-Pairs overall metric (percent) and ``ppl``
     the WikiText perplexity.  A benchmark or bias type the results lack gives None.
     """
-    return [{"run": label, **_summary(results)} for label, results in runs]
+    from amendlm.bias.bootstrap import paired_tests, run_intervals
+
+    rows = []
+    for index, (label, results) in enumerate(runs):
+        row = {"run": label, **_summary(results)}
+        for metric, interval in run_intervals(results).items():
+            row[f"{metric}_ci"] = None if interval is None else [interval.low, interval.high]
+        if index > 0:
+            tests = paired_tests(runs[0][1], results)
+            row["vs_first"] = {metric: None if test is None else test.to_dict() for metric, test in tests.items()}
+        rows.append(row)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -285,10 +301,18 @@ def format_value(value: float | str | None) -> str:
     return value if isinstance(value, str) else f"{value:.2f}"
 
 
+def format_cell(row: dict, key: str) -> str:
+    """A table cell of :func:`comparison_rows`: the value, with its 95 % interval ``[low, high]`` where known."""
+    interval = row.get(f"{key}_ci")
+    text = format_value(row.get(key))
+    return f"{text} [{interval[0]:.1f}, {interval[1]:.1f}]" if interval else text
+
+
 def markdown_table(rows: list[dict]) -> str:
     """A GitHub markdown table of :func:`comparison_rows` (columns of :data:`COLUMNS`, numbers right-aligned).
 
-    Numbers have 2 decimals, a missing value is "—", and a ``|`` in a run label is escaped.
+    Numbers have 2 decimals (SS, LMS and CrowS followed by their 95 % interval where the results
+    hold per-unit records), a missing value is "—", and a ``|`` in a run label is escaped.
     Ends with a newline.
     """
     def cells(values: list[str]) -> str:
@@ -299,5 +323,5 @@ def markdown_table(rows: list[dict]) -> str:
         "|" + "|".join(":---" if key == "run" else "---:" for key, _ in COLUMNS) + "|",
     ]
     for row in rows:
-        lines.append(cells([format_value(row.get(key)).replace("|", "\\|") for key, _ in COLUMNS]))
+        lines.append(cells([format_cell(row, key).replace("|", "\\|") for key, _ in COLUMNS]))
     return "\n".join(lines) + "\n"

@@ -45,20 +45,28 @@ def format_check(check: TargetCheck) -> tuple[str, str, str, str, str]:
     return check.name, RESULT_MARKUP[check.passed], number(check.value), number(check.bound), escape(check.detail)
 
 
+def format_difference(test: dict | None) -> str:
+    """``-3.21 [-5.0, -1.4] (p 0.002)`` for a paired test dict, ``—`` for None."""
+    if test is None:
+        return "—"
+    return f"{test['value']:+.2f} [{test['low']:+.1f}, {test['high']:+.1f}] (p {test['p']:.3f})"
+
+
 def compare(
     runs: List[str] = typer.Argument(..., metavar="LABEL=PATH", help="amendlm eval results JSONs, first = before; a bare PATH (or one with a '/' before its first '=') is labelled by its file stem."),
     targets: bool = typer.Option(False, "--targets", help="Check the BiasUnlearn targets (overall SS 50±2, every type 50±4 and ≥ 46, LMS drop ≤ 2, perplexity ≤ +5 %, CrowS closer to 50) of the last run against the first (the runs must share data and settings); a report, the exit code stays 0 unless --strict."),
     strict: bool = typer.Option(False, "--strict", help="With --targets: exit 1 if any target is missed or n/a."),
     markdown: Optional[Path] = typer.Option(None, help="Also write the table as GitHub markdown here (atomically)."),
+    out: Optional[Path] = typer.Option(None, help="Write the rows (with 95 % intervals and paired tests against the first run) and the target checks as JSON here (atomically)."),
 ) -> None:
     """Compare the results JSONs of several amendlm eval runs side by side."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    from amendlm.bias.compare import COLUMNS, TARGET_NAMES, check_targets, comparison_rows, format_value, load_eval, markdown_table
+    from amendlm.bias.compare import COLUMNS, TARGET_NAMES, check_targets, comparison_rows, format_cell, load_eval, markdown_table
     from amendlm.errors import user_errors
-    from amendlm.report import atomic_write_text
+    from amendlm.report import atomic_write_json, atomic_write_text
 
     if strict and not targets:
         raise typer.BadParameter("--strict applies to --targets; add --targets")
@@ -70,7 +78,8 @@ def compare(
         loaded = [(label, load_eval(path)) for label, path in parsed]
         if targets:  # before anything is printed: runs that are not comparable are an error
             checks = check_targets(loaded[0][1], loaded[-1][1], str(parsed[0][1]), str(parsed[-1][1]))
-    rows = comparison_rows(loaded)
+    with user_errors():
+        rows = comparison_rows(loaded)
     console = Console()
     # one column per run so that the table fits a terminal (the markdown file has one row per run)
     table = Table(title="amendlm eval results (StereoSet overall = intra + inter; ideal SS 50, LMS 100, CrowS 50)")
@@ -78,8 +87,18 @@ def compare(
     for row in rows:
         table.add_column(escape(row["run"]), justify="right", overflow="fold")
     for key, header in COLUMNS[1:]:
-        table.add_row(header, *(format_value(row[key]) for row in rows))
+        table.add_row(header, *(format_cell(row, key) for row in rows))
     console.print(table)
+    paired = [row for row in rows[1:] if any(row["vs_first"].values())]
+    if paired:
+        diff = Table(title=f"Paired difference to {escape(rows[0]['run'])}: value [95 % bootstrap interval] (p); "
+                           "SS, LMS over target terms, CrowS over pairs")
+        diff.add_column("run")
+        for metric in ("SS", "LMS", "CrowS"):
+            diff.add_column(metric, justify="right")
+        for row in paired:
+            diff.add_row(escape(row["run"]), *(format_difference(row["vs_first"][m]) for m in ("ss", "lms", "crows")))
+        console.print(diff)
     if checks is not None:
         title = f"BiasUnlearn targets: {escape(loaded[0][0])} → {escape(loaded[-1][0])} (SS, LMS, CrowS in points; perplexity increase in %)"
         report = Table(title=title)
@@ -95,6 +114,10 @@ def compare(
         with user_errors():
             atomic_write_text(markdown, markdown_table(rows))
         typer.echo(f"wrote {markdown}")
+    if out is not None:
+        with user_errors():
+            atomic_write_json(out, {"rows": rows, "targets": None if checks is None else [c.__dict__ for c in checks]})
+        typer.echo(f"wrote {out}")
     if strict and any(check.passed is not True for check in checks):
         raise typer.Exit(code=1)
 

@@ -148,7 +148,24 @@ def run_stereoset(model, tokenizer, config: EvalConfig) -> dict:
         for cluster, outcome in chosen:
             groups.setdefault(cluster.bias_type, []).append(outcome)
         report[task] = {name: stereoset_score(groups[name]).to_dict() for name in _overall_last(groups)}
-    return {"split": config.split, "split_seed": config.split_seed, "scores": report}
+    return {"split": config.split, "split_seed": config.split_seed, "scores": report,
+            "per_target": per_target_counts(scored)}
+
+
+def per_target_counts(scored: list[tuple[StereoSetCluster, ClusterOutcome]]) -> dict[str, dict[str, list[int]]]:
+    """``{task: {target: [n_clusters, n_pro_stereotype, n_related]}}`` for intra, inter and overall.
+
+    The units of the bootstrap intervals (:mod:`amendlm.bias.bootstrap`): SS_t = 100·pro/n,
+    LMS_t = 100·related/(2n).
+    """
+    counts: dict[str, dict[str, list[int]]] = {}
+    for cluster, outcome in scored:
+        for task in (cluster.task, "overall"):
+            row = counts.setdefault(task, {}).setdefault(outcome.target, [0, 0, 0])
+            row[0] += 1
+            row[1] += outcome.pro_stereotype
+            row[2] += outcome.related
+    return {task: dict(sorted(rows.items())) for task, rows in counts.items()}
 
 
 def run_crows_pairs(model, tokenizer, config: EvalConfig) -> dict:
@@ -173,7 +190,10 @@ def run_crows_pairs(model, tokenizer, config: EvalConfig) -> dict:
         "scores": {
             name: crows_score([more[i] for i in idx], [less[i] for i in idx], [pairs[i].direction for i in idx]).to_dict()
             for name, idx in ((name, groups[name]) for name in _overall_last(groups))
-        }
+        },
+        # per pair, in data order: the unit of the bootstrap interval (amendlm.bias.bootstrap)
+        "per_pair": {"more_higher": [int(m > l) for m, l in zip(more, less)],
+                     "bias_type": [p.bias_type for p in pairs]},
     }
 
 
