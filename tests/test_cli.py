@@ -28,3 +28,16 @@ def test_bad_data_fails_fast_with_file_row_and_field(tmp_path, monkeypatch):
 def test_unknown_benchmark_is_a_usage_error():
     result = CliRunner().invoke(app, ["eval", "--benchmarks", "stereoset,glue"])
     assert result.exit_code == 2 and "unknown benchmark" in result.output
+
+
+def test_eval_of_an_adapter_on_all_targets_warns_that_training_targets_are_included(tmp_path, monkeypatch):
+    import amendlm.bias.evaluate
+
+    def stop(*args, **kwargs):
+        raise ValueError("stopped before loading")
+
+    monkeypatch.setattr(amendlm.bias.evaluate, "evaluate_model", stop)
+    warned = CliRunner().invoke(app, ["eval", "--adapter", str(tmp_path), "--benchmarks", "stereoset"])
+    assert "--split all includes the StereoSet target terms" in warned.output and warned.exit_code == 1
+    held_out = CliRunner().invoke(app, ["eval", "--adapter", str(tmp_path), "--split", "test", "--benchmarks", "stereoset"])
+    assert "includes the StereoSet target terms" not in held_out.output

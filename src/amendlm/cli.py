@@ -63,6 +63,9 @@ def eval_command(
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    if adapter is not None and split == "all" and "stereoset" in config.benchmarks:
+        typer.secho("warning: --split all includes the StereoSet target terms adapters are trained on (train) and "
+                    "selected on (val); report held-out numbers with --split test", fg=typer.colors.YELLOW, err=True)
     with user_errors():
         results = evaluate_model(model, config, adapter=adapter, device=device, trust_remote_code=trust_remote_code)
     print_eval_report(results)
