@@ -4,5 +4,8 @@
 * :mod:`amendlm.unlearn.data` — forget / retain / KL sets from StereoSet train targets;
 * :mod:`amendlm.unlearn.schedule` — dynamic dataset swapping and the stop rule;
 * :mod:`amendlm.unlearn.methods` — the method registry;
-* :mod:`amendlm.unlearn.config` and :mod:`amendlm.unlearn.trainer` — ``UnlearnConfig`` and ``train``.
+* :mod:`amendlm.unlearn.config` and :mod:`amendlm.unlearn.trainer` — ``UnlearnConfig`` and ``train``;
+* :mod:`amendlm.unlearn.models`, :mod:`amendlm.unlearn.streams`, :mod:`amendlm.unlearn.evaluation`,
+  :mod:`amendlm.unlearn.resume`, :mod:`amendlm.unlearn.artifacts` — what the trainer drives: LoRA and the
+  reference pass, example streams, val scores, resume checks, the files of a run.
 """

@@ -57,7 +57,7 @@ def debias(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     from amendlm.errors import user_errors
-    from amendlm.unlearn.trainer import check_resume_config, check_run_directory
+    from amendlm.unlearn.resume import check_resume_config, check_run_directory
 
     with user_errors():  # an existing run without --resume, --resume with another configuration: one line, exit 1
         check_run_directory(out, resume)

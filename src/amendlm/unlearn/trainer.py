@@ -6,107 +6,45 @@ log-probs to the method's pure loss, clips and steps AdamW under a linear learni
 schedule.  BiasUnlearn additionally evaluates SS per bias type on the val targets and applies
 the swap schedule of :mod:`amendlm.unlearn.schedule`.  The same code runs under
 ``accelerate launch`` (each process takes its share of every global batch).
+
+The pieces it drives live beside it: :mod:`~amendlm.unlearn.models` (LoRA, the reference
+pass), :mod:`~amendlm.unlearn.streams` (tokenized streams and their samplers),
+:mod:`~amendlm.unlearn.evaluation` (val scores), :mod:`~amendlm.unlearn.resume` (run-directory
+and resume checks, SIGTERM) and :mod:`~amendlm.unlearn.artifacts` (the files of a run).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import json
 import logging
-import signal
-import threading
 import time
-import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from amendlm.bias.evaluate import EvalConfig, stereoset_outcomes
-from amendlm.bias.metrics import stereoset_score
 from amendlm.data.splits import select_split
 from amendlm.data.stereoset import StereoSetCluster, load_stereoset
-from amendlm.modeling import adapter_disabled, autocast, dtype_name, pad_token_id, resolve_dtype
+from amendlm.modeling import autocast, dtype_name, pad_token_id, resolve_dtype
 from amendlm.report import atomic_write_json, package_versions
-from amendlm.scoring import EncodedPair, collate, encode_pairs, sequence_logps
+from amendlm.scoring import EncodedPair, collate, sequence_logps
 from amendlm.unlearn import artifacts
 from amendlm.unlearn.config import UnlearnConfig
-from amendlm.unlearn.data import Example, build_sets, text_chunks
+from amendlm.unlearn.data import build_sets, text_chunks
+from amendlm.unlearn.evaluation import eval_record, stratified_sample, val_scores
 from amendlm.unlearn.methods import Method, StreamOutput, get_method
+from amendlm.unlearn.models import attach_lora, frozen_copy, lora_target_modules, reference_logits
+from amendlm.unlearn.resume import check_resume_config, check_run_directory, resume_dtype, sigterm_as_interrupt
 from amendlm.unlearn.schedule import decide
+from amendlm.unlearn.streams import StreamSampler, encode_examples, encode_streams, sampler_key
+
+__all__ = [  # the streams, evaluation and resume helpers are re-exported for existing imports
+    "TrainResult", "TrainState", "UnlearnTrainer", "learning_rate", "lora_target_modules", "train",
+    "StreamSampler", "encode_examples", "stratified_sample", "val_scores",
+    "check_resume_config", "check_run_directory", "resume_dtype",
+]
 
 logger = logging.getLogger(__name__)
-
-_LINEAR_TYPES = ("Linear", "Conv1D")  # torch.nn.Linear, transformers' GPT-2 Conv1D
-_NEVER_TARGET = ("lm_head", "embed_out", "wte", "wpe", "embed_tokens", "score")
-
-
-def lora_target_modules(model) -> list[str]:
-    """LoRA targets of any causal LM: the names of the linear layers inside its blocks.
-
-    Collects the last name component of every ``Linear``/``Conv1D`` leaf (attention and MLP
-    projections: ``q_proj ... down_proj`` for Llama/Qwen/Mistral, ``c_attn c_proj c_fc`` for
-    GPT-2, ``query_key_value dense ...`` for GPT-NeoX) and leaves out the output head.
-
-    Raises:
-        ValueError: the model has no linear layers to adapt.
-    """
-    names = set()
-    for name, module in model.named_modules():
-        if type(module).__name__ in _LINEAR_TYPES and not list(module.children()):
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf not in _NEVER_TARGET:
-                names.add(leaf)
-    if not names:
-        raise ValueError(f"no linear layers found for LoRA in {type(model).__name__}; pass target_modules")
-    return sorted(names)
-
-
-def encode_examples(tokenizer, examples: Sequence[Example], max_length: int) -> list[EncodedPair]:
-    """Tokenize examples (:func:`amendlm.scoring.encode_pairs`); too-long ones keep the start
-    token and their last ``max_length - 1`` tokens (the continuation is at the end)."""
-    encoded = encode_pairs(tokenizer, [(e.prefix, e.continuation) for e in examples])
-    out = []
-    for item in encoded:
-        if len(item.ids) > max_length:
-            item = EncodedPair([item.ids[0], *item.ids[-(max_length - 1):]], min(item.n_scored, max_length - 1))
-        out.append(item)
-    return out
-
-
-class StreamSampler:
-    """Seeded epochs of shuffled indices over one stream; its state is two integers."""
-
-    def __init__(self, size: int, seed: int, name: str):
-        if size < 1:
-            raise ValueError(f"stream '{name}' is empty")
-        self.size, self.seed, self.name = size, seed, name
-        self.epoch, self.position = 0, 0
-
-    def _order(self) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{self.name}:{self.epoch}".encode()))
-        return torch.randperm(self.size, generator=generator)
-
-    def take(self, n: int) -> list[int]:
-        """The next ``n`` indices (crossing into the next epoch when needed)."""
-        picked: list[int] = []
-        while len(picked) < n:
-            order = self._order()
-            chunk = order[self.position : self.position + n - len(picked)].tolist()
-            picked += chunk
-            self.position += len(chunk)
-            if self.position >= self.size:
-                self.epoch, self.position = self.epoch + 1, 0
-        return picked
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "size": self.size}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["size"] == self.size:
-            self.epoch, self.position = state["epoch"], state["position"]
 
 
 @dataclass
@@ -131,37 +69,6 @@ def learning_rate(config: UnlearnConfig, state: TrainState, step: int) -> float:
     warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
     decay = max(0.0, 1.0 - (step - state.phase_start) / max(1, state.phase_steps))
     return config.lr * state.lr_scale * warm * decay
-
-
-def stratified_sample(clusters: Sequence[StereoSetCluster], n: int | None, seed: int) -> list[StereoSetCluster]:
-    """About ``n`` clusters, each bias type proportionally but at least ``n / (2 * types)``."""
-    if n is None or n >= len(clusters):
-        return list(clusters)
-    by_type: dict[str, list[StereoSetCluster]] = {}
-    for cluster in clusters:
-        by_type.setdefault(cluster.bias_type, []).append(cluster)
-    floor = n // (2 * len(by_type))
-    chosen = []
-    for name in sorted(by_type):
-        group = sorted(by_type[name], key=lambda c: zlib.crc32(f"{seed}:{c.id}".encode()))
-        chosen += group[: max(floor, round(n * len(group) / len(clusters)))]
-    return chosen
-
-
-def val_scores(model, tokenizer, clusters: Sequence[StereoSetCluster], config: UnlearnConfig) -> dict[str, dict]:
-    """StereoSet scores (SS, LMS, ICAT) per bias type and overall on ``clusters`` (val targets)."""
-    eval_config = EvalConfig(benchmarks=["stereoset"], split="val", split_seed=config.split_seed,
-                             dtype=config.dtype, batch_size=32, progress=False)
-    was_training = model.training
-    model.eval()
-    try:
-        scored = stereoset_outcomes(model, tokenizer, list(clusters), eval_config)
-    finally:
-        model.train(was_training)
-    groups: dict[str, list] = {"overall": [o for _, o in scored]}
-    for cluster, outcome in scored:
-        groups.setdefault(cluster.bias_type, []).append(outcome)
-    return {name: stereoset_score(outcomes).to_dict() for name, outcomes in sorted(groups.items())}
 
 
 @dataclass
@@ -205,14 +112,9 @@ class UnlearnTrainer:
         self.pad_id = pad_token_id(tokenizer)
         self.reference_model = None
         if self.method.reference_streams and config.reference == "copy":
-            self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+            self.reference_model = frozen_copy(model)
         if config.finetune == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            targets = config.target_modules or lora_target_modules(model)
-            lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                              target_modules=targets, task_type="CAUSAL_LM")
-            model = get_peft_model(model, lora)
+            model = attach_lora(model, config)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -229,20 +131,18 @@ class UnlearnTrainer:
         fraction = c.adversarial_fraction if self.method.adversarial else 0.0
         swapped = [s.focus] if (s.focus and s.swap) else []
         sets = build_sets(self.train_clusters, fraction, c.seed, swapped, s.focus, self.general)
-        examples = {"forget": sets.forget, "retain": sets.retain, "kl": sets.kl,
-                    "chosen": [p.chosen for p in sets.pairs], "rejected": [p.rejected for p in sets.pairs]}
         self.sizes = sets.sizes()
-        self.streams = {name: encode_examples(self.tokenizer, examples[name], c.max_length) for name in self.method.streams}
+        self.streams = encode_streams(self.tokenizer, sets, self.method.streams, c.max_length)
         # chosen/rejected share one sampler so pairs stay aligned
         tag = f"{s.focus}:{s.swap}"
-        self.samplers = {name: StreamSampler(len(self.streams[name]), c.seed, f"{'pairs' if name in ('chosen', 'rejected') else name}:{tag}")
+        self.samplers = {name: StreamSampler(len(self.streams[name]), c.seed, f"{sampler_key(name)}:{tag}")
                          for name in self.method.streams}
 
     def _next_batches(self) -> dict[str, list[EncodedPair]]:
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         batches, drawn = {}, {}
         for name in self.method.streams:
-            key = "pairs" if name in ("chosen", "rejected") else name
+            key = sampler_key(name)
             if key not in drawn:
                 drawn[key] = self.samplers[name].take(self.config.batch_size * world)[rank::world]
             batches[name] = [self.streams[name][i] for i in drawn[key]]
@@ -252,12 +152,7 @@ class UnlearnTrainer:
 
     # ------------------------------------------------------------------ model passes
     def _reference_logits(self, inputs: dict) -> torch.Tensor:
-        with torch.no_grad(), autocast(self.dtype, self.accelerator.device):
-            if self.reference_model is not None:
-                return self.reference_model(**inputs, use_cache=False).logits
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            with adapter_disabled(unwrapped):
-                return unwrapped(**inputs, use_cache=False).logits
+        return reference_logits(self.accelerator.unwrap_model(self.model), inputs, self.dtype, self.reference_model)
 
     def _stream_output(self, name: str, batch: list[EncodedPair]) -> StreamOutput:
         inputs = {k: v.to(self.accelerator.device) for k, v in collate(batch, self.pad_id).items()}
@@ -279,9 +174,8 @@ class UnlearnTrainer:
         ``max_steps`` and resumed with a larger budget follows the uninterrupted run exactly.
         """
         scores = val_scores(self.accelerator.unwrap_model(self.model), self.tokenizer, self.val_clusters, self.config)
-        types = {name: score["ss"] for name, score in scores.items() if name != "overall"}
-        record = {"step": self.state.step, "event": "eval", "ss": {n: s["ss"] for n, s in scores.items()},
-                  "lms": {n: s["lms"] for n, s in scores.items()}, "worst_gap": max(abs(v - 50) for v in types.values())}
+        record = eval_record(self.state.step, scores)
+        types = {name: ss for name, ss in record["ss"].items() if name != "overall"}
         s, c = self.state, self.config
         if s.best_gap is None or record["worst_gap"] < s.best_gap:
             s.best_gap, s.best_step = record["worst_gap"], s.step
@@ -347,7 +241,7 @@ class UnlearnTrainer:
         log = artifacts.StepLog(self.out / "log.jsonl", self.state.step if resume else None)
         last_val = None
         try:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 last_val = self._run(log, resume)
         except KeyboardInterrupt:
             self.state.status = "interrupted"
@@ -434,79 +328,6 @@ class UnlearnTrainer:
             })
             return result
         return TrainResult(s.status, s.step, str(self.out), s.best_step, last_val, seconds)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Turn SIGTERM into KeyboardInterrupt while training (main thread only), then restore."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, _raise)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def check_run_directory(out: str | Path, resume: bool) -> None:
-    """Refuse to overwrite a previous run, or to resume one that cannot be resumed.
-
-    A directory "holds a run" when it has a checkpoint (``checkpoint/`` or its ``.old`` twin) or
-    saved weights (``adapter_model.safetensors`` / ``model.safetensors``).  A directory left by a
-    run that died before its first checkpoint holds neither and may be started afresh.
-
-    Raises:
-        FileExistsError: ``out`` holds a run and ``resume`` is off (nothing is overwritten).
-        FileNotFoundError: ``resume`` is on and ``out`` has no complete checkpoint.
-    """
-    out = Path(out)
-    checkpoint = artifacts.find_checkpoint(out / "checkpoint")
-    if resume:
-        if checkpoint is None:
-            raise FileNotFoundError(f"{out}: no checkpoint to resume; run without --resume to start afresh")
-        return
-    held = [p.name for p in (out / "adapter_model.safetensors", out / "model.safetensors") if p.is_file()]
-    held += [checkpoint.name] if checkpoint is not None else []
-    if held:
-        raise FileExistsError(f"{out} already holds a run ({', '.join(held)}); pass --resume to continue it "
-                              "or choose a new --out")
-
-
-def check_resume_config(config: UnlearnConfig, resume: bool) -> None:
-    """On ``resume``, refuse a configuration that differs from the saved one (``max_steps`` may grow).
-
-    ``dtype="auto"`` matches a saved run that was started with ``auto``.
-
-    Raises:
-        ValueError: the differing option names, e.g. ``['lr']``.
-    """
-    config_file = Path(config.out) / "unlearn_config.json"
-    if not (resume and config_file.is_file()):
-        return
-    saved = json.loads(config_file.read_text())
-    current = config.to_dict()
-    skip = {"max_steps"} | ({"dtype"} if config.dtype == "auto" and saved.get("dtype_auto") else set())
-    differs = sorted(k for k, v in current.items() if k not in skip and k in saved and saved[k] != v)
-    if differs:
-        raise ValueError(f"--resume with a different configuration ({differs}); use a new --out")
-
-
-def resume_dtype(config: UnlearnConfig, resume: bool) -> UnlearnConfig:
-    """On ``resume`` with ``dtype="auto"``, reuse the dtype the run resolved at its start.
-
-    ``auto`` is decided by a timing probe (:func:`amendlm.modeling.resolve_dtype`); probing again
-    could pick the other dtype and make the resumed run differ from the saved one.
-    """
-    config_file = Path(config.out) / "unlearn_config.json"
-    if not (resume and config.dtype == "auto" and config_file.is_file()):
-        return config
-    saved = json.loads(config_file.read_text())
-    return replace(config, dtype=saved["dtype"]) if saved.get("dtype_auto") else config
 
 
 def train(config: UnlearnConfig, resume: bool = False) -> TrainResult:

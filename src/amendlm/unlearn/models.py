@@ -1,0 +1,82 @@
+"""The policy and the reference of an unlearning run.
+
+* the **policy** is the model being trained: a PEFT LoRA adapter on the base model
+  (:func:`attach_lora`, targets from :func:`lora_target_modules`) or the full model;
+* the **reference** is the frozen base: with LoRA the same weights under
+  :func:`amendlm.modeling.adapter_disabled` (one copy in memory), else a frozen deep copy
+  (:func:`frozen_copy`, ``reference="copy"``).  :func:`reference_logits` runs it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from amendlm.modeling import adapter_disabled, autocast
+from amendlm.unlearn.config import UnlearnConfig
+
+_LINEAR_TYPES = ("Linear", "Conv1D")  # torch.nn.Linear, transformers' GPT-2 Conv1D
+_NEVER_TARGET = ("lm_head", "embed_out", "wte", "wpe", "embed_tokens", "score")
+
+
+def lora_target_modules(model) -> list[str]:
+    """LoRA targets of any causal LM: the names of the linear layers inside its blocks.
+
+    Collects the last name component of every ``Linear``/``Conv1D`` leaf (attention and MLP
+    projections: ``q_proj ... down_proj`` for Llama/Qwen/Mistral, ``c_attn c_proj c_fc`` for
+    GPT-2, ``query_key_value dense ...`` for GPT-NeoX) and leaves out the output head.
+
+    Raises:
+        ValueError: the model has no linear layers to adapt.
+    """
+    names = set()
+    for name, module in model.named_modules():
+        if type(module).__name__ in _LINEAR_TYPES and not list(module.children()):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in _NEVER_TARGET:
+                names.add(leaf)
+    if not names:
+        raise ValueError(f"no linear layers found for LoRA in {type(model).__name__}; pass target_modules")
+    return sorted(names)
+
+
+def attach_lora(model, config: UnlearnConfig):
+    """``model`` wrapped in a PEFT LoRA adapter of ``config`` (``lora_r``, ``lora_alpha``,
+    ``lora_dropout``; ``target_modules`` or :func:`lora_target_modules`); only the adapter trains.
+
+    Raises:
+        ValueError: no linear layers to adapt (:func:`lora_target_modules`).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.target_modules or lora_target_modules(model)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def frozen_copy(model):
+    """A deep copy of ``model`` in eval mode with no parameter requiring a gradient (``reference="copy"``)."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def reference_logits(model, inputs: dict, dtype: torch.dtype, reference_model=None) -> torch.Tensor:
+    """Logits of the reference pass, under ``no_grad`` and the run's autocast ``dtype``.
+
+    Args:
+        model: the unwrapped policy (a PEFT model: its adapter is disabled for this pass, and
+            re-enabled afterwards even on an exception).  Ignored when ``reference_model`` is given.
+        inputs: ``input_ids`` and ``attention_mask``, each ``(batch, seq_len)``.
+        dtype: ``torch.float32`` or ``torch.bfloat16`` (autocast on the inputs' device).
+        reference_model: a frozen copy of the base (``reference="copy"``), or None.
+
+    Returns:
+        ``(batch, seq_len, vocab)`` logits.
+    """
+    device = inputs["input_ids"].device
+    with torch.no_grad(), autocast(dtype, device):
+        if reference_model is not None:
+            return reference_model(**inputs, use_cache=False).logits
+        with adapter_disabled(model):
+            return model(**inputs, use_cache=False).logits
