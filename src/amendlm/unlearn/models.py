@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from typing import Iterator
 
 import torch
 
@@ -61,8 +63,28 @@ def frozen_copy(model):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Run ``model`` in eval mode (every dropout off, LoRA dropout included) for the duration.
+
+    Afterwards, also on an exception, every submodule gets back its own train/eval flag (not
+    just the top module's, so submodules the caller had put in eval mode stay there).
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def reference_logits(model, inputs: dict, dtype: torch.dtype, reference_model=None) -> torch.Tensor:
-    """Logits of the reference pass, under ``no_grad`` and the run's autocast ``dtype``.
+    """Logits of the reference pass: eval mode, ``no_grad``, the run's autocast ``dtype``.
+
+    The reference is the *frozen* base, so it runs with dropout off (:func:`eval_mode`) even
+    while the policy trains; the caller's train/eval modes are restored afterwards.  Two calls
+    on the same inputs return the same logits.
 
     Args:
         model: the unwrapped policy (a PEFT model: its adapter is disabled for this pass, and
@@ -75,7 +97,8 @@ def reference_logits(model, inputs: dict, dtype: torch.dtype, reference_model=No
         ``(batch, seq_len, vocab)`` logits.
     """
     device = inputs["input_ids"].device
-    with torch.no_grad(), autocast(dtype, device):
+    reference = model if reference_model is None else reference_model
+    with torch.no_grad(), autocast(dtype, device), eval_mode(reference):
         if reference_model is not None:
             return reference_model(**inputs, use_cache=False).logits
         with adapter_disabled(model):

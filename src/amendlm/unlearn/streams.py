@@ -87,3 +87,47 @@ class StreamSampler:
         """Continue from a :meth:`state_dict`; ignored when it was saved for a stream of another size."""
         if state["size"] == self.size:
             self.epoch, self.position = state["epoch"], state["position"]
+
+
+def sampler_tag(stream: str, focus: str | None, swap: bool) -> str:
+    """The name of the sampler of ``stream`` in one focus / swap state, e.g. ``forget:gender:False``
+    (``pairs:...`` for ``chosen`` and ``rejected``); it also seeds the sampler's order."""
+    return f"{sampler_key(stream)}:{focus}:{swap}"
+
+
+class StreamSamplers:
+    """Every sampler a run has used, one per (stream, focus, swap) tag, kept across focus changes.
+
+    Dynamic swapping rebuilds the streams each time the focus changes; a state seen before gets
+    its sampler back where it stopped (same epoch and position), so a revisited bias type draws
+    its *next* batches rather than its first ones again.  :meth:`state_dict` holds every tag's
+    position, for the checkpoint.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._samplers: dict[str, StreamSampler] = {}
+        self._saved: dict[str, dict] = {}  # loaded from a checkpoint, not used since
+
+    def sampler(self, tag: str, size: int) -> StreamSampler:
+        """The sampler named ``tag`` over a stream of ``size`` examples: the one used before, else
+        a new one (continuing from a loaded state of the same size, if any).
+
+        Raises:
+            ValueError: ``size < 1``.
+        """
+        found = self._samplers.get(tag)
+        if found is None or found.size != size:
+            found = StreamSampler(size, self.seed, tag)
+            if tag in self._saved:
+                found.load_state_dict(self._saved.pop(tag))
+            self._samplers[tag] = found
+        return found
+
+    def state_dict(self) -> dict[str, dict]:
+        """``{tag: StreamSampler.state_dict()}`` of every tag used or loaded (JSON-able)."""
+        return {**self._saved, **{tag: s.state_dict() for tag, s in self._samplers.items()}}
+
+    def load_state_dict(self, states: dict[str, dict]) -> None:
+        """Forget the current samplers; each tag's next :meth:`sampler` continues from ``states``."""
+        self._samplers, self._saved = {}, dict(states)

@@ -1,10 +1,11 @@
 """The unlearning loop: Accelerate + PEFT LoRA (or full fine-tuning), one loop for every method.
 
 Each step draws one batch of every stream the method declares, runs the reference pass
-(the same model with the adapter disabled, under ``no_grad``) and the policy pass, hands the
-log-probs to the method's pure loss, clips and steps AdamW under a linear learning-rate
-schedule.  BiasUnlearn additionally evaluates SS per bias type on the val targets and applies
-the swap schedule of :mod:`amendlm.unlearn.schedule`.  The same code runs under
+(the same model with the adapter disabled, in eval mode under ``no_grad``) and the policy pass
+(train mode: dropout on), hands the log-probs to the method's pure loss, clips and steps AdamW
+under a linear learning-rate schedule.  BiasUnlearn additionally evaluates SS per bias type on
+the val targets and applies the swap schedule of :mod:`amendlm.unlearn.schedule`; a bias type
+the focus returns to continues its streams where they stopped.  The same code runs under
 ``accelerate launch`` (each process takes its share of every global batch).
 
 The pieces it drives live beside it: :mod:`~amendlm.unlearn.models` (LoRA, the reference
@@ -28,15 +29,15 @@ from amendlm.data.stereoset import StereoSetCluster, load_stereoset
 from amendlm.modeling import autocast, dtype_name, pad_token_id, resolve_dtype
 from amendlm.report import atomic_write_json, package_versions
 from amendlm.scoring import EncodedPair, collate, sequence_logps
-from amendlm.unlearn import artifacts
+from amendlm.unlearn import artifacts, models
 from amendlm.unlearn.config import UnlearnConfig
 from amendlm.unlearn.data import build_sets, text_chunks
 from amendlm.unlearn.evaluation import eval_record, stratified_sample, val_scores
 from amendlm.unlearn.methods import Method, StreamOutput, get_method
-from amendlm.unlearn.models import attach_lora, frozen_copy, lora_target_modules, reference_logits
+from amendlm.unlearn.models import attach_lora, frozen_copy, lora_target_modules
 from amendlm.unlearn.resume import check_resume_config, check_run_directory, resume_dtype, sigterm_as_interrupt
 from amendlm.unlearn.schedule import decide
-from amendlm.unlearn.streams import StreamSampler, encode_examples, encode_streams, sampler_key
+from amendlm.unlearn.streams import StreamSampler, StreamSamplers, encode_examples, encode_streams, sampler_key, sampler_tag
 
 __all__ = [  # the streams, evaluation and resume helpers are re-exported for existing imports
     "TrainResult", "TrainState", "UnlearnTrainer", "learning_rate", "lora_target_modules", "train",
@@ -61,7 +62,7 @@ class TrainState:
     best_gap: float | None = None
     best_step: int | None = None
     status: str = "running"
-    samplers: dict = field(default_factory=dict)
+    samplers: dict = field(default_factory=dict)  # StreamSamplers.state_dict(): every (stream, focus, swap) visited
 
 
 def learning_rate(config: UnlearnConfig, state: TrainState, step: int) -> float:
@@ -122,6 +123,7 @@ class UnlearnTrainer:
         if self.reference_model is not None:
             self.reference_model.to(self.accelerator.device)
         self.state = TrainState(phase_steps=config.max_steps)
+        self.sampler_pool = StreamSamplers(config.seed)
         self._build_streams()
 
     # ------------------------------------------------------------------ data
@@ -133,9 +135,8 @@ class UnlearnTrainer:
         sets = build_sets(self.train_clusters, fraction, c.seed, swapped, s.focus, self.general)
         self.sizes = sets.sizes()
         self.streams = encode_streams(self.tokenizer, sets, self.method.streams, c.max_length)
-        # chosen/rejected share one sampler so pairs stay aligned
-        tag = f"{s.focus}:{s.swap}"
-        self.samplers = {name: StreamSampler(len(self.streams[name]), c.seed, f"{sampler_key(name)}:{tag}")
+        # a revisited focus continues its samplers; chosen/rejected share one so pairs stay aligned
+        self.samplers = {name: self.sampler_pool.sampler(sampler_tag(name, s.focus, s.swap), len(self.streams[name]))
                          for name in self.method.streams}
 
     def _next_batches(self) -> dict[str, list[EncodedPair]]:
@@ -146,13 +147,11 @@ class UnlearnTrainer:
             if key not in drawn:
                 drawn[key] = self.samplers[name].take(self.config.batch_size * world)[rank::world]
             batches[name] = [self.streams[name][i] for i in drawn[key]]
-        if "rejected" in self.samplers:  # keep the unused twin in step for the checkpoint
-            self.samplers["rejected"].load_state_dict(self.samplers["chosen"].state_dict())
         return batches
 
     # ------------------------------------------------------------------ model passes
     def _reference_logits(self, inputs: dict) -> torch.Tensor:
-        return reference_logits(self.accelerator.unwrap_model(self.model), inputs, self.dtype, self.reference_model)
+        return models.reference_logits(self.accelerator.unwrap_model(self.model), inputs, self.dtype, self.reference_model)
 
     def _stream_output(self, name: str, batch: list[EncodedPair]) -> StreamOutput:
         inputs = {k: v.to(self.accelerator.device) for k, v in collate(batch, self.pad_id).items()}
@@ -201,7 +200,7 @@ class UnlearnTrainer:
 
     # ------------------------------------------------------------------ the loop
     def _checkpoint(self) -> None:
-        self.state.samplers = {n: smp.state_dict() for n, smp in self.samplers.items()}
+        self.state.samplers = self.sampler_pool.state_dict()
         if self.accelerator.is_main_process:
             artifacts.save_checkpoint(self.out / "checkpoint", self.accelerator.unwrap_model(self.model),
                                       self.optimizer, self.state.__dict__)
@@ -213,10 +212,11 @@ class UnlearnTrainer:
             self.state.status = "running"
         if not self.method.dynamic_swap:  # a larger --max-steps stretches the linear decay
             self.state.phase_steps = self.config.max_steps
+        # older checkpoints keyed the current focus's samplers by stream name
+        s = self.state
+        self.sampler_pool.load_state_dict({(tag if ":" in tag else sampler_tag(tag, s.focus, s.swap)): state
+                                           for tag, state in s.samplers.items()})
         self._build_streams()
-        for name, sampler in self.samplers.items():
-            if name in self.state.samplers:
-                sampler.load_state_dict(self.state.samplers[name])
 
     def train(self, resume: bool = False) -> TrainResult:
         """Run until ``max_steps``, the stop rule, a NaN, or Ctrl-C / SIGTERM; write every output file.
