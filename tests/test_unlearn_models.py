@@ -120,3 +120,16 @@ def test_the_trainer_reference_pass_is_free_of_dropout(tmp_path):
     assert trainer.model.training
     assert torch.equal(trainer._reference_logits(inputs), trainer._reference_logits(inputs))
     assert all(module.training for module in trainer.model.modules())  # the policy still trains
+
+
+def test_attention_only_lora_leaves_gpt2s_mlp_c_proj_alone(byte_tokenizer, tmp_path):
+    from amendlm.unlearn.models import attention_target_modules
+    from tests.test_unlearn_trainer import tiny_model
+
+    gpt2 = tiny_gpt2(len(byte_tokenizer))
+    assert attention_target_modules(gpt2) == ["attn.c_attn", "attn.c_proj"]
+    assert attention_target_modules(tiny_model()) == ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    adapted = attach_lora(gpt2, UnlearnConfig(out=str(tmp_path), lora_scope="attention"))
+    wrapped = {name.split(".base_layer")[0] for name, _ in adapted.named_modules() if name.endswith(".base_layer")}
+    assert wrapped and all(".attn." in name for name in wrapped)
+    assert {name.rsplit(".", 1)[-1] for name in wrapped} == {"c_attn", "c_proj"}  # attn.c_proj yes, mlp.c_proj no

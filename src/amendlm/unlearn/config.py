@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from amendlm.data.splits import DEFAULT_SEED
 from amendlm.modeling import parse_dtype
 from amendlm.resources import DEFAULT_MODEL
 from amendlm.unlearn.losses import NPO_REDUCTIONS
+from amendlm.unlearn.recipes import recipe_fields
 from amendlm.unlearn.methods import LossWeights, get_method
 from amendlm.unlearn.schedule import OFFICIAL_PHASES, Phase, scaled_phases
 
 FINETUNE_MODES = ("lora", "full")
 REFERENCE_MODES = ("adapter", "copy")
+LORA_SCOPES = ("all", "attention")
+SELECTIONS = ("gap", "gap_within_lms")
+LOSS_TOKENS = ("all", "differing")
+VAL_TASKS = ("intrasentence", "intersentence")
 
 
 @dataclass
@@ -30,14 +35,22 @@ class UnlearnConfig:
             token, 2 x params per reference token), ~8 s at 108 GFLOP/s fp32, so 200 steps plus
             evaluations aim at ~30 minutes on 2 idle cores (estimated, not measured on an idle machine).
         batch_size: examples per stream per step (forget, retain and KL batches each).
+        forget_batch_size / retain_batch_size / kl_batch_size: per-stream batch sizes (``None``:
+            ``batch_size``); DPO's chosen / rejected pairs use the forget size.  Official 4 / 28 / 28.
         lr: peak AdamW learning rate.  The paper uses 4e-5 for GPT-2 over thousands of steps;
             our default budget is a few hundred steps, so LoRA needs a larger rate.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up at the start of the run.
+        phase_warmup_steps: linear warm-up again at the start of every later phase (one restarted
+            by an evaluation; 0: none).  Official code: 5.
         max_grad_norm: gradient clipping norm (a non-finite norm stops the run like a NaN loss).
         alpha_forget / alpha_retain / alpha_kl: loss weights 0.5 / 0.3 / 0.2 (paper).
         npo_beta: NPO inverse temperature 0.1 (paper); npo_reduction: ``sequence`` (per-sequence
-            summed log-ratio, open-unlearning) or ``batch_mean`` (the official code).
+            summed log-ratio, open-unlearning), ``token_mean`` (per-sequence token-mean log-ratio)
+            or ``batch_mean`` (the official code); see :func:`amendlm.unlearn.losses.npo_loss`.
+        loss_tokens: ``all`` continuation tokens, or only those ``differing`` from the other side of
+            the same StereoSet cluster (position-aligned from the continuation's start; the shared
+            " She is a" and "." then pull neither way).  Applies to every stream but KL.
         dpo_beta: DPO inverse temperature for the ``dpo`` baseline.
         adversarial_fraction: share of anti-stereotypes also forgotten, per bias type (0.25).
         kl_texts: general text added to the KL set (``None``: unrelated sentences only).
@@ -50,17 +63,32 @@ class UnlearnConfig:
         max_length: examples longer than this many tokens are cut (continuation kept).
         finetune: ``lora`` (PEFT adapter; reference = adapter disabled) or ``full``.
         lora_r / lora_alpha / lora_dropout: 8 / 16 / 0.1 (paper).
-        target_modules: LoRA targets; ``None`` detects attention + MLP projections per architecture.
+        target_modules: LoRA targets (module-name suffixes); ``None`` detects them by ``lora_scope``.
+        lora_scope: ``all`` (attention + MLP projections) or ``attention`` (official: GPT-2
+            ``attn.c_attn`` / ``attn.c_proj``, Llama ``q/k/v/o_proj``); see :mod:`amendlm.unlearn.models`.
         reference: ``adapter`` (the base under a disabled adapter, one copy in memory) or ``copy``
             (a frozen second model; forced by full fine-tuning).
         tolerance: stop when every val bias type's |SS - 50| is below it (2 points).
         phases: swap schedule rows ``(min_gap, lr_scale, scheduler_steps, eval_every)``.
         schedule_scale: multiplies the schedule's step counts (0.25 fits a few-hundred-step budget).
+        early_scheduler_steps / early_until_step: the first phase row's horizon before step
+            ``early_until_step`` (official: 3000 before step 400, the row's own 1000 after; ``None``: no change).
+        initial_all_types_steps: train on every bias type until this step before the first
+            swap decision (the step-0 evaluation is still recorded); official 100, default 0.
+        initial_scheduler_steps: horizon of the linear decay before the first decision (``None``: ``max_steps``).
+        fresh_optimizer_per_phase: every decision evaluation resets AdamW's moments (a fresh
+            optimizer, as the official code builds one per phase).
         eval_every: evaluation period of methods without dynamic swapping (0: only at start and end).
         val_clusters: val clusters scored per evaluation, stratified by bias type (``None``: all 863).
+        val_clusters_per_type: instead, this many val clusters of each bias type (official 100;
+            fewer where a type has fewer).  val_task: only ``intrasentence`` or ``intersentence`` val clusters.
         checkpoint_every: steps between checkpoints.
-        keep_best: save the adapter of the evaluation with the smallest worst val gap as the result
+        keep_best: save the adapter of the evaluation chosen by ``selection`` as the result
             (else the last step's).
+        selection: ``gap`` (smallest worst val SS gap) or ``gap_within_lms`` (the same among the
+            evaluations whose overall val LMS fell at most ``max_lms_drop`` points from step 0).
+        recipe / recipe_overrides: the preset the config was built from and the options that
+            overrode it (records written by :meth:`from_recipe`; ``recipe`` is checked to exist).
         seed / split_seed: training seed and target-term split seed.
         dtype: ``fp32``, ``bf16`` autocast (fast only on hardware with bf16 units) or ``auto`` (bf16
             where the device does it natively fast, else fp32).  The trainer resolves ``auto`` and
@@ -74,9 +102,13 @@ class UnlearnConfig:
     method: str = "biasunlearn"
     max_steps: int = 200
     batch_size: int = 8
+    forget_batch_size: int | None = None
+    retain_batch_size: int | None = None
+    kl_batch_size: int | None = None
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    phase_warmup_steps: int = 0
     max_grad_norm: float = 1.0
     alpha_forget: float = 0.5
     alpha_retain: float = 0.3
@@ -95,19 +127,32 @@ class UnlearnConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.1
     target_modules: list[str] | None = None
+    lora_scope: str = "all"
     reference: str = "adapter"
     tolerance: float = 2.0
     phases: list[list[float]] = field(default_factory=lambda: [[p.min_gap, p.lr_scale, p.scheduler_steps, p.eval_every] for p in OFFICIAL_PHASES])
     schedule_scale: float = 0.25
+    early_scheduler_steps: int | None = None
+    early_until_step: int = 0
+    initial_all_types_steps: int = 0
+    initial_scheduler_steps: int | None = None
+    fresh_optimizer_per_phase: bool = False
     eval_every: int = 50
     val_clusters: int | None = 300
+    val_clusters_per_type: int | None = None
+    val_task: str | None = None
     checkpoint_every: int = 25
     keep_best: bool = True
+    selection: str = "gap"
+    max_lms_drop: float = 2.0
+    loss_tokens: str = "all"
     seed: int = 0
     split_seed: int = DEFAULT_SEED
     dtype: str = "fp32"
     cpu: bool = False
     stereoset: str = "stereoset"
+    recipe: str = "default"
+    recipe_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -133,6 +178,23 @@ class UnlearnConfig:
             raise ValueError(f"unknown reference '{self.reference}'; valid: {', '.join(REFERENCE_MODES)}")
         if self.finetune == "full" and self.reference == "adapter" and method.reference_streams:
             raise ValueError("full fine-tuning has no adapter to disable: use reference='copy'")
+        optional_positive = {"forget_batch_size": self.forget_batch_size, "retain_batch_size": self.retain_batch_size,
+                             "kl_batch_size": self.kl_batch_size, "val_clusters_per_type": self.val_clusters_per_type,
+                             "early_scheduler_steps": self.early_scheduler_steps,
+                             "initial_scheduler_steps": self.initial_scheduler_steps}
+        for name, value in optional_positive.items():
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if min(self.phase_warmup_steps, self.early_until_step, self.initial_all_types_steps, self.max_lms_drop) < 0:
+            raise ValueError("phase_warmup_steps, early_until_step, initial_all_types_steps and max_lms_drop must be >= 0")
+        choices = {"lora_scope": (self.lora_scope, LORA_SCOPES), "selection": (self.selection, SELECTIONS),
+                   "loss_tokens": (self.loss_tokens, LOSS_TOKENS)}
+        if self.val_task is not None:
+            choices["val_task"] = (self.val_task, VAL_TASKS)
+        for name, (value, valid) in choices.items():
+            if value not in valid:
+                raise ValueError(f"unknown {name} '{value}'; valid: {', '.join(valid)}")
+        recipe_fields(self.recipe)  # raises for an unknown recipe
         if self.val_clusters is not None and self.val_clusters < 1:
             raise ValueError(f"val_clusters must be >= 1 or None, got {self.val_clusters}")
         if self.kl_text_limit is not None and self.kl_text_limit < 0:
@@ -141,15 +203,51 @@ class UnlearnConfig:
             raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
         self.schedule()  # validates phases and schedule_scale
 
-    def schedule(self) -> tuple[Phase, ...]:
-        """The swap schedule as :class:`Phase` rows, step counts scaled by ``schedule_scale``."""
+    def schedule(self, step: int | None = None) -> tuple[Phase, ...]:
+        """The swap schedule as :class:`Phase` rows, step counts scaled by ``schedule_scale``.
+
+        At a ``step`` before ``early_until_step`` the first row's horizon is
+        ``early_scheduler_steps`` (official: 3000 before step 400, then the row's 1000).
+
+        Raises:
+            ValueError: malformed ``phases`` or ``schedule_scale <= 0``.
+        """
         try:
             phases = [Phase(float(a), float(b), int(c), int(d)) for a, b, c, d in self.phases]
         except (TypeError, ValueError):
             raise ValueError(f"phases must be rows of (min_gap, lr_scale, scheduler_steps, eval_every), got {self.phases}") from None
         if not phases or any(p.lr_scale <= 0 or p.scheduler_steps < 1 or p.eval_every < 1 for p in phases):
             raise ValueError(f"invalid swap schedule {self.phases}")
+        if step is not None and self.early_scheduler_steps is not None and step < self.early_until_step:
+            phases[0] = replace(phases[0], scheduler_steps=self.early_scheduler_steps)
         return scaled_phases(phases, self.schedule_scale)
+
+    def stream_batch_size(self, stream: str) -> int:
+        """Examples per step of ``stream`` (``forget``, ``retain``, ``kl``, ``chosen``, ``rejected``).
+
+        Raises:
+            ValueError: unknown stream.
+        """
+        sizes = {"forget": self.forget_batch_size, "chosen": self.forget_batch_size, "rejected": self.forget_batch_size,
+                 "retain": self.retain_batch_size, "kl": self.kl_batch_size}
+        if stream not in sizes:
+            raise ValueError(f"unknown stream '{stream}'; valid: {', '.join(sizes)}")
+        return sizes[stream] or self.batch_size
+
+    @classmethod
+    def from_recipe(cls, recipe: str, out: str, overrides: dict | None = None, **defaults) -> "UnlearnConfig":
+        """A config from preset ``recipe`` (:mod:`amendlm.unlearn.recipes`), ``overrides`` winning.
+
+        Precedence: ``overrides`` > the recipe > ``defaults`` (e.g. the CLI's own defaults) >
+        the field defaults.  ``recipe`` and ``recipe_overrides`` (= ``overrides``) are recorded.
+
+        Raises:
+            ValueError: unknown recipe or field, or an invalid value.
+        """
+        overrides = dict(overrides or {})
+        data = {**defaults, **recipe_fields(recipe), **overrides, "out": str(out), "recipe": recipe,
+                "recipe_overrides": overrides}
+        return cls.from_dict(data)
 
     def loss_weights(self) -> LossWeights:
         """The hyper-parameters the method's loss reads."""

@@ -19,7 +19,7 @@ exchange places for that type only.  ``focus`` restricts forget and retain to on
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from amendlm.data.stereoset import StereoSetCluster
@@ -34,6 +34,9 @@ class Example:
     bias_type: str  # "" for general text
     label: str  # stereotype | anti_stereotype | unrelated | text
     cluster_id: str = ""
+    # (prefix, continuation) of the other side of the same cluster (stereotype <-> anti-stereotype),
+    # for loss_tokens="differing" (:func:`differing_tokens`); None for unrelated and general text
+    counterpart: tuple[str, str] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,35 @@ class UnlearnSets:
         return {"forget": len(self.forget), "retain": len(self.retain), "kl": len(self.kl), "pairs": len(self.pairs)}
 
 
+_OTHER_SIDE = {"stereotype": "anti_stereotype", "anti_stereotype": "stereotype"}
+
+
 def example(cluster: StereoSetCluster, label: str) -> Example:
-    """The training pair of ``cluster`` for ``label`` as an :class:`Example`."""
+    """The training pair of ``cluster`` for ``label`` as an :class:`Example` (with the other
+    side's pair as ``counterpart`` for a stereotype or anti-stereotype)."""
     prefix, continuation = cluster.training_pair(label)
-    return Example(prefix, continuation, cluster.bias_type, label, cluster.id)
+    other = _OTHER_SIDE.get(label)
+    counterpart = cluster.training_pair(other) if other else None
+    return Example(prefix, continuation, cluster.bias_type, label, cluster.id, counterpart)
+
+
+def differing_tokens(continuation_ids: Sequence[int], counterpart_ids: Sequence[int]) -> tuple[bool, ...]:
+    """Which continuation tokens differ from the other side's, aligned from the continuation's start.
+
+    Token ``i`` is kept when the counterpart has no token ``i`` or a different one.  For
+    " She is a nurse." vs " She is a doctor." only " nurse" is kept: " She", " is", " a" and
+    the final "." are shared, and a loss on them would push the stereotype and the
+    anti-stereotype sides against each other on the same tokens (issue 9: 56 % of the
+    intrasentence stereotype continuation tokens are shared).
+
+    Args:
+        continuation_ids: the token ids of this example's continuation (length ``n``).
+        counterpart_ids: the token ids of the other side's continuation.
+
+    Returns:
+        ``n`` booleans, True = the token counts in the loss.
+    """
+    return tuple(i >= len(counterpart_ids) or token != counterpart_ids[i] for i, token in enumerate(continuation_ids))
 
 
 def adversarial_ids(

@@ -34,6 +34,49 @@ def stratified_sample(clusters: Sequence[StereoSetCluster], n: int | None, seed:
     return chosen
 
 
+def per_type_sample(clusters: Sequence[StereoSetCluster], n: int, seed: int,
+                    task: str | None = None) -> list[StereoSetCluster]:
+    """``n`` clusters of every bias type (all of a type that has fewer), optionally of one ``task``.
+
+    The official in-loop evaluation scores 100 intrasentence clusters per bias type.  The draw
+    is seeded per cluster id as in :func:`stratified_sample`; the result is sorted by bias type.
+    """
+    by_type: dict[str, list[StereoSetCluster]] = {}
+    for cluster in clusters:
+        if task is None or cluster.task == task:
+            by_type.setdefault(cluster.bias_type, []).append(cluster)
+    chosen = []
+    for name in sorted(by_type):
+        chosen += sorted(by_type[name], key=lambda c: zlib.crc32(f"{seed}:{c.id}".encode()))[:n]
+    return chosen
+
+
+def val_sample(clusters: Sequence[StereoSetCluster], config: UnlearnConfig) -> list[StereoSetCluster]:
+    """The val clusters an unlearning run evaluates on: ``val_clusters_per_type`` of each bias
+    type (:func:`per_type_sample`) or ``val_clusters`` stratified (:func:`stratified_sample`),
+    restricted to ``val_task`` when set.  ``clusters`` are the val-split clusters."""
+    if config.val_clusters_per_type is not None:
+        return per_type_sample(clusters, config.val_clusters_per_type, config.seed, config.val_task)
+    pool = [c for c in clusters if config.val_task is None or c.task == config.val_task]
+    return stratified_sample(pool, config.val_clusters, config.seed)
+
+
+def lms_qualifies(lms_drop: float, selection: str, max_lms_drop: float) -> bool:
+    """Whether an evaluation may be kept under ``selection`` (DESIGN.md §4; issue 9 item 3).
+
+    ``gap``: every evaluation; ``gap_within_lms``: those whose overall val LMS fell at most
+    ``max_lms_drop`` points (percentage points, ``lms_drop = LMS(step 0) - LMS(step)``).
+
+    Raises:
+        ValueError: unknown ``selection``.
+    """
+    if selection == "gap":
+        return True
+    if selection == "gap_within_lms":
+        return lms_drop <= max_lms_drop
+    raise ValueError(f"unknown selection '{selection}'; valid: gap, gap_within_lms")
+
+
 def val_scores(model, tokenizer, clusters: Sequence[StereoSetCluster], config: UnlearnConfig) -> dict[str, dict]:
     """StereoSet scores per bias type and ``overall`` on ``clusters`` (val targets).
 

@@ -43,16 +43,45 @@ def lora_target_modules(model) -> list[str]:
     return sorted(names)
 
 
-def attach_lora(model, config: UnlearnConfig):
-    """``model`` wrapped in a PEFT LoRA adapter of ``config`` (``lora_r``, ``lora_alpha``,
-    ``lora_dropout``; ``target_modules`` or :func:`lora_target_modules`); only the adapter trains.
+_ATTENTION_PARTS = ("attn", "attention")  # a path component naming an attention block
+
+
+def attention_target_modules(model) -> list[str]:
+    """LoRA targets on the attention projections only, as ``parent.leaf`` path suffixes.
+
+    A ``Linear``/``Conv1D`` leaf counts when a component of its path *above* the leaf names an
+    attention block (contains ``attn`` or ``attention``): GPT-2 ``attn.c_attn`` and
+    ``attn.c_proj`` (its MLP's ``mlp.c_proj`` is left out, which the bare name ``c_proj`` would
+    take), Llama/Qwen/Mistral/OPT ``self_attn.{q,k,v,o}_proj``, GPT-NeoX
+    ``attention.query_key_value`` / ``attention.dense``.  PEFT matches a suffix against the full
+    module path, so each names exactly the attention projections.
 
     Raises:
-        ValueError: no linear layers to adapt (:func:`lora_target_modules`).
+        ValueError: the model has no linear layer inside an attention block (pass target_modules).
+    """
+    names = set()
+    for name, module in model.named_modules():
+        if type(module).__name__ in _LINEAR_TYPES and not list(module.children()):
+            parts = name.split(".")
+            if len(parts) >= 2 and any(key in part.lower() for part in parts[:-1] for key in _ATTENTION_PARTS):
+                names.add(".".join(parts[-2:]))
+    if not names:
+        raise ValueError(f"no attention projections found for LoRA in {type(model).__name__}; pass target_modules")
+    return sorted(names)
+
+
+def attach_lora(model, config: UnlearnConfig):
+    """``model`` wrapped in a PEFT LoRA adapter of ``config`` (``lora_r``, ``lora_alpha``,
+    ``lora_dropout``); only the adapter trains.  Targets: ``target_modules``, else by
+    ``lora_scope``: :func:`lora_target_modules` (``all``) or :func:`attention_target_modules`.
+
+    Raises:
+        ValueError: no linear layers to adapt.
     """
     from peft import LoraConfig, get_peft_model
 
-    targets = config.target_modules or lora_target_modules(model)
+    detect = attention_target_modules if config.lora_scope == "attention" else lora_target_modules
+    targets = config.target_modules or detect(model)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)

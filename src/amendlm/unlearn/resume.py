@@ -77,7 +77,7 @@ def check_resume_config(config: UnlearnConfig, resume: bool) -> None:
         return
     saved = json.loads(config_file.read_text())
     current = config.to_dict()
-    skip = {"max_steps"} | ({"dtype"} if config.dtype == "auto" and saved.get("dtype_auto") else set())
+    skip = {"max_steps", "recipe_overrides"} | ({"dtype"} if config.dtype == "auto" and saved.get("dtype_auto") else set())
     differs = sorted(k for k, v in current.items() if k not in skip and k in saved and saved[k] != v)
     if differs:
         raise ValueError(f"--resume with a different configuration ({differs}); use a new --out")

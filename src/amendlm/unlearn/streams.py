@@ -12,34 +12,69 @@ batch of pairs stays aligned.
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from amendlm.scoring import EncodedPair, encode_pairs
-from amendlm.unlearn.data import Example, UnlearnSets
+from amendlm.scoring import EncodedPair, collate, encode_pairs
+from amendlm.unlearn.data import Example, UnlearnSets, differing_tokens
 
 PAIRED_STREAMS = ("chosen", "rejected")
 
 
-def encode_examples(tokenizer, examples: Sequence[Example], max_length: int) -> list[EncodedPair]:
+@dataclass(frozen=True)
+class MaskedPair(EncodedPair):
+    """An :class:`EncodedPair` whose continuation tokens count only where ``kept`` is True
+    (one flag per continuation token, ``len(kept) == n_scored``; ``loss_tokens="differing"``)."""
+
+    kept: tuple[bool, ...] = ()
+
+
+def encode_examples(tokenizer, examples: Sequence[Example], max_length: int, differing: bool = False) -> list[EncodedPair]:
     """Tokenize examples (:func:`amendlm.scoring.encode_pairs`); too-long ones keep the start
-    token and their last ``max_length - 1`` tokens (the continuation is at the end)."""
+    token and their last ``max_length - 1`` tokens (the continuation is at the end).
+
+    With ``differing``, an example with a ``counterpart`` becomes a :class:`MaskedPair` that
+    scores only the continuation tokens differing from the counterpart's
+    (:func:`amendlm.unlearn.data.differing_tokens`, each side tokenized with its own prefix).
+    """
     encoded = encode_pairs(tokenizer, [(e.prefix, e.continuation) for e in examples])
+    paired = [i for i, e in enumerate(examples) if differing and e.counterpart is not None]
+    others = dict(zip(paired, encode_pairs(tokenizer, [examples[i].counterpart for i in paired]))) if paired else {}
     out = []
-    for item in encoded:
+    for index, item in enumerate(encoded):
+        kept = None
+        if index in others:
+            other = others[index]
+            kept = differing_tokens(item.ids[-item.n_scored:], other.ids[-other.n_scored:])
         if len(item.ids) > max_length:
             item = EncodedPair([item.ids[0], *item.ids[-(max_length - 1):]], min(item.n_scored, max_length - 1))
-        out.append(item)
+        out.append(item if kept is None else MaskedPair(item.ids, item.n_scored, kept[-item.n_scored:]))
     return out
 
 
-def encode_streams(tokenizer, sets: UnlearnSets, names: Sequence[str], max_length: int) -> dict[str, list[EncodedPair]]:
+def collate_stream(batch: Sequence[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """:func:`amendlm.scoring.collate` (right padding), then ``loss_mask`` set to 0 on the
+    continuation tokens a :class:`MaskedPair` does not keep.  All tensors ``(batch, seq_len)``."""
+    inputs = collate(batch, pad_id)
+    for row, item in enumerate(batch):
+        if isinstance(item, MaskedPair):
+            begin = len(item.ids) - item.n_scored  # first continuation position (right padding)
+            dropped = [begin + i for i, keep in enumerate(item.kept) if not keep]
+            inputs["loss_mask"][row, dropped] = 0
+    return inputs
+
+
+def encode_streams(tokenizer, sets: UnlearnSets, names: Sequence[str], max_length: int,
+                   loss_tokens: str = "all") -> dict[str, list[EncodedPair]]:
     """The tokenized examples of each stream in ``names`` (``chosen`` / ``rejected``: the two sides
-    of ``sets.pairs``, index-aligned); each at most ``max_length`` tokens (:func:`encode_examples`)."""
+    of ``sets.pairs``, index-aligned); each at most ``max_length`` tokens (:func:`encode_examples`).
+    ``loss_tokens="differing"`` masks shared tokens in every stream but ``kl``."""
     examples = {"forget": sets.forget, "retain": sets.retain, "kl": sets.kl,
                 "chosen": [p.chosen for p in sets.pairs], "rejected": [p.rejected for p in sets.pairs]}
-    return {name: encode_examples(tokenizer, examples[name], max_length) for name in names}
+    differing = loss_tokens == "differing"
+    return {name: encode_examples(tokenizer, examples[name], max_length, differing and name != "kl") for name in names}
 
 
 def sampler_key(stream: str) -> str:

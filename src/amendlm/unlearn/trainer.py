@@ -28,16 +28,17 @@ from amendlm.data.splits import select_split
 from amendlm.data.stereoset import StereoSetCluster, load_stereoset
 from amendlm.modeling import autocast, dtype_name, pad_token_id, resolve_dtype
 from amendlm.report import atomic_write_json, package_versions
-from amendlm.scoring import EncodedPair, collate, sequence_logps
+from amendlm.scoring import EncodedPair, sequence_logps
 from amendlm.unlearn import artifacts, models
 from amendlm.unlearn.config import UnlearnConfig
 from amendlm.unlearn.data import build_sets, text_chunks
-from amendlm.unlearn.evaluation import eval_record, stratified_sample, val_scores
+from amendlm.unlearn.evaluation import eval_record, lms_qualifies, stratified_sample, val_sample, val_scores
 from amendlm.unlearn.methods import Method, StreamOutput, get_method
 from amendlm.unlearn.models import attach_lora, frozen_copy, lora_target_modules
 from amendlm.unlearn.resume import check_resume_config, check_run_directory, resume_dtype, sigterm_as_interrupt
 from amendlm.unlearn.schedule import decide
-from amendlm.unlearn.streams import StreamSampler, StreamSamplers, encode_examples, encode_streams, sampler_key, sampler_tag
+from amendlm.unlearn.streams import (StreamSampler, StreamSamplers, collate_stream, encode_examples, encode_streams,
+                                     sampler_key, sampler_tag)
 
 __all__ = [  # the streams, evaluation and resume helpers are re-exported for existing imports
     "TrainResult", "TrainState", "UnlearnTrainer", "learning_rate", "lora_target_modules", "train",
@@ -59,15 +60,27 @@ class TrainState:
     phase_start: int = 0  # step at which the linear decay (re)started
     phase_steps: int = 1  # its horizon
     lr_scale: float = 1.0
-    best_gap: float | None = None
+    best_gap: float | None = None  # the evaluation kept by ``selection``
     best_step: int | None = None
+    best_lms_drop: float | None = None
+    gap_best_gap: float | None = None  # the smallest worst gap, LMS aside
+    gap_best_step: int | None = None
+    gap_best_lms_drop: float | None = None
+    base_lms: float | None = None  # overall val LMS of the first evaluation (step 0)
     status: str = "running"
     samplers: dict = field(default_factory=dict)  # StreamSamplers.state_dict(): every (stream, focus, swap) visited
 
 
 def learning_rate(config: UnlearnConfig, state: TrainState, step: int) -> float:
-    """Linear warm-up, then linear decay to 0 over the current phase's horizon."""
+    """Linear warm-up, then linear decay to 0 over the current phase's horizon.
+
+    ``lr * lr_scale * warm * max(0, 1 - (step - phase_start) / phase_steps)``; ``warm`` ramps
+    over the run's first ``warmup_steps`` and again over ``phase_warmup_steps`` after the start
+    of every later phase (``phase_start > 0``).
+    """
     warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    if config.phase_warmup_steps and state.phase_start > 0:
+        warm *= min(1.0, (step - state.phase_start + 1) / config.phase_warmup_steps)
     decay = max(0.0, 1.0 - (step - state.phase_start) / max(1, state.phase_steps))
     return config.lr * state.lr_scale * warm * decay
 
@@ -106,7 +119,7 @@ class UnlearnTrainer:
         set_seed(config.seed)
         self.out = Path(config.out)
         self.train_clusters = select_split(clusters, "train", config.split_seed)
-        self.val_clusters = stratified_sample(select_split(clusters, "val", config.split_seed), config.val_clusters, config.seed)
+        self.val_clusters = val_sample(select_split(clusters, "val", config.split_seed), config)
         if not self.train_clusters or not self.val_clusters:
             raise ValueError("the target-term split left no train or no val clusters")
         self.general = text_chunks(general_texts, tokenizer, config.kl_chunk_tokens) if "kl" in self.method.streams else []
@@ -122,7 +135,7 @@ class UnlearnTrainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         if self.reference_model is not None:
             self.reference_model.to(self.accelerator.device)
-        self.state = TrainState(phase_steps=config.max_steps)
+        self.state = TrainState(phase_steps=config.initial_scheduler_steps or config.max_steps)
         self.sampler_pool = StreamSamplers(config.seed)
         self._build_streams()
 
@@ -134,7 +147,7 @@ class UnlearnTrainer:
         swapped = [s.focus] if (s.focus and s.swap) else []
         sets = build_sets(self.train_clusters, fraction, c.seed, swapped, s.focus, self.general)
         self.sizes = sets.sizes()
-        self.streams = encode_streams(self.tokenizer, sets, self.method.streams, c.max_length)
+        self.streams = encode_streams(self.tokenizer, sets, self.method.streams, c.max_length, c.loss_tokens)
         # a revisited focus continues its samplers; chosen/rejected share one so pairs stay aligned
         self.samplers = {name: self.sampler_pool.sampler(sampler_tag(name, s.focus, s.swap), len(self.streams[name]))
                          for name in self.method.streams}
@@ -145,7 +158,7 @@ class UnlearnTrainer:
         for name in self.method.streams:
             key = sampler_key(name)
             if key not in drawn:
-                drawn[key] = self.samplers[name].take(self.config.batch_size * world)[rank::world]
+                drawn[key] = self.samplers[name].take(self.config.stream_batch_size(name) * world)[rank::world]
             batches[name] = [self.streams[name][i] for i in drawn[key]]
         return batches
 
@@ -154,7 +167,7 @@ class UnlearnTrainer:
         return models.reference_logits(self.accelerator.unwrap_model(self.model), inputs, self.dtype, self.reference_model)
 
     def _stream_output(self, name: str, batch: list[EncodedPair]) -> StreamOutput:
-        inputs = {k: v.to(self.accelerator.device) for k, v in collate(batch, self.pad_id).items()}
+        inputs = {k: v.to(self.accelerator.device) for k, v in collate_stream(batch, self.pad_id).items()}
         loss_mask = inputs.pop("loss_mask")
         reference_logits = self._reference_logits(inputs) if name in self.method.reference_streams else None
         with autocast(self.dtype, self.accelerator.device):
@@ -176,12 +189,11 @@ class UnlearnTrainer:
         record = eval_record(self.state.step, scores)
         types = {name: ss for name, ss in record["ss"].items() if name != "overall"}
         s, c = self.state, self.config
-        if s.best_gap is None or record["worst_gap"] < s.best_gap:
-            s.best_gap, s.best_step = record["worst_gap"], s.step
-            if c.keep_best and self.accelerator.is_main_process:
-                artifacts.save_weights(self.out / "best", self.accelerator.unwrap_model(self.model))
-        if apply_schedule and self.method.dynamic_swap:
-            decision = decide(types, c.tolerance, c.schedule())
+        self._track_best(record)
+        if apply_schedule and self.method.dynamic_swap and s.step < c.initial_all_types_steps:
+            s.next_eval = c.initial_all_types_steps  # every bias type together until then; no decision
+        elif apply_schedule and self.method.dynamic_swap:
+            decision = decide(types, c.tolerance, c.schedule(s.step))
             record["decision"] = {"stop": decision.stop, "focus": decision.focus, "swap": decision.swap, "gap": decision.gap}
             if decision.stop:
                 s.status = "stopped"
@@ -190,6 +202,8 @@ class UnlearnTrainer:
                 s.focus, s.swap = decision.focus, decision.swap
                 s.lr_scale, s.phase_start, s.phase_steps = decision.phase.lr_scale, s.step, decision.phase.scheduler_steps
                 s.next_eval = s.step + decision.phase.eval_every
+                if c.fresh_optimizer_per_phase:
+                    self._fresh_optimizer()
                 if changed:
                     self._build_streams()
         elif apply_schedule:
@@ -197,6 +211,27 @@ class UnlearnTrainer:
         if self.accelerator.is_main_process:
             log.write(record)
         return scores
+
+    def _track_best(self, record: dict) -> None:
+        """Update the kept evaluation (by ``selection``) and the smallest-gap one; snapshot their weights."""
+        s, c = self.state, self.config
+        gap, lms = record["worst_gap"], record["lms"]["overall"]
+        if s.base_lms is None:
+            s.base_lms = lms
+        record["lms_drop"] = drop = s.base_lms - lms
+        save = c.keep_best and self.accelerator.is_main_process
+        if s.gap_best_gap is None or gap < s.gap_best_gap:
+            s.gap_best_gap, s.gap_best_step, s.gap_best_lms_drop = gap, s.step, drop
+            if save and c.selection != "gap":  # the fallback when no evaluation qualifies
+                artifacts.save_weights(self.out / "best_gap", self.accelerator.unwrap_model(self.model))
+        if lms_qualifies(drop, c.selection, c.max_lms_drop) and (s.best_gap is None or gap < s.best_gap):
+            s.best_gap, s.best_step, s.best_lms_drop = gap, s.step, drop
+            if save:
+                artifacts.save_weights(self.out / "best", self.accelerator.unwrap_model(self.model))
+
+    def _fresh_optimizer(self) -> None:
+        """Drop AdamW's moments and step counts: the same as building a new optimizer (official code)."""
+        getattr(self.optimizer, "optimizer", self.optimizer).state.clear()
 
     # ------------------------------------------------------------------ the loop
     def _checkpoint(self) -> None:
@@ -308,6 +343,11 @@ class UnlearnTrainer:
         s, c = self.state, self.config
         model = self.accelerator.unwrap_model(self.model)
         best = self.out / "best"
+        if c.keep_best and s.best_step is None and s.gap_best_step is not None:
+            logger.warning("no evaluation kept the val LMS within %.1f of step 0; keeping the smallest gap "
+                           "(step %d) instead", c.max_lms_drop, s.gap_best_step)
+            best, s.best_step, s.best_gap, s.best_lms_drop = (self.out / "best_gap", s.gap_best_step,
+                                                              s.gap_best_gap, s.gap_best_lms_drop)
         use_best = c.keep_best and s.status != "interrupted" and (best / "trainable.safetensors").is_file()
         if self.accelerator.is_main_process:
             if use_best:
@@ -323,6 +363,10 @@ class UnlearnTrainer:
             result = TrainResult(s.status, s.step, str(self.out), s.best_step, last_val, seconds)
             atomic_write_json(self.out / "summary.json", {
                 **result.__dict__, "weights_saved": f"best (step {s.best_step})" if use_best else f"last (step {s.step})",
+                "selection": {"rule": c.selection, "max_lms_drop": c.max_lms_drop, "base_lms": s.base_lms,
+                              "selected": {"step": s.best_step, "worst_gap": s.best_gap, "lms_drop": s.best_lms_drop},
+                              "smallest_gap": {"step": s.gap_best_step, "worst_gap": s.gap_best_gap,
+                                               "lms_drop": s.gap_best_lms_drop}},
                 "data_sizes": self.sizes, "train_clusters": len(self.train_clusters),
                 "val_clusters": len(self.val_clusters), "versions": package_versions(),
             })

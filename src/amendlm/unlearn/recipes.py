@@ -1,0 +1,85 @@
+"""Named presets of :class:`~amendlm.unlearn.config.UnlearnConfig` fields (``amendlm debias --recipe``).
+
+A recipe is plain data: the field values it sets.  :meth:`UnlearnConfig.from_recipe` fills a
+config from one and lets explicitly given options override it; ``unlearn_config.json`` records
+the recipe's name (``recipe``) and the overriding options (``recipe_overrides``).
+
+* ``default`` sets nothing: today's :class:`UnlearnConfig` defaults (so ``--recipe default`` is explicit).
+* ``official`` follows the public BiasUnlearn code (github a101269/BiasUnlearn: train.py,
+  loss.py, run.sh; DESIGN.md §4, end):
+
+  - AdamW at lr 4e-5 (GPT-2-large; the code uses 2e-5 for 7B models), linear schedules;
+    10 warm-up steps for the first phase (``get_scheduler(num_warmup_steps=10)``) and 5 for
+    every later phase (``num_warmup_steps=5`` in train.py's phase loop);
+  - per-device batches forget 4 / retain 28 / KL 28 (run.sh);
+  - LoRA r 8, alpha 16, dropout 0.1 on the attention projections only (GPT-2 ``attn.c_attn`` and
+    ``attn.c_proj``; Llama-like ``q/k/v/o_proj``);
+  - NPO on the batch's token-mean NLL difference (``batch_mean``);
+  - all bias types together until step 100, first (decision) evaluation at step 100; the first
+    horizon is 1.2 x the step cap (``num_training_steps * 1.2``, one device);
+  - then after every evaluation a *fresh* AdamW and schedule: gap > 5 -> lr, 3000 scheduler
+    steps before step 400 (1000 after), evaluate after 80 steps; gap 3-5 -> 0.8 lr, 200, 50;
+    gap <= 3 -> 0.8 lr, 200, 30 (``schedule_scale`` 1: unscaled);
+  - stop when every bias type is within 2 of the target; at most 1000 steps;
+  - in-loop evaluation on 100 intrasentence val clusters per bias type.
+
+  Not reproduced: the official targets are SS 49/49/49/48 (gender/profession/race/religion),
+  amendlm's stop rule uses 50; the official "KL" also counts padding positions (amendlm masks them).
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Mapping
+
+OFFICIAL: Mapping[str, object] = MappingProxyType({
+    "lr": 4e-5,
+    "weight_decay": 0.0,
+    "warmup_steps": 10,
+    "phase_warmup_steps": 5,
+    "batch_size": 4,
+    "forget_batch_size": 4,
+    "retain_batch_size": 28,
+    "kl_batch_size": 28,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.1,
+    "lora_scope": "attention",
+    "target_modules": None,
+    "npo_reduction": "batch_mean",
+    "npo_beta": 0.1,
+    "alpha_forget": 0.5,
+    "alpha_retain": 0.3,
+    "alpha_kl": 0.2,
+    "adversarial_fraction": 0.25,
+    "max_steps": 1000,
+    "initial_all_types_steps": 100,
+    "initial_scheduler_steps": 1200,
+    "fresh_optimizer_per_phase": True,
+    "phases": [[5.0, 1.0, 1000, 80], [3.0, 0.8, 200, 50], [0.0, 0.8, 200, 30]],
+    "early_scheduler_steps": 3000,
+    "early_until_step": 400,
+    "schedule_scale": 1.0,
+    "tolerance": 2.0,
+    "val_task": "intrasentence",
+    "val_clusters": None,
+    "val_clusters_per_type": 100,
+})
+
+RECIPES: Mapping[str, Mapping[str, object]] = MappingProxyType({
+    "default": MappingProxyType({}),
+    "official": OFFICIAL,
+})
+
+
+def recipe_fields(name: str) -> dict[str, object]:
+    """The field values preset ``name`` sets (a fresh dict; lists copied).
+
+    Raises:
+        ValueError: unknown name (lists the valid ones).
+    """
+    try:
+        preset = RECIPES[name]
+    except KeyError:
+        raise ValueError(f"unknown recipe '{name}'; valid: {', '.join(RECIPES)}") from None
+    return {key: [list(row) for row in value] if key == "phases" else value for key, value in preset.items()}

@@ -1,0 +1,137 @@
+"""Recipes (named presets of UnlearnConfig) and the official control flow on a tiny random Llama.
+
+Official control flow (DESIGN.md §4): all bias types together until step 100, the first decision
+at step 100, then a fresh AdamW and schedule per phase, per-stream batch sizes 4 / 28 / 28.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from amendlm.unlearn.config import UnlearnConfig
+from amendlm.unlearn.recipes import RECIPES, recipe_fields
+from amendlm.unlearn.trainer import TrainState, learning_rate
+from tests.test_unlearn_trainer import make_trainer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def log_records(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+
+
+def test_the_official_recipe_fills_the_official_settings(tmp_path):
+    config = UnlearnConfig.from_recipe("official", str(tmp_path))
+    assert (config.lr, config.warmup_steps, config.npo_reduction, config.lora_scope) == (4e-5, 10, "batch_mean", "attention")
+    assert [config.stream_batch_size(s) for s in ("forget", "retain", "kl", "chosen", "rejected")] == [4, 28, 28, 4, 4]
+    assert (config.initial_all_types_steps, config.fresh_optimizer_per_phase, config.max_steps) == (100, True, 1000)
+    assert (config.val_task, config.val_clusters_per_type, config.val_clusters) == ("intrasentence", 100, None)
+    assert config.recipe == "official" and config.recipe_overrides == {}
+    # gap > 5: 3000 scheduler steps before step 400, 1000 after; evaluate every 80 / 50 / 30
+    assert [(p.scheduler_steps, p.eval_every) for p in config.schedule(0)] == [(3000, 80), (200, 50), (200, 30)]
+    assert config.schedule(400)[0].scheduler_steps == 1000 and config.schedule(400)[1].lr_scale == 0.8
+
+
+def test_options_override_the_recipe_and_both_are_recorded(tmp_path):
+    config = UnlearnConfig.from_recipe("official", str(tmp_path), {"lr": 1e-4, "kl_batch_size": 8}, dtype="auto")
+    assert (config.lr, config.kl_batch_size, config.retain_batch_size, config.dtype) == (1e-4, 8, 28, "auto")
+    assert config.recipe_overrides == {"lr": 1e-4, "kl_batch_size": 8}
+    saved = UnlearnConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert saved == config  # recipe and overrides survive unlearn_config.json
+    default = UnlearnConfig.from_recipe("default", str(tmp_path))
+    assert default == UnlearnConfig(out=str(tmp_path))  # --recipe default = today's defaults
+
+
+def test_unknown_recipes_and_choices_list_the_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match="valid: default, official"):
+        recipe_fields("fastest")
+    with pytest.raises(ValueError, match="valid: default, official"):
+        UnlearnConfig(out=str(tmp_path), recipe="fastest")
+    with pytest.raises(ValueError, match="valid: all, attention"):
+        UnlearnConfig(out=str(tmp_path), lora_scope="mlp")
+    with pytest.raises(ValueError, match="kl_batch_size"):
+        UnlearnConfig(out=str(tmp_path), kl_batch_size=0)
+    with pytest.raises(ValueError, match="stream"):
+        UnlearnConfig(out=str(tmp_path)).stream_batch_size("unrelated")
+    assert recipe_fields("official") is not RECIPES["official"]  # a copy: editing it changes no preset
+
+
+def test_each_phase_warms_up_again(tmp_path):
+    config = UnlearnConfig(out=str(tmp_path), lr=1.0, warmup_steps=2, phase_warmup_steps=4, max_steps=100)
+    first = TrainState(phase_start=0, phase_steps=100)
+    assert [learning_rate(config, first, s) for s in (0, 1, 2)] == [0.5, 0.99, 0.98]
+    later = TrainState(phase_start=50, phase_steps=10, lr_scale=0.8)
+    assert [round(learning_rate(config, later, s), 4) for s in (50, 53, 55)] == [0.2, 0.56, 0.4]
+
+
+def test_all_types_until_the_initial_steps_then_decisions(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=4, initial_all_types_steps=2, tolerance=1e-6, keep_best=False)
+    trainer.train()
+    records = log_records(tmp_path)
+    evals = [r for r in records if r.get("event") == "eval"]
+    assert evals[0]["step"] == 0 and "decision" not in evals[0]  # recorded, not decided on
+    assert evals[1]["step"] == 2 and evals[1]["decision"]["focus"] in ("gender", "race")
+    steps = {r["step"]: r for r in records if "loss" in r}
+    assert steps[1]["focus"] is None and steps[2]["focus"] is None  # every bias type together
+    assert steps[3]["focus"] == evals[1]["decision"]["focus"]
+
+
+def test_per_stream_batch_sizes(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=1, forget_batch_size=1, retain_batch_size=3, kl_batch_size=2)
+    sizes = {name: len(batch) for name, batch in trainer._next_batches().items()}
+    assert sizes == {"forget": 1, "retain": 3, "kl": 2}
+    dpo = make_trainer(tmp_path / "dpo", method="dpo", max_steps=1, forget_batch_size=3, retain_batch_size=1)
+    assert {name: len(batch) for name, batch in dpo._next_batches().items()} == {"chosen": 3, "rejected": 3}
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_a_decision_resets_the_optimizer_only_when_asked(tmp_path, fresh):
+    trainer = make_trainer(tmp_path, max_steps=2, initial_all_types_steps=2, tolerance=1e-6,
+                           fresh_optimizer_per_phase=fresh, keep_best=False)
+    trainer.train()
+    saved = torch.load(tmp_path / "run" / "checkpoint" / "optimizer.pt", weights_only=False)
+    assert (len(saved["state"]) == 0) == fresh  # the step-2 decision cleared AdamW's moments
+
+
+def test_resume_after_fresh_optimizers_ends_in_the_same_weights(tmp_path):
+    common = dict(max_steps=5, initial_all_types_steps=1, tolerance=1e-6, fresh_optimizer_per_phase=True,
+                  warmup_steps=2, phase_warmup_steps=2, keep_best=False)
+    make_trainer(tmp_path / "a", **common).train()
+    reference = load_file(str(tmp_path / "a" / "run" / "adapter_model.safetensors"))
+    decisions = [r for r in log_records(tmp_path / "a") if "decision" in r]
+    assert len(decisions) >= 2  # the optimizer was reset more than once
+
+    first = make_trainer(tmp_path / "b", **common)
+    step = first.train_step
+
+    def interrupted(log):
+        if first.state.step == 3:
+            raise KeyboardInterrupt
+        step(log)
+
+    first.train_step = interrupted
+    assert first.train().status == "interrupted"
+    result = make_trainer(tmp_path / "b", **common).train(resume=True)
+    assert result.steps == 5
+    weights = load_file(str(tmp_path / "b" / "run" / "adapter_model.safetensors"))
+    for name in reference:
+        torch.testing.assert_close(weights[name], reference[name], rtol=0, atol=1e-7)
+
+
+def test_per_type_val_sample_of_one_task(tmp_path):
+    from amendlm.unlearn.evaluation import per_type_sample
+    from tests.test_unlearn_trainer import toy_clusters
+
+    clusters = toy_clusters()
+    picked = per_type_sample(clusters, 3, seed=0, task="intrasentence")
+    assert [c.bias_type for c in picked] == ["gender"] * 3 + ["race"] * 3
+    assert per_type_sample(clusters, 3, seed=0, task="intersentence") == []
+    assert len(per_type_sample(clusters, 99, seed=0)) == len(clusters)  # a type with fewer gives all
