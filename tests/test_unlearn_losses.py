@@ -11,7 +11,7 @@ from amendlm.unlearn import losses
 def test_npo_at_reference_is_two_over_beta_ln2():
     logps = torch.tensor([-3.0, -7.5, -1.25])
     for beta in (0.1, 1.0):
-        for reduction in ("sequence", "batch_mean"):
+        for reduction in ("sequence", "token_mean", "batch_mean"):
             loss = losses.npo_loss(logps, logps.clone(), beta, torch.tensor([2, 5, 1]), reduction)
             assert loss.item() == pytest.approx(2 / beta * math.log(2), rel=1e-6)
 
@@ -30,6 +30,20 @@ def test_npo_batch_mean_uses_one_token_mean_ratio():
     assert losses.npo_loss(policy, reference, 0.1, n, "batch_mean").item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_npo_token_mean_normalises_each_sequence_by_its_tokens():
+    # per-token log-ratios: (-1 - -3) / 1 = 2 and (-6 - -2) / 3 = -4/3; beta 0.5:
+    # -(2/0.5) * mean(log sigmoid(-0.5 * 2), log sigmoid(0.5 * 4/3))
+    policy, reference, n = torch.tensor([-1.0, -6.0]), torch.tensor([-3.0, -2.0]), torch.tensor([1, 3])
+    expected = -4.0 * (math.log(1 / (1 + math.e)) + math.log(1 / (1 + math.exp(-2 / 3)))) / 2
+    assert losses.npo_loss(policy, reference, 0.5, n, "token_mean").item() == pytest.approx(expected, rel=1e-6)
+    # at the reference: 0.5 per sequence (as for "sequence"), divided by its own token count
+    policy = torch.tensor([-2.0, -3.0], requires_grad=True)
+    losses.npo_loss(policy, torch.tensor([-2.0, -3.0]), 0.1, torch.tensor([1, 4]), "token_mean").backward()
+    assert policy.grad.tolist() == pytest.approx([0.5, 0.125])
+    with pytest.raises(ValueError, match="n_tokens"):
+        losses.npo_loss(policy, policy.detach(), 0.1, reduction="token_mean")
+
+
 def test_npo_gradient_lowers_forget_likelihood():
     policy = torch.tensor([-2.0, -3.0], requires_grad=True)
     losses.npo_loss(policy, torch.tensor([-2.0, -3.0]), 0.1).backward()
@@ -39,7 +53,7 @@ def test_npo_gradient_lowers_forget_likelihood():
 
 def test_npo_rejects_bad_arguments():
     x = torch.zeros(2)
-    with pytest.raises(ValueError, match="valid: sequence, batch_mean"):
+    with pytest.raises(ValueError, match="valid: sequence, token_mean, batch_mean"):
         losses.npo_loss(x, x, 0.1, reduction="mean")
     with pytest.raises(ValueError, match="n_tokens"):
         losses.npo_loss(x, x, 0.1, reduction="batch_mean")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NPO_REDUCTIONS = ("sequence", "batch_mean")
+NPO_REDUCTIONS = ("sequence", "token_mean", "batch_mean")
 
 
 def _check_same_shape(**tensors: torch.Tensor) -> None:
@@ -46,9 +46,13 @@ def npo_loss(
         policy_logps: ``(batch,)`` summed log-probs of the forget continuations under the policy.
         reference_logps: ``(batch,)`` the same under the reference (no gradient needed).
         beta: inverse temperature (DESIGN.md §4: 0.1).
-        n_tokens: ``(batch,)`` scored tokens per sequence; required for ``"batch_mean"``.
+        n_tokens: ``(batch,)`` scored tokens per sequence; required for ``"token_mean"`` and ``"batch_mean"``.
         reduction: ``"sequence"`` (default; open-unlearning): one log-ratio per sequence, the
             difference of summed log-probs, and the loss averaged over sequences.
+            ``"token_mean"``: one log-ratio per sequence, normalised per token,
+            ``(policy_logps_i - reference_logps_i) / n_tokens_i`` (the mean over the sequence's
+            scored tokens of ``log pi_theta - log pi_ref``), then the NPO formula averaged over
+            sequences; a sequence with no scored token contributes a log-ratio of 0.
             ``"batch_mean"`` (the BiasUnlearn code): one log-ratio for the whole batch, the
             difference of the policy's and reference's *token-mean* log-likelihood over all
             the batch's scored tokens (what ``model(..., labels=...).loss`` returns).
@@ -57,17 +61,20 @@ def npo_loss(
         scalar tensor.
 
     Raises:
-        ValueError: unknown ``reduction``, ``beta <= 0``, mismatched shapes, or ``"batch_mean"``
-            without ``n_tokens``.
+        ValueError: unknown ``reduction``, ``beta <= 0``, mismatched shapes, or ``"token_mean"`` /
+            ``"batch_mean"`` without ``n_tokens``.
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     _check_same_shape(policy_logps=policy_logps, reference_logps=reference_logps)
+    if reduction in ("token_mean", "batch_mean") and n_tokens is None:
+        raise ValueError(f"npo_loss(reduction='{reduction}') needs n_tokens")
     if reduction == "sequence":
         log_ratio = policy_logps - reference_logps  # (batch,)
+    elif reduction == "token_mean":
+        _check_same_shape(policy_logps=policy_logps, n_tokens=n_tokens)
+        log_ratio = (policy_logps - reference_logps) / n_tokens.clamp(min=1)  # (batch,) nats per token
     elif reduction == "batch_mean":
-        if n_tokens is None:
-            raise ValueError("npo_loss(reduction='batch_mean') needs n_tokens")
         total = n_tokens.sum().clamp(min=1)
         log_ratio = (policy_logps.sum() - reference_logps.sum()) / total  # scalar
     else:
