@@ -17,43 +17,50 @@ METHOD_NAMES = "biasunlearn, npo, gradascent, graddiff, dpo, sft-anti"
 
 
 def debias(
+    ctx: typer.Context,
     out: Path = typer.Option(..., help="Output directory: adapter, unlearn_config.json, log.jsonl, ss_per_type.png, checkpoint/."),
+    recipe: str = typer.Option("default", help="Preset of the options below: default or official (the public BiasUnlearn code's settings and control flow); options given explicitly override it, unlearn_config.json records both."),
+    config: Optional[Path] = typer.Option(None, help="Start from the configuration saved in this unlearn_config.json; options given explicitly override it (recorded in recipe_overrides)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local directory or Hugging Face id."),
     method: str = typer.Option("biasunlearn", help=f"One of: {METHOD_NAMES}."),
     max_steps: int = typer.Option(200, help="Optimizer steps at most (BiasUnlearn may stop earlier by its stop rule)."),
-    batch_size: int = typer.Option(8, help="Examples per stream (forget, retain, KL) per step."),
+    batch_size: int = typer.Option(8, help="Examples per stream (forget, retain, KL) per step, unless a per-stream size is given."),
+    forget_batch_size: Optional[int] = typer.Option(None, help="Forget (and DPO pair) examples per step [default: --batch-size]."),
+    retain_batch_size: Optional[int] = typer.Option(None, help="Retain examples per step [default: --batch-size]."),
+    kl_batch_size: Optional[int] = typer.Option(None, help="KL examples per step [default: --batch-size]."),
     lr: float = typer.Option(2e-4, help="Peak AdamW learning rate (linear decay)."),
+    warmup_steps: int = typer.Option(0, help="Linear warm-up steps at the start of the run."),
+    alpha_forget: float = typer.Option(0.5, help="Weight of the forget loss (NPO)."),
+    alpha_retain: float = typer.Option(0.3, help="Weight of the retain loss (CE on anti-stereotypes)."),
+    alpha_kl: float = typer.Option(0.2, help="Weight of the KL loss on neutral text."),
+    npo_beta: float = typer.Option(0.1, help="NPO inverse temperature."),
+    npo_reduction: str = typer.Option("sequence", help="NPO log-ratio: sequence (per-sequence sums), token_mean (per-sequence token means) or batch_mean (official code)."),
+    loss_tokens: str = typer.Option("all", help="all continuation tokens, or only those differing from the other side of the cluster (differing)."),
+    lora_r: int = typer.Option(8, help="LoRA rank."),
+    lora_alpha: int = typer.Option(16, help="LoRA alpha (scale alpha / r)."),
+    lora_scope: str = typer.Option("all", help="LoRA on all projections (all) or the attention projections only (attention)."),
+    target_modules: Optional[str] = typer.Option(None, help="Comma list of LoRA target module names or path suffixes (overrides --lora-scope), e.g. q_proj,v_proj."),
     seed: int = typer.Option(0, help="Training seed (sampling order, LoRA init, dropout)."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoint (same configuration; --max-steps may grow)."),
     finetune: str = typer.Option("lora", help="lora (PEFT adapter) or full."),
     reference: str = typer.Option("adapter", help="adapter (base = adapter disabled, one copy) or copy (second frozen model)."),
     adversarial_fraction: float = typer.Option(0.25, help="Share of anti-stereotypes per bias type also in the forget set."),
-    npo_reduction: str = typer.Option("sequence", help="NPO log-ratio: sequence (per-sequence sums) or batch_mean (official code)."),
     val_clusters: int = typer.Option(300, help="Val clusters scored per evaluation (stratified; 0 = all)."),
     schedule_scale: float = typer.Option(0.25, help="Multiplies the swap schedule's step counts (official = 1)."),
     eval_every: int = typer.Option(50, help="Evaluation period of methods without dynamic swapping."),
     checkpoint_every: int = typer.Option(25, help="Steps between checkpoints."),
     kl_texts: str = typer.Option("xsum-sample", help="General text added to the KL set ('none' for unrelated sentences only)."),
-    keep_best: bool = typer.Option(True, help="Keep the weights of the evaluation with the smallest worst val gap."),
+    keep_best: bool = typer.Option(True, help="Keep the weights of the evaluation chosen by --selection (else the last step's)."),
+    selection: str = typer.Option("gap", help="gap (smallest worst val SS gap) or gap_within_lms (the same among evaluations whose val LMS fell at most --max-lms-drop from step 0)."),
+    max_lms_drop: float = typer.Option(2.0, help="LMS points an evaluation may lose and still be kept by --selection gap_within_lms."),
     dtype: str = typer.Option("auto", help="fp32, bf16 autocast (fast only with bf16 hardware) or auto (bf16 where the device does it natively fast, else fp32; unlearn_config.json records which)."),
     cpu: bool = typer.Option(False, help="Use the CPU even if an accelerator is present."),
-    config: Optional[Path] = typer.Option(None, help="Run the configuration saved in this unlearn_config.json (every other option except --out is ignored)."),
 ) -> None:
     """Debias a causal LM by unlearning (BiasUnlearn, arXiv:2509.25673) or a baseline method."""
-    from amendlm.unlearn.config import UnlearnConfig
     from amendlm.unlearn.trainer import train
 
     try:
-        if config is not None:
-            run_config = UnlearnConfig.from_dict({**UnlearnConfig.load(config).to_dict(), "out": str(out)})
-        else:
-            run_config = UnlearnConfig(
-                out=str(out), model=model, method=method, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
-                finetune=finetune, reference=reference, adversarial_fraction=adversarial_fraction,
-                npo_reduction=npo_reduction, val_clusters=val_clusters or None, schedule_scale=schedule_scale,
-                eval_every=eval_every, checkpoint_every=checkpoint_every,
-                kl_texts=None if kl_texts.lower() == "none" else kl_texts, keep_best=keep_best, dtype=dtype, cpu=cpu,
-            )
+        run_config = debias_config(out, explicit_options(ctx), recipe if _given(ctx, "recipe") else None, config)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     from amendlm.errors import user_errors
@@ -64,7 +71,7 @@ def debias(
         check_resume_config(run_config, resume)
     result = train(run_config, resume=resume)
     _print_summary(out)
-    kept = f"the weights of step {result.best_step} (best val worst gap)" if run_config.keep_best and result.best_step is not None else "the last step's weights"
+    kept = f"the weights of step {result.best_step} ({run_config.selection} selection on val)" if run_config.keep_best and result.best_step is not None else "the last step's weights"
     typer.echo(f"{result.status} after {result.steps} steps; {kept} saved in {out}")
     if run_config.keep_best and result.best_step == 0 and result.status != "interrupted":
         typer.echo("warning: no evaluation beat step 0 on val, so the saved weights are the untouched base "
@@ -73,6 +80,56 @@ def debias(
         raise typer.Exit(1)
     if result.status == "interrupted":
         raise typer.Exit(130)
+
+
+_NOT_CONFIG = ("out", "resume", "config", "recipe")  # command options that are not UnlearnConfig fields
+_CLI_DEFAULTS = {"dtype": "auto"}  # where the command's default differs from UnlearnConfig's
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    # by the enum's name: typer may bundle its own click, whose ParameterSource is another class
+    source = ctx.get_parameter_source(name)
+    return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def explicit_options(ctx: typer.Context) -> dict:
+    """The UnlearnConfig fields given explicitly on the command line (or by environment), converted:
+    ``--val-clusters 0`` -> None, ``--kl-texts none`` -> None, ``--target-modules a,b`` -> ``["a", "b"]``."""
+    given = {name: value for name, value in ctx.params.items() if name not in _NOT_CONFIG and _given(ctx, name)}
+    if "val_clusters" in given:
+        given["val_clusters"] = given["val_clusters"] or None
+    if isinstance(given.get("kl_texts"), str) and given["kl_texts"].lower() == "none":
+        given["kl_texts"] = None
+    if "target_modules" in given:
+        given["target_modules"] = [m.strip() for m in (given["target_modules"] or "").split(",") if m.strip()] or None
+    return given
+
+
+def debias_config(out: Path, given: dict, recipe: str | None = None, config_file: Path | None = None):
+    """The :class:`~amendlm.unlearn.config.UnlearnConfig` of one ``debias`` call.
+
+    Without ``config_file``: preset ``recipe`` (``default`` when None) with ``given`` overriding it
+    (:meth:`UnlearnConfig.from_recipe`).  With ``config_file``: the saved configuration with
+    ``given`` merged over it (the options win; ``recipe_overrides`` adds them to the saved ones).
+
+    Args:
+        out: output directory (replaces the saved ``out``).
+        given: UnlearnConfig fields given explicitly (:func:`explicit_options`).
+
+    Raises:
+        ValueError: ``recipe`` together with ``config_file`` (ambiguous: which wins?), unknown
+            recipe, invalid values.
+    """
+    from amendlm.unlearn.config import UnlearnConfig
+
+    if config_file is None:
+        return UnlearnConfig.from_recipe(recipe or "default", str(out), given, **_CLI_DEFAULTS)
+    if recipe is not None:
+        raise ValueError("--recipe and --config together: the saved configuration already names its recipe; "
+                         "give one of them (options given explicitly are merged over either)")
+    saved = UnlearnConfig.load(config_file).to_dict()
+    overrides = {**saved.get("recipe_overrides", {}), **given}
+    return UnlearnConfig.from_dict({**saved, **given, "out": str(out), "recipe_overrides": overrides})
 
 
 def _print_summary(out: Path) -> None:

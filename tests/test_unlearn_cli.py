@@ -1,0 +1,84 @@
+"""``amendlm debias`` options: recipes, explicit options winning and recorded, ``--config`` merged.
+
+The training itself is replaced by a stub that records the configuration it was given.
+"""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from amendlm.cli import app
+from amendlm.unlearn.config import UnlearnConfig
+
+
+@pytest.fixture()
+def captured(monkeypatch):
+    from amendlm.unlearn import trainer
+
+    seen = []
+
+    def fake_train(config, resume=False):
+        seen.append(config)
+        return trainer.TrainResult("completed", 0, config.out, None, None, 0.0)
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    return seen
+
+
+def debias(tmp_path, *args):
+    result = CliRunner().invoke(app, ["debias", "--out", str(tmp_path / "run"), *args])
+    return result
+
+
+def test_the_official_recipe_with_an_explicit_option(tmp_path, captured):
+    result = debias(tmp_path, "--recipe", "official", "--lr", "1e-4", "--kl-batch-size", "8")
+    assert result.exit_code == 0, result.output
+    config = captured[0]
+    assert (config.recipe, config.lr, config.kl_batch_size, config.retain_batch_size) == ("official", 1e-4, 8, 28)
+    assert config.recipe_overrides == {"lr": 1e-4, "kl_batch_size": 8}
+    assert config.dtype == "auto" and config.lora_scope == "attention" and config.initial_all_types_steps == 100
+
+
+def test_every_loss_and_lora_option_reaches_the_config(tmp_path, captured):
+    args = ["--alpha-forget", "0.4", "--alpha-retain", "0.5", "--alpha-kl", "0.1", "--npo-beta", "0.2",
+            "--warmup-steps", "7", "--lora-r", "4", "--lora-alpha", "8", "--target-modules", "q_proj, v_proj",
+            "--forget-batch-size", "2", "--retain-batch-size", "6", "--selection", "gap_within_lms",
+            "--max-lms-drop", "1.5", "--loss-tokens", "differing", "--npo-reduction", "token_mean",
+            "--lora-scope", "attention", "--val-clusters", "0", "--kl-texts", "none"]
+    assert debias(tmp_path, *args).exit_code == 0
+    c = captured[0]
+    assert (c.alpha_forget, c.alpha_retain, c.alpha_kl, c.npo_beta, c.warmup_steps) == (0.4, 0.5, 0.1, 0.2, 7)
+    assert (c.lora_r, c.lora_alpha, c.target_modules, c.lora_scope) == (4, 8, ["q_proj", "v_proj"], "attention")
+    assert (c.forget_batch_size, c.retain_batch_size, c.kl_batch_size) == (2, 6, None)
+    assert (c.selection, c.max_lms_drop, c.loss_tokens, c.npo_reduction) == ("gap_within_lms", 1.5, "differing", "token_mean")
+    assert (c.val_clusters, c.kl_texts, c.recipe) == (None, None, "default")
+    assert set(c.recipe_overrides) == {a[2:].replace("-", "_") for a in args if a.startswith("--")}
+
+
+def test_config_file_is_merged_with_explicit_options(tmp_path, captured):
+    saved = UnlearnConfig.from_recipe("official", str(tmp_path / "old"), {"lr": 1e-4})
+    path = tmp_path / "unlearn_config.json"
+    path.write_text(json.dumps(saved.to_dict()))
+    result = debias(tmp_path, "--config", str(path), "--max-steps", "50", "--alpha-kl", "0.4")
+    assert result.exit_code == 0, result.output
+    c = captured[0]
+    assert (c.max_steps, c.alpha_kl, c.lr, c.retain_batch_size, c.recipe) == (50, 0.4, 1e-4, 28, "official")
+    assert c.out == str(tmp_path / "run")
+    assert c.recipe_overrides == {"lr": 1e-4, "max_steps": 50, "alpha_kl": 0.4}  # the saved and the new ones
+    assert debias(tmp_path, "--config", str(path)).exit_code == 0
+    assert captured[1].alpha_kl == 0.2 and captured[1].max_steps == 1000  # nothing given: the saved run as is
+
+
+def test_config_file_with_a_recipe_is_refused(tmp_path, captured):
+    path = tmp_path / "unlearn_config.json"
+    path.write_text(json.dumps(UnlearnConfig(out=str(tmp_path)).to_dict()))
+    result = debias(tmp_path, "--config", str(path), "--recipe", "official")
+    assert result.exit_code != 0 and "--recipe and --config" in result.output and not captured
+
+
+def test_bad_values_name_the_valid_ones(tmp_path, captured):
+    result = debias(tmp_path, "--recipe", "fastest")
+    assert result.exit_code != 0 and "valid: default, official" in result.output
+    result = debias(tmp_path, "--loss-tokens", "some")
+    assert result.exit_code != 0 and "valid: all, differing" in result.output
