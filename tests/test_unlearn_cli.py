@@ -18,7 +18,7 @@ def captured(monkeypatch):
 
     seen = []
 
-    def fake_train(config, resume=False):
+    def fake_train(config, resume=False, on_record=None):
         seen.append(config)
         return trainer.TrainResult("completed", 0, config.out, None, None, 0.0)
 
@@ -82,3 +82,22 @@ def test_bad_values_name_the_valid_ones(tmp_path, captured):
     assert result.exit_code != 0 and "valid: default, official" in result.output
     result = debias(tmp_path, "--loss-tokens", "some")
     assert result.exit_code != 0 and "valid: all, differing" in result.output
+
+
+def test_progress_lines_for_steps_and_evaluations():
+    from rich.console import Console
+
+    from amendlm.unlearn.progress import RunProgress, eval_line, step_text
+
+    step = {"step": 3, "loss": 3.5123, "forget": 13.86, "retain": 4.2101, "kl": 0.00123, "lr": 2e-4, "focus": "gender", "swap": True}
+    assert step_text(step) == "loss 3.512 forget 13.9 retain 4.21 kl 0.00123 lr 2.0e-04 gender swapped"
+    evaluation = {"step": 100, "event": "eval", "ss": {"gender": 60.1, "overall": 55.2, "race": 52.0},
+                  "lms": {"overall": 80.1}, "lms_drop": 0.5, "worst_gap": 10.1,
+                  "decision": {"stop": False, "focus": "gender", "swap": False, "gap": 10.1}}
+    assert eval_line(evaluation) == ("step 100 val: SS overall 55.20 | gender 60.10 race 52.00 · LMS 80.10 "
+                                     "(-0.50 from step 0) · worst gap 10.10 -> focus gender")
+    console = Console(record=True, width=200, force_terminal=False)
+    with RunProgress(10, console=console) as bar:
+        bar(step)
+        bar(evaluation)
+    assert "step 100 val: SS overall 55.20" in console.export_text()

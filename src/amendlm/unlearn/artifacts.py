@@ -23,6 +23,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -112,10 +113,13 @@ def load_weights(directory: Path, model) -> None:
 
 
 class StepLog:
-    """Append-only JSONL log; on resume, records after the checkpoint's step are dropped."""
+    """Append-only JSONL log; on resume, records after the checkpoint's step are dropped.
 
-    def __init__(self, path: Path, resume_step: int | None = None):
-        self.path = path
+    ``on_record``, if given, is called with every record after it is written (e.g. a progress bar).
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None, on_record: Callable[[dict], None] | None = None):
+        self.path, self.on_record = path, on_record
         records = read_log(path) if resume_step is not None else []
         kept = [r for r in records if r.get("step", 0) <= resume_step] if resume_step is not None else []
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -125,6 +129,8 @@ class StepLog:
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
+        if self.on_record is not None:
+            self.on_record(record)
 
 
 def read_log(path: Path) -> list[dict]:

@@ -55,6 +55,7 @@ def debias(
     max_lms_drop: float = typer.Option(2.0, help="LMS points an evaluation may lose and still be kept by --selection gap_within_lms."),
     dtype: str = typer.Option("auto", help="fp32, bf16 autocast (fast only with bf16 hardware) or auto (bf16 where the device does it natively fast, else fp32; unlearn_config.json records which)."),
     cpu: bool = typer.Option(False, help="Use the CPU even if an accelerator is present."),
+    progress: bool = typer.Option(True, help="Show a progress bar (step, losses, lr, time left) and one line per evaluation."),
 ) -> None:
     """Debias a causal LM by unlearning (BiasUnlearn, arXiv:2509.25673) or a baseline method."""
     from amendlm.unlearn.trainer import train
@@ -69,7 +70,13 @@ def debias(
     with user_errors():  # an existing run without --resume, --resume with another configuration: one line, exit 1
         check_run_directory(out, resume)
         check_resume_config(run_config, resume)
-    result = train(run_config, resume=resume)
+    if progress:
+        from amendlm.unlearn.progress import RunProgress
+
+        with RunProgress(run_config.max_steps, _checkpoint_step(out) if resume else 0) as bar:
+            result = train(run_config, resume=resume, on_record=bar)
+    else:
+        result = train(run_config, resume=resume)
     _print_summary(out)
     kept = f"the weights of step {result.best_step} ({run_config.selection} selection on val)" if run_config.keep_best and result.best_step is not None else "the last step's weights"
     typer.echo(f"{result.status} after {result.steps} steps; {kept} saved in {out}")
@@ -82,8 +89,17 @@ def debias(
         raise typer.Exit(130)
 
 
-_NOT_CONFIG = ("out", "resume", "config", "recipe")  # command options that are not UnlearnConfig fields
+_NOT_CONFIG = ("out", "resume", "config", "recipe", "progress")  # command options that are not UnlearnConfig fields
 _CLI_DEFAULTS = {"dtype": "auto"}  # where the command's default differs from UnlearnConfig's
+
+
+def _checkpoint_step(out: Path) -> int:
+    import json
+
+    from amendlm.unlearn.artifacts import find_checkpoint
+
+    found = find_checkpoint(out / "checkpoint")
+    return json.loads((found / "state.json").read_text()).get("step", 0) if found is not None else 0
 
 
 def _given(ctx: typer.Context, name: str) -> bool:

@@ -23,8 +23,15 @@ the recipe's name (``recipe``) and the overriding options (``recipe_overrides``)
   - stop when every bias type is within 2 of the target; at most 1000 steps;
   - in-loop evaluation on 100 intrasentence val clusters per bias type.
 
+  The numbers are those of the official code run on **one** device.  The paper's run used 4
+  GPUs (run.sh), where the global batch is 16 / 112 / 112 and, because ``accelerate`` steps a
+  prepared scheduler once per process at every optimizer step, every scheduler horizon and
+  warm-up is 4x shorter in optimizer steps (3000 -> 750, 1000 -> 250, 200 -> 50; the
+  evaluation periods are not); override ``phases`` / ``early_scheduler_steps`` to follow that run.
+
   Not reproduced: the official targets are SS 49/49/49/48 (gender/profession/race/religion),
-  amendlm's stop rule uses 50; the official "KL" also counts padding positions (amendlm masks them).
+  amendlm's stop rule uses 50; the official "KL" also counts padding positions (amendlm masks
+  them); the official phases evaluate at multiples of their period, amendlm after it.
 """
 
 from __future__ import annotations

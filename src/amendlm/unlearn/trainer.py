@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -37,6 +37,7 @@ from amendlm.unlearn.methods import Method, StreamOutput, get_method
 from amendlm.unlearn.models import attach_lora, frozen_copy, lora_target_modules
 from amendlm.unlearn.resume import check_resume_config, check_run_directory, resume_dtype, sigterm_as_interrupt
 from amendlm.unlearn.schedule import decide
+from amendlm.unlearn.state import TrainResult, TrainState, learning_rate
 from amendlm.unlearn.streams import (StreamSampler, StreamSamplers, collate_stream, encode_examples, encode_streams,
                                      sampler_key, sampler_tag)
 
@@ -47,54 +48,6 @@ __all__ = [  # the streams, evaluation and resume helpers are re-exported for ex
 ]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainState:
-    """Everything besides weights and optimizer that a resumed run needs (saved as JSON)."""
-
-    step: int = 0
-    focus: str | None = None  # bias type the forget/retain streams are restricted to
-    swap: bool = False  # roles of ``focus`` swapped (its SS < 50)
-    next_eval: int = 0
-    phase_start: int = 0  # step at which the linear decay (re)started
-    phase_steps: int = 1  # its horizon
-    lr_scale: float = 1.0
-    best_gap: float | None = None  # the evaluation kept by ``selection``
-    best_step: int | None = None
-    best_lms_drop: float | None = None
-    gap_best_gap: float | None = None  # the smallest worst gap, LMS aside
-    gap_best_step: int | None = None
-    gap_best_lms_drop: float | None = None
-    base_lms: float | None = None  # overall val LMS of the first evaluation (step 0)
-    status: str = "running"
-    samplers: dict = field(default_factory=dict)  # StreamSamplers.state_dict(): every (stream, focus, swap) visited
-
-
-def learning_rate(config: UnlearnConfig, state: TrainState, step: int) -> float:
-    """Linear warm-up, then linear decay to 0 over the current phase's horizon.
-
-    ``lr * lr_scale * warm * max(0, 1 - (step - phase_start) / phase_steps)``; ``warm`` ramps
-    over the run's first ``warmup_steps`` and again over ``phase_warmup_steps`` after the start
-    of every later phase (``phase_start > 0``).
-    """
-    warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
-    if config.phase_warmup_steps and state.phase_start > 0:
-        warm *= min(1.0, (step - state.phase_start + 1) / config.phase_warmup_steps)
-    decay = max(0.0, 1.0 - (step - state.phase_start) / max(1, state.phase_steps))
-    return config.lr * state.lr_scale * warm * decay
-
-
-@dataclass
-class TrainResult:
-    """Outcome of :func:`train` (also written to ``summary.json``)."""
-
-    status: str  # completed | stopped (stop rule met) | nan | interrupted
-    steps: int
-    out: str
-    best_step: int | None
-    last_val: dict | None  # val scores per bias type of the last evaluation
-    seconds: float  # wall-clock seconds of this invocation (a resumed run counts only its own)
 
 
 class UnlearnTrainer:
@@ -253,8 +206,11 @@ class UnlearnTrainer:
                                            for tag, state in s.samplers.items()})
         self._build_streams()
 
-    def train(self, resume: bool = False) -> TrainResult:
+    def train(self, resume: bool = False, on_record: Callable[[dict], None] | None = None) -> TrainResult:
         """Run until ``max_steps``, the stop rule, a NaN, or Ctrl-C / SIGTERM; write every output file.
+
+        ``on_record`` receives every ``log.jsonl`` record as it is written (step and eval records;
+        :class:`amendlm.unlearn.progress.RunProgress` shows them).
 
         Ctrl-C (SIGINT) and SIGTERM save a checkpoint and the current weights, then return with
         status ``interrupted``.  (Jobs started in the background by a non-interactive shell
@@ -273,7 +229,7 @@ class UnlearnTrainer:
             check_resume_config(c, resume)
             self._resume()
         atomic_write_json(config_file, {**c.to_dict(), "dtype_auto": self.dtype_auto})
-        log = artifacts.StepLog(self.out / "log.jsonl", self.state.step if resume else None)
+        log = artifacts.StepLog(self.out / "log.jsonl", self.state.step if resume else None, on_record)
         last_val = None
         try:
             with sigterm_as_interrupt():
@@ -374,8 +330,9 @@ class UnlearnTrainer:
         return TrainResult(s.status, s.step, str(self.out), s.best_step, last_val, seconds)
 
 
-def train(config: UnlearnConfig, resume: bool = False) -> TrainResult:
-    """Load the model and data named by ``config`` and run :class:`UnlearnTrainer`.
+def train(config: UnlearnConfig, resume: bool = False, on_record: Callable[[dict], None] | None = None) -> TrainResult:
+    """Load the model and data named by ``config`` and run :class:`UnlearnTrainer` (``on_record``:
+    see :meth:`UnlearnTrainer.train`).
 
     Example::
 
@@ -392,4 +349,4 @@ def train(config: UnlearnConfig, resume: bool = False) -> TrainResult:
     texts = load_texts(config.kl_texts, field=config.kl_text_field) if config.kl_texts else []
     texts = texts[: config.kl_text_limit] if config.kl_text_limit is not None else texts
     trainer = UnlearnTrainer(config, model, tokenizer, load_stereoset(config.stereoset), texts)
-    return trainer.train(resume=resume)
+    return trainer.train(resume=resume, on_record=on_record)

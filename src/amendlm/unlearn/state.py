@@ -1,0 +1,60 @@
+"""The state of an unlearning run besides weights and optimizer, its outcome, and its learning rate.
+
+:class:`TrainState` is saved as ``checkpoint/state.json`` (a resumed run needs nothing else);
+:class:`TrainResult` is what :func:`amendlm.unlearn.trainer.train` returns (and ``summary.json``
+holds); :func:`learning_rate` is the rate of one step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from amendlm.unlearn.config import UnlearnConfig
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that a resumed run needs (saved as JSON)."""
+
+    step: int = 0
+    focus: str | None = None  # bias type the forget/retain streams are restricted to
+    swap: bool = False  # roles of ``focus`` swapped (its SS < 50)
+    next_eval: int = 0
+    phase_start: int = 0  # step at which the linear decay (re)started
+    phase_steps: int = 1  # its horizon
+    lr_scale: float = 1.0
+    best_gap: float | None = None  # the evaluation kept by ``selection``
+    best_step: int | None = None
+    best_lms_drop: float | None = None
+    gap_best_gap: float | None = None  # the smallest worst gap, LMS aside
+    gap_best_step: int | None = None
+    gap_best_lms_drop: float | None = None
+    base_lms: float | None = None  # overall val LMS of the first evaluation (step 0)
+    status: str = "running"
+    samplers: dict = field(default_factory=dict)  # StreamSamplers.state_dict(): every (stream, focus, swap) visited
+
+
+def learning_rate(config: UnlearnConfig, state: TrainState, step: int) -> float:
+    """Linear warm-up, then linear decay to 0 over the current phase's horizon.
+
+    ``lr * lr_scale * warm * max(0, 1 - (step - phase_start) / phase_steps)``; ``warm`` ramps
+    over the run's first ``warmup_steps`` and again over ``phase_warmup_steps`` after the start
+    of every later phase (``phase_start > 0``).
+    """
+    warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    if config.phase_warmup_steps and state.phase_start > 0:
+        warm *= min(1.0, (step - state.phase_start + 1) / config.phase_warmup_steps)
+    decay = max(0.0, 1.0 - (step - state.phase_start) / max(1, state.phase_steps))
+    return config.lr * state.lr_scale * warm * decay
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train` (also written to ``summary.json``)."""
+
+    status: str  # completed | stopped (stop rule met) | nan | interrupted
+    steps: int
+    out: str
+    best_step: int | None
+    last_val: dict | None  # val scores per bias type of the last evaluation
+    seconds: float  # wall-clock seconds of this invocation (a resumed run counts only its own)
