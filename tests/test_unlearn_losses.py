@@ -11,7 +11,7 @@ from amendlm.unlearn import losses
 def test_npo_at_reference_is_two_over_beta_ln2():
     logps = torch.tensor([-3.0, -7.5, -1.25])
     for beta in (0.1, 1.0):
-        for reduction in ("sequence", "token_mean", "batch_mean"):
+        for reduction in ("sequence", "token_mean", "batch_mean", "batch_sequence_mean"):
             loss = losses.npo_loss(logps, logps.clone(), beta, torch.tensor([2, 5, 1]), reduction)
             assert loss.item() == pytest.approx(2 / beta * math.log(2), rel=1e-6)
 
@@ -44,6 +44,23 @@ def test_npo_token_mean_normalises_each_sequence_by_its_tokens():
         losses.npo_loss(policy, policy.detach(), 0.1, reduction="token_mean")
 
 
+def test_npo_batch_sequence_mean_is_the_official_mean_of_sequence_means():
+    # official lm_loss: token-mean NLL per sequence, then the mean over sequences, one ratio:
+    # per-sequence token-mean log-ratios 2 and -4/3, their mean 1/3; beta 0.1
+    policy, reference, n = torch.tensor([-1.0, -6.0]), torch.tensor([-3.0, -2.0]), torch.tensor([1, 3])
+    expected = -(2 / 0.1) * math.log(1 / (1 + math.exp(0.1 / 3)))
+    assert losses.npo_loss(policy, reference, 0.1, n, "batch_sequence_mean").item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ce_per_sequence_mean_weighs_sequences_equally():
+    logps, n = torch.tensor([-2.0, -9.0]), torch.tensor([1, 3])
+    assert losses.ce_loss(logps, n).item() == pytest.approx(11 / 4)  # token-weighted
+    assert losses.ce_loss(logps, n, "sequence").item() == pytest.approx((2 + 3) / 2)  # official lm_loss
+    assert losses.gradient_ascent_loss(logps, n, "sequence").item() == pytest.approx(-2.5)
+    with pytest.raises(ValueError, match="valid: token, sequence"):
+        losses.ce_loss(logps, n, "batch")
+
+
 def test_npo_gradient_lowers_forget_likelihood():
     policy = torch.tensor([-2.0, -3.0], requires_grad=True)
     losses.npo_loss(policy, torch.tensor([-2.0, -3.0]), 0.1).backward()
@@ -53,7 +70,7 @@ def test_npo_gradient_lowers_forget_likelihood():
 
 def test_npo_rejects_bad_arguments():
     x = torch.zeros(2)
-    with pytest.raises(ValueError, match="valid: sequence, token_mean, batch_mean"):
+    with pytest.raises(ValueError, match="valid: sequence, token_mean, batch_mean, batch_sequence_mean"):
         losses.npo_loss(x, x, 0.1, reduction="mean")
     with pytest.raises(ValueError, match="n_tokens"):
         losses.npo_loss(x, x, 0.1, reduction="batch_mean")

@@ -30,11 +30,13 @@ def log_records(tmp_path):
 
 def test_the_official_recipe_fills_the_official_settings(tmp_path):
     config = UnlearnConfig.from_recipe("official", str(tmp_path))
-    assert (config.lr, config.warmup_steps, config.npo_reduction, config.lora_scope) == (4e-5, 10, "batch_mean", "attention")
+    assert (config.lr, config.warmup_steps, config.lora_scope) == (4e-5, 10, "attention")
+    assert (config.npo_reduction, config.ce_reduction) == ("batch_sequence_mean", "sequence")  # official lm_loss
     assert [config.stream_batch_size(s) for s in ("forget", "retain", "kl", "chosen", "rejected")] == [4, 28, 28, 4, 4]
     assert (config.initial_all_types_steps, config.fresh_optimizer_per_phase, config.max_steps) == (100, True, 1000)
     assert (config.val_task, config.val_clusters_per_type, config.val_clusters) == ("intrasentence", 100, None)
     assert config.recipe == "official" and config.recipe_overrides == {}
+    assert (config.weight_decay, config.max_grad_norm, config.kl_texts) == (0.01, None, None)  # torch AdamW, no clipping
     # gap > 5: 3000 scheduler steps before step 400, 1000 after; evaluate every 80 / 50 / 30
     assert [(p.scheduler_steps, p.eval_every) for p in config.schedule(0)] == [(3000, 80), (200, 50), (200, 30)]
     assert config.schedule(400)[0].scheduler_steps == 1000 and config.schedule(400)[1].lr_scale == 0.8
@@ -124,6 +126,14 @@ def test_resume_after_fresh_optimizers_ends_in_the_same_weights(tmp_path):
     weights = load_file(str(tmp_path / "b" / "run" / "adapter_model.safetensors"))
     for name in reference:
         torch.testing.assert_close(weights[name], reference[name], rtol=0, atol=1e-7)
+
+
+def test_an_official_loss_step_without_clipping(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=1, npo_reduction="batch_sequence_mean", ce_reduction="sequence",
+                           max_grad_norm=None, lora_dropout=0.0)
+    assert trainer.train().steps == 1
+    step = next(r for r in log_records(tmp_path) if "loss" in r)
+    assert step["forget"] == pytest.approx(2 / 0.1 * 0.6931471805599453, rel=1e-5) and step["grad_norm"] > 0
 
 
 def test_per_type_val_sample_of_one_task(tmp_path):

@@ -34,7 +34,9 @@ def debias(
     alpha_retain: float = typer.Option(0.3, help="Weight of the retain loss (CE on anti-stereotypes)."),
     alpha_kl: float = typer.Option(0.2, help="Weight of the KL loss on neutral text."),
     npo_beta: float = typer.Option(0.1, help="NPO inverse temperature."),
-    npo_reduction: str = typer.Option("sequence", help="NPO log-ratio: sequence (per-sequence sums), token_mean (per-sequence token means) or batch_mean (official code)."),
+    npo_reduction: str = typer.Option("sequence", help="NPO log-ratio: sequence (per-sequence sums), token_mean (per-sequence token means), batch_mean (one token-weighted ratio per batch) or batch_sequence_mean (one per batch, mean of the sequences' token means: official code)."),
+    ce_reduction: str = typer.Option("token", help="Retain CE mean: token (over the batch's tokens) or sequence (of each sequence's token mean: official code)."),
+    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0 = no clipping, as the official code)."),
     loss_tokens: str = typer.Option("all", help="all continuation tokens, or only those differing from the other side of the cluster (differing)."),
     lora_r: int = typer.Option(8, help="LoRA rank."),
     lora_alpha: int = typer.Option(16, help="LoRA alpha (scale alpha / r)."),
@@ -110,8 +112,10 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 def explicit_options(ctx: typer.Context) -> dict:
     """The UnlearnConfig fields given explicitly on the command line (or by environment), converted:
-    ``--val-clusters 0`` -> None, ``--kl-texts none`` -> None, ``--target-modules a,b`` -> ``["a", "b"]``."""
+    ``--val-clusters 0`` and ``--max-grad-norm 0`` -> None, ``--kl-texts none`` -> None, ``--target-modules a,b`` -> ``["a", "b"]``."""
     given = {name: value for name, value in ctx.params.items() if name not in _NOT_CONFIG and _given(ctx, name)}
+    if "max_grad_norm" in given:
+        given["max_grad_norm"] = given["max_grad_norm"] or None
     if "val_clusters" in given:
         given["val_clusters"] = given["val_clusters"] or None
     if isinstance(given.get("kl_texts"), str) and given["kl_texts"].lower() == "none":

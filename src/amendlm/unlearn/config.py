@@ -9,7 +9,7 @@ from pathlib import Path
 from amendlm.data.splits import DEFAULT_SEED
 from amendlm.modeling import parse_dtype
 from amendlm.resources import DEFAULT_MODEL
-from amendlm.unlearn.losses import NPO_REDUCTIONS
+from amendlm.unlearn.losses import CE_REDUCTIONS, NPO_REDUCTIONS
 from amendlm.unlearn.recipes import recipe_fields
 from amendlm.unlearn.methods import LossWeights, get_method
 from amendlm.unlearn.schedule import OFFICIAL_PHASES, Phase, scaled_phases
@@ -43,11 +43,16 @@ class UnlearnConfig:
         warmup_steps: linear warm-up at the start of the run.
         phase_warmup_steps: linear warm-up again at the start of every later phase (one restarted
             by an evaluation; 0: none).  Official code: 5.
-        max_grad_norm: gradient clipping norm (a non-finite norm stops the run like a NaN loss).
+        max_grad_norm: gradient clipping norm; ``None``: no clipping (the official code), the norm
+            is still measured (a non-finite norm stops the run like a NaN loss).
         alpha_forget / alpha_retain / alpha_kl: loss weights 0.5 / 0.3 / 0.2 (paper).
         npo_beta: NPO inverse temperature 0.1 (paper); npo_reduction: ``sequence`` (per-sequence
-            summed log-ratio, open-unlearning), ``token_mean`` (per-sequence token-mean log-ratio)
-            or ``batch_mean`` (the official code); see :func:`amendlm.unlearn.losses.npo_loss`.
+            summed log-ratio, open-unlearning), ``token_mean`` (per-sequence token-mean log-ratio),
+            ``batch_mean`` (one token-weighted log-ratio per batch) or ``batch_sequence_mean`` (one
+            log-ratio per batch, the mean of the sequences' token means: the official ``lm_loss``);
+            see :func:`amendlm.unlearn.losses.npo_loss`.
+        ce_reduction: the CE (retain; ascent) mean: ``token`` (over the batch's tokens) or
+            ``sequence`` (of each sequence's token mean: the official ``lm_loss``); :func:`~amendlm.unlearn.losses.ce_loss`.
         loss_tokens: ``all`` continuation tokens, or only those ``differing`` from the other side of
             the same StereoSet cluster (position-aligned from the continuation's start; the shared
             " She is a" and "." then pull neither way).  Applies to every stream but KL.
@@ -109,12 +114,13 @@ class UnlearnConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     phase_warmup_steps: int = 0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0
     alpha_forget: float = 0.5
     alpha_retain: float = 0.3
     alpha_kl: float = 0.2
     npo_beta: float = 0.1
     npo_reduction: str = "sequence"
+    ce_reduction: str = "token"
     dpo_beta: float = 0.1
     adversarial_fraction: float = 0.25
     kl_texts: str | None = "xsum-sample"
@@ -162,8 +168,8 @@ class UnlearnConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if min(self.lr, self.npo_beta, self.dpo_beta, self.max_grad_norm) <= 0:
-            raise ValueError("lr, npo_beta, dpo_beta and max_grad_norm must be > 0")
+        if min(self.lr, self.npo_beta, self.dpo_beta, 1.0 if self.max_grad_norm is None else self.max_grad_norm) <= 0:
+            raise ValueError("lr, npo_beta, dpo_beta and max_grad_norm (unless None) must be > 0")
         if min(self.alpha_forget, self.alpha_retain, self.alpha_kl, self.weight_decay, self.warmup_steps, self.eval_every) < 0:
             raise ValueError("loss weights, weight_decay, warmup_steps and eval_every must be >= 0")
         if not 0.0 <= self.adversarial_fraction <= 1.0:
@@ -188,7 +194,7 @@ class UnlearnConfig:
         if min(self.phase_warmup_steps, self.early_until_step, self.initial_all_types_steps, self.max_lms_drop) < 0:
             raise ValueError("phase_warmup_steps, early_until_step, initial_all_types_steps and max_lms_drop must be >= 0")
         choices = {"lora_scope": (self.lora_scope, LORA_SCOPES), "selection": (self.selection, SELECTIONS),
-                   "loss_tokens": (self.loss_tokens, LOSS_TOKENS)}
+                   "loss_tokens": (self.loss_tokens, LOSS_TOKENS), "ce_reduction": (self.ce_reduction, CE_REDUCTIONS)}
         if self.val_task is not None:
             choices["val_task"] = (self.val_task, VAL_TASKS)
         for name, (value, valid) in choices.items():
@@ -251,7 +257,8 @@ class UnlearnConfig:
 
     def loss_weights(self) -> LossWeights:
         """The hyper-parameters the method's loss reads."""
-        return LossWeights(self.alpha_forget, self.alpha_retain, self.alpha_kl, self.npo_beta, self.npo_reduction, self.dpo_beta)
+        return LossWeights(forget=self.alpha_forget, retain=self.alpha_retain, kl=self.alpha_kl, npo_beta=self.npo_beta,
+                           npo_reduction=self.npo_reduction, dpo_beta=self.dpo_beta, ce_reduction=self.ce_reduction)
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict."""

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NPO_REDUCTIONS = ("sequence", "token_mean", "batch_mean")
+NPO_REDUCTIONS = ("sequence", "token_mean", "batch_mean", "batch_sequence_mean")
+CE_REDUCTIONS = ("token", "sequence")
 
 
 def _check_same_shape(**tensors: torch.Tensor) -> None:
@@ -56,24 +57,31 @@ def npo_loss(
             ``"batch_mean"`` (the BiasUnlearn code): one log-ratio for the whole batch, the
             difference of the policy's and reference's *token-mean* log-likelihood over all
             the batch's scored tokens (what ``model(..., labels=...).loss`` returns).
+            ``"batch_sequence_mean"`` (exactly the official ``lm_loss``): one log-ratio for the
+            whole batch, the mean over sequences of each sequence's token-mean log-ratio
+            ``mean_i[(policy_logps_i - reference_logps_i) / n_tokens_i]`` (sequences weigh
+            equally, not by their tokens as in ``"batch_mean"``).
 
     Returns:
         scalar tensor.
 
     Raises:
-        ValueError: unknown ``reduction``, ``beta <= 0``, mismatched shapes, or ``"token_mean"`` /
-            ``"batch_mean"`` without ``n_tokens``.
+        ValueError: unknown ``reduction``, ``beta <= 0``, mismatched shapes, or a per-token
+            reduction without ``n_tokens``.
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     _check_same_shape(policy_logps=policy_logps, reference_logps=reference_logps)
-    if reduction in ("token_mean", "batch_mean") and n_tokens is None:
+    if reduction in ("token_mean", "batch_mean", "batch_sequence_mean") and n_tokens is None:
         raise ValueError(f"npo_loss(reduction='{reduction}') needs n_tokens")
     if reduction == "sequence":
         log_ratio = policy_logps - reference_logps  # (batch,)
     elif reduction == "token_mean":
         _check_same_shape(policy_logps=policy_logps, n_tokens=n_tokens)
         log_ratio = (policy_logps - reference_logps) / n_tokens.clamp(min=1)  # (batch,) nats per token
+    elif reduction == "batch_sequence_mean":
+        _check_same_shape(policy_logps=policy_logps, n_tokens=n_tokens)
+        log_ratio = ((policy_logps - reference_logps) / n_tokens.clamp(min=1)).mean()  # scalar
     elif reduction == "batch_mean":
         total = n_tokens.sum().clamp(min=1)
         log_ratio = (policy_logps.sum() - reference_logps.sum()) / total  # scalar
@@ -82,27 +90,38 @@ def npo_loss(
     return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
 
 
-def ce_loss(policy_logps: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+def ce_loss(policy_logps: torch.Tensor, n_tokens: torch.Tensor, reduction: str = "token") -> torch.Tensor:
     """Token-level cross-entropy (negative log-likelihood) over a batch.
 
-    ``L = -sum_i logp_i / sum_i n_i``: the mean NLL per scored token over the whole batch
-    (the reduction of ``model(..., labels=...).loss``), so long and short sequences weigh by
-    their tokens.  Used as BiasUnlearn's retain loss on anti-stereotypes and by SFT baselines.
+    ``"token"`` (default): ``L = -sum_i logp_i / sum_i n_i``, the mean NLL per scored token over
+    the whole batch (the reduction of ``model(..., labels=...).loss``), so long and short
+    sequences weigh by their tokens.  ``"sequence"`` (the official BiasUnlearn ``lm_loss``):
+    ``L = -mean_i(logp_i / n_i)``, each sequence's token-mean NLL, sequences weighing equally
+    (a sequence with no scored token counts 0).  Used as BiasUnlearn's retain loss on
+    anti-stereotypes and by the SFT / ascent baselines.
 
     Args:
         policy_logps: ``(batch,)`` summed log-probs of the scored tokens.
         n_tokens: ``(batch,)`` number of scored tokens (>= 0; the total must be > 0).
+        reduction: ``"token"`` or ``"sequence"``.
 
     Returns:
         scalar tensor (nats per token).
+
+    Raises:
+        ValueError: mismatched shapes or an unknown ``reduction``.
     """
     _check_same_shape(policy_logps=policy_logps, n_tokens=n_tokens)
-    return -policy_logps.sum() / n_tokens.sum().clamp(min=1)
+    if reduction == "token":
+        return -policy_logps.sum() / n_tokens.sum().clamp(min=1)
+    if reduction == "sequence":
+        return -(policy_logps / n_tokens.clamp(min=1)).mean()
+    raise ValueError(f"unknown CE reduction '{reduction}'; valid: {', '.join(CE_REDUCTIONS)}")
 
 
-def gradient_ascent_loss(policy_logps: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+def gradient_ascent_loss(policy_logps: torch.Tensor, n_tokens: torch.Tensor, reduction: str = "token") -> torch.Tensor:
     """Gradient ascent on the forget set: ``-ce_loss`` (minimising it raises the NLL without bound)."""
-    return -ce_loss(policy_logps, n_tokens)
+    return -ce_loss(policy_logps, n_tokens, reduction)
 
 
 def grad_diff_loss(

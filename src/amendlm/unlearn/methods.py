@@ -46,6 +46,7 @@ class LossWeights:
     npo_beta: float = 0.1
     npo_reduction: str = "sequence"
     dpo_beta: float = 0.1
+    ce_reduction: str = "token"
 
 
 LossFn = Callable[[Mapping[str, StreamOutput], LossWeights], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -104,6 +105,10 @@ def _npo(out: StreamOutput, w: LossWeights) -> torch.Tensor:
     return losses.npo_loss(out.policy_logps, out.reference_logps, w.npo_beta, out.n_tokens, w.npo_reduction)
 
 
+def _ce(out: StreamOutput, w: LossWeights) -> torch.Tensor:
+    return losses.ce_loss(out.policy_logps, out.n_tokens, w.ce_reduction)
+
+
 def _kl(out: StreamOutput) -> torch.Tensor:
     return losses.kl_loss(out.policy_logits, out.reference_logits, out.loss_mask)
 
@@ -111,7 +116,7 @@ def _kl(out: StreamOutput) -> torch.Tensor:
 def biasunlearn_loss(o: Mapping[str, StreamOutput], w: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """BiasUnlearn: ``w.forget * NPO(forget) + w.retain * CE(retain) + w.kl * KL(kl)`` (DESIGN.md §4)."""
     forget = _npo(o["forget"], w)
-    retain = losses.ce_loss(o["retain"].policy_logps, o["retain"].n_tokens)
+    retain = _ce(o["retain"], w)
     kl = _kl(o["kl"])
     total = w.forget * forget + w.retain * retain + w.kl * kl
     return total, {"forget": forget.detach(), "retain": retain.detach(), "kl": kl.detach()}
@@ -125,14 +130,13 @@ def npo_only_loss(o: Mapping[str, StreamOutput], w: LossWeights) -> tuple[torch.
 
 def gradascent_loss(o: Mapping[str, StreamOutput], w: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Baseline: gradient ascent on the stereotype set (token-mean NLL maximised)."""
-    forget = losses.gradient_ascent_loss(o["forget"].policy_logps, o["forget"].n_tokens)
+    forget = -_ce(o["forget"], w)
     return forget, {"forget": forget.detach()}
 
 
 def graddiff_loss(o: Mapping[str, StreamOutput], w: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Baseline: ascent on stereotypes + descent on anti-stereotypes, with BiasUnlearn's weights."""
-    forget = losses.gradient_ascent_loss(o["forget"].policy_logps, o["forget"].n_tokens)
-    retain = losses.ce_loss(o["retain"].policy_logps, o["retain"].n_tokens)
+    forget, retain = -_ce(o["forget"], w), _ce(o["retain"], w)
     return w.forget * forget + w.retain * retain, {"forget": forget.detach(), "retain": retain.detach()}
 
 
@@ -145,7 +149,7 @@ def dpo_pair_loss(o: Mapping[str, StreamOutput], w: LossWeights) -> tuple[torch.
 
 def sft_anti_loss(o: Mapping[str, StreamOutput], w: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Baseline: supervised fine-tuning (CE) on anti-stereotypes only."""
-    retain = losses.ce_loss(o["retain"].policy_logps, o["retain"].n_tokens)
+    retain = _ce(o["retain"], w)
     return retain, {"retain": retain.detach()}
 
 

@@ -8,13 +8,18 @@ the recipe's name (``recipe``) and the overriding options (``recipe_overrides``)
 * ``official`` follows the public BiasUnlearn code (github a101269/BiasUnlearn: train.py,
   loss.py, run.sh; DESIGN.md §4, end):
 
-  - AdamW at lr 4e-5 (GPT-2-large; the code uses 2e-5 for 7B models), linear schedules;
+  - ``torch.optim.AdamW`` at lr 4e-5 (GPT-2-large; the code uses 2e-5 for 7B models) with its
+    default weight decay 0.01 and no gradient clipping, linear schedules;
     10 warm-up steps for the first phase (``get_scheduler(num_warmup_steps=10)``) and 5 for
     every later phase (``num_warmup_steps=5`` in train.py's phase loop);
   - per-device batches forget 4 / retain 28 / KL 28 (run.sh);
   - LoRA r 8, alpha 16, dropout 0.1 on the attention projections only (GPT-2 ``attn.c_attn`` and
     ``attn.c_proj``; Llama-like ``q/k/v/o_proj``);
-  - NPO on the batch's token-mean NLL difference (``batch_mean``);
+  - NPO on one log-ratio per batch, the mean over sequences of each sequence's token-mean
+    NLL difference (loss.py ``lm_loss``: ``CrossEntropyLoss(reduction="mean")`` per sequence,
+    then ``torch.stack(losses).mean()``): ``batch_sequence_mean``; the retain CE is the same
+    mean of per-sequence token means (``ce_reduction="sequence"``);
+  - the KL set is StereoSet's unrelated sentences only (no general text);
   - all bias types together until step 100, first (decision) evaluation at step 100; the first
     horizon is 1.2 x the step cap (``num_training_steps * 1.2``, one device);
   - then after every evaluation a *fresh* AdamW and schedule: gap > 5 -> lr, 3000 scheduler
@@ -41,7 +46,9 @@ from typing import Mapping
 
 OFFICIAL: Mapping[str, object] = MappingProxyType({
     "lr": 4e-5,
-    "weight_decay": 0.0,
+    "weight_decay": 0.01,
+    "max_grad_norm": None,
+    "kl_texts": None,
     "warmup_steps": 10,
     "phase_warmup_steps": 5,
     "batch_size": 4,
@@ -53,7 +60,8 @@ OFFICIAL: Mapping[str, object] = MappingProxyType({
     "lora_dropout": 0.1,
     "lora_scope": "attention",
     "target_modules": None,
-    "npo_reduction": "batch_mean",
+    "npo_reduction": "batch_sequence_mean",
+    "ce_reduction": "sequence",
     "npo_beta": 0.1,
     "alpha_forget": 0.5,
     "alpha_retain": 0.3,

@@ -273,7 +273,8 @@ class UnlearnTrainer:
             return
         self.accelerator.backward(loss)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = self.accelerator.clip_grad_norm_(params, c.max_grad_norm)
+        max_norm = float("inf") if c.max_grad_norm is None else c.max_grad_norm  # inf: measured, not clipped
+        grad_norm = self.accelerator.clip_grad_norm_(params, max_norm)
         if not torch.isfinite(torch.as_tensor(grad_norm)):
             self._stop_nan(log, "gradient norm")
             return
