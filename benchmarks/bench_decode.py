@@ -14,7 +14,8 @@ Reported: tokens/s, first-token latency (prefill + first pick), the RAM step cos
 batch-1 throughput of RAM.  Targets: step ratio <= 1.15, first-token ratio <= 1.2,
 batch-B throughput >= 4 x batch 1.
 
-Usage: ``python benchmarks/bench_decode.py [--aligner-layers 6] [--batch 8] [--out results/bench_decode.json]``
+Usage: ``python benchmarks/bench_decode.py [--aligner-layers 6] [--batch 8] [--out results/bench_decode.json]``;
+from Python, :func:`measure` takes the same options and returns the results.
 """
 
 from __future__ import annotations
@@ -91,6 +92,56 @@ def ram_run(proposal, aligner, prompts, decode, new_tokens, vocab, pad) -> tuple
     return stats.seconds, stats.first_token_seconds
 
 
+def measure(proposal_name: str = "smollm2-135m-instruct", aligner_name: str | None = None, aligner_layers: int = 6,
+            mode: str = "par-kl", batch: int = 8, prompt_tokens: int = 128, new_tokens: int = 32) -> dict:
+    """Run the benchmark (options as the CLI's) and return the results (they record their ``options``)."""
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be >= 2 (a RAM step is timed after the first token), got {new_tokens}")
+    options = {"proposal": proposal_name, "aligner": aligner_name, "aligner_layers": aligner_layers, "mode": mode,
+               "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
+    proposal, tokenizer = load_model(proposal_name)
+    if aligner_name:
+        aligner, _ = load_model(aligner_name)
+    else:
+        aligner, _ = load_model(proposal_name)
+        truncate_to_layers(aligner, aligner_layers)
+    vocab, pad = len(tokenizer), tokenizer.pad_token_id
+    decode = DecodeConfig(mode=mode)
+    prompts = prompts_of(tokenizer, batch, prompt_tokens)
+    results = {"options": options, "torch_threads": torch.get_num_threads(), "versions": package_versions(), "batches": {},
+               "matmul_peak_gflops": {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}}
+    print("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in results["matmul_peak_gflops"].items()), flush=True)
+    ram_run(proposal, aligner, prompts[:1], decode, 2, vocab, pad)  # warm-up
+    for size in sorted({1, batch}):
+        chunk = prompts[:size]
+        generate_s, generate_first = hf_generate(proposal, chunk, new_tokens, pad)
+        ram_s, ram_first = ram_run(proposal, aligner, chunk, decode, new_tokens, vocab, pad)
+        proposal_step, aligner_step = step_seconds(proposal, vocab, chunk), step_seconds(aligner, vocab, chunk)
+        ram_step = (ram_s - ram_first) / (new_tokens - 1)
+        row = {
+            "proposal_generate_tokens_per_s": size * new_tokens / generate_s,
+            "proposal_generate_first_token_s": generate_first,
+            "ram_tokens_per_s": size * new_tokens / ram_s,
+            "ram_first_token_s": ram_first,
+            "proposal_step_s": proposal_step, "aligner_step_s": aligner_step, "ram_step_s": ram_step,
+            "step_ratio": ram_step / (proposal_step + aligner_step),
+            "first_token_ratio": ram_first / generate_first,
+        }
+        if size == 1:
+            loop_s, _ = hf_generate(proposal, chunk, new_tokens, pad,
+                                    processor=lambda: UncachedAligner(aligner, vocab, decode))
+            row["public_style_loop_tokens_per_s"] = new_tokens / loop_s
+        results["batches"][str(size)] = row
+        print(f"batch {size}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+    one, many = results["batches"]["1"], results["batches"].get(str(batch))
+    if many is not None and batch > 1:
+        results["batch_speedup"] = many["ram_tokens_per_s"] / one["ram_tokens_per_s"]
+        results["batch_speedup_vs_public_loop"] = many["ram_tokens_per_s"] / one["public_style_loop_tokens_per_s"]
+    results["targets"] = TARGETS
+    print({k: v for k, v in results.items() if k.startswith("batch_speedup")})
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--proposal", default="smollm2-135m-instruct")
@@ -102,47 +153,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-
-    proposal, tokenizer = load_model(args.proposal)
-    if args.aligner:
-        aligner, _ = load_model(args.aligner)
-    else:
-        aligner, _ = load_model(args.proposal)
-        truncate_to_layers(aligner, args.aligner_layers)
-    vocab, pad = len(tokenizer), tokenizer.pad_token_id
-    decode = DecodeConfig(mode=args.mode)
-    prompts = prompts_of(tokenizer, args.batch, args.prompt_tokens)
-    results = {"args": vars(args), "torch_threads": torch.get_num_threads(), "versions": package_versions(), "batches": {},
-               "matmul_peak_gflops": {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}}
-    print("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in results["matmul_peak_gflops"].items()), flush=True)
-    ram_run(proposal, aligner, prompts[:1], decode, 2, vocab, pad)  # warm-up
-    for batch in sorted({1, args.batch}):
-        chunk = prompts[:batch]
-        generate_s, generate_first = hf_generate(proposal, chunk, args.new_tokens, pad)
-        ram_s, ram_first = ram_run(proposal, aligner, chunk, decode, args.new_tokens, vocab, pad)
-        proposal_step, aligner_step = step_seconds(proposal, vocab, chunk), step_seconds(aligner, vocab, chunk)
-        ram_step = (ram_s - ram_first) / (args.new_tokens - 1)
-        row = {
-            "proposal_generate_tokens_per_s": batch * args.new_tokens / generate_s,
-            "proposal_generate_first_token_s": generate_first,
-            "ram_tokens_per_s": batch * args.new_tokens / ram_s,
-            "ram_first_token_s": ram_first,
-            "proposal_step_s": proposal_step, "aligner_step_s": aligner_step, "ram_step_s": ram_step,
-            "step_ratio": ram_step / (proposal_step + aligner_step),
-            "first_token_ratio": ram_first / generate_first,
-        }
-        if batch == 1:
-            loop_s, _ = hf_generate(proposal, chunk, args.new_tokens, pad,
-                                    processor=lambda: UncachedAligner(aligner, vocab, decode))
-            row["public_style_loop_tokens_per_s"] = args.new_tokens / loop_s
-        results["batches"][str(batch)] = row
-        print(f"batch {batch}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
-    one, many = results["batches"]["1"], results["batches"].get(str(args.batch))
-    if many is not None and args.batch > 1:
-        results["batch_speedup"] = many["ram_tokens_per_s"] / one["ram_tokens_per_s"]
-        results["batch_speedup_vs_public_loop"] = many["ram_tokens_per_s"] / one["public_style_loop_tokens_per_s"]
-    results["targets"] = TARGETS
-    print({k: v for k, v in results.items() if k.startswith("batch_speedup")})
+    results = measure(args.proposal, args.aligner, args.aligner_layers, args.mode, args.batch, args.prompt_tokens,
+                      args.new_tokens)
     if args.out:
         atomic_write_json(args.out, results)
 

@@ -10,7 +10,8 @@ One run prints everything, measured side by side on the same machine:
 * with ``--full``: full StereoSet (intra + inter) + CrowS-Pairs in wall-clock seconds for each
   dtype that is fast enough here, and the SS / LMS difference between the dtypes.
 
-Usage: ``python benchmarks/bench_scoring.py [--sample 600] [--full] [--out results/bench_scoring.json]``
+Usage: ``python benchmarks/bench_scoring.py [--sample 600] [--full] [--out results/bench_scoring.json]``;
+from Python, :func:`measure` takes the same options and returns the report.
 """
 
 from __future__ import annotations
@@ -48,28 +49,22 @@ def time_per_sentence(model, encoded, dtype) -> float:
     return time.perf_counter() - began
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--sample", type=int, default=600, help="StereoSet sentences in the speed sample")
-    parser.add_argument("--bf16-sample", type=int, default=60, help="sentences for bf16 when bf16 is slow here")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--full", action="store_true", help="also time the full StereoSet + CrowS-Pairs evaluation")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-
-    model, tokenizer = load_model(args.model)
+def measure(model_name: str = "smollm2-135m-instruct", sample: int = 600, bf16_sample: int = 60, batch_size: int = 32,
+            full: bool = False) -> dict:
+    """Run the benchmark (options as the CLI's) and return the report (it records its ``options``)."""
+    options = {"model": model_name, "sample": sample, "bf16_sample": bf16_sample, "batch_size": batch_size, "full": full}
+    model, tokenizer = load_model(model_name)
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = 2 * n_params
     clusters = load_stereoset()
-    step = max(1, len(clusters) // (args.sample // 3))  # spread over intra and inter
-    pairs = [c.scoring_pair(label) for c in clusters[::step] for label in LABELS][: args.sample]
+    step = max(1, len(clusters) // (sample // 3))  # spread over intra and inter
+    pairs = [c.scoring_pair(label) for c in clusters[::step] for label in LABELS][:sample]
     encoded = encode_pairs(tokenizer, pairs)
     pad_id = tokenizer.pad_token_id
-    report: dict = {"model": args.model, "params": n_params, "threads": torch.get_num_threads(),
+    report: dict = {"options": options, "model": model_name, "params": n_params, "threads": torch.get_num_threads(),
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(), "targets": TARGETS}
 
-    print(f"{args.model}: {n_params / 1e6:.1f}M params, {torch.get_num_threads()} threads, CPU {report['cpu_capability']}")
+    print(f"{model_name}: {n_params / 1e6:.1f}M params, {torch.get_num_threads()} threads, CPU {report['cpu_capability']}")
     peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
     report["matmul_peak_gflops"] = peaks
     report["matmul_peak_size"] = 1536
@@ -79,9 +74,9 @@ def main() -> None:
     report["batched"] = {}
     for name, dtype in dtypes.items():
         # bf16 without native units is orders of magnitude slower: time a smaller sample
-        sample = encoded if name == "fp32" or peaks["bf16"] > 0.5 * peaks["fp32"] else encoded[: args.bf16_sample]
-        time_batched(model, sample[: args.batch_size], pad_id, dtype, args.batch_size)  # warm-up
-        seconds = time_batched(model, sample, pad_id, dtype, args.batch_size)
+        sample = encoded if name == "fp32" or peaks["bf16"] > 0.5 * peaks["fp32"] else encoded[: bf16_sample]
+        time_batched(model, sample[: batch_size], pad_id, dtype, batch_size)  # warm-up
+        seconds = time_batched(model, sample, pad_id, dtype, batch_size)
         tokens = sum(len(e.ids) for e in sample)
         gflops = tokens * flops_per_token / seconds / 1e9
         entry = {"sentences": len(sample), "tokens": tokens, "seconds": seconds, "sentences_per_s": len(sample) / seconds,
@@ -91,8 +86,8 @@ def main() -> None:
               f"{100 * entry['fraction_of_peak']:.0f}% of the {name} matmul peak ({len(sample)} sentences)")
 
     # bf16 numerics: mean log-probs and StereoSet decisions on the bf16 sample vs fp32
-    agree = encoded[: 3 * (args.bf16_sample // 3)]
-    means = {name: score_encoded(model, agree, pad_id, args.batch_size, dtype).logp_mean.view(-1, 3) for name, dtype in dtypes.items()}
+    agree = encoded[: 3 * (bf16_sample // 3)]
+    means = {name: score_encoded(model, agree, pad_id, batch_size, dtype).logp_mean.view(-1, 3) for name, dtype in dtypes.items()}
     same_pro = ((means["fp32"][:, 0] > means["fp32"][:, 1]) == (means["bf16"][:, 0] > means["bf16"][:, 1])).float().mean()
     report["bf16_vs_fp32"] = {"clusters": len(agree) // 3, "max_abs_diff_mean_logp": float((means["fp32"] - means["bf16"]).abs().max()),
                               "same_stereotype_decision": float(same_pro)}
@@ -104,7 +99,7 @@ def main() -> None:
     grouped = encoded[: 3 * len(groups)]
     score_grouped(model, grouped[:9], groups[:3], pad_id, batch_size=3)  # warm-up
     began = time.perf_counter()
-    score_grouped(model, grouped, groups, pad_id, batch_size=max(1, args.batch_size // 3))
+    score_grouped(model, grouped, groups, pad_id, batch_size=max(1, batch_size // 3))
     seconds = time.perf_counter() - began
     computed = sum(len(pack_group([grouped[i] for i in g], g).ids) for g in groups)
     gflops = computed * flops_per_token / seconds / 1e9
@@ -125,7 +120,7 @@ def main() -> None:
     print(f"per-sentence loop fp32: {loop_rate:.1f} sentences/s -> batched scorer {speedup:.1f}x faster, "
           f"with shared prefix {speedup_shared:.1f}x")
 
-    if args.full:
+    if full:
         report["full"] = {}
         for name in dtypes:
             rate = report["batched"][name]["sentences_per_s"]
@@ -134,7 +129,7 @@ def main() -> None:
                 print(f"full eval {name}: skipped, projected {projected / 60:.0f} min at {rate:.1f} sentences/s")
                 report["full"][name] = {"skipped": True, "projected_seconds": projected}
                 continue
-            config = EvalConfig(dtype=name, batch_size=args.batch_size, progress=False)
+            config = EvalConfig(dtype=name, batch_size=batch_size, progress=False)
             began = time.perf_counter()
             stereoset = run_stereoset(model, tokenizer, config)["scores"]["overall"]["overall"]
             crows = run_crows_pairs(model, tokenizer, config)["scores"]["overall"]
@@ -146,6 +141,19 @@ def main() -> None:
             print(f"bf16 vs fp32: |dSS| {abs(fp32['ss'] - bf16['ss']):.2f}, |dLMS| {abs(fp32['lms'] - bf16['lms']):.2f}")
 
     report["versions"] = package_versions()
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--sample", type=int, default=600, help="StereoSet sentences in the speed sample")
+    parser.add_argument("--bf16-sample", type=int, default=60, help="sentences for bf16 when bf16 is slow here")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--full", action="store_true", help="also time the full StereoSet + CrowS-Pairs evaluation")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    report = measure(args.model, args.sample, args.bf16_sample, args.batch_size, args.full)
     if args.out:
         atomic_write_json(args.out, report)
         print(f"wrote {args.out}")

@@ -11,7 +11,8 @@ One run measures, each configuration in a fresh process (so peak memory is its o
 bf16 is measured only where a quick matmul probe shows it is not much slower than fp32 (on
 CPUs without bf16 units it is emulated and ~100x slower); otherwise the row says why it was skipped.
 
-Usage: ``python benchmarks/bench_unlearn.py [--steps 3] [--batch-size 8] [--out results/bench_unlearn.json]``
+Usage: ``python benchmarks/bench_unlearn.py [--steps 3] [--batch-size 8] [--out results/bench_unlearn.json]``;
+from Python, :func:`measure` takes the same options and returns the results.
 """
 
 from __future__ import annotations
@@ -78,30 +79,25 @@ def run(reference: str, dtype: str, model_name: str, steps: int, batch_size: int
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--out", default=None, help="write the results JSON here")
-    args = parser.parse_args()
+def measure(model_name: str = "smollm2-135m-instruct", steps: int = 3, batch_size: int = 8) -> dict:
+    """Run the benchmark (options as the CLI's; each configuration in a fresh process) and return the results."""
+    from amendlm.report import package_versions
 
-    from amendlm.report import atomic_write_json, package_versions
-
+    options = {"model": model_name, "steps": steps, "batch_size": batch_size}
     fp32, bf16 = matmul_peak_gflops(torch.float32), matmul_peak_gflops(torch.bfloat16)
     rows = []
     for reference, dtype in CONFIGS:
         if dtype == "bf16" and not torch.cuda.is_available() and bf16 < 0.5 * fp32:
             rows.append({"reference": reference, "dtype": dtype, "skipped": f"bf16 matmul {bf16:.1f} GFLOP/s vs fp32 {fp32:.1f}: emulated here"})
             continue
-        rows.append(run(reference, dtype, args.model, args.steps, args.batch_size))
+        rows.append(run(reference, dtype, model_name, steps, batch_size))
     base = next(r for r in rows if r["reference"] == "adapter" and r["dtype"] == "fp32")
     for row in rows:
         if "seconds_per_step" in row:
             row["time_vs_adapter_fp32"] = row["seconds_per_step"] / base["seconds_per_step"]
             row["memory_vs_adapter_fp32"] = row["peak_memory_mib"] / base["peak_memory_mib"]
             row["fraction_of_matmul_peak"] = row["gflops_per_s"] / (bf16 if row["dtype"] == "bf16" else fp32)
-    print(f"matmul peak: fp32 {fp32:.1f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s; batch {args.batch_size} per stream")
+    print(f"matmul peak: fp32 {fp32:.1f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s; batch {batch_size} per stream")
     print(f"{'reference':<9} {'dtype':<5} {'s/step':>7} {'x time':>7} {'peak MiB':>9} {'x mem':>6} {'GFLOP/s':>8}")
     for row in rows:
         if "skipped" in row:
@@ -109,9 +105,22 @@ def main() -> None:
         else:
             print(f"{row['reference']:<9} {row['dtype']:<5} {row['seconds_per_step']:7.2f} {row['time_vs_adapter_fp32']:7.2f} "
                   f"{row['peak_memory_mib']:9.0f} {row['memory_vs_adapter_fp32']:6.2f} {row['gflops_per_s']:8.1f}")
+    return {"options": options, "matmul_gflops": {"fp32": fp32, "bf16": bf16}, "batch_size": batch_size,
+            "steps": steps, "rows": rows, "versions": package_versions()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", default=None, help="write the results JSON here")
+    args = parser.parse_args()
+    results = measure(args.model, args.steps, args.batch_size)
     if args.out:
-        atomic_write_json(args.out, {"matmul_gflops": {"fp32": fp32, "bf16": bf16}, "batch_size": args.batch_size,
-                                     "steps": args.steps, "rows": rows, "versions": package_versions()})
+        from amendlm.report import atomic_write_json
+
+        atomic_write_json(args.out, results)
 
 
 if __name__ == "__main__":
