@@ -1,0 +1,334 @@
+"""What the BiasUnlearn tables share (``unlearn_methods.py``, ``transfer.py``): runs, variant, evaluations.
+
+Both tables need the 50-step BiasUnlearn adapter of the embedded model, so its configuration, and
+how a training run or the fine-tuned variant becomes part of a resumable step, live here once.
+
+Paths, relative to the repository (or under ``--results-dir DIR``, ``runs/`` included)::
+
+    runs/unlearn/<run>/                   a training run: adapter, checkpoint (runs/ is not in git)
+    results/unlearn/runs/<run>/           its record: unlearn_config.json, summary.json, log.jsonl, ss_per_type.png
+    results/unlearn/<run>_test.json       the adapter evaluated on the test targets
+    runs/variant/                         the fine-tuned variant (transfer)
+    results/unlearn/variant_summary.json  its record
+
+The rows already measured were made in bf16 and their names carry no dtype; another dtype adds
+``_<dtype>`` to every name (``dpo_s50_fp32_test.json``; the base model: ``base_test_<dtype>.json``, as
+recorded), so a result never replaces one of another dtype.
+
+**Lazy.**  An evaluation is reused when its file records the expected evaluation settings *and*
+the record of what it evaluates (``training.*``: the run's ``unlearn_config.json`` under
+``results/``; ``variant.*``: the variant's ``summary.json``) equals the expected configuration.
+Only an evaluation that must be computed needs the adapter or the variant on disk; only then is a
+run trained (resumed from its checkpoint when it has one) or the variant fine-tuned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from amendlm.report import atomic_write_json
+from common import REPO, RESULTS, Experiment, config_differences, eval_expected, eval_recorded
+
+BASE_MODEL = "smollm2-135m-instruct"  # amendlm.resources.DEFAULT_MODEL, the model of every recorded row
+
+# --quick: the same pipeline on a tiny budget (about a minute on 2 cores)
+QUICK_UNLEARN = {"max_steps": 1, "batch_size": 2, "val_clusters": 4, "kl_text_limit": 2,
+                 "keep_best": False}  # step 0 may be "best" on 4 val clusters: an all-zero adapter
+QUICK_FINETUNE = {"max_steps": 1, "batch_size": 2, "chunk_tokens": 32, "limit": 8}
+QUICK_EVAL_LIMIT = 6  # examples per benchmark
+
+RECORD_FILES = ("unlearn_config.json", "summary.json", "log.jsonl", "ss_per_type.png")
+# what finetune_variant's summary.json records of the variant's configuration (see variant_expected)
+VARIANT_KEYS = ("steps", "sequences_per_step", "tokens_per_step", "dtype", "texts", "texts_sha256")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One unlearning run of a table.
+
+    Attributes:
+        stem: the run's name without its budget; the run is ``<stem>_s<max_steps>`` (+ ``_<dtype>``
+            unless bf16), e.g. ``dpo_s50``.
+        options: :class:`UnlearnConfig` options besides ``out``, ``model`` and ``dtype``
+            (``max_steps`` required); ``--quick`` overrides them with :data:`QUICK_UNLEARN`.
+    """
+
+    stem: str
+    options: dict = field(default_factory=dict)
+
+
+# `amendlm debias --out runs/unlearn/biasunlearn_s50 --dtype bf16 --max-steps 50` (README, `make demo`)
+BIASUNLEARN_50 = Run("biasunlearn", {"method": "biasunlearn", "max_steps": 50})
+
+
+def dtype_tag(dtype: str) -> str:
+    """``""`` for bf16 (the recorded rows' names), else ``"_<dtype>"``."""
+    return "" if dtype == "bf16" else f"_{dtype}"
+
+
+def runs_root(exp: Experiment) -> str:
+    """``runs`` (relative to the repository, as the recorded configs name it) or ``DIR/runs``."""
+    return "runs" if exp.results_root == RESULTS.resolve() else str(exp.results_root / "runs")
+
+
+def enter_repo(exp: Experiment) -> None:
+    """Work from the repository root when runs are named relative to it (``runs/unlearn/...``)."""
+    if runs_root(exp) == "runs" and Path.cwd().resolve() != REPO:
+        exp.docs = exp.docs.resolve()
+        os.chdir(REPO)
+
+
+def eval_options(exp: Experiment, dtype: str) -> dict:
+    """The :class:`EvalConfig` options of every row: test targets, all data (``--quick``: 6 examples)."""
+    return {"split": "test", "dtype": dtype, **({"limit": QUICK_EVAL_LIMIT} if exp.quick else {})}
+
+
+def unlearn_config(exp: Experiment, run: Run, dtype: str, model: str = BASE_MODEL):
+    """``(name, UnlearnConfig)`` of ``run`` on ``model`` for this experiment's budget and dtype."""
+    from amendlm.unlearn.config import UnlearnConfig
+
+    options = {**run.options, **(QUICK_UNLEARN if exp.quick else {})}
+    name = f"{run.stem}_s{options['max_steps']}{dtype_tag(dtype)}"
+    return name, UnlearnConfig(out=f"{runs_root(exp)}/unlearn/{name}", model=model, dtype=dtype, **options)
+
+
+def variant_config(exp: Experiment, dtype: str):
+    """``FinetuneConfig`` of the variant: README's ``amendlm finetune --out runs/variant --dtype bf16 --max-steps 60``."""
+    from amendlm.finetune import FinetuneConfig
+
+    options = {"max_steps": 60, **(QUICK_FINETUNE if exp.quick else {})}
+    return FinetuneConfig(out=f"{runs_root(exp)}/variant{dtype_tag(dtype)}", model=BASE_MODEL, dtype=dtype, **options)
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object at ``path``, or ``{}`` when there is no such file."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def records(exp: Experiment, name: str) -> Path:
+    """``results/unlearn/runs/<name>``: the copy of a run's config, summary and log kept in git."""
+    return exp.path(f"unlearn/runs/{name}")
+
+
+def eval_log(records_dir: Path) -> list[dict]:
+    """The ``eval`` records of a run's ``log.jsonl``: val SS / LMS per bias type at a step."""
+    path = records_dir / "log.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("event") == "eval"]
+
+
+# ---------------------------------------------------------------------------- training
+def _prefixed(prefix: str, config: dict) -> dict:
+    """``{"prefix.key": value}``, so that a step's differences name the key that differs."""
+    return {f"{prefix}.{k}": v for k, v in config.items()}
+
+
+def _training_record(config: dict) -> dict:
+    """An ``unlearn_config.json`` as compared with ``UnlearnConfig.to_dict()`` (``{}`` stays ``{}``: no record).
+
+    * ``dtype_auto`` (whether ``auto`` chose the recorded, resolved dtype) is left out: it changes
+      no number, and the scripts pass the resolved dtype.
+    * A field the record lacks was added to ``UnlearnConfig`` after the record was written; it
+      counts as its default, which keeps the behaviour from before (the convention of the
+      trainer's resume check, which compares only the keys a saved config has).  So a recorded
+      run matches a config that leaves the new field at its default, and no other.
+    """
+    from dataclasses import MISSING, fields
+
+    from amendlm.unlearn.config import UnlearnConfig
+
+    record = {k: v for k, v in config.items() if k != "dtype_auto"}
+    if not record:
+        return record
+    for f in fields(UnlearnConfig):
+        if f.name not in record and (f.default is not MISSING or f.default_factory is not MISSING):
+            record[f.name] = f.default if f.default is not MISSING else f.default_factory()
+    return record
+
+
+def _finished(run_dir: Path) -> bool:
+    """The run saved its weights and was not interrupted."""
+    status = read_json(run_dir / "summary.json").get("status")
+    return (run_dir / "adapter_model.safetensors").is_file() and status not in (None, "interrupted")
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    """A complete checkpoint, or its ``.old`` twin after a crash (what ``train(resume=True)`` resumes)."""
+    return any((run_dir / name / "state.json").is_file() for name in ("checkpoint", "checkpoint.old"))
+
+
+def ensure_adapter(exp: Experiment, name: str, config) -> None:
+    """The adapter of ``config`` on disk, and its record in ``results/unlearn/runs/<name>``.
+
+    A finished run with the same configuration is kept; else the run is trained, resumed from its
+    checkpoint when it has one (``train`` refuses a directory holding a different configuration).
+    """
+    from amendlm.unlearn.trainer import train
+
+    run_dir, record_dir = Path(config.out), records(exp, name)
+    have = _training_record(read_json(run_dir / "unlearn_config.json")) if _finished(run_dir) else {}
+    trained = bool(config_differences(config.to_dict(), have))
+    if trained:
+        resume = _has_checkpoint(run_dir)
+        print(f"[{exp.name}] {run_dir}: {'resuming' if resume else 'training'} ({config.method}, "
+              f"{config.max_steps} steps, {config.dtype})", flush=True)
+        began = time.perf_counter()
+        train(config, resume=resume)
+        seconds = time.perf_counter() - began
+        exp.steps_done += 1
+    if not trained and read_json(record_dir / "unlearn_config.json") == read_json(run_dir / "unlearn_config.json") \
+            and (record_dir / "summary.json").is_file():
+        return  # the record is this run's already (and may hold the provenance of its training)
+    record_dir.mkdir(parents=True, exist_ok=True)
+    for file in RECORD_FILES:
+        if (run_dir / file).is_file():
+            shutil.copy2(run_dir / file, record_dir / file)
+    if trained:  # the machine and date of the training, for the results page
+        summary = read_json(record_dir / "summary.json")
+        summary["provenance"] = exp.provenance(seconds)
+        atomic_write_json(record_dir / "summary.json", summary)
+
+
+# ---------------------------------------------------------------------------- the variant
+def variant_expected(config) -> dict:
+    """What the variant's ``summary.json`` records of its configuration, as :func:`finetune_variant` writes it.
+
+    Steps, global batch (one device), tokens per step, resolved dtype, and the number and SHA-256
+    of the texts.  ``model``, ``lr``, ``seed`` and ``text_field`` are not in that file (the recorded
+    variant has no other record in git), so they are not compared: they are FinetuneConfig's
+    defaults, which these scripts do not change.
+    """
+    from amendlm.finetune import read_texts
+    from amendlm.resources import file_sha256
+
+    path, texts = read_texts(config.texts, field=config.text_field, limit=config.limit)
+    return {"steps": config.max_steps, "sequences_per_step": config.batch_size,
+            "tokens_per_step": config.batch_size * config.chunk_tokens, "dtype": config.dtype,
+            "texts": len(texts), "texts_sha256": file_sha256(path)}
+
+
+def variant_recorded(summary: dict) -> dict:
+    """The :func:`variant_expected` fields of a variant ``summary.json``."""
+    return {k: summary[k] for k in VARIANT_KEYS if k in summary}
+
+
+def variant_record(exp: Experiment, config) -> Path:
+    """``results/unlearn/variant_summary.json`` (``variant_<dtype>_summary.json`` unless bf16)."""
+    return exp.path(f"unlearn/variant{dtype_tag(config.dtype)}_summary.json")
+
+
+def ensure_variant(exp: Experiment, config) -> None:
+    """The variant on disk (fine-tuned unless a matching one is there) and its record in results/."""
+    from amendlm.finetune import finetune_variant
+
+    run_dir, expected = Path(config.out), variant_expected(config)
+    summary = read_json(run_dir / "summary.json")
+    on_disk = (run_dir / "model.safetensors").is_file()
+    differs = config_differences(expected, variant_recorded(summary)) if on_disk else ["model.safetensors"]
+    path = variant_record(exp, config)
+    recorded = {k: v for k, v in read_json(path).items() if k not in ("finetune_config", "provenance")}
+    if not differs and recorded == summary:
+        return  # the record is this variant's already (and may hold the provenance of its fine-tuning)
+    seconds = None
+    if differs:
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            raise FileExistsError(f"{run_dir} holds another variant (differs in {differs}); move it away to make this one")
+        print(f"[{exp.name}] {run_dir}: fine-tuning the variant ({config.max_steps} steps, {config.dtype})", flush=True)
+        began = time.perf_counter()
+        finetune_variant(config)
+        seconds = time.perf_counter() - began
+        exp.steps_done += 1
+        summary = read_json(run_dir / "summary.json")
+    record = {**summary, "finetune_config": read_json(run_dir / "finetune_config.json")}
+    if seconds is not None:
+        record["provenance"] = exp.provenance(seconds)
+    atomic_write_json(path, record)
+
+
+# ---------------------------------------------------------------------------- evaluation
+def eval_step(exp: Experiment, path: Path, model: str, dtype: str, adapter: tuple[str, object] | None = None,
+              variant=None) -> dict:
+    """One row's evaluation as a resumable step (see the module docstring: lazy training).
+
+    Args:
+        path: the eval JSON (``results/unlearn/<run>_test.json``).
+        model: the evaluated model (the base name, or the variant's directory).
+        adapter: ``(name, UnlearnConfig)`` of the adapter run evaluated on ``model``, or None.
+        variant: the ``FinetuneConfig`` that makes ``model``, when ``model`` is the variant.
+
+    Returns:
+        The eval JSON (:func:`amendlm.bias.evaluate.evaluate_model`'s dict).
+    """
+    from amendlm.bias.evaluate import EvalConfig, evaluate_model
+
+    config = EvalConfig(**{"progress": False, **eval_options(exp, dtype)})
+    expected = eval_expected(model, adapter[1].out if adapter else None, config)
+    if adapter:
+        expected.update(_prefixed("training", adapter[1].to_dict()))
+    if variant is not None:
+        expected.update(_prefixed("variant", variant_expected(variant)))
+
+    def recorded(data: dict) -> dict:
+        have = eval_recorded(data)
+        if adapter:
+            have.update(_prefixed("training", _training_record(read_json(records(exp, adapter[0]) / "unlearn_config.json"))))
+        if variant is not None:
+            have.update(_prefixed("variant", variant_recorded(read_json(variant_record(exp, variant)))))
+        return have
+
+    def compute() -> dict:
+        if variant is not None:
+            ensure_variant(exp, variant)
+        if adapter:
+            ensure_adapter(exp, *adapter)
+        return evaluate_model(model, replace(config, dtype=expected["dtype"]), adapter=adapter[1].out if adapter else None)
+
+    return exp.step(path, expected, compute, recorded=recorded)
+
+
+def base_eval(exp: Experiment, dtype: str) -> tuple[Path, dict]:
+    """The embedded model before unlearning, on the test targets: ``results/unlearn/base_test_<dtype>.json``."""
+    from common import run_eval
+
+    path = exp.path(f"unlearn/base_test_{dtype}.json")
+    return path, run_eval(exp, path, BASE_MODEL, **eval_options(exp, dtype))
+
+
+# ---------------------------------------------------------------------------- tables
+def target_checks(before: dict, after: dict, before_name: str, after_name: str) -> list[dict]:
+    """:func:`amendlm.bias.compare.check_targets` as plain dicts (name, passed, value, bound, detail)."""
+    from amendlm.bias.compare import check_targets
+
+    return [asdict(check) for check in check_targets(before, after, before_name, after_name)]
+
+
+def targets_table(checks: dict[str, list[dict]]) -> str:
+    """Markdown: one row per run, one column per target, cells ``met (value)`` / ``missed (value)`` / ``n/a``."""
+    from amendlm.bias.compare import TARGET_NAMES
+
+    def cell(check: dict) -> str:
+        verdict = {True: "met", False: "**missed**", None: "n/a"}[check["passed"]]
+        return verdict if check["value"] is None else f"{verdict} ({check['value']:.2f})"
+
+    lines = ["| run | " + " | ".join(TARGET_NAMES) + " |", "|:---|" + "---:|" * len(TARGET_NAMES)]
+    lines += [f"| {label} | " + " | ".join(cell(c) for c in row) + " |" for label, row in checks.items()]
+    return "\n".join(lines) + "\n"
+
+
+def describe_test_set(data: dict) -> str:
+    """E.g. ``846 StereoSet test clusters of 16 target terms (gender 2 / 86, ...), 1508 CrowS-Pairs pairs``."""
+    groups = data["benchmarks"]["stereoset"]["scores"]["overall"]
+    overall = groups["overall"]
+    types = ", ".join(f"{t} {g['n_targets']} / {g['n_clusters']}" for t, g in sorted(groups.items()) if t != "overall")
+    crows = data["benchmarks"].get("crows-pairs", {}).get("scores", {}).get("overall", {})
+    ppl = data["benchmarks"].get("perplexity", {})
+    return (f"{overall['n_clusters']} StereoSet {data['benchmarks']['stereoset'].get('split', '')} clusters of "
+            f"{overall['n_targets']} target terms (terms / clusters: {types}); {crows.get('n_pairs', 'n/a')} CrowS-Pairs "
+            f"pairs; perplexity over {ppl.get('n_tokens', 'n/a')} WikiText tokens")

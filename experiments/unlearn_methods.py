@@ -1,0 +1,197 @@
+"""BiasUnlearn and the unlearning baselines on the held-out test targets: the results table, the
+BiasUnlearn targets of each run against the base model, training cost, and a Pareto figure.
+
+Rows: the embedded model before unlearning; BiasUnlearn 50 steps; BiasUnlearn with the official
+code's batch-mean NPO, 100 steps; the baselines npo, gradascent, graddiff, dpo and sft-anti at 50
+steps (val evaluations every 25).  Each run is ``amendlm.unlearn.trainer.train`` into
+``runs/unlearn/<run>``, evaluated with ``amendlm.bias.evaluate.evaluate_model`` on the test targets
+(see ``unlearn_common.py`` for paths and reuse).
+
+    python experiments/unlearn_methods.py --dtype bf16   # the recorded rows (made on an AVX-512 BF16 CPU): reuses them
+    python experiments/unlearn_methods.py                # --dtype auto: bf16 where native, else fp32
+    python experiments/unlearn_methods.py --quick --results-dir /tmp/um   # biasunlearn + dpo, 2 steps; ~1 min
+
+From scratch the full run takes about 70 minutes on the machine that made the recorded rows
+(training 2,340 s and evaluation 1,800 s in their summaries and eval JSONs, bf16 on an AVX-512 BF16
+CPU, one thread each); fp32 on an AVX2-only CPU several times that.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from common import Experiment, markdown_table, resolved_dtype
+from unlearn_common import (BASE_MODEL, BIASUNLEARN_50, QUICK_UNLEARN, Run, base_eval, describe_test_set, enter_repo,
+                            eval_log, eval_step, read_json, records, target_checks, targets_table, unlearn_config)
+
+BASELINES = ("npo", "gradascent", "graddiff", "dpo", "sft-anti")
+RUNS = (
+    BIASUNLEARN_50,
+    # `--npo-reduction batch_mean --max-steps 100` (README; the run's name records its lr, the default)
+    Run("bu_bm_lr2e-4", {"method": "biasunlearn", "npo_reduction": "batch_mean", "max_steps": 100}),
+    # `amendlm debias --method M --out runs/unlearn/M_s50 --dtype bf16 --max-steps 50 --eval-every 25`
+    *(Run(m, {"method": m, "max_steps": 50, "eval_every": 25}) for m in BASELINES),
+)
+QUICK_RUNS = (BIASUNLEARN_50, Run("dpo", {"method": "dpo", "max_steps": 50, "eval_every": 25}))
+# settings shown once for all rows when they are equal
+SHARED = ("model", "batch_size", "lr", "lora_r", "lora_alpha", "lora_dropout", "seed", "split_seed", "val_clusters",
+          "keep_best", "dtype")
+_NOT_OPTIONS = ("out", "model", "dtype")  # named elsewhere in the table
+
+
+def options_text(config) -> str:
+    """The options of a run that differ from UnlearnConfig's defaults, e.g. ``method=dpo max_steps=50 eval_every=25``."""
+    from amendlm.unlearn.config import UnlearnConfig
+
+    default = UnlearnConfig(out=config.out).to_dict()
+    return " ".join(f"{k}={v}" for k, v in config.to_dict().items() if k not in _NOT_OPTIONS and v != default[k])
+
+
+def label_of(config) -> str:
+    """``method, <options besides the budget>, N steps``, e.g. ``biasunlearn, npo_reduction=batch_mean, 100 steps``.
+
+    The ``--quick`` budget is left out (it is the same for every row and in the options column)."""
+    budget = ("method", "max_steps", "eval_every", *QUICK_UNLEARN)  # in the training table's options column
+    extra = [o for o in options_text(config).split() if o.split("=", 1)[0] not in budget]
+    return ", ".join([config.method, *extra, f"{config.max_steps} steps"])
+
+
+def pareto_figure(path: Path, points: dict[str, dict], val: dict[str, list[dict]], kept: dict[str, int | None],
+                  val_clusters: dict[str, int | None]) -> None:
+    """Three panels: test SS vs test LMS, test SS vs perplexity (one point per run), val SS vs val LMS over training."""
+    import matplotlib
+
+    from amendlm.bias.compare import SS_TOLERANCE
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    colours = {name: ("black" if i == 0 else plt.cm.tab10((i - 1) % 10)) for i, name in enumerate(points)}
+    for ax, key, ylabel in ((axes[0], "lms", "test LMS (ideal 100)"), (axes[1], "ppl", "WikiText perplexity (lower is better)")):
+        for name, row in points.items():
+            if row["ss"] is None or row[key] is None:
+                continue
+            ax.scatter(row["ss"], row[key], color=colours[name], s=40, marker="s" if name == next(iter(points)) else "o",
+                       label=name, zorder=3)
+        ax.set_xlabel("test SS (ideal 50)")
+        ax.set_ylabel(ylabel)
+    axes[0].set_title("test targets: SS vs LMS")
+    axes[1].set_title("test targets: SS vs perplexity")
+    for name, records_ in val.items():
+        if not records_:
+            continue
+        ss = [r["ss"]["overall"] for r in records_]
+        lms = [r["lms"]["overall"] for r in records_]
+        axes[2].plot(ss, lms, marker="o", ms=3, lw=1.2, color=colours[name], label=name)
+        axes[2].scatter(ss[0], lms[0], color=colours[name], marker="x", s=40, zorder=3)
+        best = [(s, l) for r, s, l in zip(records_, ss, lms) if r["step"] == kept.get(name)]
+        if best:
+            axes[2].scatter(*best[-1], color=colours[name], marker="*", s=140, zorder=4, edgecolor="black", linewidths=0.5)
+    clusters = sorted({c for c in val_clusters.values() if c})
+    axes[2].set_title(f"VAL targets during training ({'/'.join(map(str, clusters)) or '?'} clusters)\nx = step 0, * = kept step")
+    axes[2].set_xlabel("val SS (in-training evaluation)")
+    axes[2].set_ylabel("val LMS (in-training evaluation)")
+    for ax in axes:
+        ax.axvspan(50 - SS_TOLERANCE, 50 + SS_TOLERANCE, color="0.92", zorder=0)  # the overall-SS target band
+        ax.axvline(50, color="0.5", lw=0.8, zorder=1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    axes[2].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=".pareto.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from amendlm.bias.compare import comparison_rows, markdown_table as compare_table
+
+    def options(parser):
+        parser.add_argument("--dtype", default="auto",
+                            help="bf16 (the recorded rows), fp32, or auto (bf16 where this machine does it natively, else fp32).")
+
+    exp, args = Experiment.start("unlearn_methods", "BiasUnlearn and the unlearning baselines (held-out test targets)",
+                                 argv, options)
+    enter_repo(exp)
+    dtype = resolved_dtype(args.dtype)
+    base_path, base = base_eval(exp, dtype)
+    base_label = "base (before)"
+    runs, sources = [(base_label, base)], [base_path]
+    checks, training, val, kept, val_clusters, configs = {}, {}, {}, {}, {}, {}
+    for run in QUICK_RUNS if exp.quick else RUNS:
+        name, config = unlearn_config(exp, run, dtype)
+        path = exp.path(f"unlearn/{name}_test.json")
+        data = eval_step(exp, path, BASE_MODEL, dtype, adapter=(name, config))
+        label = label_of(config)
+        record_dir = records(exp, name)
+        summary = read_json(record_dir / "summary.json")
+        runs.append((label, data))
+        sources += [path, record_dir / "summary.json"]
+        checks[label] = target_checks(base, data, base_path.name, path.name)
+        val[label] = eval_log(record_dir)
+        kept[label] = summary.get("best_step") if summary.get("weights_saved", "").startswith("best") else summary.get("steps")
+        val_clusters[label] = summary.get("val_clusters")
+        configs[label] = config.to_dict()
+        training[label] = {"run": config.out, "options": options_text(config), "status": summary.get("status"),
+                           "steps": summary.get("steps"), "weights_saved": summary.get("weights_saved"),
+                           "train_seconds": summary.get("seconds"), "eval_seconds": data.get("seconds_total")}
+
+    rows = comparison_rows(runs)
+    pareto = exp.results / "pareto.png"
+    pareto_figure(pareto, {r["run"]: r for r in rows}, val, kept, val_clusters)
+
+    train_rows = [[label, f"`{t['options']}`", t["status"], t["steps"], t["weights_saved"],
+                   round(t["train_seconds"]) if t["train_seconds"] is not None else None,
+                   round(t["eval_seconds"]) if t["eval_seconds"] is not None else None] for label, t in training.items()]
+    markdown = "\n".join([
+        compare_table(rows),
+        f"BiasUnlearn targets of each run against `{base_path.name}` (`amendlm.bias.compare.check_targets`; the "
+        "value in brackets is what the target bounds: |SS − 50|, the largest per-type |SS − 50|, the LMS drop in points, "
+        "the perplexity increase in %, |CrowS − 50|, the lowest per-type SS):",
+        "",
+        targets_table(checks),
+        "Training (options besides the defaults of `UnlearnConfig`; seconds of the training and of the evaluation, "
+        "each as recorded in its run's `summary.json` and its eval JSON):",
+        "",
+        markdown_table(["run", "options", "status", "steps", "weights", "training s", "eval s"], train_rows, "lllrlrr"),
+    ])
+    shared = {}
+    for key in SHARED:
+        values = {repr(c[key]) for c in configs.values()}
+        shared[key] = next(iter(configs.values()))[key] if len(values) == 1 else "varies"
+    met = {label: sum(c["passed"] is True for c in row) for label, row in checks.items()}
+    notes = "\n".join([
+        f"Test set: {describe_test_set(base)}; every row evaluated in {base['config']['dtype']}, "
+        f"examples per benchmark: {base['config']['limit'] or 'all'}.  "
+        "SS, LMS and ICAT pool intra- and intersentence (ideal SS 50, LMS 100).",
+        "",
+        "Settings of every run: " + ", ".join(f"{k} {v}" for k, v in shared.items()) + ".",
+        "",
+        "Targets met (of " + str(len(next(iter(checks.values()), []))) + "): "
+        + "; ".join(f"{label}: {n}" for label, n in met.items()) + ".",
+        "",
+        "`pareto.png`: left and middle, one point per run on the **test** targets (square: the base model; grey band: "
+        "the overall-SS target); right, the **val** trajectory of each run (its in-training evaluations on the val "
+        "targets, from `log.jsonl`), a different split and cluster sample, so its axes are not comparable with the "
+        "test panels.",
+    ])
+    summary = {"dtype": dtype, "eval": base.get("step_config") or base.get("config"), "rows": rows, "targets": checks,
+               "training": training, "val": {label: [{"step": r["step"], "ss": r["ss"]["overall"], "lms": r["lms"]["overall"]}
+                                                     for r in recs] for label, recs in val.items()},
+               "configs": configs}
+    exp.finish(summary, markdown, notes=notes, pngs=[pareto], sources=sources)
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
