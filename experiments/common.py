@@ -103,10 +103,23 @@ def _normalise(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def config_differences(expected: dict, recorded: dict) -> list[str]:
-    """Keys of ``expected`` whose value differs in ``recorded`` (missing counts as different)."""
+def config_differences(expected: dict, recorded: dict, defaults: dict | None = None) -> list[str]:
+    """Keys of ``expected`` whose value differs in ``recorded``.
+
+    A key missing from ``recorded`` counts as different, unless ``defaults`` holds it: a field
+    added to a config after the file was written was added with a default that keeps the earlier
+    behaviour, so the file matches when the expected value is that default.
+    """
     expected, recorded = _normalise(expected), _normalise(recorded)
-    return sorted(k for k, v in expected.items() if recorded.get(k, object()) != v)
+    defaults = _normalise(defaults or {})
+    missing = object()
+
+    def have(key):
+        if key in recorded:
+            return recorded[key]
+        return defaults.get(key, missing)
+
+    return sorted(k for k, v in expected.items() if have(k) != v)
 
 
 @dataclass
@@ -157,7 +170,7 @@ class Experiment:
         return self.results_root / relative
 
     def step(self, path: Path, expected: dict, compute: Callable[[], dict],
-             recorded: Callable[[dict], dict] | None = None) -> dict:
+             recorded: Callable[[dict], dict] | None = None, defaults: dict | None = None) -> dict:
         """The JSON result of one step, computed only when no matching result exists.
 
         Args:
@@ -166,6 +179,8 @@ class Experiment:
             compute: makes the result (a JSON-serialisable dict) when it is missing or stale.
             recorded: reads the configuration a file records of itself (for files written by the
                 CLI or by earlier versions); default: the ``step_config`` this method stamps.
+            defaults: values of configuration fields added after a file was written
+                (:func:`config_differences`).
 
         Returns:
             The result dict (with ``step_config`` and ``provenance`` for results made here).
@@ -174,7 +189,7 @@ class Experiment:
         if path.is_file():
             data = json.loads(path.read_text())
             have = recorded(data) if recorded is not None else data.get("step_config", {})
-            differs = config_differences(expected, have)
+            differs = config_differences(expected, have, defaults)
             if not differs:
                 self.steps_reused += 1
                 print(f"[{self.name}] {label}: done before, reused", flush=True)
@@ -360,4 +375,13 @@ def run_eval(exp: Experiment, path: Path, model: str, adapter: str | Path | None
     expected = eval_expected(model, adapter, config)
     # evaluate with the resolved dtype, so that the JSON and the expectation agree
     return exp.step(path, expected, lambda: evaluate_model(model, replace(config, dtype=expected["dtype"]), adapter=adapter),
-                    recorded=eval_recorded)
+                    recorded=eval_recorded, defaults=eval_defaults())
+
+
+def eval_defaults() -> dict:
+    """:class:`EvalConfig`'s defaults: the values of fields an older eval JSON does not record."""
+    from dataclasses import asdict
+
+    from amendlm.bias.evaluate import EvalConfig
+
+    return {k: v for k, v in asdict(EvalConfig()).items() if k not in _EVAL_IGNORED}

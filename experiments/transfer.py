@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> dict:
                "configs": {"variant": variant.to_dict(), "transferred": transferred[1].to_dict(), "own": own[1].to_dict()}}
     sources = [*paths.values(), variant_record(exp, variant), records(exp, own[0]) / "summary.json",
                base_path, original_path]
-    exp.finish(summary, markdown, notes=notes, sources=sources)
+    headline = [(f"Transfer: SS change of a BiasUnlearn adapter on a fine-tuned variant / on the model it was trained on ({dtype})",
+                 " / ".join("n/a" if change[k] is None else f"{change[k]:+.2f}"
+                            for k in ("variant, transferred adapter", "embedded model, the same adapter")))]
+    exp.finish(summary, markdown, notes=notes, sources=sources, headline=headline)
     return summary
 
 

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from amendlm.report import atomic_write_json
-from common import REPO, RESULTS, Experiment, config_differences, eval_expected, eval_recorded
+from common import REPO, RESULTS, Experiment, config_differences, eval_defaults, eval_expected, eval_recorded
 
 BASE_MODEL = "smollm2-135m-instruct"  # amendlm.resources.DEFAULT_MODEL, the model of every recorded row
 
@@ -290,7 +290,7 @@ def eval_step(exp: Experiment, path: Path, model: str, dtype: str, adapter: tupl
             ensure_adapter(exp, *adapter)
         return evaluate_model(model, replace(config, dtype=expected["dtype"]), adapter=adapter[1].out if adapter else None)
 
-    return exp.step(path, expected, compute, recorded=recorded)
+    return exp.step(path, expected, compute, recorded=recorded, defaults=eval_defaults())
 
 
 def base_eval(exp: Experiment, dtype: str) -> tuple[Path, dict]:

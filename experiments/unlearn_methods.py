@@ -189,7 +189,13 @@ def main(argv: list[str] | None = None) -> dict:
                "training": training, "val": {label: [{"step": r["step"], "ss": r["ss"]["overall"], "lms": r["lms"]["overall"]}
                                                      for r in recs] for label, recs in val.items()},
                "configs": configs}
-    exp.finish(summary, markdown, notes=notes, pngs=[pareto], sources=sources)
+    headline = []
+    if len(rows) > 1:  # the first method (BiasUnlearn, 50 steps) against the base model
+        before, after = rows[0], rows[1]
+        headline.append((f"{after['run']} vs base, held-out test targets ({dtype}): SS / LMS / CrowS / perplexity",
+                         " / ".join(f"{before[k]:.2f} → {after[k]:.2f}" for k in ("ss", "lms", "crows", "ppl"))
+                         + f"; {met[after['run']]} of {len(checks[after['run']])} targets met"))
+    exp.finish(summary, markdown, notes=notes, pngs=[pareto], sources=sources, headline=headline)
     return summary
 
 
