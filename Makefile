@@ -74,7 +74,7 @@ clean:
 # results: every results table, one script each under experiments/ (resumable; a result already in
 # results/ with the same recorded configuration is reused).  From scratch this takes several hours
 # on a 2-core CPU (training and full evaluations); each script prints its wall time.
-RESULTS_SCRIPTS := eval_embedded unlearn_methods transfer ram_xsum bench_scoring bench_decode bench_unlearn
+RESULTS_SCRIPTS := eval_embedded unlearn_methods unlearn_ablation transfer ram_xsum bench_scoring bench_decode bench_unlearn
 .PHONY: results
 results: install
 	@for script in $(RESULTS_SCRIPTS); do \

@@ -46,6 +46,7 @@ HEADLINE_END = "<!-- /headline -->"
 EXPERIMENTS = (
     "eval_embedded",
     "unlearn_methods",
+    "unlearn_ablation",
     "transfer",
     "ram_xsum",
     "bench_scoring",

@@ -1,0 +1,141 @@
+"""Which lever lets BiasUnlearn remove bias *and* keep the language model: one row per lever, decided on val.
+
+Every row is BiasUnlearn on the embedded model at the same step budget, the default recipe plus
+one lever (the last row combines them).  Training uses the train targets; every decision — which
+checkpoint a run keeps, and which row is recommended — uses the val targets only (the in-training
+evaluations in each run's ``log.jsonl``); the test targets are only reported, with 95 % bootstrap
+intervals over target terms (``amendlm.bias.compare``).
+
+Rows (``UnlearnConfig`` options on top of the defaults):
+
+* ``default`` — today's defaults (keep the smallest worst val SS gap);
+* ``lms-select`` — keep the smallest worst val gap among evaluations whose val LMS fell ≤ 2 points;
+* ``differing`` — + forget/retain losses only on the tokens where stereotype and anti-stereotype differ;
+* ``token-mean`` — + NPO on the per-token mean log-ratio of each sequence;
+* ``low-lr`` — + lr 5e-5 with 10 warm-up steps;
+* ``attention`` — + LoRA on the attention projections only;
+* ``big-retain`` — + retain and KL batches of 16 (forget 8).
+
+    python experiments/unlearn_ablation.py                 # --dtype auto, 50 steps per row
+    python experiments/unlearn_ablation.py --rows default,differing   # a subset (resumable; the rest later)
+    python experiments/unlearn_ablation.py --quick --results-dir /tmp/ab   # two rows, 1 step; ~1.5 min
+
+Cost: a row is one training run (50 steps of 8 + 8 + 8 sequences: ~10 s a step in fp32 on 2 AVX2
+cores, ~4 s in bf16 on AVX-512 BF16) plus its val evaluations and one test evaluation (~4-8 min);
+about 20 minutes per row on an AVX2 CPU, 2.5 hours for all seven.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from common import Experiment, markdown_table, resolved_dtype
+from unlearn_common import (BASE_MODEL, Run, base_eval, describe_test_set, enter_repo, eval_log, eval_step, read_json,
+                            records, target_checks, targets_table, unlearn_config)
+
+STEPS = 50
+LMS_SELECT = {"selection": "gap_within_lms", "max_lms_drop": 2.0}
+LEVERS: dict[str, dict] = {
+    "default": {},
+    "lms-select": dict(LMS_SELECT),
+    "differing": {**LMS_SELECT, "loss_tokens": "differing"},
+    "token-mean": {**LMS_SELECT, "npo_reduction": "token_mean"},
+    "low-lr": {**LMS_SELECT, "lr": 5e-5, "warmup_steps": 10},
+    "attention": {**LMS_SELECT, "lora_scope": "attention"},
+    "big-retain": {**LMS_SELECT, "forget_batch_size": 8, "retain_batch_size": 16, "kl_batch_size": 16},
+}
+QUICK_ROWS = ("default", "differing")
+
+
+def run_of(row: str, steps: int) -> Run:
+    return Run(f"ablation_{row}", {"method": "biasunlearn", "max_steps": steps, **LEVERS[row]})
+
+
+def val_choice(summary: dict, evals: list[dict]) -> dict:
+    """The val record of the evaluation a run kept (its step, worst gap, SS, LMS and LMS drop)."""
+    step = summary.get("best_step") if str(summary.get("weights_saved", "")).startswith("best") else summary.get("steps")
+    record = next((r for r in evals if r["step"] == step), None)
+    if record is None:
+        return {"step": step}
+    base_lms = evals[0]["lms"]["overall"] if evals else None
+    return {"step": step, "worst_gap": record["worst_gap"], "ss": record["ss"]["overall"], "lms": record["lms"]["overall"],
+            "lms_drop": None if base_lms is None else base_lms - record["lms"]["overall"]}
+
+
+def recommend(choices: dict[str, dict], max_lms_drop: float = 2.0) -> str | None:
+    """The row decided on val: the smallest worst val gap among kept checkpoints whose val LMS fell
+    ≤ ``max_lms_drop``; None when no row qualifies."""
+    qualified = {row: c for row, c in choices.items()
+                 if c.get("worst_gap") is not None and c.get("lms_drop") is not None and c["lms_drop"] <= max_lms_drop}
+    return min(qualified, key=lambda row: qualified[row]["worst_gap"]) if qualified else None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from amendlm.bias.compare import comparison_rows, markdown_table as compare_table
+
+    def options(parser):
+        parser.add_argument("--dtype", default="auto", help="bf16, fp32, or auto (bf16 where native, else fp32).")
+        parser.add_argument("--steps", type=int, default=STEPS, help="Training steps of every row (equal compute).")
+        parser.add_argument("--rows", default=",".join(LEVERS),
+                            help=f"Comma-separated rows to run, in order (default all: {','.join(LEVERS)}).")
+
+    exp, args = Experiment.start("unlearn_ablation", "BiasUnlearn levers: what keeps the language model (decided on val)",
+                                 argv, options)
+    enter_repo(exp)
+    dtype = resolved_dtype(args.dtype)
+    wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in wanted if r not in LEVERS]
+    if unknown:
+        raise SystemExit(f"unknown row(s) {unknown}; valid: {', '.join(LEVERS)}")
+    rows_run = [r for r in wanted if r in QUICK_ROWS] if exp.quick else wanted
+    base_path, base = base_eval(exp, dtype)
+    runs, sources, choices, checks, configs = [("base (before)", base)], [base_path], {}, {}, {}
+    for row in rows_run:
+        name, config = unlearn_config(exp, run_of(row, args.steps), dtype)
+        path = exp.path(f"unlearn/{name}_test.json")
+        data = eval_step(exp, path, BASE_MODEL, dtype, adapter=(name, config))
+        record_dir = records(exp, name)
+        summary = read_json(record_dir / "summary.json")
+        runs.append((row, data))
+        sources += [path, record_dir / "summary.json"]
+        choices[row] = val_choice(summary, eval_log(record_dir))
+        checks[row] = target_checks(base, data, base_path.name, path.name)
+        configs[row] = {k: v for k, v in config.to_dict().items() if k in LEVERS[row] or k == "max_steps"}
+
+    chosen = recommend(choices)
+    rows = comparison_rows(runs)
+    val_rows = [[row, f"`{configs[row]}`", c.get("step"), c.get("worst_gap"), c.get("ss"), c.get("lms"), c.get("lms_drop"),
+                 "**yes**" if row == chosen else ""] for row, c in choices.items()]
+    markdown = "\n".join([
+        "Test targets (reported only; 95 % bootstrap intervals over target terms for SS and LMS, over pairs for CrowS):",
+        "",
+        compare_table(rows),
+        "Val targets (every decision): the evaluation each run kept, and the row recommended — the smallest worst "
+        "val SS gap among rows whose kept val LMS fell ≤ 2 points:",
+        "",
+        markdown_table(["row", "lever", "kept step", "val worst gap", "val SS", "val LMS", "val LMS drop", "recommended"],
+                       val_rows, "lllrrrrl"),
+        "",
+        f"BiasUnlearn targets of each row against `{base_path.name}` (test):",
+        "",
+        targets_table(checks),
+    ])
+    met = {row: sum(c["passed"] is True for c in checks[row]) for row in checks}
+    notes = (f"Test set: {describe_test_set(base)}; dtype {dtype}; {args.steps} steps per row.  Rows not yet run: "
+             + (", ".join(r for r in LEVERS if r not in choices) or "none") + ".  "
+             + (f"Recommended on val: `{chosen}` ({met[chosen]} of {len(checks[chosen])} test targets met)."
+                if chosen else "No row keeps val LMS within 2 points with a checkpoint other than step 0's."))
+    headline = []
+    if chosen:
+        row = next(r for r in rows if r["run"] == chosen)
+        headline.append((f"BiasUnlearn, lever chosen on val (`{chosen}`, {args.steps} steps, {dtype}), test: SS / LMS / perplexity",
+                         f"{rows[0]['ss']:.2f} → {row['ss']:.2f} / {rows[0]['lms']:.2f} → {row['lms']:.2f} / "
+                         f"{rows[0]['ppl']:.2f} → {row['ppl']:.2f}; {met[chosen]} of {len(checks[chosen])} targets met"))
+    summary = {"dtype": dtype, "steps": args.steps, "rows": rows, "val": choices, "recommended": chosen,
+               "targets": checks, "levers": configs}
+    exp.finish(summary, markdown, notes=notes, sources=sources, headline=headline)
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
