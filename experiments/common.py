@@ -158,6 +158,9 @@ class Experiment:
         if args.quick and args.results_dir is None:
             parser.error("--quick needs --results-dir (a quick run never writes into results/)")
         root = (args.results_dir or RESULTS).resolve()
+        if args.quick and (root == REPO or root.is_relative_to(RESULTS.resolve()) or RESULTS.resolve().is_relative_to(root)):
+            parser.error(f"--quick must not write into {RESULTS.relative_to(REPO)}/ (it holds the measured results); "
+                         "pass a --results-dir outside the repository's results")
         docs = args.docs or (DOCS_PAGE if args.results_dir is None else root / "results.md")
         shown = [a for a in argv if a]  # the command that regenerates this table
         command = shlex.join(["python", f"experiments/{name}.py", *shown])
@@ -380,9 +383,11 @@ def run_eval(exp: Experiment, path: Path, model: str, adapter: str | Path | None
 
 
 def eval_defaults() -> dict:
-    """:class:`EvalConfig`'s defaults: the values of fields an older eval JSON does not record."""
-    from dataclasses import asdict
+    """Values of :class:`EvalConfig` fields an older eval JSON does not record: the value each had
+    when it was added (a frozen record, not today's defaults, which may change)."""
+    return dict(EVAL_FIELDS_ADDED)
 
-    from amendlm.bias.evaluate import EvalConfig
 
-    return {k: v for k, v in asdict(EvalConfig()).items() if k not in _EVAL_IGNORED}
+# EvalConfig fields and the value each had when it was added; every eval JSON in results/ was written
+# after all fields that exist today (2026-12-01), so this is empty until a field is added
+EVAL_FIELDS_ADDED: dict[str, Any] = {}

@@ -1,7 +1,7 @@
 """Which lever lets BiasUnlearn remove bias *and* keep the language model: one row per lever, decided on val.
 
-Every row is BiasUnlearn on the embedded model at the same step budget, the default recipe plus
-one lever (the last row combines them).  Training uses the train targets; every decision — which
+Every row is BiasUnlearn on the embedded model at the same step budget: the defaults, then the
+LMS-aware selection, then that selection plus one more lever per row.  Training uses the train targets; every decision — which
 checkpoint a run keeps, and which row is recommended — uses the val targets only (the in-training
 evaluations in each run's ``log.jsonl``); the test targets are only reported, with 95 % bootstrap
 intervals over target terms (``amendlm.bias.compare``).
@@ -48,7 +48,9 @@ QUICK_ROWS = ("default", "differing")
 
 
 def run_of(row: str, steps: int) -> Run:
-    return Run(f"ablation_{row}", {"method": "biasunlearn", "max_steps": steps, **LEVERS[row]})
+    """The run of ``row``; ``default`` is the very run of ``unlearn_methods.py`` (``biasunlearn_s<steps>``), shared."""
+    stem = "biasunlearn" if row == "default" else f"ablation_{row}"
+    return Run(stem, {"method": "biasunlearn", "max_steps": steps, **LEVERS[row]})
 
 
 def val_choice(summary: dict, evals: list[dict]) -> dict:
@@ -63,10 +65,11 @@ def val_choice(summary: dict, evals: list[dict]) -> dict:
 
 
 def recommend(choices: dict[str, dict], max_lms_drop: float = 2.0) -> str | None:
-    """The row decided on val: the smallest worst val gap among kept checkpoints whose val LMS fell
-    ≤ ``max_lms_drop``; None when no row qualifies."""
+    """The row decided on val: the smallest worst val gap among kept checkpoints after step 0 whose
+    val LMS fell ≤ ``max_lms_drop``; None when no row qualifies."""
     qualified = {row: c for row, c in choices.items()
-                 if c.get("worst_gap") is not None and c.get("lms_drop") is not None and c["lms_drop"] <= max_lms_drop}
+                 if c.get("step") and c.get("worst_gap") is not None and c.get("lms_drop") is not None
+                 and c["lms_drop"] <= max_lms_drop}  # step 0 is the untouched base model: never a recommendation
     return min(qualified, key=lambda row: qualified[row]["worst_gap"]) if qualified else None
 
 
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     notes = (f"Test set: {describe_test_set(base)}; dtype {dtype}; {args.steps} steps per row.  Rows not yet run: "
              + (", ".join(r for r in LEVERS if r not in choices) or "none") + ".  "
              + (f"Recommended on val: `{chosen}` ({met[chosen]} of {len(checks[chosen])} test targets met)."
-                if chosen else "No row keeps val LMS within 2 points with a checkpoint other than step 0's."))
+                if chosen else "No row kept a checkpoint after step 0 whose val LMS fell ≤ 2 points."))
     headline = []
     if chosen:
         row = next(r for r in rows if r["run"] == chosen)

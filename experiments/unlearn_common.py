@@ -136,27 +136,19 @@ def _training_record(config: dict) -> dict:
     * ``dtype_auto`` (whether ``auto`` chose the recorded, resolved dtype) is left out: it changes
       no number, and the scripts pass the resolved dtype.
     * A field the record lacks was added to ``UnlearnConfig`` after the record was written; it
-      counts as its default, which keeps the behaviour from before (the convention of the
-      trainer's resume check, which compares only the keys a saved config has).  So a recorded
-      run matches a config that leaves the new field at its default, and no other.
+      counts as the value it had when it was added (``amendlm.unlearn.config.FIELDS_ADDED``, the
+      convention of the trainer's resume check), not as whatever its default is today.
     """
-    from dataclasses import MISSING, fields
-
-    from amendlm.unlearn.config import UnlearnConfig
+    from amendlm.unlearn.config import with_added_fields
 
     record = {k: v for k, v in config.items() if k != "dtype_auto"}
-    if not record:
-        return record
-    for f in fields(UnlearnConfig):
-        if f.name not in record and (f.default is not MISSING or f.default_factory is not MISSING):
-            record[f.name] = f.default if f.default is not MISSING else f.default_factory()
-    return record
+    return with_added_fields(record) if record else record
 
 
 def _finished(run_dir: Path) -> bool:
     """The run saved its weights and was not interrupted."""
     status = read_json(run_dir / "summary.json").get("status")
-    return (run_dir / "adapter_model.safetensors").is_file() and status not in (None, "interrupted")
+    return (run_dir / "adapter_model.safetensors").is_file() and status in ("completed", "stopped")
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
@@ -180,8 +172,11 @@ def ensure_adapter(exp: Experiment, name: str, config) -> None:
         print(f"[{exp.name}] {run_dir}: {'resuming' if resume else 'training'} ({config.method}, "
               f"{config.max_steps} steps, {config.dtype})", flush=True)
         began = time.perf_counter()
-        train(config, resume=resume)
+        result = train(config, resume=resume)
         seconds = time.perf_counter() - began
+        if result.status not in ("completed", "stopped"):  # interrupted or NaN: never evaluate or record it
+            raise SystemExit(f"[{exp.name}] {run_dir}: training ended '{result.status}' at step {result.steps}; "
+                             "nothing recorded; run the script again to resume")
         exp.steps_done += 1
     if not trained and read_json(record_dir / "unlearn_config.json") == read_json(run_dir / "unlearn_config.json") \
             and (record_dir / "summary.json").is_file():
@@ -276,7 +271,9 @@ def eval_step(exp: Experiment, path: Path, model: str, dtype: str, adapter: tupl
         expected.update(_prefixed("variant", variant_expected(variant)))
 
     def recorded(data: dict) -> dict:
-        have = eval_recorded(data)
+        if "step_config" in data:  # made by a script: it records what it evaluated (training.* / variant.*)
+            return data["step_config"]
+        have = eval_recorded(data)  # a CLI-made file: its adapter's record sits under results/unlearn/runs
         if adapter:
             have.update(_prefixed("training", _training_record(read_json(records(exp, adapter[0]) / "unlearn_config.json"))))
         if variant is not None:

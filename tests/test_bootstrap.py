@@ -36,7 +36,7 @@ def test_paired_shift_is_exact_and_significant():
     before = np.array([40.0, 55.0, 70.0, 62.5])
     test = paired_difference(before, before - 3.0)
     assert test.value == pytest.approx(-3.0) and test.low == pytest.approx(-3.0) and test.high == pytest.approx(-3.0)
-    assert test.p == 0.0 and test.n_units == 4
+    assert test.p == pytest.approx(2 / 2001) and test.n_units == 4  # no draw crosses zero: 2 (0 + 1) / (B + 1)
 
 
 def test_symmetric_noise_is_not_significant():
@@ -60,11 +60,13 @@ def test_units_read_from_an_eval_result():
     assert intervals["ss"].value == 37.5 and intervals["crows"].value == 75.0
 
 
-def test_paired_tests_refuse_different_terms():
+def test_paired_tests_refuse_different_terms_and_compare_leaves_them_unpaired():
     a = with_units({"nurse": [4, 3, 6]}, [1])
     b = with_units({"mother": [4, 3, 6]}, [1])
     with pytest.raises(ValueError, match="different target terms"):
         paired_tests(a, b)
+    rows = comparison_rows([("a", a), ("b", b)])  # still a table, without the paired test
+    assert rows[1]["vs_first"] == {"ss": None, "lms": None, "crows": None} and rows[1]["ss_ci"] is not None
 
 
 def test_compare_rows_and_markdown_carry_intervals(tmp_path):
@@ -72,7 +74,7 @@ def test_compare_rows_and_markdown_carry_intervals(tmp_path):
     after = with_units({"a": [2, 1, 4], "b": [2, 1, 4]}, [1, 0])
     rows = comparison_rows([("before", before), ("after", after)])
     assert rows[0]["ss_ci"] == [100.0, 100.0] and "vs_first" not in rows[0]
-    assert rows[1]["vs_first"]["ss"]["value"] == -50.0 and rows[1]["vs_first"]["ss"]["p"] == 0.0
+    assert rows[1]["vs_first"]["ss"]["value"] == -50.0 and rows[1]["vs_first"]["ss"]["p"] < 0.001
     assert "| after | 50.00 [50.0, 50.0] |" in markdown_table(rows)
     paths = []
     for name, data in (("before", before), ("after", after)):

@@ -40,11 +40,15 @@ def nurse_cluster() -> StereoSetCluster:
                             "She is a nurse.", "She is a doctor.", "Cats drink milk.")
 
 
-def test_differing_tokens_are_aligned_from_the_start_of_the_continuation():
+def test_differing_tokens_are_aligned_from_both_ends_of_the_continuation():
     she, is_, a, nurse, doctor, kind, dot = 11, 12, 8, 13, 14, 15, 10
     assert differing_tokens([she, is_, a, nurse, dot], [she, is_, a, doctor, dot]) == (False, False, False, True, False)
     # a longer side keeps its extra tokens; an empty counterpart shares nothing
-    assert differing_tokens([she, is_, a, kind, doctor, dot], [she, is_, a, nurse, dot]) == (False, False, False, True, True, True)
+    # different lengths: the shared final "." is still shared
+    assert differing_tokens([she, is_, a, kind, doctor, dot], [she, is_, a, nurse, dot]) == (False, False, False, True, True, False)
+    assert differing_tokens([5, 6, 7], [5, 9, 10, 7]) == (False, True, False)
+    assert differing_tokens([5, 5, 5], [5, 5]) == (False, False, True)  # prefix and suffix never overlap
+    assert differing_tokens([5, 6], [5, 6]) == (False, False)
     assert differing_tokens([she, dot], []) == (True, True)
 
 

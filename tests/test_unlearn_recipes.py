@@ -52,6 +52,12 @@ def test_options_override_the_recipe_and_both_are_recorded(tmp_path):
     assert default == UnlearnConfig(out=str(tmp_path))  # --recipe default = today's defaults
 
 
+def test_an_explicit_general_option_is_not_hidden_by_the_recipes_finer_ones(tmp_path):
+    config = UnlearnConfig.from_recipe("official", str(tmp_path), {"batch_size": 6, "val_clusters": 50})
+    assert (config.forget_batch_size, config.retain_batch_size, config.kl_batch_size) == (None, None, None)
+    assert config.batch_size == 6 and config.val_clusters == 50 and config.val_clusters_per_type is None
+
+
 def test_unknown_recipes_and_choices_list_the_valid_ones(tmp_path):
     with pytest.raises(ValueError, match="valid: default, official"):
         recipe_fields("fastest")

@@ -36,8 +36,9 @@ class Interval:
 class PairedDifference:
     """``after - before`` on the same units: the estimate, its interval and a two-sided p-value.
 
-    ``p`` is the bootstrap p-value ``min(1, 2 · min(P*(d ≤ 0), P*(d ≥ 0)))`` over the draws ``d``
-    (how often the resampled difference lands on the other side of zero).
+    ``p`` is the two-sided bootstrap p-value ``min(1, 2 · (k + 1) / (B + 1))``, ``k`` the number of
+    the ``B`` draws ``d`` on the far side of zero (``min(#[d ≤ 0], #[d ≥ 0])``); with few units (16
+    test target terms) read it as approximate.
     """
 
     value: float
@@ -86,7 +87,9 @@ def paired_difference(before, after, n_resamples: int = N_RESAMPLES, level: floa
         raise ValueError(f"paired_difference: {before.shape[0]} units before, {after.shape[0]} after")
     delta = after - before
     draws = delta[_draws(len(delta), n_resamples, seed)].mean(axis=1)
-    p = min(1.0, 2.0 * min(float((draws <= 0).mean()), float((draws >= 0).mean())))
+    # (k + 1) / (B + 1): a bootstrap p-value is never 0 (at least one draw, the observed one, could cross)
+    crossing = min(int((draws <= 0).sum()), int((draws >= 0).sum()))
+    p = min(1.0, 2.0 * (crossing + 1) / (n_resamples + 1))
     return PairedDifference(float(delta.mean()), *_bounds(draws, level), p=p, n_units=len(delta))
 
 

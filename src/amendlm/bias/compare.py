@@ -134,7 +134,8 @@ def comparison_rows(runs: list[tuple[str, dict]]) -> list[dict]:
     ``ss_ci``, ``lms_ci``, ``crows_ci`` are 95 % bootstrap intervals ``[low, high]`` over target terms
     (StereoSet) and pairs (CrowS-Pairs); every row after the first has ``vs_first``: the paired
     difference to the first run per metric (value, low, high, p; :mod:`amendlm.bias.bootstrap`).
-    Both are None for results written without per-unit records.
+    Both are None for results written without per-unit records; ``vs_first`` is None too when the
+    two runs were scored on different target terms or pairs.
 
     SS / LMS / ICAT are StereoSet's overall task (intra + inter), in percent; ``ss_gender`` etc.
     are that task's per-type SS; ``crows`` is the CrowS-Pairs overall metric (percent) and ``ppl``
@@ -148,7 +149,10 @@ def comparison_rows(runs: list[tuple[str, dict]]) -> list[dict]:
         for metric, interval in run_intervals(results).items():
             row[f"{metric}_ci"] = None if interval is None else [interval.low, interval.high]
         if index > 0:
-            tests = paired_tests(runs[0][1], results)
+            try:
+                tests = paired_tests(runs[0][1], results)
+            except ValueError:  # scored on other target terms or pairs (e.g. another --limit): not paired
+                tests = {"ss": None, "lms": None, "crows": None}
             row["vs_first"] = {metric: None if test is None else test.to_dict() for metric, test in tests.items()}
         rows.append(row)
     return rows

@@ -22,6 +22,24 @@ LOSS_TOKENS = ("all", "differing")
 VAL_TASKS = ("intrasentence", "intersentence")
 
 
+# Fields added to UnlearnConfig after runs were first recorded, with the value each had when it was
+# added (the value that reproduces the behaviour from before it existed).  A saved
+# unlearn_config.json without one of them was made with that value, whatever the default becomes
+# later (used by the resume check and by the experiment scripts' reuse check).
+FIELDS_ADDED: dict[str, object] = {
+    "forget_batch_size": None, "retain_batch_size": None, "kl_batch_size": None, "phase_warmup_steps": 0,
+    "ce_reduction": "token", "lora_scope": "all", "early_scheduler_steps": None, "early_until_step": 0,
+    "initial_all_types_steps": 0, "initial_scheduler_steps": None, "fresh_optimizer_per_phase": False,
+    "val_clusters_per_type": None, "val_task": None, "selection": "gap", "max_lms_drop": 2.0,
+    "loss_tokens": "all", "recipe": "default", "recipe_overrides": {},
+}
+
+
+def with_added_fields(saved: dict) -> dict:
+    """A saved ``unlearn_config.json`` completed with :data:`FIELDS_ADDED` for the fields it predates."""
+    return {**{k: v for k, v in FIELDS_ADDED.items() if k not in saved}, **saved}
+
+
 @dataclass
 class UnlearnConfig:
     """Options of one unlearning run (BiasUnlearn or a baseline; DESIGN.md §4).
@@ -246,12 +264,21 @@ class UnlearnConfig:
 
         Precedence: ``overrides`` > the recipe > ``defaults`` (e.g. the CLI's own defaults) >
         the field defaults.  ``recipe`` and ``recipe_overrides`` (= ``overrides``) are recorded.
+        An explicit ``batch_size`` drops the recipe's per-stream batch sizes, and an explicit
+        ``val_clusters`` its ``val_clusters_per_type``, so that no explicit option is hidden.
 
         Raises:
             ValueError: unknown recipe or field, or an invalid value.
         """
         overrides = dict(overrides or {})
-        data = {**defaults, **recipe_fields(recipe), **overrides, "out": str(out), "recipe": recipe,
+        preset = dict(recipe_fields(recipe))
+        # an explicit general option replaces the recipe's finer ones it would otherwise be hidden by
+        if "batch_size" in overrides:
+            for key in ("forget_batch_size", "retain_batch_size", "kl_batch_size"):
+                preset.pop(key, None)
+        if "val_clusters" in overrides:
+            preset.pop("val_clusters_per_type", None)
+        data = {**defaults, **preset, **overrides, "out": str(out), "recipe": recipe,
                 "recipe_overrides": overrides}
         return cls.from_dict(data)
 

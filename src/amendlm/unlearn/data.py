@@ -74,13 +74,15 @@ def example(cluster: StereoSetCluster, label: str) -> Example:
 
 
 def differing_tokens(continuation_ids: Sequence[int], counterpart_ids: Sequence[int]) -> tuple[bool, ...]:
-    """Which continuation tokens differ from the other side's, aligned from the continuation's start.
+    """Which continuation tokens differ from the other side's: neither in the common prefix nor in the common suffix.
 
-    Token ``i`` is kept when the counterpart has no token ``i`` or a different one.  For
-    " She is a nurse." vs " She is a doctor." only " nurse" is kept: " She", " is", " a" and
-    the final "." are shared, and a loss on them would push the stereotype and the
-    anti-stereotype sides against each other on the same tokens (issue 9: 56 % of the
-    intrasentence stereotype continuation tokens are shared).
+    The two continuations are aligned from both ends: the longest common prefix (" She is a")
+    and the longest common suffix (the final ".") are shared; every token in between is kept.
+    For " She is a nurse." vs " She is a doctor." only " nurse" is kept, also when the two words
+    have different token counts (``[5, 6, 7]`` vs ``[5, 9, 10, 7]`` keeps only ``6``).  A loss on
+    the shared tokens would push the stereotype and the anti-stereotype sides against each
+    other on the same tokens (issue 9: 56 % of the intrasentence stereotype continuation tokens
+    are shared).  Identical continuations keep nothing.
 
     Args:
         continuation_ids: the token ids of this example's continuation (length ``n``).
@@ -89,7 +91,14 @@ def differing_tokens(continuation_ids: Sequence[int], counterpart_ids: Sequence[
     Returns:
         ``n`` booleans, True = the token counts in the loss.
     """
-    return tuple(i >= len(counterpart_ids) or token != counterpart_ids[i] for i, token in enumerate(continuation_ids))
+    n, m = len(continuation_ids), len(counterpart_ids)
+    prefix = 0
+    while prefix < min(n, m) and continuation_ids[prefix] == counterpart_ids[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < min(n, m) - prefix and continuation_ids[n - 1 - suffix] == counterpart_ids[m - 1 - suffix]:
+        suffix += 1
+    return tuple(prefix <= i < n - suffix for i in range(n))
 
 
 def adversarial_ids(

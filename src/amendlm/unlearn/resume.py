@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from amendlm.unlearn import artifacts
-from amendlm.unlearn.config import UnlearnConfig
+from amendlm.unlearn.config import UnlearnConfig, with_added_fields
 
 
 @contextlib.contextmanager
@@ -75,10 +75,10 @@ def check_resume_config(config: UnlearnConfig, resume: bool) -> None:
     config_file = Path(config.out) / "unlearn_config.json"
     if not (resume and config_file.is_file()):
         return
-    saved = json.loads(config_file.read_text())
+    saved = with_added_fields(json.loads(config_file.read_text()))
     current = config.to_dict()
     skip = {"max_steps", "recipe_overrides"} | ({"dtype"} if config.dtype == "auto" and saved.get("dtype_auto") else set())
-    differs = sorted(k for k, v in current.items() if k not in skip and k in saved and saved[k] != v)
+    differs = sorted(k for k, v in current.items() if k not in skip and saved.get(k, v) != v)
     if differs:
         raise ValueError(f"--resume with a different configuration ({differs}); use a new --out")
 

@@ -199,7 +199,7 @@ class UnlearnTrainer:
         if self.state.status != "stopped":  # a run ended by the stop rule stays ended
             self.state.status = "running"
         if not self.method.dynamic_swap:  # a larger --max-steps stretches the linear decay
-            self.state.phase_steps = self.config.max_steps
+            self.state.phase_steps = self.config.initial_scheduler_steps or self.config.max_steps
         # older checkpoints keyed the current focus's samplers by stream name
         s = self.state
         self.sampler_pool.load_state_dict({(tag if ":" in tag else sampler_tag(tag, s.focus, s.swap)): state
