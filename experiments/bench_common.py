@@ -38,7 +38,8 @@ def measured(exp: Experiment, name: str, options: dict, compute: Callable[[], di
         options: the benchmark's options (the step's configuration).
         compute: runs the benchmark with ``options``.
         legacy: the options a file from before ``options`` were recorded states of itself, derived
-            from its fields; options it cannot state are not compared (and are returned).
+            from its fields, with the benchmark's command-line defaults of that time for the options
+            it does not record; an option still missing counts as different (the file is not reused).
 
     Returns:
         ``(result, its path, options the reused file does not record)``.
@@ -46,8 +47,8 @@ def measured(exp: Experiment, name: str, options: dict, compute: Callable[[], di
     def stated(data: dict) -> dict:
         return data.get("step_config") or data.get("options") or legacy(data)
 
-    def recorded(data: dict) -> dict:  # an option the file does not state counts as equal
-        return {**options, **stated(data)}
+    def recorded(data: dict) -> dict:  # an option the file does not state counts as different
+        return stated(data)
 
     candidates = [exp.path(f"{name}.json"), exp.results / f"{name}.json"]
     path = next((p for p in candidates if p.is_file()

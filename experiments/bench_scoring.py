@@ -24,7 +24,9 @@ from common import Experiment, markdown_table
 def legacy_options(data: dict) -> dict:
     """The options a file written before ``options`` were recorded states of itself."""
     batched = data.get("batched", {})
-    stated = {"model": data.get("model"), "sample": batched.get("fp32", {}).get("sentences"), "full": "full" in data}
+    # batch_size and bf16_sample were not recorded: their command-line defaults then (32, 60)
+    stated = {"model": data.get("model"), "sample": batched.get("fp32", {}).get("sentences"), "full": "full" in data,
+              "batch_size": 32, "bf16_sample": 60}
     bf16 = batched.get("bf16", {}).get("sentences")
     if bf16 is not None and bf16 < stated["sample"]:  # the bf16 sample was cut to --bf16-sample
         stated["bf16_sample"] = bf16

@@ -25,8 +25,9 @@ MEMORY = {"process_peak_rss": "peak RSS", "cuda_max_allocated": "peak CUDA memor
 
 
 def legacy_options(data: dict) -> dict:
-    """The options a file written before ``options`` were recorded states of itself (not the model)."""
-    return {k: data[k] for k in ("steps", "batch_size") if k in data}
+    """The options a file written before ``options`` were recorded states of itself; the model was not
+    recorded and was the command-line default then (the embedded model)."""
+    return {"model": "smollm2-135m-instruct", **{k: data[k] for k in ("steps", "batch_size") if k in data}}
 
 
 def main(argv: list[str] | None = None) -> dict:
