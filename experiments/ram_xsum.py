@@ -33,6 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
+from amendlm.report import atomic_save_figure
 from common import REPO, Experiment, config_differences, markdown_table, resolved_dtype
 
 SYSTEMS = ("proposal", "aligner", "par", "par-kl", "sir", "mds", "finetuned")
@@ -281,8 +282,7 @@ def plot_training(records: dict[str, dict], path: Path) -> Path | None:
         ax.set_title(title + ", summed per sequence", fontsize=10)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    atomic_save_figure(fig, path, dpi=110)
     return path
 
 

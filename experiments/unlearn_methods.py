@@ -18,11 +18,10 @@ CPU, one thread each); fp32 on an AVX2-only CPU several times that.
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from amendlm.report import atomic_save_figure
 from common import Experiment, markdown_table, resolved_dtype
 from unlearn_common import (BASE_MODEL, BIASUNLEARN_50, QUICK_UNLEARN, Run, base_eval, describe_test_set, enter_repo,
                             eval_log, eval_step, read_json, records, target_checks, targets_table, unlearn_config)
@@ -102,15 +101,7 @@ def pareto_figure(path: Path, points: dict[str, dict], val: dict[str, list[dict]
     axes[0].legend(fontsize=7, loc="best")
     axes[2].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".pareto.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -43,3 +43,12 @@ def byte_tokenizer():
 @pytest.fixture()
 def tiny_llama(byte_tokenizer):
     return make_tiny_llama(len(byte_tokenizer))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls are slower with two threads on a busy 2-core machine: one thread for the test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

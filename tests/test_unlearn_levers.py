@@ -5,7 +5,6 @@
 """
 
 import pytest
-import torch
 
 from amendlm.data.stereoset import StereoSetCluster
 from amendlm.unlearn.data import build_sets, differing_tokens
@@ -16,12 +15,7 @@ WORDS = ["<pad>", "<s>", "</s>", "<unk>", "My", "cousin", "works", "in", "a", "h
          "nurse", "doctor", "kind", "The", "Cats", "drink", "milk"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,7 @@ from amendlm.unlearn.losses import kl_loss
 from amendlm.unlearn.models import attach_lora, eval_mode, frozen_copy, lora_target_modules, reference_logits
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_gpt2(vocab_size: int, seed: int = 0):

@@ -16,12 +16,7 @@ from amendlm.unlearn.trainer import TrainState, learning_rate
 from tests.test_unlearn_trainer import make_trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def log_records(tmp_path):

@@ -6,7 +6,6 @@ The val scores are scripted per step (the tiny model's own are noise), so the ke
 import json
 
 import pytest
-import torch
 
 from amendlm.unlearn import trainer as trainer_module
 from amendlm.unlearn.evaluation import lms_qualifies
@@ -16,12 +15,7 @@ from tests.test_unlearn_trainer import make_trainer
 SCRIPT = {0: (10.0, 80.0), 1: (1.0, 70.0), 2: (4.0, 79.0), 3: (6.0, 79.5)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture()

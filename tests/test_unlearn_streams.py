@@ -14,12 +14,7 @@ from amendlm.unlearn.streams import StreamSampler, StreamSamplers, sampler_tag
 from tests.test_unlearn_trainer import make_trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_a_sampler_walks_seeded_epochs_that_cover_the_stream():

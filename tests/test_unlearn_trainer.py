@@ -12,13 +12,7 @@ from amendlm.unlearn.methods import METHODS, get_method
 from amendlm.unlearn.trainer import UnlearnTrainer, lora_target_modules, learning_rate, TrainState
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls are slower with two threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class CharTokenizer:

@@ -63,6 +63,22 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         raise
 
 
+def atomic_save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """Save a matplotlib figure as ``path`` (PNG) atomically and close it: a reader sees the old
+    picture or the new one, never half a file."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
 def atomic_write_json(path: str | Path, data: Any) -> None:
     """Atomically write ``data`` as indented JSON (see :func:`atomic_write_text`)."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")

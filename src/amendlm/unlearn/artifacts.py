@@ -19,16 +19,14 @@ complete checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from amendlm.report import atomic_directory, atomic_write_text
+from amendlm.report import atomic_directory, atomic_save_figure, atomic_write_text
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -172,14 +170,7 @@ def plot_ss(records: list[dict], path: Path, tolerance: float = 2.0, title: str 
     ax.set_title(title or "SS per bias type during unlearning")
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    atomic_save_figure(fig, path, dpi=110)
     return True
 
 
