@@ -30,7 +30,7 @@ from __future__ import annotations
 import sys
 
 from common import Experiment, markdown_table, resolved_dtype
-from unlearn_common import (BASE_MODEL, Run, base_eval, describe_test_set, enter_repo, eval_log, eval_step, read_json,
+from unlearn_common import (BASE_MODEL, KeptBaseModel, Run, base_eval, describe_test_set, enter_repo, eval_log, eval_step, read_json,
                             records, target_checks, targets_table, unlearn_config)
 
 STEPS = 50
@@ -96,11 +96,16 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows_run:
         name, config = unlearn_config(exp, run_of(row, args.steps), dtype)
         path = exp.path(f"unlearn/{name}_test.json")
-        data = eval_step(exp, path, BASE_MODEL, dtype, adapter=(name, config))
+        label = row
+        try:
+            data = eval_step(exp, path, BASE_MODEL, dtype, adapter=(name, config))
+            sources.append(path)
+        except KeptBaseModel:  # no checkpoint after step 0 kept val LMS: the row is the base model
+            data, label = base, f"{row} (kept step 0 = base)"
         record_dir = records(exp, name)
         summary = read_json(record_dir / "summary.json")
-        runs.append((row, data))
-        sources += [path, record_dir / "summary.json"]
+        runs.append((label, data))
+        sources.append(record_dir / "summary.json")
         choices[row] = val_choice(summary, eval_log(record_dir))
         checks[row] = target_checks(base, data, base_path.name, path.name)
         configs[row] = {k: v for k, v in config.to_dict().items() if k in LEVERS[row] or k == "max_steps"}

@@ -248,6 +248,13 @@ def ensure_variant(exp: Experiment, config) -> None:
 
 
 # ---------------------------------------------------------------------------- evaluation
+class KeptBaseModel(Exception):
+    """A run whose selection kept its step-0 weights (an all-zero LoRA update: the base model itself).
+
+    Such an adapter is refused by :func:`amendlm.modeling.load_model`; a table shows the row as
+    "kept step 0" with the base model's numbers instead of evaluating it.
+    """
+
 def eval_step(exp: Experiment, path: Path, model: str, dtype: str, adapter: tuple[str, object] | None = None,
               variant=None) -> dict:
     """One row's evaluation as a resumable step (see the module docstring: lazy training).
@@ -285,6 +292,9 @@ def eval_step(exp: Experiment, path: Path, model: str, dtype: str, adapter: tupl
             ensure_variant(exp, variant)
         if adapter:
             ensure_adapter(exp, *adapter)
+            kept = read_json(records(exp, adapter[0]) / "summary.json").get("weights_saved", "")
+            if kept == "best (step 0)":  # the selection kept the untouched model: nothing to evaluate
+                raise KeptBaseModel(f"{adapter[0]}: its selection kept step 0, i.e. the base model")
         return evaluate_model(model, replace(config, dtype=expected["dtype"]), adapter=adapter[1].out if adapter else None)
 
     return exp.step(path, expected, compute, recorded=recorded, defaults=eval_defaults())
