@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"unknown row(s) {unknown}; valid: {', '.join(LEVERS)}")
     rows_run = [r for r in wanted if r in QUICK_ROWS] if exp.quick else wanted
     base_path, base = base_eval(exp, dtype)
-    runs, sources, choices, checks, configs = [("base (before)", base)], [base_path], {}, {}, {}
+    runs, sources, choices, checks, configs, trajectories = [("base (before)", base)], [base_path], {}, {}, {}, {}
     for row in rows_run:
         name, config = unlearn_config(exp, run_of(row, args.steps), dtype)
         path = exp.path(f"unlearn/{name}_test.json")
@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
         summary = read_json(record_dir / "summary.json")
         runs.append((label, data))
         sources.append(record_dir / "summary.json")
-        choices[row] = val_choice(summary, eval_log(record_dir))
+        evals = eval_log(record_dir)
+        choices[row] = val_choice(summary, evals)
+        trajectories[row] = [(r["step"], r["ss"]["overall"], r["lms"]["overall"]) for r in evals]
         checks[row] = target_checks(base, data, base_path.name, path.name)
         configs[row] = {k: v for k, v in config.to_dict().items() if k in LEVERS[row] or k == "max_steps"}
 
@@ -124,6 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
         markdown_table(["row", "lever", "kept step", "val worst gap", "val SS", "val LMS", "val LMS drop", "recommended"],
                        val_rows, "lllrrrrl"),
         "",
+        "Val trajectory of each row (step: overall val SS / LMS at every in-training evaluation):",
+        "",
+        markdown_table(["row", "val SS / LMS by step"],
+                       [[row, "; ".join(f"{step}: {ss:.1f} / {lms:.1f}" for step, ss, lms in points)]
+                        for row, points in trajectories.items()], "ll"),
+        "",
         f"BiasUnlearn targets of each row against `{base_path.name}` (test):",
         "",
         targets_table(checks),
@@ -139,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
         headline.append((f"BiasUnlearn, lever chosen on val (`{chosen}`, {args.steps} steps, {dtype}), test: SS / LMS / perplexity",
                          f"{rows[0]['ss']:.2f} → {row['ss']:.2f} / {rows[0]['lms']:.2f} → {row['lms']:.2f} / "
                          f"{rows[0]['ppl']:.2f} → {row['ppl']:.2f}; {met[chosen]} of {len(checks[chosen])} targets met"))
-    summary = {"dtype": dtype, "steps": args.steps, "rows": rows, "val": choices, "recommended": chosen,
+    summary = {"dtype": dtype, "steps": args.steps, "rows": rows, "val": choices, "val_trajectories": trajectories,
+               "recommended": chosen,
                "targets": checks, "levers": configs}
     exp.finish(summary, markdown, notes=notes, sources=sources, headline=headline)
     return summary
