@@ -99,6 +99,11 @@ def git_date(path: Path) -> str | None:
     return out.stdout.strip() or None
 
 
+def read_json(path: Path) -> dict:
+    """The JSON object at ``path``, or ``{}`` when there is no such file."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _normalise(value: Any) -> Any:
     """JSON round trip, so tuples equal lists and numbers compare as they are stored."""
     return json.loads(json.dumps(value))

@@ -27,14 +27,14 @@ run trains in ``auto`` dtype (bf16 only where the CPU has bf16 units; emulated b
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
 from amendlm.report import atomic_save_figure
-from common import REPO, Experiment, config_differences, markdown_table, resolved_dtype
+from amendlm.unlearn.artifacts import read_log
+from common import REPO, Experiment, config_differences, markdown_table, read_json, resolved_dtype
 
 SYSTEMS = ("proposal", "aligner", "par", "par-kl", "sir", "mds", "finetuned")
 LABELS = {"proposal": "proposal alone", "aligner": "aligner alone", "finetuned": "proposal fine-tuned directly (LoRA SFT)"}
@@ -66,14 +66,6 @@ def project(recorded, expected):
     if isinstance(recorded, dict) and isinstance(expected, dict):
         return {k: project(recorded[k], v) for k, v in expected.items() if k in recorded}
     return recorded
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 class Pipeline:
@@ -203,7 +195,7 @@ class Pipeline:
                 raise ValueError(f"{out} holds a training with another configuration; move it away to train anew")
             self.samples()
             summary = train_aligner(config)
-            return {"summary": summary, "train_config": read_json(out / "train_config.json"), "log": read_jsonl(out / "train_log.jsonl")}
+            return {"summary": summary, "train_config": read_json(out / "train_config.json"), "log": read_log(out / "train_log.jsonl")}
 
         path = self.first_match([self.exp.results / f"{kind}_train.json", self.legacy / f"{kind}_train_config.json"], expected, recorded)
         self.exp.step(path, expected, compute, recorded)
@@ -318,7 +310,7 @@ def training_records(pipeline: Pipeline) -> tuple[dict[str, dict], list[Path]]:
         if "step_config" in data:
             records[kind] = {"config": data["train_config"], "log": data["log"]}
         else:
-            records[kind] = {"config": data, "log": read_jsonl(path.with_name(f"{kind}_train_log.jsonl"))}
+            records[kind] = {"config": data, "log": read_log(path.with_name(f"{kind}_train_log.jsonl"))}
     return records, paths
 
 

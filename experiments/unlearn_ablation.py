@@ -74,7 +74,7 @@ def recommend(choices: dict[str, dict], max_lms_drop: float = 2.0) -> str | None
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from amendlm.bias.compare import comparison_rows, markdown_table as compare_table
+    from amendlm.bias.compare import comparison_rows, format_cell, markdown_table as compare_table
 
     def options(parser):
         parser.add_argument("--dtype", default="auto", help="bf16, fp32, or auto (bf16 where native, else fp32).")
@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
     headline = []
     if chosen:
         row = next(r for r in rows if r["run"] == chosen)
-        headline.append((f"BiasUnlearn, lever chosen on val (`{chosen}`, {args.steps} steps, {dtype}), test: SS / LMS / perplexity",
-                         f"{rows[0]['ss']:.2f} → {row['ss']:.2f} / {rows[0]['lms']:.2f} → {row['lms']:.2f} / "
+        headline.append((f"BiasUnlearn, lever chosen on val (`{chosen}`, {args.steps} steps, {dtype}), test: SS / LMS "
+                          "[95 % CI] / perplexity",
+                         f"{rows[0]['ss']:.2f} → {format_cell(row, 'ss')} / {rows[0]['lms']:.2f} → {format_cell(row, 'lms')} / "
                          f"{rows[0]['ppl']:.2f} → {row['ppl']:.2f}; {met[chosen]} of {len(checks[chosen])} targets met"))
     summary = {"dtype": dtype, "steps": args.steps, "rows": rows, "val": choices, "val_trajectories": trajectories,
                "recommended": chosen,

@@ -24,7 +24,6 @@ run trained (resumed from its checkpoint when it has one) or the variant fine-tu
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -32,7 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from amendlm.report import atomic_write_json
-from common import REPO, RESULTS, Experiment, config_differences, eval_defaults, eval_expected, eval_recorded
+from common import REPO, RESULTS, Experiment, config_differences, eval_defaults, eval_expected, eval_recorded, read_json
 
 BASE_MODEL = "smollm2-135m-instruct"  # amendlm.resources.DEFAULT_MODEL, the model of every recorded row
 
@@ -105,11 +104,6 @@ def variant_config(exp: Experiment, dtype: str):
     return FinetuneConfig(out=f"{runs_root(exp)}/variant{dtype_tag(dtype)}", model=BASE_MODEL, dtype=dtype, **options)
 
 
-def read_json(path: Path) -> dict:
-    """The JSON object at ``path``, or ``{}`` when there is no such file."""
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def records(exp: Experiment, name: str) -> Path:
     """``results/unlearn/runs/<name>``: the copy of a run's config, summary and log kept in git."""
     return exp.path(f"unlearn/runs/{name}")
@@ -117,11 +111,9 @@ def records(exp: Experiment, name: str) -> Path:
 
 def eval_log(records_dir: Path) -> list[dict]:
     """The ``eval`` records of a run's ``log.jsonl``: val SS / LMS per bias type at a step."""
-    path = records_dir / "log.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("event") == "eval"]
+    from amendlm.unlearn.artifacts import read_log
+
+    return [r for r in read_log(records_dir / "log.jsonl") if r.get("event") == "eval"]
 
 
 # ---------------------------------------------------------------------------- training
