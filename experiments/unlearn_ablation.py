@@ -100,8 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             data = eval_step(exp, path, BASE_MODEL, dtype, adapter=(name, config))
             sources.append(path)
-        except KeptBaseModel:  # no checkpoint after step 0 kept val LMS: the row is the base model
-            data, label = base, f"{row} (kept step 0 = base)"
+        except KeptBaseModel:  # no checkpoint after step 0 kept val LMS, and no base evaluation to stand for it
+            data = base
+        if data is base or data.get("kept_base_model"):
+            label = f"{row} (kept step 0 = base)"
         record_dir = records(exp, name)
         summary = read_json(record_dir / "summary.json")
         runs.append((label, data))

@@ -285,7 +285,11 @@ def eval_step(exp: Experiment, path: Path, model: str, dtype: str, adapter: tupl
         if adapter:
             ensure_adapter(exp, *adapter)
             kept = read_json(records(exp, adapter[0]) / "summary.json").get("weights_saved", "")
-            if kept == "best (step 0)":  # the selection kept the untouched model: nothing to evaluate
+            if kept == "best (step 0)":  # the selection kept the untouched model: its evaluation is the base model's
+                base = read_json(exp.path(f"unlearn/base_test_{expected['dtype']}.json"))
+                if model == BASE_MODEL and base:
+                    return {**{k: v for k, v in base.items() if k not in ("step_config", "provenance")},
+                            "kept_base_model": True, "adapter": None}
                 raise KeptBaseModel(f"{adapter[0]}: its selection kept step 0, i.e. the base model")
         return evaluate_model(model, replace(config, dtype=expected["dtype"]), adapter=adapter[1].out if adapter else None)
 
