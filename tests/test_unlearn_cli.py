@@ -4,6 +4,7 @@ The training itself is replaced by a stub that records the configuration it was 
 """
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -69,6 +70,30 @@ def test_config_file_is_merged_with_explicit_options(tmp_path, captured):
     assert c.recipe_overrides == {"lr": 1e-4, "max_steps": 50, "alpha_kl": 0.4}  # the saved and the new ones
     assert debias(tmp_path, "--config", str(path)).exit_code == 0
     assert captured[1].alpha_kl == 0.2 and captured[1].max_steps == 1000  # nothing given: the saved run as is
+
+
+def test_a_hand_written_config_file_holds_some_fields_over_its_recipe(tmp_path, captured):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"recipe": "official", "lr": 3e-5, "initial_all_types_steps": 20}))
+    result = debias(tmp_path, "--config", str(path), "--max-steps", "40")
+    assert result.exit_code == 0, result.output
+    c = captured[0]
+    assert (c.recipe, c.lr, c.initial_all_types_steps, c.max_steps, c.retain_batch_size) == ("official", 3e-5, 20, 40, 28)
+    assert c.recipe_overrides == {"lr": 3e-5, "initial_all_types_steps": 20, "max_steps": 40} and c.dtype == "auto"
+    path.write_text(json.dumps({"lr": 1e-4}))
+    assert debias(tmp_path, "--config", str(path)).exit_code == 0
+    assert (captured[1].recipe, captured[1].lr, captured[1].max_steps) == ("default", 1e-4, 200)
+
+
+@pytest.mark.parametrize("text, says", [("[1, 2]", "expected a JSON object"), ("{lr: 1", "not valid JSON"),
+                                        ('{"lr": 1e-4, "learning_rate": 1}', "learning_rate")])
+def test_a_bad_config_file_is_one_clear_line(tmp_path, captured, text, says):
+    path = tmp_path / "mine.json"
+    path.write_text(text)
+    result = debias(tmp_path, "--config", str(path))
+    said = re.sub(r"[\s│╭╮╰╯─]+", " ", result.output)  # rich wraps the error in a box
+    assert result.exit_code != 0 and says in said and not captured
+    assert "Traceback" not in result.output
 
 
 def test_config_file_with_a_recipe_is_refused(tmp_path, captured):

@@ -20,7 +20,7 @@ def debias(
     ctx: typer.Context,
     out: Path = typer.Option(..., help="Output directory: adapter, unlearn_config.json, log.jsonl, ss_per_type.png, checkpoint/."),
     recipe: str = typer.Option("default", help="Preset of the options below: default or official (the public BiasUnlearn code's settings and control flow); options given explicitly override it, unlearn_config.json records both."),
-    config: Optional[Path] = typer.Option(None, help="Start from the configuration saved in this unlearn_config.json; options given explicitly override it (recorded in recipe_overrides)."),
+    config: Optional[Path] = typer.Option(None, help="Start from a saved unlearn_config.json, or from a JSON object of some of its fields (applied over the recipe it names, default: default); options given explicitly override it (recorded in recipe_overrides)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local directory or Hugging Face id."),
     method: str = typer.Option("biasunlearn", help=f"One of: {METHOD_NAMES}."),
     max_steps: int = typer.Option(200, help="Optimizer steps at most (BiasUnlearn may stop earlier by its stop rule)."),
@@ -147,9 +147,31 @@ def debias_config(out: Path, given: dict, recipe: str | None = None, config_file
     if recipe is not None:
         raise ValueError("--recipe and --config together: the saved configuration already names its recipe; "
                          "give one of them (options given explicitly are merged over either)")
-    saved = UnlearnConfig.load(config_file).to_dict()
+    saved = _read_config_file(config_file)
+    if "out" not in saved:  # written by hand: its fields are options over the recipe it names (default: default)
+        written = {k: v for k, v in saved.items() if k not in ("recipe", "recipe_overrides")}
+        overrides = {**saved.get("recipe_overrides", {}), **written, **given}
+        return UnlearnConfig.from_recipe(saved.get("recipe", "default"), str(out), overrides, **_CLI_DEFAULTS)
+    saved = UnlearnConfig.from_dict(saved).to_dict()
     overrides = {**saved.get("recipe_overrides", {}), **given}
     return UnlearnConfig.from_dict({**saved, **given, "out": str(out), "recipe_overrides": overrides})
+
+
+def _read_config_file(path: Path) -> dict:
+    """The JSON object in ``path`` (a saved ``unlearn_config.json`` or a hand-written subset of its fields).
+
+    Raises:
+        ValueError: not JSON, or not an object (naming the file).
+    """
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of UnlearnConfig fields, got {type(data).__name__}")
+    return data
 
 
 def _print_summary(out: Path) -> None:
