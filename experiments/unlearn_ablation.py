@@ -30,8 +30,8 @@ from __future__ import annotations
 import sys
 
 from common import Experiment, markdown_table, resolved_dtype
-from unlearn_common import (BASE_MODEL, KeptBaseModel, Run, base_eval, describe_test_set, enter_repo, eval_log, eval_step, read_json,
-                            records, target_checks, targets_table, unlearn_config)
+from unlearn_common import (BASE_MODEL, KeptBaseModel, Run, base_eval, describe_test_set, enter_repo, eval_log, eval_step,
+                            pareto_figure, read_json, records, target_checks, targets_table, unlearn_config)
 
 STEPS = 50
 LMS_SELECT = {"selection": "gap_within_lms", "max_lms_drop": 2.0}
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows_run = [r for r in wanted if r in QUICK_ROWS] if exp.quick else wanted
     base_path, base = base_eval(exp, dtype)
     runs, sources, choices, checks, configs, trajectories = [("base (before)", base)], [base_path], {}, {}, {}, {}
+    val, kept, val_clusters = {}, {}, {}  # by the row's label in the table: the Pareto figure's val panel
     for row in rows_run:
         name, config = unlearn_config(exp, run_of(row, args.steps), dtype)
         path = exp.path(f"unlearn/{name}_test.json")
@@ -111,11 +112,14 @@ def main(argv: list[str] | None = None) -> dict:
         evals = eval_log(record_dir)
         choices[row] = val_choice(summary, evals)
         trajectories[row] = [(r["step"], r["ss"]["overall"], r["lms"]["overall"]) for r in evals]
+        val[label], kept[label], val_clusters[label] = evals, choices[row].get("step"), config.val_clusters
         checks[row] = target_checks(base, data, base_path.name, path.name)
         configs[row] = {k: v for k, v in config.to_dict().items() if k in LEVERS[row] or k == "max_steps"}
 
     chosen = recommend(choices)
     rows = comparison_rows(runs)
+    pareto = exp.results / "pareto.png"
+    pareto_figure(pareto, {r["run"]: r for r in rows}, val, kept, val_clusters)
     val_rows = [[row, f"`{configs[row]}`", c.get("step"), c.get("worst_gap"), c.get("ss"), c.get("lms"), c.get("lms_drop"),
                  "**yes**" if row == chosen else ""] for row, c in choices.items()]
     markdown = "\n".join([
@@ -128,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         markdown_table(["row", "lever", "kept step", "val worst gap", "val SS", "val LMS", "val LMS drop", "recommended"],
                        val_rows, "lllrrrrl"),
         "",
-        "Val trajectory of each row (step: overall val SS / LMS at every in-training evaluation):",
+        "Val trajectory of each row (step: overall val SS / LMS at every in-training evaluation; `pareto.png` draws "
+        "them, right panel, next to each row's test point):",
         "",
         markdown_table(["row", "val SS / LMS by step"],
                        [[row, "; ".join(f"{step}: {ss:.1f} / {lms:.1f}" for step, ss, lms in points)]
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"dtype": dtype, "steps": args.steps, "rows": rows, "val": choices, "val_trajectories": trajectories,
                "recommended": chosen,
                "targets": checks, "levers": configs}
-    exp.finish(summary, markdown, notes=notes, sources=sources, headline=headline)
+    exp.finish(summary, markdown, notes=notes, pngs=[pareto], sources=sources, headline=headline)
     return summary
 
 

@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from amendlm.report import atomic_write_json
+from amendlm.report import atomic_save_figure, atomic_write_json
 from common import REPO, RESULTS, Experiment, config_differences, eval_defaults, eval_expected, eval_recorded, read_json
 
 BASE_MODEL = "smollm2-135m-instruct"  # amendlm.resources.DEFAULT_MODEL, the model of every recorded row
@@ -335,3 +335,55 @@ def describe_test_set(data: dict) -> str:
     return (f"{overall['n_clusters']} StereoSet {data['benchmarks']['stereoset'].get('split', '')} clusters of "
             f"{overall['n_targets']} target terms (terms / clusters: {types}); {crows.get('n_pairs', 'n/a')} CrowS-Pairs "
             f"pairs; perplexity over {ppl.get('n_tokens', 'n/a')} WikiText tokens")
+
+
+def pareto_figure(path: Path, points: dict[str, dict], val: dict[str, list[dict]], kept: dict[str, int | None],
+                  val_clusters: dict[str, int | None]) -> None:
+    """Three panels: test SS vs test LMS, test SS vs perplexity (one point per run), val SS vs val LMS over training."""
+    import matplotlib
+
+    from amendlm.bias.compare import SS_TOLERANCE
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    colours = {name: ("black" if i == 0 else plt.cm.tab10((i - 1) % 10)) for i, name in enumerate(points)}
+    for ax, key, ylabel in ((axes[0], "lms", "test LMS (ideal 100)"), (axes[1], "ppl", "WikiText perplexity (lower is better)")):
+        for name, row in points.items():
+            if row["ss"] is None or row[key] is None:
+                continue
+            ax.scatter(row["ss"], row[key], color=colours[name], s=40, marker="s" if name == next(iter(points)) else "o",
+                       label=name, zorder=3)
+        ax.set_xlabel("test SS (ideal 50)")
+        ax.set_ylabel(ylabel)
+    axes[0].set_title("test targets: SS vs LMS")
+    axes[1].set_title("test targets: SS vs perplexity")
+    for name, records_ in val.items():
+        if not records_:
+            continue
+        ss = [r["ss"]["overall"] for r in records_]
+        lms = [r["lms"]["overall"] for r in records_]
+        axes[2].plot(ss, lms, marker="o", ms=3, lw=1.2, color=colours[name], label=name)
+        axes[2].scatter(ss[0], lms[0], color=colours[name], marker="x", s=40, zorder=3)
+        best = [(s, l) for r, s, l in zip(records_, ss, lms) if r["step"] == kept.get(name)]
+        if best:
+            axes[2].scatter(*best[-1], color=colours[name], marker="*", s=140, zorder=4, edgecolor="black", linewidths=0.5)
+    clusters = sorted({c for c in val_clusters.values() if c})
+    axes[2].set_title(f"VAL targets during training ({'/'.join(map(str, clusters)) or '?'} clusters)\nx = step 0, * = kept step")
+    axes[2].set_xlabel("val SS (in-training evaluation)")
+    axes[2].set_ylabel("val LMS (in-training evaluation)")
+    base = next(iter(points.values()))
+    if base.get("lms") is not None:  # the LMS target: at most 2 points below the base model
+        axes[0].axhline(base["lms"] - 2, color="0.4", ls="--", lw=0.8, label="LMS target (base − 2)")
+    first_val = next((r for records_ in val.values() for r in records_[:1]), None)
+    if first_val is not None:
+        axes[2].axhline(first_val["lms"]["overall"] - 2, color="0.4", ls="--", lw=0.8, label="val LMS at step 0 − 2")
+    for ax in axes:
+        ax.axvspan(50 - SS_TOLERANCE, 50 + SS_TOLERANCE, color="0.92", zorder=0)  # the overall-SS target band
+        ax.axvline(50, color="0.5", lw=0.8, zorder=1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    axes[2].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    atomic_save_figure(fig, path, dpi=100)

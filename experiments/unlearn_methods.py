@@ -21,10 +21,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from amendlm.report import atomic_save_figure
 from common import Experiment, markdown_table, resolved_dtype
 from unlearn_common import (BASE_MODEL, BIASUNLEARN_50, QUICK_UNLEARN, Run, base_eval, describe_test_set, enter_repo,
-                            eval_log, eval_step, read_json, records, target_checks, targets_table, unlearn_config)
+                            eval_log, eval_step, pareto_figure, read_json, records, target_checks, targets_table,
+                            unlearn_config)
 
 BASELINES = ("npo", "gradascent", "graddiff", "dpo", "sft-anti")
 RUNS = (
@@ -56,52 +56,6 @@ def label_of(config) -> str:
     budget = ("method", "max_steps", "eval_every", *QUICK_UNLEARN)  # in the training table's options column
     extra = [o for o in options_text(config).split() if o.split("=", 1)[0] not in budget]
     return ", ".join([config.method, *extra, f"{config.max_steps} steps"])
-
-
-def pareto_figure(path: Path, points: dict[str, dict], val: dict[str, list[dict]], kept: dict[str, int | None],
-                  val_clusters: dict[str, int | None]) -> None:
-    """Three panels: test SS vs test LMS, test SS vs perplexity (one point per run), val SS vs val LMS over training."""
-    import matplotlib
-
-    from amendlm.bias.compare import SS_TOLERANCE
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    colours = {name: ("black" if i == 0 else plt.cm.tab10((i - 1) % 10)) for i, name in enumerate(points)}
-    for ax, key, ylabel in ((axes[0], "lms", "test LMS (ideal 100)"), (axes[1], "ppl", "WikiText perplexity (lower is better)")):
-        for name, row in points.items():
-            if row["ss"] is None or row[key] is None:
-                continue
-            ax.scatter(row["ss"], row[key], color=colours[name], s=40, marker="s" if name == next(iter(points)) else "o",
-                       label=name, zorder=3)
-        ax.set_xlabel("test SS (ideal 50)")
-        ax.set_ylabel(ylabel)
-    axes[0].set_title("test targets: SS vs LMS")
-    axes[1].set_title("test targets: SS vs perplexity")
-    for name, records_ in val.items():
-        if not records_:
-            continue
-        ss = [r["ss"]["overall"] for r in records_]
-        lms = [r["lms"]["overall"] for r in records_]
-        axes[2].plot(ss, lms, marker="o", ms=3, lw=1.2, color=colours[name], label=name)
-        axes[2].scatter(ss[0], lms[0], color=colours[name], marker="x", s=40, zorder=3)
-        best = [(s, l) for r, s, l in zip(records_, ss, lms) if r["step"] == kept.get(name)]
-        if best:
-            axes[2].scatter(*best[-1], color=colours[name], marker="*", s=140, zorder=4, edgecolor="black", linewidths=0.5)
-    clusters = sorted({c for c in val_clusters.values() if c})
-    axes[2].set_title(f"VAL targets during training ({'/'.join(map(str, clusters)) or '?'} clusters)\nx = step 0, * = kept step")
-    axes[2].set_xlabel("val SS (in-training evaluation)")
-    axes[2].set_ylabel("val LMS (in-training evaluation)")
-    for ax in axes:
-        ax.axvspan(50 - SS_TOLERANCE, 50 + SS_TOLERANCE, color="0.92", zorder=0)  # the overall-SS target band
-        ax.axvline(50, color="0.5", lw=0.8, zorder=1)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
-    axes[2].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> dict:
