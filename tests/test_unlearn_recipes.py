@@ -28,6 +28,7 @@ def test_the_official_recipe_fills_the_official_settings(tmp_path):
     assert (config.lr, config.warmup_steps, config.lora_scope) == (4e-5, 10, "attention")
     assert (config.npo_reduction, config.ce_reduction) == ("batch_sequence_mean", "sequence")  # official lm_loss
     assert [config.stream_batch_size(s) for s in ("forget", "retain", "kl", "chosen", "rejected")] == [4, 28, 28, 4, 4]
+    assert [config.stream_batch_size(s, swapped=True) for s in ("forget", "retain", "kl")] == [28, 4, 28]  # train.py
     assert (config.initial_all_types_steps, config.fresh_optimizer_per_phase, config.max_steps) == (100, True, 1000)
     assert (config.val_task, config.val_clusters_per_type, config.val_clusters) == ("intrasentence", 100, None)
     assert config.recipe == "official" and config.recipe_overrides == {}
@@ -93,6 +94,17 @@ def test_per_stream_batch_sizes(tmp_path):
     assert sizes == {"forget": 1, "retain": 3, "kl": 2}
     dpo = make_trainer(tmp_path / "dpo", method="dpo", max_steps=1, forget_batch_size=3, retain_batch_size=1)
     assert {name: len(batch) for name, batch in dpo._next_batches().items()} == {"chosen": 3, "rejected": 3}
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_swapped_phase_exchanges_forget_and_retain_batch_sizes_only_when_asked(tmp_path, exchange):
+    trainer = make_trainer(tmp_path, max_steps=1, forget_batch_size=1, retain_batch_size=3, kl_batch_size=2,
+                           swap_batch_sizes=exchange)
+    trainer.state.swap = True
+    sizes = {name: len(batch) for name, batch in trainer._next_batches().items()}
+    assert sizes == ({"forget": 3, "retain": 1, "kl": 2} if exchange else {"forget": 1, "retain": 3, "kl": 2})
+    trainer.state.swap = False
+    assert {name: len(batch) for name, batch in trainer._next_batches().items()} == {"forget": 1, "retain": 3, "kl": 2}
 
 
 @pytest.mark.parametrize("fresh", [True, False])

@@ -31,7 +31,7 @@ FIELDS_ADDED: dict[str, object] = {
     "ce_reduction": "token", "lora_scope": "all", "early_scheduler_steps": None, "early_until_step": 0,
     "initial_all_types_steps": 0, "initial_scheduler_steps": None, "fresh_optimizer_per_phase": False,
     "val_clusters_per_type": None, "val_task": None, "selection": "gap", "max_lms_drop": 2.0,
-    "loss_tokens": "all", "recipe": "default", "recipe_overrides": {},
+    "loss_tokens": "all", "recipe": "default", "recipe_overrides": {}, "swap_batch_sizes": False,
 }
 
 
@@ -55,6 +55,9 @@ class UnlearnConfig:
         batch_size: examples per stream per step (forget, retain and KL batches each).
         forget_batch_size / retain_batch_size / kl_batch_size: per-stream batch sizes (``None``:
             ``batch_size``); DPO's chosen / rejected pairs use the forget size.  Official 4 / 28 / 28.
+        swap_batch_sizes: in a swapped phase (the anti-stereotypes forgotten) the forget and retain
+            streams exchange batch sizes, as the official code does (its anti loader, batch 28, becomes
+            the forget stream and its stereotype loader, batch 4, the retain stream).
         lr: peak AdamW learning rate.  The paper uses 4e-5 for GPT-2 over thousands of steps;
             our default budget is a few hundred steps, so LoRA needs a larger rate.
         weight_decay: AdamW weight decay.
@@ -128,6 +131,7 @@ class UnlearnConfig:
     forget_batch_size: int | None = None
     retain_batch_size: int | None = None
     kl_batch_size: int | None = None
+    swap_batch_sizes: bool = False
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -246,8 +250,9 @@ class UnlearnConfig:
             phases[0] = replace(phases[0], scheduler_steps=self.early_scheduler_steps)
         return scaled_phases(phases, self.schedule_scale)
 
-    def stream_batch_size(self, stream: str) -> int:
-        """Examples per step of ``stream`` (``forget``, ``retain``, ``kl``, ``chosen``, ``rejected``).
+    def stream_batch_size(self, stream: str, swapped: bool = False) -> int:
+        """Examples per step of ``stream`` (``forget``, ``retain``, ``kl``, ``chosen``, ``rejected``);
+        ``swapped``: the phase forgets the anti-stereotypes (see ``swap_batch_sizes``).
 
         Raises:
             ValueError: unknown stream.
@@ -256,6 +261,8 @@ class UnlearnConfig:
                  "retain": self.retain_batch_size, "kl": self.kl_batch_size}
         if stream not in sizes:
             raise ValueError(f"unknown stream '{stream}'; valid: {', '.join(sizes)}")
+        if swapped and self.swap_batch_sizes and stream in ("forget", "retain"):
+            stream = "retain" if stream == "forget" else "forget"
         return sizes[stream] or self.batch_size
 
     @classmethod

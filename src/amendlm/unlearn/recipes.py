@@ -12,7 +12,11 @@ the recipe's name (``recipe``) and the overriding options (``recipe_overrides``)
     default weight decay 0.01 and no gradient clipping, linear schedules;
     10 warm-up steps for the first phase (``get_scheduler(num_warmup_steps=10)``) and 5 for
     every later phase (``num_warmup_steps=5`` in train.py's phase loop);
-  - per-device batches forget 4 / retain 28 / KL 28 (run.sh);
+  - per-device batches forget 4 / retain 28 / KL 28 (run.sh); in a swapped phase the anti-stereotype
+    loader (batch 28) is the forget stream and the stereotype loader (batch 4) the retain stream
+    (train.py passes them in exchanged order): ``swap_batch_sizes``;
+  - the adversarial share (``--mix_anti``): a quarter of each type's anti-stereotypes joins that
+    type's stereotype set (dataloader.py), as amendlm's per-type forget sets;
   - LoRA r 8, alpha 16, dropout 0.1 on the attention projections only (GPT-2 ``attn.c_attn`` and
     ``attn.c_proj``; Llama-like ``q/k/v/o_proj``);
   - NPO on one log-ratio per batch, the mean over sequences of each sequence's token-mean
@@ -67,6 +71,7 @@ OFFICIAL: Mapping[str, object] = MappingProxyType({
     "alpha_retain": 0.3,
     "alpha_kl": 0.2,
     "adversarial_fraction": 0.25,
+    "swap_batch_sizes": True,
     "max_steps": 1000,
     "initial_all_types_steps": 100,
     "initial_scheduler_steps": 1200,

@@ -111,7 +111,7 @@ class UnlearnTrainer:
         for name in self.method.streams:
             key = sampler_key(name)
             if key not in drawn:
-                drawn[key] = self.samplers[name].take(self.config.stream_batch_size(name) * world)[rank::world]
+                drawn[key] = self.samplers[name].take(self.config.stream_batch_size(name, self.state.swap) * world)[rank::world]
             batches[name] = [self.streams[name][i] for i in drawn[key]]
         return batches
 
