@@ -56,6 +56,10 @@ def test_every_loss_and_lora_option_reaches_the_config(tmp_path, captured):
     assert (c.selection, c.max_lms_drop, c.loss_tokens, c.npo_reduction) == ("gap_within_lms", 1.5, "differing", "token_mean")
     assert (c.val_clusters, c.kl_texts, c.recipe, c.ce_reduction, c.max_grad_norm) == (None, None, "default", "sequence", None)
     assert set(c.recipe_overrides) == {a[2:].replace("-", "_") for a in args if a.startswith("--")}
+    assert debias(tmp_path / "b", "--no-kl-unrelated").exit_code == 0
+    assert captured[1].kl_unrelated is False and captured[1].recipe_overrides == {"kl_unrelated": False}
+    result = debias(tmp_path / "c", "--no-kl-unrelated", "--kl-texts", "none")
+    assert result.exit_code != 0 and "KL set empty" in re.sub(r"[\s│╭╮╰╯─]+", " ", result.output)
 
 
 def test_config_file_is_merged_with_explicit_options(tmp_path, captured):

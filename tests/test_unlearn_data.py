@@ -49,6 +49,20 @@ def test_swap_and_focus_exchange_roles_for_one_type_only():
         build_sets(clusters, focus="religion")
 
 
+def test_the_kl_set_without_the_unrelated_sentences_is_the_general_text_only():
+    text = Example("", "Some text.", "", "text")
+    sets = build_sets([cluster(0, "gender"), cluster(1, "race")], 0.0, general_texts=[text], kl_unrelated=False)
+    assert sets.kl == [text] and len(sets.forget) == len(sets.retain) == 2
+
+
+def test_an_empty_kl_set_is_refused_up_front(tmp_path):
+    from amendlm.unlearn.config import UnlearnConfig
+
+    with pytest.raises(ValueError, match="KL set empty"):
+        UnlearnConfig(out=str(tmp_path), kl_unrelated=False, kl_texts=None)
+    UnlearnConfig(out=str(tmp_path), method="dpo", kl_unrelated=False, kl_texts=None)  # DPO has no KL stream
+
+
 def test_decide_focuses_on_the_worst_category():
     d = decide({"gender": 58.0, "race": 45.0, "religion": 51.0})
     assert (d.stop, d.focus, d.swap, d.gap) == (False, "gender", False, 8.0)

@@ -52,6 +52,7 @@ def debias(
     eval_every: int = typer.Option(50, help="Evaluation period of methods without dynamic swapping."),
     checkpoint_every: int = typer.Option(25, help="Steps between checkpoints."),
     kl_texts: str = typer.Option("xsum-sample", help="General text added to the KL set ('none' for unrelated sentences only)."),
+    kl_unrelated: bool = typer.Option(True, help="StereoSet's unrelated sentences in the KL set (--no-kl-unrelated: only the general text of --kl-texts)."),
     keep_best: bool = typer.Option(True, help="Keep the weights of the evaluation chosen by --selection (else the last step's)."),
     selection: str = typer.Option("gap", help="gap (smallest worst val SS gap) or gap_within_lms (the same among evaluations whose val LMS fell at most --max-lms-drop from step 0)."),
     max_lms_drop: float = typer.Option(2.0, help="LMS points an evaluation may lose and still be kept by --selection gap_within_lms."),

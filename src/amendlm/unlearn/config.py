@@ -32,6 +32,7 @@ FIELDS_ADDED: dict[str, object] = {
     "initial_all_types_steps": 0, "initial_scheduler_steps": None, "fresh_optimizer_per_phase": False,
     "val_clusters_per_type": None, "val_task": None, "selection": "gap", "max_lms_drop": 2.0,
     "loss_tokens": "all", "recipe": "default", "recipe_overrides": {}, "swap_batch_sizes": False,
+    "kl_unrelated": True,
 }
 
 
@@ -79,6 +80,8 @@ class UnlearnConfig:
             " She is a" and "." then pull neither way).  Applies to every stream but KL.
         dpo_beta: DPO inverse temperature for the ``dpo`` baseline.
         adversarial_fraction: share of anti-stereotypes also forgotten, per bias type (0.25).
+        kl_unrelated: StereoSet's unrelated sentences in the KL set (True, DESIGN.md §4); False
+            keeps only the general text there (``kl_texts`` is then required for KL methods).
         kl_texts: general text added to the KL set (``None``: unrelated sentences only).
             Default ``xsum-sample`` documents, *not* the WikiText sample, because perplexity is
             reported on WikiText and the KL term would otherwise train on the measured text.
@@ -145,6 +148,7 @@ class UnlearnConfig:
     ce_reduction: str = "token"
     dpo_beta: float = 0.1
     adversarial_fraction: float = 0.25
+    kl_unrelated: bool = True
     kl_texts: str | None = "xsum-sample"
     kl_text_field: str = "document"
     kl_text_limit: int | None = 50
@@ -227,6 +231,8 @@ class UnlearnConfig:
             raise ValueError(f"val_clusters must be >= 1 or None, got {self.val_clusters}")
         if self.kl_text_limit is not None and self.kl_text_limit < 0:
             raise ValueError(f"kl_text_limit must be >= 0 or None, got {self.kl_text_limit}")
+        if not self.kl_unrelated and self.kl_texts is None and "kl" in method.streams:
+            raise ValueError("kl_unrelated=False with kl_texts=None leaves the KL set empty: give kl_texts")
         if self.tolerance <= 0:
             raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
         self.schedule()  # validates phases and schedule_scale

@@ -149,6 +149,7 @@ def build_sets(
     swapped: Iterable[str] = (),
     focus: str | None = None,
     general_texts: Sequence[Example] = (),
+    kl_unrelated: bool = True,
 ) -> UnlearnSets:
     """Build forget / retain / KL sets and DPO pairs from (train-split) clusters.
 
@@ -160,6 +161,8 @@ def build_sets(
         swapped: bias types whose roles are exchanged (anti-stereotype forgotten, stereotype retained).
         focus: keep only this bias type in forget, retain and pairs (``None``: all types).
         general_texts: extra KL examples (e.g. :func:`text_chunks` of a general corpus).
+        kl_unrelated: put every cluster's unrelated sentence in the KL set (DESIGN.md §4); False
+            leaves only ``general_texts`` there.
 
     Raises:
         ValueError: ``focus`` names a bias type absent from ``clusters``.
@@ -171,7 +174,8 @@ def build_sets(
     adversarial = adversarial_ids(clusters, adversarial_fraction, seed)
     forget, retain, kl, pairs = [], [], [], []
     for cluster in clusters:
-        kl.append(example(cluster, "unrelated"))
+        if kl_unrelated:
+            kl.append(example(cluster, "unrelated"))
         if focus is not None and cluster.bias_type != focus:
             continue
         forget_label, retain_label = "stereotype", "anti_stereotype"

@@ -98,7 +98,7 @@ class UnlearnTrainer:
         c, s = self.config, self.state
         fraction = c.adversarial_fraction if self.method.adversarial else 0.0
         swapped = [s.focus] if (s.focus and s.swap) else []
-        sets = build_sets(self.train_clusters, fraction, c.seed, swapped, s.focus, self.general)
+        sets = build_sets(self.train_clusters, fraction, c.seed, swapped, s.focus, self.general, c.kl_unrelated)
         self.sizes = sets.sizes()
         self.streams = encode_streams(self.tokenizer, sets, self.method.streams, c.max_length, c.loss_tokens)
         # a revisited focus continues its samplers; chosen/rejected share one so pairs stay aligned
