@@ -67,6 +67,20 @@ def val_choice(summary: dict, evals: list[dict]) -> dict:
             "lms_drop": None if base_lms is None else base_lms - record["lms"]["overall"]}
 
 
+def lms_cost(points: list[tuple[int, float, float]], min_ss_moved: float = 1.0) -> float | None:
+    """Val LMS points lost per val SS point moved towards 50, from step 0 to the last evaluation.
+
+    ``points``: ``(step, overall val SS, overall val LMS)`` in step order.  None when SS moved less
+    than ``min_ss_moved`` points towards 50 (the ratio would be noise).  The overall-SS target needs
+    about ``|SS_0 − 50| − 2`` points; times this cost is the LMS the lever would lose getting there if
+    its trade-off stayed as measured."""
+    if len(points) < 2:
+        return None
+    (_, ss0, lms0), (_, ss1, lms1) = points[0], points[-1]
+    moved = abs(ss0 - 50) - abs(ss1 - 50)
+    return (lms0 - lms1) / moved if moved >= min_ss_moved else None
+
+
 def recommend(choices: dict[str, dict], max_lms_drop: float = 2.0) -> str | None:
     """The row decided on val: the smallest worst val gap among kept checkpoints after step 0 whose
     val LMS fell ≤ ``max_lms_drop``; None when no row qualifies."""
@@ -120,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         configs[row] = {k: v for k, v in config.to_dict().items() if k in LEVERS[row] or k == "max_steps"}
 
     chosen = recommend(choices)
+    costs = {row: lms_cost(points) for row, points in trajectories.items()}
+    base_val_ss = next((points[0][1] for points in trajectories.values() if points), None)
     rows = comparison_rows(runs)
     pareto = exp.results / "pareto.png"
     pareto_figure(pareto, {r["run"]: r for r in rows}, val, kept, val_clusters)
@@ -138,9 +154,15 @@ def main(argv: list[str] | None = None) -> dict:
         "Val trajectory of each row (step: overall val SS / LMS at every in-training evaluation; `pareto.png` draws "
         "them, right panel, next to each row's test point):",
         "",
-        markdown_table(["row", "val SS / LMS by step"],
-                       [[row, "; ".join(f"{step}: {ss:.1f} / {lms:.1f}" for step, ss, lms in points)]
-                        for row, points in trajectories.items()], "ll"),
+        markdown_table(["row", "val SS / LMS by step", "LMS lost per SS point (step 0 → last)"],
+                       [[row, "; ".join(f"{step}: {ss:.1f} / {lms:.1f}" for step, ss, lms in points),
+                         "—" if costs[row] is None else f"{costs[row]:.2f}"]
+                        for row, points in trajectories.items()], "llr"),
+        "",
+        "The LMS cost is the val LMS lost per val SS point moved towards 50 between step 0 and the row's last "
+        "evaluation (— where SS moved < 1 point).  The targets ask for SS within 50 ± 2 at an LMS drop ≤ 2, i.e. a "
+        f"cost ≤ {2 / max(abs(base_val_ss - 50) - 2, 1e-9):.2f} from the step-0 val SS of {base_val_ss:.1f}."
+        if base_val_ss is not None else "",
         "",
         f"BiasUnlearn targets of each row against `{base_path.name}` (test):",
         "",
@@ -159,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{rows[0]['ss']:.2f} → {format_cell(row, 'ss')} / {rows[0]['lms']:.2f} → {format_cell(row, 'lms')} / "
                          f"{rows[0]['ppl']:.2f} → {row['ppl']:.2f}; {met[chosen]} of {len(checks[chosen])} targets met"))
     summary = {"dtype": dtype, "steps": args.steps, "rows": rows, "val": choices, "val_trajectories": trajectories,
+               "val_lms_cost_per_ss_point": costs,
                "recommended": chosen,
                "targets": checks, "levers": configs}
     exp.finish(summary, markdown, notes=notes, pngs=[pareto], sources=sources, headline=headline)

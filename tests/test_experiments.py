@@ -85,3 +85,12 @@ def test_script_runs_in_quick_mode(name, tmp_path):
     # a second run computes nothing (resumable)
     load_script(name).main(["--quick", "--results-dir", str(tmp_path)])
     assert json.loads((out / "results.json").read_text())["steps"]["computed"] == 0
+
+
+def test_the_ablation_lms_cost_is_lms_lost_per_ss_point_moved_towards_50():
+    import unlearn_ablation
+
+    assert unlearn_ablation.lms_cost([(0, 60.0, 80.0), (20, 57.0, 79.0), (50, 54.0, 71.0)]) == pytest.approx(1.5)
+    assert unlearn_ablation.lms_cost([(0, 60.0, 80.0), (50, 44.0, 60.0)]) == pytest.approx(5.0)  # overshoot: 10 -> 6 away
+    assert unlearn_ablation.lms_cost([(0, 60.0, 80.0), (50, 59.5, 79.0)]) is None  # moved < 1 point
+    assert unlearn_ablation.lms_cost([(0, 60.0, 80.0)]) is None
