@@ -19,7 +19,6 @@ CPU, one thread each); fp32 on an AVX2-only CPU several times that.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from common import Experiment, markdown_table, resolved_dtype
 from unlearn_common import (BASE_MODEL, BIASUNLEARN_50, QUICK_UNLEARN, Run, base_eval, describe_test_set, enter_repo,

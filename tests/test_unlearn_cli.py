@@ -90,14 +90,43 @@ def test_a_hand_written_config_file_holds_some_fields_over_its_recipe(tmp_path, 
 
 
 @pytest.mark.parametrize("text, says", [("[1, 2]", "expected a JSON object"), ("{lr: 1", "not valid JSON"),
-                                        ('{"lr": 1e-4, "learning_rate": 1}', "learning_rate")])
+                                        ('{"lr": 1e-4, "learning_rate": 1}', "learning_rate"),
+                                        ('{"kl_unrelated": "false"}', "expected bool"),
+                                        ('{"lr": "3e-5"}', "expected float"),
+                                        ('{"recipe_overrides": [1]}', "expected dict")])
 def test_a_bad_config_file_is_one_clear_line(tmp_path, captured, text, says):
     path = tmp_path / "mine.json"
     path.write_text(text)
     result = debias(tmp_path, "--config", str(path))
     said = re.sub(r"[\s│╭╮╰╯─]+", " ", result.output)  # rich wraps the error in a box
     assert result.exit_code != 0 and says in said and not captured
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output and (text.startswith(("[", "{lr")) or "mine.json" in said)
+
+
+def test_a_missing_config_file_is_refused_by_name(tmp_path, captured):
+    result = debias(tmp_path, "--config", str(tmp_path / "absent.json"))
+    assert result.exit_code != 0 and "absent.json" in result.output and not captured
+
+
+def test_a_hand_written_file_with_an_out_is_still_hand_written(tmp_path, captured):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"out": "elsewhere", "recipe": "official", "lr": 3e-5}))
+    assert debias(tmp_path, "--config", str(path)).exit_code == 0
+    c = captured[0]  # the official recipe's own fields, not the dataclass defaults under an official label
+    assert (c.recipe, c.lr, c.retain_batch_size, c.max_steps, c.out) == ("official", 3e-5, 28, 1000, str(tmp_path / "run"))
+
+
+def test_a_saved_config_older_than_a_field_gets_the_value_from_before_it(tmp_path, captured):
+    from amendlm.unlearn.config import FIELDS_ADDED
+
+    saved = UnlearnConfig(out=str(tmp_path / "old"), swap_batch_sizes=True, kl_unrelated=False).to_dict()
+    for name in FIELDS_ADDED:
+        saved.pop(name)
+    path = tmp_path / "unlearn_config.json"
+    path.write_text(json.dumps(saved))
+    assert debias(tmp_path, "--config", str(path)).exit_code == 0
+    c = captured[0]
+    assert all(getattr(c, name) == value for name, value in FIELDS_ADDED.items() if name != "recipe_overrides")
 
 
 def test_config_file_with_a_recipe_is_refused(tmp_path, captured):

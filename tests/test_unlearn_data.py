@@ -87,3 +87,17 @@ def test_phases_follow_the_official_schedule_and_scale():
     assert pick_phase(5.0).eval_every == 50  # 3 < gap <= 5
     assert pick_phase(2.5).eval_every == 30
     assert scaled_phases(OFFICIAL_PHASES, 0.25)[0] == Phase(5.0, 1.0, 250, 20)
+
+
+def test_every_field_added_since_the_first_runs_is_in_fields_added():
+    from dataclasses import fields
+
+    from amendlm.unlearn.config import FIELDS_ADDED, UnlearnConfig
+
+    first = {"out", "model", "method", "max_steps", "batch_size", "lr", "weight_decay", "warmup_steps", "max_grad_norm",
+             "alpha_forget", "alpha_retain", "alpha_kl", "npo_beta", "npo_reduction", "dpo_beta", "adversarial_fraction",
+             "kl_texts", "kl_text_field", "kl_text_limit", "kl_chunk_tokens", "max_length", "finetune", "lora_r",
+             "lora_alpha", "lora_dropout", "target_modules", "reference", "tolerance", "phases", "schedule_scale",
+             "eval_every", "val_clusters", "checkpoint_every", "keep_best", "seed", "split_seed", "dtype", "cpu",
+             "stereoset"}
+    assert {f.name for f in fields(UnlearnConfig)} - first == set(FIELDS_ADDED)

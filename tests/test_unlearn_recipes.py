@@ -99,11 +99,17 @@ def test_per_stream_batch_sizes(tmp_path):
 @pytest.mark.parametrize("exchange", [True, False])
 def test_a_swapped_phase_exchanges_forget_and_retain_batch_sizes_only_when_asked(tmp_path, exchange):
     trainer = make_trainer(tmp_path, max_steps=1, forget_batch_size=1, retain_batch_size=3, kl_batch_size=2,
-                           swap_batch_sizes=exchange)
+                           swap_batch_sizes=exchange, adversarial_fraction=0.0)
+    trainer.state.focus = trainer.train_clusters[0].bias_type
+    trainer._build_streams()
+    unswapped = {name: [e.ids for e in stream] for name, stream in trainer.streams.items()}
     trainer.state.swap = True
+    trainer._build_streams()
+    assert [e.ids for e in trainer.streams["forget"]] == unswapped["retain"]  # the anti-stereotypes are forgotten
     sizes = {name: len(batch) for name, batch in trainer._next_batches().items()}
     assert sizes == ({"forget": 3, "retain": 1, "kl": 2} if exchange else {"forget": 1, "retain": 3, "kl": 2})
-    trainer.state.swap = False
+    trainer.state.focus, trainer.state.swap = None, False
+    trainer._build_streams()
     assert {name: len(batch) for name, batch in trainer._next_batches().items()} == {"forget": 1, "retain": 3, "kl": 2}
 
 

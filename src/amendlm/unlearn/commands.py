@@ -6,6 +6,8 @@ transformers and peft are imported inside the command bodies so ``amendlm --help
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +22,7 @@ def debias(
     ctx: typer.Context,
     out: Path = typer.Option(..., help="Output directory: adapter, unlearn_config.json, log.jsonl, ss_per_type.png, checkpoint/."),
     recipe: str = typer.Option("default", help="Preset of the options below: default or official (the public BiasUnlearn code's settings and control flow); options given explicitly override it, unlearn_config.json records both."),
-    config: Optional[Path] = typer.Option(None, help="Start from a saved unlearn_config.json, or from a JSON object of some of its fields (applied over the recipe it names, default: default); options given explicitly override it (recorded in recipe_overrides)."),
+    config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Start from a saved unlearn_config.json, or from a JSON object of some of its fields (applied over the recipe it names, default: default); options given explicitly override it (recorded in recipe_overrides)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local directory or Hugging Face id."),
     method: str = typer.Option("biasunlearn", help=f"One of: {METHOD_NAMES}."),
     max_steps: int = typer.Option(200, help="Optimizer steps at most (BiasUnlearn may stop earlier by its stop rule)."),
@@ -130,8 +132,13 @@ def debias_config(out: Path, given: dict, recipe: str | None = None, config_file
     """The :class:`~amendlm.unlearn.config.UnlearnConfig` of one ``debias`` call.
 
     Without ``config_file``: preset ``recipe`` (``default`` when None) with ``given`` overriding it
-    (:meth:`UnlearnConfig.from_recipe`).  With ``config_file``: the saved configuration with
-    ``given`` merged over it (the options win; ``recipe_overrides`` adds them to the saved ones).
+    (:meth:`UnlearnConfig.from_recipe`).  With ``config_file``, either
+
+    * a saved ``unlearn_config.json`` (it has ``out`` and every field a run has ever recorded):
+      that configuration with ``given`` merged over it (the options win; ``recipe_overrides``
+      adds them to the saved ones; fields it predates take :data:`FIELDS_ADDED`), or
+    * a hand-written JSON object of some fields: those fields (but ``out``) and ``given`` over the
+      recipe it names (``recipe``, default ``default``), all recorded as overrides.
 
     Args:
         out: output directory (replaces the saved ``out``).
@@ -139,21 +146,28 @@ def debias_config(out: Path, given: dict, recipe: str | None = None, config_file
 
     Raises:
         ValueError: ``recipe`` together with ``config_file`` (ambiguous: which wins?), unknown
-            recipe, invalid values.
+            recipe, a config file that is not a JSON object, an unknown field or a value of the
+            wrong type in it (the message names the file), invalid values.
     """
-    from amendlm.unlearn.config import UnlearnConfig
+    from amendlm.unlearn.config import FIELDS_ADDED, UnlearnConfig, with_added_fields
 
     if config_file is None:
         return UnlearnConfig.from_recipe(recipe or "default", str(out), given, **_CLI_DEFAULTS)
     if recipe is not None:
-        raise ValueError("--recipe and --config together: the saved configuration already names its recipe; "
-                         "give one of them (options given explicitly are merged over either)")
+        raise ValueError("--recipe and --config together: give the recipe in the file (\"recipe\": ...) or drop "
+                         "--config (options given explicitly are merged over either)")
     saved = _read_config_file(config_file)
-    if "out" not in saved:  # written by hand: its fields are options over the recipe it names (default: default)
-        written = {k: v for k, v in saved.items() if k not in ("recipe", "recipe_overrides")}
-        overrides = {**saved.get("recipe_overrides", {}), **written, **given}
-        return UnlearnConfig.from_recipe(saved.get("recipe", "default"), str(out), overrides, **_CLI_DEFAULTS)
-    saved = UnlearnConfig.from_dict(saved).to_dict()
+    original = {f.name for f in dataclasses.fields(UnlearnConfig)} - set(FIELDS_ADDED)  # what every saved run has
+    try:
+        if not original <= set(saved):  # written by hand
+            if not isinstance(saved.get("recipe_overrides", {}), dict):
+                raise ValueError(f"field recipe_overrides: expected dict, got {saved['recipe_overrides']!r}")
+            written = {k: v for k, v in saved.items() if k not in ("out", "recipe", "recipe_overrides")}
+            overrides = {**saved.get("recipe_overrides", {}), **written, **given}
+            return UnlearnConfig.from_recipe(saved.get("recipe", "default"), str(out), overrides, **_CLI_DEFAULTS)
+        saved = UnlearnConfig.from_dict(with_added_fields(saved)).to_dict()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{config_file}: {err}") from None
     overrides = {**saved.get("recipe_overrides", {}), **given}
     return UnlearnConfig.from_dict({**saved, **given, "out": str(out), "recipe_overrides": overrides})
 

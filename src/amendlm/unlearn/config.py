@@ -233,6 +233,8 @@ class UnlearnConfig:
             raise ValueError(f"kl_text_limit must be >= 0 or None, got {self.kl_text_limit}")
         if not self.kl_unrelated and self.kl_texts is None and "kl" in method.streams:
             raise ValueError("kl_unrelated=False with kl_texts=None leaves the KL set empty: give kl_texts")
+        if not self.kl_unrelated and self.kl_text_limit == 0 and "kl" in method.streams:
+            raise ValueError("kl_unrelated=False with kl_text_limit=0 leaves the KL set empty")
         if self.tolerance <= 0:
             raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
         self.schedule()  # validates phases and schedule_scale
@@ -258,7 +260,8 @@ class UnlearnConfig:
 
     def stream_batch_size(self, stream: str, swapped: bool = False) -> int:
         """Examples per step of ``stream`` (``forget``, ``retain``, ``kl``, ``chosen``, ``rejected``);
-        ``swapped``: the phase forgets the anti-stereotypes (see ``swap_batch_sizes``).
+        ``swapped``: the phase forgets the anti-stereotypes (see ``swap_batch_sizes``; DPO's
+        chosen / rejected pairs keep the forget size either way).
 
         Raises:
             ValueError: unknown stream.
@@ -306,19 +309,43 @@ class UnlearnConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "UnlearnConfig":
-        """Rebuild from :meth:`to_dict` output (unknown keys raise ``ValueError``).
+        """Rebuild from :meth:`to_dict` output or a JSON object of fields (absent ones: defaults).
 
         ``dtype_auto`` (a record in ``unlearn_config.json``: the saved dtype was chosen by ``auto``)
         is dropped; the saved, resolved ``dtype`` is kept.
+
+        Raises:
+            ValueError: unknown keys, or a value of the wrong JSON type (e.g. ``"false"`` for a
+                boolean, ``"3e-5"`` for a number), naming the field.
         """
         data = {k: v for k, v in data.items() if k != "dtype_auto"}
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown UnlearnConfig fields {unknown}")
+        for name, value in data.items():
+            _check_json_type(name, value, _FIELD_TYPES[name])
         return cls(**data)
 
     @classmethod
     def load(cls, path: str | Path) -> "UnlearnConfig":
         """Read a config saved as JSON."""
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# the JSON types each field accepts (annotations are strings under `from __future__ import annotations`)
+_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,), "dict": (dict,)}
+_FIELD_TYPES: dict[str, tuple[str, ...]] = {
+    f.name: tuple(part.strip().split("[")[0] for part in str(f.type).split("|")) for f in fields(UnlearnConfig)
+}
+
+
+def _check_json_type(name: str, value, kinds: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` unless ``value`` is of one of the annotated ``kinds`` (``None`` only if allowed)."""
+    if value is None:
+        if "None" in kinds:
+            return
+    elif any(isinstance(value, _JSON_TYPES[k]) and not (k in ("int", "float") and isinstance(value, bool))
+             for k in kinds if k in _JSON_TYPES):
+        return
+    raise ValueError(f"field {name}: expected {' or '.join(kinds)}, got {value!r}")

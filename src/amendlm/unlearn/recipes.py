@@ -15,8 +15,9 @@ the recipe's name (``recipe``) and the overriding options (``recipe_overrides``)
   - per-device batches forget 4 / retain 28 / KL 28 (run.sh); in a swapped phase the anti-stereotype
     loader (batch 28) is the forget stream and the stereotype loader (batch 4) the retain stream
     (train.py passes them in exchanged order): ``swap_batch_sizes``;
-  - the adversarial share (``--mix_anti``): a quarter of each type's anti-stereotypes joins that
-    type's stereotype set (dataloader.py), as amendlm's per-type forget sets;
+  - the adversarial share (``--mix_anti``): in a focus phase a quarter of the type's
+    anti-stereotypes joins its stereotype set (dataloader.py ``ster_<type> += anti_<type>[:n//4]``),
+    as amendlm's per-type forget sets;
   - LoRA r 8, alpha 16, dropout 0.1 on the attention projections only (GPT-2 ``attn.c_attn`` and
     ``attn.c_proj``; Llama-like ``q/k/v/o_proj``);
   - NPO on one log-ratio per batch, the mean over sequences of each sequence's token-mean
@@ -40,7 +41,14 @@ the recipe's name (``recipe``) and the overriding options (``recipe_overrides``)
 
   Not reproduced: the official targets are SS 49/49/49/48 (gender/profession/race/religion),
   amendlm's stop rule uses 50; the official "KL" also counts padding positions (amendlm masks
-  them); the official phases evaluate at multiples of their period, amendlm after it.
+  them); the official phases evaluate at multiples of their period, amendlm after it.  The
+  adversarial share differs in two phases: in the all-types phase the official code adds the
+  first quarter of the anti-stereotypes concatenated gender, profession, race, religion (all of
+  gender's, about a third of profession's, none of race's or religion's), amendlm a quarter of
+  each type's; in a swapped phase the official forget stream is the type's anti-stereotypes only
+  and its retain stream the stereotypes *with* the mixed-in quarter of anti-stereotypes, while
+  amendlm exchanges the roles (forget: anti-stereotypes + a quarter of the stereotypes; retain:
+  the stereotypes).
 """
 
 from __future__ import annotations

@@ -80,7 +80,8 @@ def check_resume_config(config: UnlearnConfig, resume: bool) -> None:
     skip = {"max_steps", "recipe_overrides"} | ({"dtype"} if config.dtype == "auto" and saved.get("dtype_auto") else set())
     differs = sorted(k for k, v in current.items() if k not in skip and saved.get(k, v) != v)
     if differs:
-        raise ValueError(f"--resume with a different configuration ({differs}); use a new --out")
+        raise ValueError(f"--resume with a different configuration ({differs}); use a new --out, or resume with "
+                         f"--config {config_file} --resume to continue the run exactly as it was configured")
 
 
 def resume_dtype(config: UnlearnConfig, resume: bool) -> UnlearnConfig:

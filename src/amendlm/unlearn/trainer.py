@@ -111,7 +111,8 @@ class UnlearnTrainer:
         for name in self.method.streams:
             key = sampler_key(name)
             if key not in drawn:
-                drawn[key] = self.samplers[name].take(self.config.stream_batch_size(name, self.state.swap) * world)[rank::world]
+                swapped = bool(self.state.focus and self.state.swap)  # the predicate _build_streams uses
+                drawn[key] = self.samplers[name].take(self.config.stream_batch_size(name, swapped) * world)[rank::world]
             batches[name] = [self.streams[name][i] for i in drawn[key]]
         return batches
 
