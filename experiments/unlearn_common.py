@@ -293,7 +293,10 @@ def eval_step(exp: Experiment, path: Path, model: str, dtype: str, adapter: tupl
                 raise KeptBaseModel(f"{adapter[0]}: its selection kept step 0, i.e. the base model")
         return evaluate_model(model, replace(config, dtype=expected["dtype"]), adapter=adapter[1].out if adapter else None)
 
-    return exp.step(path, expected, compute, recorded=recorded, defaults=eval_defaults())
+    from amendlm.unlearn.config import FIELDS_ADDED
+
+    # a field added to UnlearnConfig after a step was recorded counts as the value it had when added
+    return exp.step(path, expected, compute, recorded=recorded, defaults={**eval_defaults(), **_prefixed("training", FIELDS_ADDED)})
 
 
 def base_eval(exp: Experiment, dtype: str) -> tuple[Path, dict]:
