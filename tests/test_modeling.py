@@ -77,3 +77,12 @@ def test_evaluate_records_the_dtype_auto_chose(monkeypatch, fresh_probe, tiny_ll
     results = evaluate(tiny_llama, byte_tokenizer, config)
     assert results["config"]["dtype"] == recorded and results["config"]["dtype_auto"] is True
     assert math.isfinite(results["benchmarks"]["perplexity"]["perplexity"])
+
+
+def test_an_adapter_path_error_says_whether_the_directory_is_missing_or_not_an_adapter(tmp_path):
+    from amendlm.modeling import attach_adapter
+
+    with pytest.raises(FileNotFoundError, match="no such adapter directory"):
+        attach_adapter(None, tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        attach_adapter(None, tmp_path)

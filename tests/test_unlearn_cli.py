@@ -91,6 +91,7 @@ def test_a_hand_written_config_file_holds_some_fields_over_its_recipe(tmp_path, 
 
 @pytest.mark.parametrize("text, says", [("[1, 2]", "expected a JSON object"), ("{lr: 1", "not valid JSON"),
                                         ('{"lr": 1e-4, "learning_rate": 1}', "learning_rate"),
+                                        ('{"initial_all_types_step": 20}', "did you mean 'initial_all_types_steps'"),
                                         ('{"kl_unrelated": "false"}', "expected bool"),
                                         ('{"lr": "3e-5"}', "expected float"),
                                         ('{"recipe_overrides": [1]}', "expected dict")])

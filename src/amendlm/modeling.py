@@ -159,8 +159,8 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    if adapter is not None:
+        _check_adapter_dir(Path(adapter))
     path = resolve_model(model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
@@ -190,8 +190,7 @@ def attach_adapter(model, adapter: str | Path):
 
     adapter = Path(adapter)
     config_file = adapter / "adapter_config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    _check_adapter_dir(adapter)
     try:
         base_recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
     except json.JSONDecodeError as err:
@@ -263,3 +262,11 @@ def pad_token_id(tokenizer, start_token: str | int | None = None) -> int:
         if candidate is not None:
             return int(candidate)
     return start_token_id(tokenizer, start_token)
+
+
+def _check_adapter_dir(adapter: Path) -> None:
+    """Raise ``FileNotFoundError`` saying whether ``adapter`` is missing or holds no ``adapter_config.json``."""
+    if not adapter.exists():
+        raise FileNotFoundError(f"{adapter}: no such adapter directory")
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -322,7 +323,9 @@ class UnlearnConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown UnlearnConfig fields {unknown}")
+            hints = {name: difflib.get_close_matches(name, names, n=1) for name in unknown}
+            said = ", ".join(f"'{n}'" + (f" (did you mean '{h[0]}'?)" if h else "") for n, h in hints.items())
+            raise ValueError(f"unknown UnlearnConfig fields: {said}")
         for name, value in data.items():
             _check_json_type(name, value, _FIELD_TYPES[name])
         return cls(**data)
