@@ -1,7 +1,8 @@
 """Which lever lets BiasUnlearn remove bias *and* keep the language model: one row per lever, decided on val.
 
-Every row is BiasUnlearn on the embedded model at the same step budget: the defaults, then the
-LMS-aware selection, then that selection plus one more lever per row.  Training uses the train targets; every decision — which
+Every row is a training run on the embedded model at the same step budget: BiasUnlearn's defaults,
+then the LMS-aware selection, then that selection plus one more lever per row (and, last, DPO in
+BiasUnlearn's place, as the pairwise alternative).  Training uses the train targets; every decision — which
 checkpoint a run keeps, and which row is recommended — uses the val targets only (the in-training
 evaluations in each run's ``log.jsonl``); the test targets are only reported, with 95 % bootstrap
 intervals over target terms (``amendlm.bias.compare``).
@@ -16,7 +17,11 @@ Rows (``UnlearnConfig`` options on top of the defaults):
 * ``attention`` — + LoRA on the attention projections only;
 * ``big-retain`` — + retain and KL batches of 16 (forget 8);
 * ``kl-general`` — + the KL set holds the general text only (not StereoSet's unrelated sentences,
-  which anchor off-topic continuations while the forget loss lowers on-topic ones).
+  which anchor off-topic continuations while the forget loss lowers on-topic ones);
+* ``dpo-pairwise`` — not a BiasUnlearn lever but its alternative: the forget / retain / KL losses
+  replaced by DPO on (anti-stereotype, stereotype) pairs (``--method dpo``, no swapping), lr 3e-4
+  with 5 warm-up steps, val evaluations every 10 steps (chosen after a val-only run at lr 6e-4
+  overshot to val SS 44 by step 50).
 
     python experiments/unlearn_ablation.py                 # --dtype auto, 50 steps per row
     python experiments/unlearn_ablation.py --rows default,differing   # a subset (resumable; the rest later)
@@ -24,7 +29,7 @@ Rows (``UnlearnConfig`` options on top of the defaults):
 
 Cost: a row is one training run (50 steps of 8 + 8 + 8 sequences: ~10 s a step in fp32 on 2 AVX2
 cores, ~4 s in bf16 on AVX-512 BF16) plus its val evaluations and one test evaluation (~4-8 min);
-about 20 minutes per row on an AVX2 CPU, 2.7 hours for all eight.
+about 20 minutes per row on an AVX2 CPU, 3 hours for all nine.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ LEVERS: dict[str, dict] = {
     "attention": {**LMS_SELECT, "lora_scope": "attention"},
     "big-retain": {**LMS_SELECT, "forget_batch_size": 8, "retain_batch_size": 16, "kl_batch_size": 16},
     "kl-general": {**LMS_SELECT, "kl_unrelated": False},
+    "dpo-pairwise": {**LMS_SELECT, "method": "dpo", "lr": 3e-4, "warmup_steps": 5, "eval_every": 10},
 }
 QUICK_ROWS = ("default", "differing")
 
