@@ -7,7 +7,6 @@ transformers and peft are imported inside the command bodies so ``amendlm --help
 from __future__ import annotations
 
 import dataclasses
-
 from pathlib import Path
 from typing import Optional
 
