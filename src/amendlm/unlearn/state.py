@@ -33,6 +33,11 @@ class TrainState:
     status: str = "running"
     samplers: dict = field(default_factory=dict)  # StreamSamplers.state_dict(): every (stream, focus, swap) visited
 
+    @property
+    def swapped(self) -> bool:
+        """Whether the current phase forgets the anti-stereotypes of ``focus`` (a focus with its roles swapped)."""
+        return bool(self.focus and self.swap)
+
 
 def learning_rate(config: UnlearnConfig, state: TrainState, step: int) -> float:
     """Linear warm-up, then linear decay to 0 over the current phase's horizon.

@@ -97,7 +97,7 @@ class UnlearnTrainer:
         """(Re)build the example streams for the current focus / swap state."""
         c, s = self.config, self.state
         fraction = c.adversarial_fraction if self.method.adversarial else 0.0
-        swapped = [s.focus] if (s.focus and s.swap) else []
+        swapped = [s.focus] if s.swapped else []
         sets = build_sets(self.train_clusters, fraction, c.seed, swapped, s.focus, self.general, c.kl_unrelated)
         self.sizes = sets.sizes()
         self.streams = encode_streams(self.tokenizer, sets, self.method.streams, c.max_length, c.loss_tokens)
@@ -111,8 +111,8 @@ class UnlearnTrainer:
         for name in self.method.streams:
             key = sampler_key(name)
             if key not in drawn:
-                swapped = bool(self.state.focus and self.state.swap)  # the predicate _build_streams uses
-                drawn[key] = self.samplers[name].take(self.config.stream_batch_size(name, swapped) * world)[rank::world]
+                size = self.config.stream_batch_size(name, self.state.swapped)
+                drawn[key] = self.samplers[name].take(size * world)[rank::world]
             batches[name] = [self.streams[name][i] for i in drawn[key]]
         return batches
 
