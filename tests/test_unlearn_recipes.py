@@ -164,3 +164,44 @@ def test_per_type_val_sample_of_one_task(tmp_path):
     assert [c.bias_type for c in picked] == ["gender"] * 3 + ["race"] * 3
     assert per_type_sample(clusters, 3, seed=0, task="intersentence") == []
     assert len(per_type_sample(clusters, 99, seed=0)) == len(clusters)  # a type with fewer gives all
+
+
+def test_initial_steps_are_evaluated_every_initial_eval_every_without_decisions(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=5, initial_all_types_steps=4, initial_eval_every=2, tolerance=1e-6,
+                           keep_best=False)
+    trainer.train()
+    evals = [r for r in log_records(tmp_path) if r.get("event") == "eval"]
+    assert [r["step"] for r in evals][:3] == [0, 2, 4]
+    assert "decision" not in evals[1] and evals[2]["decision"]["focus"] in ("gender", "race")
+
+
+def test_dpo_swap_pairs_follow_the_focus_and_its_swap(tmp_path):
+    trainer = make_trainer(tmp_path, method="dpo-swap", max_steps=1, adversarial_fraction=0.0)
+    assert set(trainer.streams) == {"chosen", "rejected", "kl"}
+    focus = trainer.train_clusters[0].bias_type
+    trainer.state.focus = focus
+    trainer._build_streams()
+    chosen, rejected = ([e.ids for e in trainer.streams[n]] for n in ("chosen", "rejected"))
+    assert len(chosen) == sum(c.bias_type == focus for c in trainer.train_clusters)
+    trainer.state.swap = True
+    trainer._build_streams()
+    assert [e.ids for e in trainer.streams["chosen"]] == rejected  # the stereotype is now preferred
+    assert [e.ids for e in trainer.streams["rejected"]] == chosen
+
+
+def test_dpo_swap_runs_the_swap_schedule_and_logs_its_parts(tmp_path):
+    trainer = make_trainer(tmp_path, method="dpo-swap", max_steps=3, tolerance=1e-6, keep_best=False)
+    trainer.train()
+    records = log_records(tmp_path)
+    first = next(r for r in records if "loss" in r)
+    assert first["dpo"] == pytest.approx(0.6931471805599453, rel=1e-5)  # adapter B = 0: policy = reference
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert first["loss"] == pytest.approx(0.5 * first["dpo"] + 0.3 * first["retain"] + 0.2 * first["kl"], rel=1e-5)
+    assert any("decision" in r for r in records if r.get("event") == "eval")
+
+
+def test_the_cli_lists_every_registered_method():
+    from amendlm.unlearn.commands import METHOD_NAMES
+    from amendlm.unlearn.methods import METHODS
+
+    assert METHOD_NAMES == ", ".join(METHODS)

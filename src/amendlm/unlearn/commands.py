@@ -14,7 +14,7 @@ import typer
 
 from amendlm.resources import DEFAULT_MODEL
 
-METHOD_NAMES = "biasunlearn, npo, gradascent, graddiff, dpo, sft-anti"
+METHOD_NAMES = "biasunlearn, npo, gradascent, graddiff, dpo, sft-anti, dpo-swap"  # = METHODS (a test checks; no torch import here)
 
 
 def debias(

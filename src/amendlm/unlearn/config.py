@@ -33,7 +33,7 @@ FIELDS_ADDED: dict[str, object] = {
     "initial_all_types_steps": 0, "initial_scheduler_steps": None, "fresh_optimizer_per_phase": False,
     "val_clusters_per_type": None, "val_task": None, "selection": "gap", "max_lms_drop": 2.0,
     "loss_tokens": "all", "recipe": "default", "recipe_overrides": {}, "swap_batch_sizes": False,
-    "kl_unrelated": True,
+    "kl_unrelated": True, "initial_eval_every": 0,
 }
 
 
@@ -105,6 +105,8 @@ class UnlearnConfig:
             ``early_until_step`` (official: 3000 before step 400, the row's own 1000 after; ``None``: no change).
         initial_all_types_steps: train on every bias type until this step before the first
             swap decision (the step-0 evaluation is still recorded); official 100, default 0.
+        initial_eval_every: evaluate every this many steps during those initial steps (recorded and
+            used for ``keep_best``, no swap decision); 0 (official): first evaluation after them.
         initial_scheduler_steps: horizon of the linear decay before the first decision (``None``: ``max_steps``).
         fresh_optimizer_per_phase: every decision evaluation resets AdamW's moments (a fresh
             optimizer, as the official code builds one per phase).
@@ -168,6 +170,7 @@ class UnlearnConfig:
     early_scheduler_steps: int | None = None
     early_until_step: int = 0
     initial_all_types_steps: int = 0
+    initial_eval_every: int = 0
     initial_scheduler_steps: int | None = None
     fresh_optimizer_per_phase: bool = False
     eval_every: int = 50
@@ -218,8 +221,10 @@ class UnlearnConfig:
         for name, value in optional_positive.items():
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        if min(self.phase_warmup_steps, self.early_until_step, self.initial_all_types_steps, self.max_lms_drop) < 0:
-            raise ValueError("phase_warmup_steps, early_until_step, initial_all_types_steps and max_lms_drop must be >= 0")
+        if min(self.phase_warmup_steps, self.early_until_step, self.initial_all_types_steps, self.initial_eval_every,
+               self.max_lms_drop) < 0:
+            raise ValueError("phase_warmup_steps, early_until_step, initial_all_types_steps, initial_eval_every and "
+                             "max_lms_drop must be >= 0")
         choices = {"lora_scope": (self.lora_scope, LORA_SCOPES), "selection": (self.selection, SELECTIONS),
                    "loss_tokens": (self.loss_tokens, LOSS_TOKENS), "ce_reduction": (self.ce_reduction, CE_REDUCTIONS)}
         if self.val_task is not None:

@@ -147,6 +147,25 @@ def dpo_pair_loss(o: Mapping[str, StreamOutput], w: LossWeights) -> tuple[torch.
     return loss, {"dpo": loss.detach()}
 
 
+def dpo_swap_loss(o: Mapping[str, StreamOutput], w: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO with BiasUnlearn's control: ``w.forget * DPO(chosen, rejected) + w.retain * CE(chosen) + w.kl * KL(kl)``.
+
+    The pairs are those of the current focus and swap state (:func:`amendlm.unlearn.data.build_sets`):
+    chosen = anti-stereotype, rejected = stereotype of the same context, exchanged for a focus
+    bias type whose val SS fell below 50.  Tokens the two sides share with the same context
+    (" She is a") have the same log-prob on both sides and cancel in DPO's difference, so, unlike
+    NPO + CE, the pairwise term does not pull both sides on them.  ``CE(chosen)`` is the token-mean
+    NLL of the chosen side (set ``alpha_retain`` 0 to drop it); ``KL`` keeps neutral text close to
+    the reference, as in BiasUnlearn.
+    """
+    chosen, rejected = o["chosen"], o["rejected"]
+    dpo = losses.dpo_loss(chosen.policy_logps, rejected.policy_logps, chosen.reference_logps, rejected.reference_logps, w.dpo_beta)
+    retain = _ce(chosen, w)
+    kl = _kl(o["kl"])
+    total = w.forget * dpo + w.retain * retain + w.kl * kl
+    return total, {"dpo": dpo.detach(), "retain": retain.detach(), "kl": kl.detach()}
+
+
 def sft_anti_loss(o: Mapping[str, StreamOutput], w: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Baseline: supervised fine-tuning (CE) on anti-stereotypes only."""
     retain = _ce(o["retain"], w)
@@ -162,3 +181,6 @@ register(Method("graddiff", ("forget", "retain"), (), False, False, graddiff_los
 register(Method("dpo", ("chosen", "rejected"), ("chosen", "rejected"), False, False, dpo_pair_loss,
                 "DPO, chosen = anti-stereotype, rejected = stereotype"))
 register(Method("sft-anti", ("retain",), (), False, False, sft_anti_loss, "CE on anti-stereotypes only"))
+register(Method("dpo-swap", ("chosen", "rejected", "kl"), ("chosen", "rejected", "kl"), False, True, dpo_swap_loss,
+                "DPO on (anti-stereotype, stereotype) pairs + CE on the chosen side + KL, with BiasUnlearn's "
+                "per-type focus, swapping and stop rule"))

@@ -145,7 +145,8 @@ class UnlearnTrainer:
         s, c = self.state, self.config
         self._track_best(record)
         if apply_schedule and self.method.dynamic_swap and s.step < c.initial_all_types_steps:
-            s.next_eval = c.initial_all_types_steps  # every bias type together until then; no decision
+            # every bias type together until then; no decision (evaluations only recorded, every initial_eval_every)
+            s.next_eval = min(c.initial_all_types_steps, s.step + (c.initial_eval_every or c.initial_all_types_steps))
         elif apply_schedule and self.method.dynamic_swap:
             decision = decide(types, c.tolerance, c.schedule(s.step))
             record["decision"] = {"stop": decision.stop, "focus": decision.focus, "swap": decision.swap, "gap": decision.gap}
