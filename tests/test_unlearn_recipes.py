@@ -205,3 +205,30 @@ def test_the_cli_lists_every_registered_method():
     from amendlm.unlearn.methods import METHODS
 
     assert METHOD_NAMES == ", ".join(METHODS)
+
+
+def test_type_focus_all_trains_every_type_and_swaps_each_below_50(tmp_path):
+    trainer = make_trainer(tmp_path, method="dpo-swap", max_steps=4, type_focus="all", tolerance=1e-6, keep_best=False)
+    trainer.train()
+    records = log_records(tmp_path)
+    decisions = [r for r in records if r.get("event") == "eval" and "decision" in r]
+    assert decisions
+    for record in decisions:
+        below = sorted(name for name, ss in record["ss"].items() if name != "overall" and ss < 50.0)
+        assert record["decision"]["swapped_types"] == below and record["decision"]["focus"] is None
+    assert all(r["focus"] is None for r in records if "loss" in r)
+
+    fresh = make_trainer(tmp_path / "b", method="dpo-swap", max_steps=1, type_focus="all")
+    chosen = [e.ids for e in fresh.streams["chosen"]]
+    rejected = [e.ids for e in fresh.streams["rejected"]]
+    fresh.state.swapped_types = ["race"]
+    fresh._build_streams()
+    race = [c.bias_type == "race" for c in fresh.train_clusters]
+    assert len(fresh.streams["chosen"]) == len(chosen)  # every bias type, the same pairs
+    for i, is_race in enumerate(race):
+        assert fresh.streams["chosen"][i].ids == (rejected[i] if is_race else chosen[i])
+
+
+def test_type_focus_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="unknown type_focus 'best'; valid: worst, all"):
+        UnlearnConfig(out=str(tmp_path), type_focus="best")

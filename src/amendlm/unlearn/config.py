@@ -21,6 +21,7 @@ LORA_SCOPES = ("all", "attention")
 SELECTIONS = ("gap", "gap_within_lms")
 LOSS_TOKENS = ("all", "differing")
 VAL_TASKS = ("intrasentence", "intersentence")
+TYPE_FOCUS = ("worst", "all")
 
 
 # Fields added to UnlearnConfig after runs were first recorded, with the value each had when it was
@@ -33,7 +34,7 @@ FIELDS_ADDED: dict[str, object] = {
     "initial_all_types_steps": 0, "initial_scheduler_steps": None, "fresh_optimizer_per_phase": False,
     "val_clusters_per_type": None, "val_task": None, "selection": "gap", "max_lms_drop": 2.0,
     "loss_tokens": "all", "recipe": "default", "recipe_overrides": {}, "swap_batch_sizes": False,
-    "kl_unrelated": True, "initial_eval_every": 0,
+    "kl_unrelated": True, "initial_eval_every": 0, "type_focus": "worst",
 }
 
 
@@ -105,6 +106,9 @@ class UnlearnConfig:
             ``early_until_step`` (official: 3000 before step 400, the row's own 1000 after; ``None``: no change).
         initial_all_types_steps: train on every bias type until this step before the first
             swap decision (the step-0 evaluation is still recorded); official 100, default 0.
+        type_focus: what a decision trains on.  ``worst`` (BiasUnlearn): the bias type with the
+            largest val gap alone, swapped when its SS is below 50.  ``all``: every bias type at
+            once, each one swapped whose val SS is below 50 (the worst gap still picks the phase).
         initial_eval_every: evaluate every this many steps during those initial steps (recorded and
             used for ``keep_best``, no swap decision); 0 (official): first evaluation after them.
         initial_scheduler_steps: horizon of the linear decay before the first decision (``None``: ``max_steps``).
@@ -171,6 +175,7 @@ class UnlearnConfig:
     early_until_step: int = 0
     initial_all_types_steps: int = 0
     initial_eval_every: int = 0
+    type_focus: str = "worst"
     initial_scheduler_steps: int | None = None
     fresh_optimizer_per_phase: bool = False
     eval_every: int = 50
@@ -226,6 +231,7 @@ class UnlearnConfig:
             raise ValueError("phase_warmup_steps, early_until_step, initial_all_types_steps, initial_eval_every and "
                              "max_lms_drop must be >= 0")
         choices = {"lora_scope": (self.lora_scope, LORA_SCOPES), "selection": (self.selection, SELECTIONS),
+                   "type_focus": (self.type_focus, TYPE_FOCUS),
                    "loss_tokens": (self.loss_tokens, LOSS_TOKENS), "ce_reduction": (self.ce_reduction, CE_REDUCTIONS)}
         if self.val_task is not None:
             choices["val_task"] = (self.val_task, VAL_TASKS)

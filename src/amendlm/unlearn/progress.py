@@ -42,6 +42,9 @@ def eval_line(record: dict) -> str:
     if decision:
         if decision["stop"]:
             text += " -> stop (every bias type within tolerance)"
+        elif decision.get("swapped_types") is not None:  # type_focus="all"
+            swapped = ", ".join(decision["swapped_types"]) or "none"
+            text += f" -> every bias type (swapped: {swapped})"
         else:
             text += f" -> focus {decision['focus']}" + (" (swapped: anti-stereotype forgotten)" if decision["swap"] else "")
     return text

@@ -97,7 +97,7 @@ class UnlearnTrainer:
         """(Re)build the example streams for the current focus / swap state."""
         c, s = self.config, self.state
         fraction = c.adversarial_fraction if self.method.adversarial else 0.0
-        swapped = [s.focus] if s.swapped else []
+        swapped = [s.focus] if s.swapped else list(s.swapped_types)
         sets = build_sets(self.train_clusters, fraction, c.seed, swapped, s.focus, self.general, c.kl_unrelated)
         self.sizes = sets.sizes()
         self.streams = encode_streams(self.tokenizer, sets, self.method.streams, c.max_length, c.loss_tokens)
@@ -153,8 +153,14 @@ class UnlearnTrainer:
             if decision.stop:
                 s.status = "stopped"
             else:
-                changed = (decision.focus, decision.swap) != (s.focus, s.swap)
-                s.focus, s.swap = decision.focus, decision.swap
+                if c.type_focus == "all":  # every bias type, each swapped by its own val SS
+                    swapped_types = sorted(name for name, ss in types.items() if ss < 50.0)
+                    record["decision"].update(focus=None, swap=False, swapped_types=swapped_types)
+                    changed = swapped_types != s.swapped_types
+                    s.swapped_types = swapped_types
+                else:
+                    changed = (decision.focus, decision.swap) != (s.focus, s.swap)
+                    s.focus, s.swap = decision.focus, decision.swap
                 s.lr_scale, s.phase_start, s.phase_steps = decision.phase.lr_scale, s.step, decision.phase.scheduler_steps
                 s.next_eval = s.step + decision.phase.eval_every
                 if c.fresh_optimizer_per_phase:
