@@ -22,6 +22,14 @@ Rows (``UnlearnConfig`` options on top of the defaults):
   replaced by DPO on (anti-stereotype, stereotype) pairs (``--method dpo``, no swapping), lr 3e-4
   with 5 warm-up steps, val evaluations every 10 steps (chosen after a val-only run at lr 6e-4
   overshot to val SS 44 by step 50).
+* ``dpo-swap`` — DPO with BiasUnlearn's control (``--method dpo-swap --type-focus all``): every
+  bias type whose val SS is outside 50 ± 2 is trained at once, each towards 50 (pairs reversed for
+  a type below 50), with 0.1 CE on the chosen side and 0.2 KL on neutral text; decisions every 20
+  steps on all 863 val clusters; lr 5e-4, 100 steps (its own budget, twice the others').  Chosen
+  from val-only exploration runs (not kept): with 0.3 CE the val LMS rose but val SS barely moved
+  (the CE outweighed the pairwise term); focusing the single worst type (gender) did not move its
+  val SS while the other types drifted back; swapping a type as soon as it dipped below 50 made
+  race, the largest type, oscillate around 50 and the overall val SS with it.
 
     python experiments/unlearn_ablation.py                 # --dtype auto, 50 steps per row
     python experiments/unlearn_ablation.py --rows default,differing   # a subset (resumable; the rest later)
@@ -52,6 +60,10 @@ LEVERS: dict[str, dict] = {
     "big-retain": {**LMS_SELECT, "forget_batch_size": 8, "retain_batch_size": 16, "kl_batch_size": 16},
     "kl-general": {**LMS_SELECT, "kl_unrelated": False},
     "dpo-pairwise": {**LMS_SELECT, "method": "dpo", "lr": 3e-4, "warmup_steps": 5, "eval_every": 10},
+    "dpo-swap": {**LMS_SELECT, "method": "dpo-swap", "type_focus": "all", "alpha_forget": 1.0, "alpha_retain": 0.1,
+                 "alpha_kl": 0.2, "lr": 5e-4, "warmup_steps": 5, "schedule_scale": 1.0,
+                 "phases": [[5.0, 1.0, 100, 20], [3.0, 0.8, 50, 20], [0.0, 0.8, 50, 20]], "val_clusters": None,
+                 "max_steps": 100},
 }
 QUICK_ROWS = ("default", "differing")
 

@@ -214,8 +214,10 @@ def test_type_focus_all_trains_every_type_and_swaps_each_below_50(tmp_path):
     decisions = [r for r in records if r.get("event") == "eval" and "decision" in r]
     assert decisions
     for record in decisions:
-        below = sorted(name for name, ss in record["ss"].items() if name != "overall" and ss < 50.0)
-        assert record["decision"]["swapped_types"] == below and record["decision"]["focus"] is None
+        types = {name: ss for name, ss in record["ss"].items() if name != "overall"}
+        active = sorted(name for name, ss in types.items() if abs(ss - 50) >= 1e-6)
+        assert record["decision"]["active_types"] == active and record["decision"]["focus"] is None
+        assert record["decision"]["swapped_types"] == [name for name in active if types[name] < 50]
     assert all(r["focus"] is None for r in records if "loss" in r)
 
     fresh = make_trainer(tmp_path / "b", method="dpo-swap", max_steps=1, type_focus="all")
@@ -232,3 +234,12 @@ def test_type_focus_all_trains_every_type_and_swaps_each_below_50(tmp_path):
 def test_type_focus_is_checked(tmp_path):
     with pytest.raises(ValueError, match="unknown type_focus 'best'; valid: worst, all"):
         UnlearnConfig(out=str(tmp_path), type_focus="best")
+
+
+def test_type_focus_all_leaves_out_the_types_within_the_tolerance(tmp_path):
+    trainer = make_trainer(tmp_path, method="dpo-swap", max_steps=1, type_focus="all")
+    trainer.state.active_types = ["gender"]
+    trainer._build_streams()
+    assert len(trainer.streams["chosen"]) == sum(c.bias_type == "gender" for c in trainer.train_clusters)
+    assert trainer.samplers["chosen"].name == "pairs:gender:False"
+    assert len(trainer.streams["kl"]) > 0  # the KL set is never restricted

@@ -107,8 +107,10 @@ class UnlearnConfig:
         initial_all_types_steps: train on every bias type until this step before the first
             swap decision (the step-0 evaluation is still recorded); official 100, default 0.
         type_focus: what a decision trains on.  ``worst`` (BiasUnlearn): the bias type with the
-            largest val gap alone, swapped when its SS is below 50.  ``all``: every bias type at
-            once, each one swapped whose val SS is below 50 (the worst gap still picks the phase).
+            largest val gap alone, swapped when its SS is below 50.  ``all``: every bias type whose val
+            gap is at least ``tolerance``, together, each one swapped whose val SS is below 50
+            (types within the tolerance are left out until they drift out; the worst gap still
+            picks the phase).
         initial_eval_every: evaluate every this many steps during those initial steps (recorded and
             used for ``keep_best``, no swap decision); 0 (official): first evaluation after them.
         initial_scheduler_steps: horizon of the linear decay before the first decision (``None``: ``max_steps``).

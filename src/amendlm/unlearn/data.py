@@ -147,7 +147,7 @@ def build_sets(
     adversarial_fraction: float = 0.25,
     seed: int = 0,
     swapped: Iterable[str] = (),
-    focus: str | None = None,
+    focus: str | Iterable[str] | None = None,
     general_texts: Sequence[Example] = (),
     kl_unrelated: bool = True,
 ) -> UnlearnSets:
@@ -159,7 +159,7 @@ def build_sets(
             also added to the forget set (DESIGN.md §4: 0.25).
         seed: seed of the adversarial draw.
         swapped: bias types whose roles are exchanged (anti-stereotype forgotten, stereotype retained).
-        focus: keep only this bias type in forget, retain and pairs (``None``: all types).
+        focus: keep only this bias type (or these bias types) in forget, retain and pairs (``None``: all types).
         general_texts: extra KL examples (e.g. :func:`text_chunks` of a general corpus).
         kl_unrelated: put every cluster's unrelated sentence in the KL set (DESIGN.md §4); False
             leaves only ``general_texts`` there.
@@ -169,14 +169,16 @@ def build_sets(
     """
     swapped = set(swapped)
     types = {c.bias_type for c in clusters}
-    if focus is not None and focus not in types:
-        raise ValueError(f"focus bias type '{focus}' not in the data; valid: {', '.join(sorted(types))}")
+    kept = None if focus is None else ({focus} if isinstance(focus, str) else set(focus))
+    for name in sorted(kept or ()):
+        if name not in types:
+            raise ValueError(f"focus bias type '{name}' not in the data; valid: {', '.join(sorted(types))}")
     adversarial = adversarial_ids(clusters, adversarial_fraction, seed)
     forget, retain, kl, pairs = [], [], [], []
     for cluster in clusters:
         if kl_unrelated:
             kl.append(example(cluster, "unrelated"))
-        if focus is not None and cluster.bias_type != focus:
+        if kept is not None and cluster.bias_type not in kept:
             continue
         forget_label, retain_label = "stereotype", "anti_stereotype"
         if cluster.bias_type in swapped:

@@ -44,7 +44,7 @@ def eval_line(record: dict) -> str:
             text += " -> stop (every bias type within tolerance)"
         elif decision.get("swapped_types") is not None:  # type_focus="all"
             swapped = ", ".join(decision["swapped_types"]) or "none"
-            text += f" -> every bias type (swapped: {swapped})"
+            text += f" -> train {', '.join(decision.get('active_types') or ['every type'])} (swapped: {swapped})"
         else:
             text += f" -> focus {decision['focus']}" + (" (swapped: anti-stereotype forgotten)" if decision["swap"] else "")
     return text

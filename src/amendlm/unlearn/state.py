@@ -19,7 +19,9 @@ class TrainState:
     step: int = 0
     focus: str | None = None  # bias type the forget/retain streams are restricted to
     swap: bool = False  # roles of ``focus`` swapped (its SS < 50)
-    swapped_types: list = field(default_factory=list)  # type_focus="all": the bias types with roles swapped
+    # type_focus="all": the bias types trained (outside the tolerance; empty = every type) and those swapped
+    active_types: list = field(default_factory=list)
+    swapped_types: list = field(default_factory=list)
     next_eval: int = 0
     phase_start: int = 0  # step at which the linear decay (re)started
     phase_steps: int = 1  # its horizon

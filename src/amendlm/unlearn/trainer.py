@@ -98,11 +98,13 @@ class UnlearnTrainer:
         c, s = self.config, self.state
         fraction = c.adversarial_fraction if self.method.adversarial else 0.0
         swapped = [s.focus] if s.swapped else list(s.swapped_types)
-        sets = build_sets(self.train_clusters, fraction, c.seed, swapped, s.focus, self.general, c.kl_unrelated)
+        focus = s.focus or (list(s.active_types) or None)
+        sets = build_sets(self.train_clusters, fraction, c.seed, swapped, focus, self.general, c.kl_unrelated)
         self.sizes = sets.sizes()
         self.streams = encode_streams(self.tokenizer, sets, self.method.streams, c.max_length, c.loss_tokens)
         # a revisited focus continues its samplers; chosen/rejected share one so pairs stay aligned
-        self.samplers = {name: self.sampler_pool.sampler(sampler_tag(name, s.focus, s.swap), len(self.streams[name]))
+        tag = s.focus or ("+".join(s.active_types) or None)
+        self.samplers = {name: self.sampler_pool.sampler(sampler_tag(name, tag, s.swap), len(self.streams[name]))
                          for name in self.method.streams}
 
     def _next_batches(self) -> dict[str, list[EncodedPair]]:
@@ -153,11 +155,12 @@ class UnlearnTrainer:
             if decision.stop:
                 s.status = "stopped"
             else:
-                if c.type_focus == "all":  # every bias type, each swapped by its own val SS
-                    swapped_types = sorted(name for name, ss in types.items() if ss < 50.0)
-                    record["decision"].update(focus=None, swap=False, swapped_types=swapped_types)
-                    changed = swapped_types != s.swapped_types
-                    s.swapped_types = swapped_types
+                if c.type_focus == "all":  # every type outside the tolerance, each towards 50 by its own val SS
+                    active = sorted(name for name, ss in types.items() if abs(ss - 50.0) >= c.tolerance)
+                    swapped_types = [name for name in active if types[name] < 50.0]
+                    record["decision"].update(focus=None, swap=False, active_types=active, swapped_types=swapped_types)
+                    changed = (active, swapped_types) != (s.active_types, s.swapped_types)
+                    s.active_types, s.swapped_types = active, swapped_types
                 else:
                     changed = (decision.focus, decision.swap) != (s.focus, s.swap)
                     s.focus, s.swap = decision.focus, decision.swap
