@@ -94,3 +94,11 @@ def test_the_ablation_lms_cost_is_lms_lost_per_ss_point_moved_towards_50():
     assert unlearn_ablation.lms_cost([(0, 60.0, 80.0), (50, 44.0, 60.0)]) == pytest.approx(5.0)  # overshoot: 10 -> 6 away
     assert unlearn_ablation.lms_cost([(0, 60.0, 80.0), (50, 59.5, 79.0)]) is None  # moved < 1 point
     assert unlearn_ablation.lms_cost([(0, 60.0, 80.0)]) is None
+
+
+def test_the_pairwise_recipe_is_the_ablation_row_it_was_chosen_as():
+    import unlearn_ablation
+
+    from amendlm.unlearn.recipes import recipe_fields
+
+    assert recipe_fields("pairwise") == unlearn_ablation.LEVERS["dpo-swap"]
