@@ -119,6 +119,19 @@ def recommend(choices: dict[str, dict], max_lms_drop: float = 2.0) -> str | None
     return min(qualified, key=lambda row: qualified[row]["worst_gap"]) if qualified else None
 
 
+def target_terms() -> str:
+    """The number of StereoSet target terms of each bias type in the val split, e.g. ``gender 2,
+    profession 6, ...`` (a per-type val SS rests on these few)."""
+    from amendlm.data.splits import select_split
+    from amendlm.data.stereoset import load_stereoset
+
+    clusters = load_stereoset("stereoset")
+    terms: dict[str, set] = {}
+    for cluster in select_split(clusters, "val"):
+        terms.setdefault(cluster.bias_type, set()).add(cluster.target)
+    return ", ".join(f"{name} {len(terms[name])}" for name in sorted(terms))
+
+
 def main(argv: list[str] | None = None) -> dict:
     from amendlm.bias.compare import comparison_rows, format_cell, markdown_table as compare_table
 
@@ -196,14 +209,18 @@ def main(argv: list[str] | None = None) -> dict:
         targets_table(checks),
     ])
     met = {row: sum(c["passed"] is True for c in checks[row]) for row in checks}
-    notes = (f"Test set: {describe_test_set(base)}; dtype {dtype}; {args.steps} steps per row.  Rows not yet run: "
+    own_budget = [f"{row} {configs[row]['max_steps']}" for row in configs if configs[row]["max_steps"] != args.steps]
+    notes = (f"Test set: {describe_test_set(base)}; dtype {dtype}; {args.steps} steps per row"
+             + (f" (rows with their own budget: {', '.join(own_budget)})" if own_budget else "") + ".  "
+             + f"Val target terms per bias type (every per-type val decision rests on these): {target_terms()}.  "
+             + "Rows not yet run: "
              + (", ".join(r for r in LEVERS if r not in choices) or "none") + ".  "
              + (f"Recommended on val: `{chosen}` ({met[chosen]} of {len(checks[chosen])} test targets met)."
                 if chosen else "No row kept a checkpoint after step 0 whose val LMS fell ≤ 2 points."))
     headline = []
     if chosen:
         row = next(r for r in rows if r["run"] == chosen)
-        headline.append((f"BiasUnlearn, lever chosen on val (`{chosen}`, {args.steps} steps, {dtype}), test: SS / LMS "
+        headline.append((f"BiasUnlearn, lever chosen on val (`{chosen}`, {configs[chosen]['max_steps']} steps, {dtype}), test: SS / LMS "
                           "[95 % CI] / perplexity",
                          f"{rows[0]['ss']:.2f} → {format_cell(row, 'ss')} / {rows[0]['lms']:.2f} → {format_cell(row, 'lms')} / "
                          f"{rows[0]['ppl']:.2f} → {row['ppl']:.2f}; {met[chosen]} of {len(checks[chosen])} targets met"))
