@@ -9,8 +9,10 @@ models, a Hugging Face model id resolved by ``transformers`` itself.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -101,28 +103,114 @@ def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def resolve_model(name_or_path: str) -> str:
+def cached_file_sha256(path: str | os.PathLike) -> str:
+    """:func:`file_sha256`, remembered in ``amendlm_home()/sha256.json`` by path, size and mtime.
+
+    Model weights are hundreds of MB (about a second each to hash), and are hashed for every
+    evaluation record and every ``.gguf`` lookup; a file whose size or mtime changed is hashed
+    again.  Concurrent writers may drop each other's entries, which only costs a re-hash.
+    """
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    stamp = [stat.st_size, stat.st_mtime_ns]
+    cache_file = amendlm_home() / "sha256.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(str(resolved))
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = file_sha256(resolved)
+    cache[str(resolved)] = {"stamp": stamp, "sha256": digest}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        staging = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+        staging.write_text(json.dumps(cache, indent=0, sort_keys=True))
+        os.replace(staging, cache_file)
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+    return digest
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> str:
     """Return something ``from_pretrained`` can load: a converted cache dir, a path or a hub id.
 
-    Registered embedded models (GGUF files inside a package) are converted once to an fp32
-    safetensors checkpoint under ``amendlm_home()/models/<name>``; the conversion writes into
-    a temporary sibling directory and renames it into place, so a killed conversion leaves no
-    half-written checkpoint behind.  Hub ids are returned unchanged (transformers resolves
-    them, from its local cache when offline).
+    * a registered embedded model (a GGUF file inside a package) is converted once to an fp32
+      safetensors checkpoint under ``amendlm_home()/models/<name>``;
+    * a local ``.gguf`` file is converted once, by the same code, to
+      ``amendlm_home()/models/gguf/<stem>-<sha256[:16]>``.  The key is the file's *content*
+      hash (remembered by path, size and mtime, :func:`cached_file_sha256`): a copy or a move of
+      the file reuses the conversion, a file rewritten in place is converted again, and the hash
+      is the GGUF's provenance (``gguf_source.json`` in the converted directory);
+    * an existing local directory is returned as it is (it must hold a ``config.json``);
+    * anything shaped like a Hugging Face id (``name`` or ``namespace/name``) is returned
+      unchanged: transformers resolves it, from its local cache when offline.
+
+    Conversions write into a temporary sibling directory and rename it into place, so a killed
+    conversion leaves no half-written checkpoint behind.
+
+    Raises:
+        FileNotFoundError: a local path (absolute, relative with ``./``, ``~``, or more than one
+            ``/``) or ``.gguf`` file that does not exist, or a directory without ``config.json``;
+            names the path.
+        ValueError: an existing file that is not a ``.gguf``; a GGUF that transformers cannot
+            load (an unsupported quantisation type or architecture, named).
     """
-    if name_or_path not in MODELS:
-        return name_or_path
-    target = amendlm_home() / "models" / name_or_path
+    key = str(name_or_path)
+    if key in MODELS:
+        return _converted(MODELS[key].locate, amendlm_home() / "models" / key)
+    path = Path(key).expanduser()
+    if key.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}: no such GGUF file")
+        digest = cached_file_sha256(path)
+        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)
+        return _converted(lambda: path, amendlm_home() / "models" / "gguf" / f"{stem}-{digest[:16]}", digest)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{key}: not a model directory (no config.json)")
+        return key
+    if path.exists():
+        raise ValueError(f"{key}: not a model directory or .gguf file")
+    if _is_local_path(key):
+        raise FileNotFoundError(
+            f"{key}: no such model directory or .gguf file (embedded models: {', '.join(sorted(MODELS))})"
+        )
+    return key
+
+
+def _is_local_path(key: str) -> bool:
+    """Whether ``key`` can only mean a local path: not shaped like a hub id (``name`` or ``namespace/name``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if key.startswith((".", "/", "~")) or "\\" in key or os.path.isabs(key):
+        return True
+    try:
+        validate_repo_id(key)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _converted(locate, target: Path, sha256: str | None = None) -> str:
+    """Convert the GGUF file ``locate()`` returns into ``target`` unless it is there; return ``target``.
+
+    ``locate`` is called only when a conversion is needed (an embedded model's package may be
+    absent once its conversion is cached).
+    """
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return str(target)
-    gguf_path = MODELS[name_or_path].locate()
+    gguf_path = locate()
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{name_or_path}.*"):  # left by a conversion killed with SIGKILL
+    for stale in target.parent.glob(f".{target.name}.*"):  # left by a conversion killed with SIGKILL
         if time.time() - stale.stat().st_mtime > 3600:
             shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name_or_path}.", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         _convert_gguf(gguf_path, staging)
+        record = {"gguf_file": str(gguf_path), "sha256": sha256 or cached_file_sha256(gguf_path)}
+        (staging / GGUF_SOURCE).write_text(json.dumps(record, indent=1) + "\n")
         try:
             os.replace(staging, target)
         except OSError:
@@ -135,14 +223,27 @@ def resolve_model(name_or_path: str) -> str:
     return str(target)
 
 
+GGUF_SOURCE = "gguf_source.json"  # in a converted directory: the GGUF file and its sha256
+
+
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantise a GGUF checkpoint into an fp32 safetensors model + tokenizer in ``out_dir``."""
+    """Dequantise a GGUF checkpoint into an fp32 safetensors model + tokenizer in ``out_dir``.
+
+    Raises:
+        ValueError: a tensor type the GGUF loader cannot dequantise (names it and the supported
+            ones), or an architecture or file transformers cannot load (its own first line).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_types(gguf_path)
     kwargs = {"gguf_file": gguf_path.name}
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    try:
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    except (ValueError, NotImplementedError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{gguf_path}: transformers cannot load this GGUF file: {first}") from err
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the GGUF-loaded model itself is not serialisable
@@ -155,3 +256,45 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         raise RuntimeError(f"GGUF conversion of {gguf_path}: missing {missing}, unexpected {unexpected}")
     fresh.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+@functools.lru_cache(maxsize=None)
+def gguf_supported_types() -> tuple[str, ...]:
+    """Names of the GGUF tensor types that ``gguf.dequantize`` (what transformers' GGUF loader calls) handles.
+
+    Probed on one zero block of each type, so the list follows the installed ``gguf`` version.
+    """
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
+
+    supported = []
+    for qtype in GGMLQuantizationType:
+        _, type_size = GGML_QUANT_SIZES[qtype]
+        try:
+            dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
+        except Exception:  # noqa: BLE001 - any failure means the loader cannot read the type
+            continue
+        supported.append(qtype.name)
+    return tuple(supported)
+
+
+def check_gguf_types(gguf_path: str | os.PathLike) -> None:
+    """Fail early, naming the type, when a GGUF file holds a tensor type the loader cannot dequantise.
+
+    Raises:
+        ValueError: ``"FILE: GGUF quantisation type Q8_K (tensor 'x') is not supported by
+            transformers' GGUF loader; supported: ..."``, or an unreadable file.
+    """
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(gguf_path)
+    except (ValueError, OSError, KeyError) as err:
+        raise ValueError(f"{gguf_path}: not a readable GGUF file ({err})") from err
+    supported = gguf_supported_types()
+    for tensor in reader.tensors:
+        if tensor.tensor_type.name not in supported:
+            raise ValueError(
+                f"{gguf_path}: GGUF quantisation type {tensor.tensor_type.name} (tensor '{tensor.name}') is not "
+                f"supported by transformers' GGUF loader; supported: {', '.join(supported)}"
+            )
