@@ -9,6 +9,7 @@ models, a Hugging Face model id resolved by ``transformers`` itself.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -140,7 +141,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
       safetensors checkpoint under ``amendlm_home()/models/<name>``;
     * a local ``.gguf`` file is converted once, by the same code, to
       ``amendlm_home()/models/gguf/<stem>-<sha256[:16]>``.  The key is the file's *content*
-      hash (remembered by path, size and mtime, :func:`cached_file_sha256`): a copy or a move of
+      hash (the stem only makes the directory readable) (remembered by path, size and mtime, :func:`cached_file_sha256`): a copy or a move of
       the file reuses the conversion, a file rewritten in place is converted again, and the hash
       is the GGUF's provenance (``gguf_source.json`` in the converted directory);
     * an existing local directory is returned as it is (it must hold a ``config.json``);
@@ -164,9 +165,17 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     if key.lower().endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"{key}: no such GGUF file")
+        for name, packaged in MODELS.items():  # an embedded model's own file: its (existing) conversion
+            with contextlib.suppress(FileNotFoundError):
+                if packaged.locate().resolve() == path.resolve():
+                    return resolve_model(name)
         digest = cached_file_sha256(path)
+        converted = amendlm_home() / "models" / "gguf"
+        for done in sorted(converted.glob(f"*-{digest[:16]}")):  # the same content under another name
+            if (done / "config.json").is_file() and any(done.glob("*.safetensors")):
+                return str(done)
         stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)
-        return _converted(lambda: path, amendlm_home() / "models" / "gguf" / f"{stem}-{digest[:16]}", digest)
+        return _converted(lambda: path, converted / f"{stem}-{digest[:16]}", digest)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{key}: not a model directory (no config.json)")
