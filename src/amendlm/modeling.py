@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Iterator
@@ -285,7 +286,8 @@ def _first_mismatch(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     for line in lines:
         if line.startswith("size mismatch for"):
-            return (line.replace("copying a param with shape", "adapter").replace("torch.Size(", "(")
+            line = re.sub(r"torch\.Size\((\[[^\]]*\])\)", r"\1", line)
+            return (line.replace("copying a param with shape", "adapter")
                     .replace("from checkpoint, the shape in current model is", "vs model").rstrip("."))
     return lines[0] if lines else type(err).__name__
 
