@@ -1,7 +1,9 @@
 """A local .gguf file as --model: converted once (content-addressed), exact weights and token ids,
 and an unsupported tensor type named before transformers is asked to load it."""
 
+import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,3 +197,16 @@ def test_the_embedded_gguf_converts_with_the_tokenizer_of_the_file():
         assert ids == direct(text, add_special_tokens=False)["input_ids"]
         assert [vocab[i] for i in ids] == tokenizer.convert_ids_to_tokens(ids)
     assert resolve_model(str(path)) == resolve_model("smollm2-135m-instruct")  # the embedded file: its conversion
+
+
+def test_a_conversion_without_its_gguf_record_gets_one_with_the_absolute_path(tiny_gguf, home, monkeypatch, tmp_path):
+    path, _, _ = tiny_gguf
+    monkeypatch.chdir(path.parent)
+    converted = Path(resolve_model(path.name))  # typed as a relative path
+    record = json.loads((converted / resources.GGUF_SOURCE).read_text())
+    assert record == {"gguf_file": str(path.resolve()), "sha256": file_sha256(path)}
+    (converted / resources.GGUF_SOURCE).unlink()  # a conversion made before the record existed
+    monkeypatch.setattr(resources, "_convert_gguf", lambda *args: pytest.fail("converted again"))
+    assert resolve_model(str(path)) == str(converted)
+    assert json.loads((converted / resources.GGUF_SOURCE).read_text()) == record
+    assert [p.name for p in converted.iterdir() if p.name.startswith(".")] == []

@@ -2,6 +2,7 @@
 evaluation records that prove which weights they scored, in eval mode."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,3 +200,99 @@ def test_file_hashes_are_computed_once_per_path_size_and_mtime(tmp_path, home, m
     assert cached_file_sha256(weights) == first == real(weights) and len(calls) == 1
     weights.write_bytes(b"abcd")  # size changes: hashed again
     assert cached_file_sha256(weights) == real(weights) != first and len(calls) == 2
+
+
+# ---- review fixes ---------------------------------------------------------------------------
+
+def test_weights_changed_in_memory_after_loading_change_the_record(tmp_path, model_dir, home):
+    adapter = _adapter(tmp_path, "tiny-32")
+    model, _ = load_model(str(model_dir), adapter=adapter)
+    before = weights_record(model)
+    assert before["trainable_sha256"] is not None and before["state_sha256"] is None
+    with torch.no_grad():  # the adapter trained further in memory: its files still say the old weights
+        next(p for name, p in model.named_parameters() if "lora_B" in name).add_(1e-3)
+    after = weights_record(model)
+    assert after["adapter"] == before["adapter"] and after["trainable_sha256"] != before["trainable_sha256"]
+    plain, _ = load_model(str(model_dir))  # a fine-tuned base model: every parameter requires grad
+    first = weights_record(plain)["trainable_sha256"]
+    with torch.no_grad():
+        plain.model.norm.weight[0] += 1e-3
+    assert weights_record(plain)["trainable_sha256"] != first
+
+
+def test_a_peft_model_without_an_adapter_directory_hashes_only_its_adapter_tensors(model_dir, home, monkeypatch):
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    from amendlm import provenance
+
+    base, _ = load_model(str(model_dir))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    monkeypatch.setattr(provenance, "state_sha256", lambda m: pytest.fail("hashed the whole state"))
+    record = weights_record(model)
+    adapter_tensors = get_peft_model_state_dict(model)
+    assert record["state_sha256"] is None and record["model"]["path"] == str(model_dir)
+    assert record["trainable_sha256"] == provenance.tensors_sha256(sorted(adapter_tensors.items()))
+
+
+def test_the_state_hash_covers_scalar_buffers(tiny_llama):
+    tiny_llama.register_buffer("scale", torch.tensor(2.0))
+    first = state_sha256(tiny_llama)
+    tiny_llama.scale.fill_(3.0)
+    assert state_sha256(tiny_llama) != first
+
+
+def test_unrelated_peft_errors_propagate_unchanged(tmp_path, model_dir, monkeypatch):
+    from peft import PeftModel
+
+    adapter = _adapter(tmp_path, "tiny-32")
+    boom = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def fail(*args, **kwargs):
+        raise boom
+
+    monkeypatch.setattr(PeftModel, "from_pretrained", fail)
+    with pytest.raises(RuntimeError) as raised:
+        load_model(str(model_dir), adapter=adapter)
+    assert raised.value is boom
+    monkeypatch.setattr(PeftModel, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(ValueError("other")))
+    with pytest.raises(ValueError, match="^other$"):
+        load_model(str(model_dir), adapter=adapter)
+
+
+def test_a_missing_relative_directory_shaped_like_a_hub_id_names_the_directory(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError, match=r"\(offline\), and no local directory 'runs/variant' \(relative to .*\); pass") as raised:
+        load_model("runs/variant")
+    assert str(tmp_path.resolve()) in str(raised.value) or str(tmp_path) in str(raised.value)
+
+
+def test_an_adapter_directory_given_as_the_model_says_to_pass_it_as_adapter(tmp_path):
+    adapter = _adapter(tmp_path, "tiny-32")
+    with pytest.raises(FileNotFoundError, match=r"this is an adapter directory: pass it as --adapter \(with its base model as --model\)"):
+        resolve_model(str(adapter))
+
+
+def test_only_safetensors_and_config_are_hashed_as_model_files(model_dir, home):
+    (model_dir / "pytorch_model.bin").write_bytes(b"never loaded")
+    model, _ = load_model(str(model_dir))
+    assert set(weights_record(model)["model"]["files"]) == {"config.json", "model.safetensors"}
+
+
+def test_the_hash_cache_is_its_own_file_and_forgets_deleted_files(tmp_path, home, monkeypatch):
+    cache = tmp_path / "hashes" / "sha256.json"
+    monkeypatch.setenv("AMENDLM_HASH_CACHE", str(cache))
+    gone, kept = tmp_path / "gone.bin", tmp_path / "kept.bin"
+    gone.write_bytes(b"a")
+    kept.write_bytes(b"b")
+    cached_file_sha256(gone)
+    gone.unlink()
+    cached_file_sha256(kept)
+    assert list(json.loads(cache.read_text())) == [str(kept.resolve())]
+    assert not (home / "sha256.json").exists()
+
+
+def test_the_test_session_does_not_write_the_real_hash_cache(private_hash_cache):
+    assert resources.hash_cache_file() == Path(private_hash_cache) != Path.home() / ".cache" / "amendlm" / "sha256.json"

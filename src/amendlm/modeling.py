@@ -205,9 +205,10 @@ def _hub_errors(name: str, path: str) -> Iterator[None]:
             raise
         from amendlm.resources import MODELS
 
+        local = "" if Path(name).expanduser().is_absolute() else f", and no local directory '{name}' (relative to {Path.cwd()})"
         raise OSError(
             f"model '{name}' is not in the local Hugging Face cache and the hub could not be reached "
-            f"(offline); pass a local model directory (config.json + *.safetensors), a local .gguf file, "
+            f"(offline){local}; pass a local model directory (config.json + *.safetensors), a local .gguf file, "
             f"or an embedded model ({', '.join(sorted(MODELS))})"
         ) from err
 
@@ -261,7 +262,9 @@ def attach_adapter(model, adapter: str | Path, model_name: str | None = None):
               + (f"model '{model_name}'" if model_name else "this model"))
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as err:
+    except (RuntimeError, ValueError) as err:
+        if not _is_misfit(err):
+            raise
         raise ValueError(f"{misfit} ({_first_mismatch(err)})") from err
     weights_file = adapter / "adapter_model.safetensors"
     if weights_file.is_file():
@@ -279,6 +282,18 @@ def attach_adapter(model, adapter: str | Path, model_name: str | None = None):
         raise ValueError(f"{adapter}: every lora_B is zero, so the adapter leaves the base model unchanged")
     logger.info("loaded adapter %s (trained on base %s)", adapter, base_recorded)
     return peft_model
+
+
+def _is_misfit(err: Exception) -> bool:
+    """Whether a ``PeftModel.from_pretrained`` error says the adapter does not fit the model.
+
+    Only peft's (torch's) ``RuntimeError`` listing a ``size mismatch for ...`` and peft's
+    ``ValueError`` "Target modules [...] not found in the base model" (peft 0.21:
+    ``NoMatchingPeftModuleError``); anything else (out of memory, a bug) is not one.
+    """
+    if isinstance(err, RuntimeError):
+        return "size mismatch for" in str(err)
+    return isinstance(err, ValueError) and "not found in the base model" in str(err)
 
 
 def _first_mismatch(err: Exception) -> str:

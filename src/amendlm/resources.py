@@ -59,7 +59,8 @@ class ChunkedFile:
 
     PyPI limits a file's size, so a larger model is split into consecutive chunks, one package
     each.  :meth:`locate` concatenates them in order into ``amendlm_home()/files/<name>``
-    (staging file + rename) and checks the whole file's SHA-256.
+    (a unique staging file ``.<name>.*`` renamed into place; staging files older than an hour,
+    left by a killed process, are removed) and checks the whole file's SHA-256.
     """
 
     name: str  # the reassembled file's name, e.g. "gemma-3-270m-q4_k_m.gguf"
@@ -79,7 +80,10 @@ class ChunkedFile:
             return target
         parts = [chunk.locate() for chunk in self.chunks]
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.with_name(f".{self.name}.{os.getpid()}")
+        _remove_stale(target.parent, f".{self.name}.*")
+        handle, staging_name = tempfile.mkstemp(prefix=f".{self.name}.", dir=target.parent)
+        os.close(handle)
+        staging = Path(staging_name)
         try:
             digest = hashlib.sha256()
             with open(staging, "wb") as out:
@@ -138,6 +142,27 @@ def amendlm_home() -> Path:
     return Path(os.environ.get("AMENDLM_HOME", Path.home() / ".cache" / "amendlm")).expanduser()
 
 
+def hash_cache_file() -> Path:
+    """Where :func:`cached_file_sha256` remembers hashes: ``$AMENDLM_HASH_CACHE``, default ``amendlm_home()/sha256.json``."""
+    override = os.environ.get("AMENDLM_HASH_CACHE")
+    return Path(override).expanduser() if override else amendlm_home() / "sha256.json"
+
+
+def _remove_stale(directory: Path, pattern: str, max_age_s: float = 3600) -> None:
+    """Remove files or directories matching ``pattern`` in ``directory`` older than ``max_age_s``.
+
+    They are staging leftovers of a process killed with SIGKILL; a younger one may belong to a
+    process still running.
+    """
+    for stale in directory.glob(pattern):
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > max_age_s:
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink()
+
+
 def resolve_dataset(name_or_path: str | os.PathLike) -> Path:
     """Map a registered dataset name (e.g. ``"stereoset"``) or a local file path to a file.
 
@@ -167,16 +192,17 @@ def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
 
 
 def cached_file_sha256(path: str | os.PathLike) -> str:
-    """:func:`file_sha256`, remembered in ``amendlm_home()/sha256.json`` by path, size and mtime.
+    """:func:`file_sha256`, remembered in :func:`hash_cache_file` by path, size and mtime.
 
     Model weights are hundreds of MB (about a second each to hash), and are hashed for every
     evaluation record and every ``.gguf`` lookup; a file whose size or mtime changed is hashed
-    again.  Concurrent writers may drop each other's entries, which only costs a re-hash.
+    again.  Entries of files that no longer exist are dropped when the cache is written.
+    Concurrent writers may drop each other's entries, which only costs a re-hash.
     """
     resolved = Path(path).resolve()
     stat = resolved.stat()
     stamp = [stat.st_size, stat.st_mtime_ns]
-    cache_file = amendlm_home() / "sha256.json"
+    cache_file = hash_cache_file()
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
@@ -185,14 +211,22 @@ def cached_file_sha256(path: str | os.PathLike) -> str:
     if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
         return entry["sha256"]
     digest = file_sha256(resolved)
+    if not isinstance(cache, dict):
+        cache = {}
+    cache = {name: entry for name, entry in cache.items() if os.path.exists(name)}
     cache[str(resolved)] = {"stamp": stamp, "sha256": digest}
+    staging = None
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        staging = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
-        staging.write_text(json.dumps(cache, indent=0, sort_keys=True))
+        handle, staging = tempfile.mkstemp(prefix=f".{cache_file.name}.", dir=cache_file.parent)
+        with os.fdopen(handle, "w") as out:
+            out.write(json.dumps(cache, indent=0, sort_keys=True))
         os.replace(staging, cache_file)
     except OSError:
-        pass  # a read-only cache only costs a re-hash next time
+        if staging is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
+        # a read-only cache only costs a re-hash next time
     return digest
 
 
@@ -236,11 +270,14 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
         converted = amendlm_home() / "models" / "gguf"
         for done in sorted(converted.glob(f"*-{digest[:16]}")):  # the same content under another name
             if (done / "config.json").is_file() and any(done.glob("*.safetensors")):
-                return str(done)
+                return _converted(lambda: path, done, digest)  # as it is, with its gguf_source.json
         stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)
         return _converted(lambda: path, converted / f"{stem}-{digest[:16]}", digest)
     if path.is_dir():
         if not (path / "config.json").is_file():
+            if (path / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"{key}: not a model directory (no config.json); this is an adapter "
+                                        "directory: pass it as --adapter (with its base model as --model)")
             raise FileNotFoundError(f"{key}: not a model directory (no config.json)")
         return key
     if path.exists():
@@ -269,20 +306,22 @@ def _converted(locate, target: Path, sha256: str | None = None) -> str:
     """Convert the GGUF file ``locate()`` returns into ``target`` unless it is there; return ``target``.
 
     ``locate`` is called only when a conversion is needed (an embedded model's package may be
-    absent once its conversion is cached).
+    absent once its conversion is cached), or when an existing conversion lacks its
+    ``gguf_source.json`` (made by an older version): then it is written, if the GGUF file can
+    still be located, atomically.
     """
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        if not (target / GGUF_SOURCE).is_file():  # converted before gguf_source.json was recorded
+            with contextlib.suppress(FileNotFoundError, ValueError, OSError):
+                _write_gguf_source(target, locate(), sha256)
         return str(target)
     gguf_path = locate()
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.*"):  # left by a conversion killed with SIGKILL
-        if time.time() - stale.stat().st_mtime > 3600:
-            shutil.rmtree(stale, ignore_errors=True)
+    _remove_stale(target.parent, f".{target.name}.*")  # left by a conversion killed with SIGKILL
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         _convert_gguf(gguf_path, staging)
-        record = {"gguf_file": str(gguf_path), "sha256": sha256 or cached_file_sha256(gguf_path)}
-        (staging / GGUF_SOURCE).write_text(json.dumps(record, indent=1) + "\n")
+        _write_gguf_source(staging, gguf_path, sha256)
         try:
             os.replace(staging, target)
         except OSError:
@@ -296,6 +335,20 @@ def _converted(locate, target: Path, sha256: str | None = None) -> str:
 
 
 GGUF_SOURCE = "gguf_source.json"  # in a converted directory: the GGUF file and its sha256
+
+
+def _write_gguf_source(directory: Path, gguf_path: Path, sha256: str | None = None) -> None:
+    """Write ``directory/gguf_source.json`` (the GGUF's absolute path and SHA-256) atomically."""
+    record = {"gguf_file": str(Path(gguf_path).resolve()), "sha256": sha256 or cached_file_sha256(gguf_path)}
+    handle, staging = tempfile.mkstemp(prefix=f".{GGUF_SOURCE}.", dir=directory)
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(json.dumps(record, indent=1) + "\n")
+        os.replace(staging, directory / GGUF_SOURCE)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        raise
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
