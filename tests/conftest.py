@@ -35,6 +35,24 @@ def make_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**settings)).eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_hash_cache(tmp_path_factory):
+    """Keep the tests' file hashes out of the real ``~/.cache/amendlm/sha256.json``.
+
+    Only the hash cache moves: ``AMENDLM_HOME`` (with the embedded models' conversions that the
+    integration tests reuse) stays where it is.
+    """
+    import os
+
+    saved = os.environ.get("AMENDLM_HASH_CACHE")
+    os.environ["AMENDLM_HASH_CACHE"] = str(tmp_path_factory.mktemp("hash-cache") / "sha256.json")
+    yield os.environ["AMENDLM_HASH_CACHE"]
+    if saved is None:
+        os.environ.pop("AMENDLM_HASH_CACHE", None)
+    else:
+        os.environ["AMENDLM_HASH_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def byte_tokenizer():
     return make_byte_tokenizer()

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Iterator
@@ -132,10 +133,16 @@ def autocast(dtype: torch.dtype, device: torch.device | str = "cpu") -> contextl
 
 
 def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False):
-    """Load the tokenizer of a model (embedded name, local dir or hub id)."""
+    """Load the tokenizer of a model (embedded name, local dir, ``.gguf`` file or hub id).
+
+    Raises:
+        FileNotFoundError, OSError: as :func:`load_model`.
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model(model_name_or_path), trust_remote_code=trust_remote_code)
+    path = resolve_model(model_name_or_path)
+    with _hub_errors(model_name_or_path, path):
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def load_model(
@@ -146,44 +153,98 @@ def load_model(
 ):
     """Load ``(model, tokenizer)`` in fp32 safetensors weights, eval mode, optional PEFT adapter.
 
+    The returned model carries ``amendlm_sources`` (``{"model", "model_path", "adapter"}``: what
+    was asked for and the files it came from), from which :func:`amendlm.provenance.weights_record`
+    hashes the weights an evaluation scored.
+
     Args:
-        model_name_or_path: embedded name (``smollm2-135m-instruct``), local directory or hub id.
+        model_name_or_path: embedded name (``smollm2-135m-instruct``, ``gemma3-270m``), local
+            directory, local ``.gguf`` file (converted once, :func:`amendlm.resources.resolve_model`)
+            or hub id.
         adapter: a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``);
             loaded on top of the model and kept unmerged.
         device: where to put the model.
         trust_remote_code: passed to transformers; off by default.
 
     Raises:
-        FileNotFoundError: the adapter directory has no ``adapter_config.json``.
-        ValueError: the adapter's weights do not match the model's modules (wrong base).
+        FileNotFoundError: the adapter directory has no ``adapter_config.json``; a local model
+            path does not exist (names it).
+        OSError: a hub id that is not in the local Hugging Face cache while the hub cannot be
+            reached (says how to pass a local directory or GGUF file instead).
+        ValueError: the adapter does not fit the model (names the adapter's recorded base and
+            the model); an unsupported GGUF file.
     """
     from transformers import AutoModelForCausalLM
 
     if adapter is not None:
         _check_adapter_dir(Path(adapter))
     path = resolve_model(model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
+    with _hub_errors(model_name_or_path, path):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
     if adapter is not None:
-        model = attach_adapter(model, adapter)
+        model = attach_adapter(model, adapter, model_name=model_name_or_path)
     model.to(device).eval()
+    model.amendlm_sources = {"model": model_name_or_path, "model_path": path,
+                             "adapter": str(adapter) if adapter is not None else None}
     return model, tokenizer
 
 
-def attach_adapter(model, adapter: str | Path):
+@contextlib.contextmanager
+def _hub_errors(name: str, path: str) -> Iterator[None]:
+    """Turn transformers' errors for a hub id it cannot fetch into one line saying what to do.
+
+    Only for hub ids (``path == name`` and no such local path); other errors pass unchanged.
+    """
+    try:
+        yield
+    except OSError as err:
+        if path != name or Path(name).expanduser().exists() or not _unreachable(err):
+            raise
+        from amendlm.resources import MODELS
+
+        local = "" if Path(name).expanduser().is_absolute() else f", and no local directory '{name}' (relative to {Path.cwd()})"
+        raise OSError(
+            f"model '{name}' is not in the local Hugging Face cache and the hub could not be reached "
+            f"(offline){local}; pass a local model directory (config.json + *.safetensors), a local .gguf file, "
+            f"or an embedded model ({', '.join(sorted(MODELS))})"
+        ) from err
+
+
+def _unreachable(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it was raised from) says a hub file is neither cached nor reachable."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    while err is not None:
+        if isinstance(err, LocalEntryNotFoundError) or "couldn't connect to" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def attach_adapter(model, adapter: str | Path, model_name: str | None = None):
     """Wrap ``model`` in a :class:`peft.PeftModel` loaded from ``adapter`` and check it took effect.
 
-    An adapter whose modules do not all exist in the model, or that the model has more LoRA
-    slots for than it provides, would otherwise be partly or silently ignored (the "debiased"
-    model would be the base model), and so would an adapter whose ``lora_B`` are all zero.
+    An adapter whose modules do not all exist in the model, whose tensor shapes differ from the
+    model's (another base model), or that the model has more LoRA slots for than it provides,
+    would otherwise fail with a long peft error or be partly or silently ignored (the
+    "debiased" model would be the base model), and so would an adapter whose ``lora_B`` are all
+    zero.  A recorded base that differs from the model is allowed (an adapter transfers to
+    variants of its base) as long as every tensor fits.
+
+    Args:
+        model: a transformers causal LM; peft injects the LoRA layers into it.
+        adapter: the adapter directory.
+        model_name: how the model was asked for (for messages); default ``model.name_or_path``.
 
     Raises:
         FileNotFoundError: no ``adapter_config.json`` in ``adapter``.
-        ValueError: unreadable ``adapter_config.json``; the adapter's tensors and the LoRA
-            parameters created in the model differ (names the first few of each); or the
-            adapter changes nothing (every ``lora_B`` is zero).
+        ValueError: unreadable ``adapter_config.json``; the adapter does not fit the model (one
+            line naming the adapter's recorded base, the model and the first mismatch: a shape,
+            a missing module, or the adapter's tensors and the LoRA parameters created in the
+            model that differ); or the adapter changes nothing (every ``lora_B`` is zero).
     """
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors import safe_open
@@ -195,7 +256,16 @@ def attach_adapter(model, adapter: str | Path):
         base_recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_file}: invalid JSON ({err})") from None
-    peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    model_name = model_name or getattr(model, "name_or_path", None)
+    base = f"base model '{base_recorded}'" if base_recorded else "an unrecorded base model"
+    misfit = (f"{adapter}: adapter made for {base} does not fit "
+              + (f"model '{model_name}'" if model_name else "this model"))
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    except (RuntimeError, ValueError) as err:
+        if not _is_misfit(err):
+            raise
+        raise ValueError(f"{misfit} ({_first_mismatch(err)})") from err
     weights_file = adapter / "adapter_model.safetensors"
     if weights_file.is_file():
         with safe_open(str(weights_file), framework="pt") as handle:
@@ -204,14 +274,54 @@ def attach_adapter(model, adapter: str | Path):
         if saved != created:
             missing, unused = sorted(created - saved)[:3], sorted(saved - created)[:3]
             raise ValueError(
-                f"{adapter}: adapter does not fit this model (trained on {base_recorded}); "
-                f"model LoRA tensors absent from the adapter: {missing}; adapter tensors with no place in the model: {unused}"
+                f"{misfit}: model LoRA tensors absent from the adapter: {missing}; "
+                f"adapter tensors with no place in the model: {unused}"
             )
     lora_b = [p for name, p in peft_model.named_parameters() if "lora_B" in name]
     if lora_b and all(not bool(p.detach().any()) for p in lora_b):
         raise ValueError(f"{adapter}: every lora_B is zero, so the adapter leaves the base model unchanged")
     logger.info("loaded adapter %s (trained on base %s)", adapter, base_recorded)
     return peft_model
+
+
+def _is_misfit(err: Exception) -> bool:
+    """Whether a ``PeftModel.from_pretrained`` error says the adapter does not fit the model.
+
+    Only peft's (torch's) ``RuntimeError`` listing a ``size mismatch for ...`` and peft's
+    ``ValueError`` "Target modules [...] not found in the base model" (peft 0.21:
+    ``NoMatchingPeftModuleError``); anything else (out of memory, a bug) is not one.
+    """
+    if isinstance(err, RuntimeError):
+        return "size mismatch for" in str(err)
+    return isinstance(err, ValueError) and "not found in the base model" in str(err)
+
+
+def _first_mismatch(err: Exception) -> str:
+    """The first informative line of a peft/torch loading error, e.g. one ``size mismatch for ...``."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("size mismatch for"):
+            line = re.sub(r"torch\.Size\((\[[^\]]*\])\)", r"\1", line)
+            return (line.replace("copying a param with shape", "adapter")
+                    .replace("from checkpoint, the shape in current model is", "vs model").rstrip("."))
+    return lines[0] if lines else type(err).__name__
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Run ``model`` in eval mode (every dropout off, LoRA dropout included) for the duration.
+
+    Every scoring and evaluation entry point runs under it.  Afterwards, also on an exception,
+    every submodule gets back its own train/eval flag (not just the top module's, so submodules
+    the caller had put in eval mode stay there).
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from amendlm.modeling import autocast, pad_token_id, start_token_id
+from amendlm.modeling import autocast, eval_mode, pad_token_id, start_token_id
 
 
 def token_logps(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
@@ -268,21 +268,27 @@ def score_grouped(
     packed = [pack_group([encoded[i] for i in g], g) for g in groups]
     logp_sum = torch.zeros(len(encoded), dtype=torch.float32)
     n_tokens = torch.zeros(len(encoded), dtype=torch.long)
-    for order in tqdm(length_buckets([len(p.ids) for p in packed], batch_size), desc=progress,
-                      disable=progress is None, unit="batch", leave=False):
-        batch = [packed[i] for i in order]
-        mask_dtype = next(model.parameters()).dtype
-        inputs = {k: v.to(device) for k, v in collate_packed(batch, pad_id, mask_dtype).items()}
-        with autocast(dtype, device):
-            logits = model(**inputs, use_cache=False).logits
-        rows = torch.tensor([row for row, g in enumerate(batch) for _ in g.targets])
-        cols = torch.tensor([t[1] for g in batch for t in g.targets])
-        tokens = torch.tensor([t[2] for g in batch for t in g.targets], device=device)
-        members = torch.tensor([t[0] for g in batch for t in g.targets])
-        per_token = token_logps(logits[rows.to(device), cols.to(device)], tokens).cpu()
-        logp_sum.index_add_(0, members, per_token)
-        n_tokens.index_add_(0, members, torch.ones_like(members))
+    with eval_mode(model):
+        for order in tqdm(length_buckets([len(p.ids) for p in packed], batch_size), desc=progress,
+                          disable=progress is None, unit="batch", leave=False):
+            _score_packed_batch(model, [packed[i] for i in order], pad_id, dtype, device, logp_sum, n_tokens)
     return Scores(logp_sum, n_tokens)
+
+
+def _score_packed_batch(model, batch: Sequence[PackedGroup], pad_id: int, dtype: torch.dtype, device: torch.device,
+                        logp_sum: torch.Tensor, n_tokens: torch.Tensor) -> None:
+    """Score one batch of packed groups, adding each member's log-probs and token counts in place."""
+    mask_dtype = next(model.parameters()).dtype
+    inputs = {k: v.to(device) for k, v in collate_packed(batch, pad_id, mask_dtype).items()}
+    with autocast(dtype, device):
+        logits = model(**inputs, use_cache=False).logits
+    rows = torch.tensor([row for row, g in enumerate(batch) for _ in g.targets])
+    cols = torch.tensor([t[1] for g in batch for t in g.targets])
+    tokens = torch.tensor([t[2] for g in batch for t in g.targets], device=device)
+    members = torch.tensor([t[0] for g in batch for t in g.targets])
+    per_token = token_logps(logits[rows.to(device), cols.to(device)], tokens).cpu()
+    logp_sum.index_add_(0, members, per_token)
+    n_tokens.index_add_(0, members, torch.ones_like(members))
 
 
 @torch.inference_mode()
@@ -295,22 +301,23 @@ def score_encoded(
     padding_side: str = "right",
     progress: str | None = None,
 ) -> Scores:
-    """Score encoded pairs with length-bucketed batches (see :func:`score_pairs`)."""
+    """Score encoded pairs with length-bucketed batches (see :func:`score_pairs`), in eval mode (:func:`amendlm.modeling.eval_mode`)."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     logp_sum = torch.zeros(len(encoded), dtype=torch.float32)
     n_tokens = torch.zeros(len(encoded), dtype=torch.long)
     batches = length_buckets([len(e.ids) for e in encoded], batch_size)
-    for indices in tqdm(batches, desc=progress, disable=progress is None, unit="batch", leave=False):
-        inputs = {k: v.to(device) for k, v in collate([encoded[i] for i in indices], pad_id, padding_side).items()}
-        loss_mask = inputs.pop("loss_mask")
-        with autocast(dtype, device):
-            logits = model(**inputs, use_cache=False).logits
-        sums, counts = sequence_logps(logits, inputs["input_ids"], loss_mask)
-        index = torch.tensor(indices)
-        logp_sum[index] = sums.cpu()
-        n_tokens[index] = counts.cpu()
+    with eval_mode(model):
+        for indices in tqdm(batches, desc=progress, disable=progress is None, unit="batch", leave=False):
+            inputs = {k: v.to(device) for k, v in collate([encoded[i] for i in indices], pad_id, padding_side).items()}
+            loss_mask = inputs.pop("loss_mask")
+            with autocast(dtype, device):
+                logits = model(**inputs, use_cache=False).logits
+            sums, counts = sequence_logps(logits, inputs["input_ids"], loss_mask)
+            index = torch.tensor(indices)
+            logp_sum[index] = sums.cpu()
+            n_tokens[index] = counts.cpu()
     return Scores(logp_sum, n_tokens)
 
 
@@ -342,6 +349,9 @@ def score_pairs(
 
     Returns:
         :class:`Scores` in input order: summed log-prob and token count of each continuation.
+
+    The model runs in eval mode (dropout off) and gets its own train/eval modes back afterwards,
+    also on an exception (:func:`amendlm.modeling.eval_mode`).
     """
     pad_id = pad_token_id(tokenizer, start_token)
     encoded = encode_pairs(tokenizer, pairs, start_token)

@@ -26,7 +26,9 @@ from amendlm.data.io import DataError
 from amendlm.data.splits import DEFAULT_SEED, SPLITS, select_split
 from amendlm.data.stereoset import LABELS, StereoSetCluster, load_stereoset
 from amendlm.data.text import load_texts
-from amendlm.modeling import AUTO_DTYPE, dtype_name, dtype_record, pad_token_id, parse_dtype, resolve_dtype, start_token_id
+from amendlm.modeling import (AUTO_DTYPE, dtype_name, dtype_record, eval_mode, pad_token_id, parse_dtype, resolve_dtype,
+                              start_token_id)
+from amendlm.provenance import weights_record
 from amendlm.resources import file_sha256, resolve_dataset
 from amendlm.scoring import EncodedPair, score_encoded, score_pairs
 
@@ -259,6 +261,9 @@ def evaluate(model, tokenizer, config: EvalConfig) -> dict:
 
     ``config.dtype`` ``auto`` is resolved once for the model's device; ``results["config"]`` records
     the resolved dtype (``bf16``/``fp32``) and ``dtype_auto`` (whether ``auto`` chose it).
+    ``results["weights"]`` identifies the weights scored (:func:`amendlm.provenance.weights_record`:
+    SHA-256 of the model's and the adapter's files).  The model runs in eval mode (dropout off)
+    and gets its own train/eval modes back afterwards (:func:`amendlm.modeling.eval_mode`).
     """
     requested = config.dtype
     dtype = compute_dtype(model, config)
@@ -267,12 +272,13 @@ def evaluate(model, tokenizer, config: EvalConfig) -> dict:
     results: dict = {
         "config": {**asdict(config), **dtype_record(requested, dtype)},
         "start_token": {"id": start_id, "token": tokenizer.convert_ids_to_tokens(start_id)},
+        "weights": weights_record(model),
         "benchmarks": {},
     }
     for name in config.benchmarks:
         benchmark = BENCHMARKS[name]
         began = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(model):
             result = benchmark.run(model, tokenizer, config)
         result["seconds"] = time.perf_counter() - began
         data_file = resolve_dataset(getattr(config, benchmark.data_field))

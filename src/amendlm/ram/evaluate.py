@@ -85,6 +85,7 @@ def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = Non
     ``generations_path``: a jsonl written with one line per (system, prompt).
     """
     from amendlm.modeling import load_model
+    from amendlm.provenance import weights_record
     from amendlm.report import atomic_write_text
 
     proposal, tokenizer = load_model(config.proposal, device=config.device)
@@ -100,11 +101,13 @@ def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = Non
     references = [r.response for r in records]
     pad = pad_token_id(tokenizer)
     results, lines = {}, []
+    weights = {"proposal": weights_record(proposal), "aligner": weights_record(aligner) if aligner is not None else None}
     for system in config.systems:
         models = (proposal, aligner)
         mode = system
         if system == "finetuned":
             finetuned, finetuned_tokenizer = load_model(config.finetuned, device=config.device)
+            weights["finetuned"] = weights_record(finetuned)
             shared_vocab_size(tokenizer, finetuned_tokenizer, config.proposal, config.finetuned, proposal, finetuned)
             models, mode = (None, finetuned), "aligner"
         get_mode(mode)
@@ -123,5 +126,5 @@ def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = Non
                   for r, p in zip(records, predictions)]
     if generations_path is not None:
         atomic_write_text(generations_path, "\n".join(lines) + "\n")
-    return {"n_prompts": len(records), "systems": results, "higher_is_better": HIGHER_IS_BETTER,
+    return {"n_prompts": len(records), "systems": results, "higher_is_better": HIGHER_IS_BETTER, "weights": weights,
             "config": {**asdict(config), "generate": {**asdict(config.generate), **dtype_record(requested, dtype)}}}

@@ -15,6 +15,7 @@ First-token latency is one prefill of each model, as for ordinary decoding.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from amendlm.modeling import autocast, parse_dtype, resolve_dtype
+from amendlm.modeling import autocast, eval_mode, parse_dtype, resolve_dtype
 from amendlm.ram.decoding import DecodeConfig, apply_rule, get_mode, pick_tokens, repetition_penalty
 
 
@@ -178,8 +179,22 @@ def generate_batch(
     """Decode one batch of prompts together (see :func:`generate` for the arguments).
 
     ``on_step(step, token_ids (batch,), finished (batch,) bool)`` is called after every step; rows
-    that had already ended receive ``pad_token_id``.
+    that had already ended receive ``pad_token_id``.  Both models run in eval mode (dropout off)
+    and get their own train/eval modes back afterwards (:func:`amendlm.modeling.eval_mode`).
     """
+    with contextlib.ExitStack() as stack:
+        for model in {id(m): m for m in (proposal, aligner) if m is not None}.values():
+            stack.enter_context(eval_mode(model))
+        return _generate_batch(proposal, aligner, prompts, decode, config, vocab_size=vocab_size,
+                               pad_token_id=pad_token_id, eos_token_ids=eos_token_ids, tokenizer=tokenizer,
+                               generator=generator, on_step=on_step, stats=stats)
+
+
+def _generate_batch(
+    proposal, aligner, prompts: Sequence[Sequence[int]], decode: DecodeConfig, config: GenerateConfig, *,
+    vocab_size: int, pad_token_id: int, eos_token_ids: Sequence[int], tokenizer=None,
+    generator: torch.Generator | None = None, on_step: Callable | None = None, stats: GenerationStats | None = None,
+) -> list[Generation]:
     mode = get_mode(decode.mode)
     models = {role: model for role, model, used in (("proposal", proposal, mode.uses_proposal), ("aligner", aligner, mode.uses_aligner))
               if used}

@@ -12,6 +12,7 @@ from typing import Sequence
 from amendlm.bias.evaluate import EvalConfig, stereoset_outcomes
 from amendlm.bias.metrics import stereoset_score
 from amendlm.data.stereoset import StereoSetCluster
+from amendlm.modeling import eval_mode
 from amendlm.unlearn.config import UnlearnConfig
 
 
@@ -86,12 +87,8 @@ def val_scores(model, tokenizer, clusters: Sequence[StereoSetCluster], config: U
     """
     eval_config = EvalConfig(benchmarks=["stereoset"], split="val", split_seed=config.split_seed,
                              dtype=config.dtype, batch_size=32, progress=False)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         scored = stereoset_outcomes(model, tokenizer, list(clusters), eval_config)
-    finally:
-        model.train(was_training)
     groups: dict[str, list] = {"overall": [o for _, o in scored]}
     for cluster, outcome in scored:
         groups.setdefault(cluster.bias_type, []).append(outcome)

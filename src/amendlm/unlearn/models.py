@@ -9,13 +9,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Iterator
 
 import torch
 
-from amendlm.modeling import adapter_disabled, autocast
+from amendlm.modeling import adapter_disabled, autocast, eval_mode  # eval_mode: re-exported for callers of this module
 from amendlm.unlearn.config import UnlearnConfig
 
 _LINEAR_TYPES = ("Linear", "Conv1D")  # torch.nn.Linear, transformers' GPT-2 Conv1D
@@ -90,22 +88,6 @@ def attach_lora(model, config: UnlearnConfig):
 def frozen_copy(model):
     """A deep copy of ``model`` in eval mode with no parameter requiring a gradient (``reference="copy"``)."""
     return copy.deepcopy(model).eval().requires_grad_(False)
-
-
-@contextlib.contextmanager
-def eval_mode(model) -> Iterator[None]:
-    """Run ``model`` in eval mode (every dropout off, LoRA dropout included) for the duration.
-
-    Afterwards, also on an exception, every submodule gets back its own train/eval flag (not
-    just the top module's, so submodules the caller had put in eval mode stay there).
-    """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def reference_logits(model, inputs: dict, dtype: torch.dtype, reference_model=None) -> torch.Tensor:
