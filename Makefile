@@ -79,7 +79,7 @@ clean:
 # those results this only re-renders; from scratch it takes several hours on a 2-core CPU.
 RESULTS_COMMANDS := \
 	"eval_embedded.py" \
-	"unlearn_methods.py --dtype bf16" \
+	"unlearn_methods.py --dtype fp32" \
 	"unlearn_ablation.py --rows default,differing,low-lr,token-mean,attention,kl-general,dpo-pairwise,dpo-swap --dtype fp32" \
 	"transfer.py --dtype bf16" \
 	"ram_xsum.py" "bench_scoring.py" "bench_decode.py" "bench_unlearn.py"

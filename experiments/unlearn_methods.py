@@ -7,7 +7,7 @@ steps (val evaluations every 25).  Each run is ``amendlm.unlearn.trainer.train``
 ``runs/unlearn/<run>``, evaluated with ``amendlm.bias.evaluate.evaluate_model`` on the test targets
 (see ``unlearn_common.py`` for paths and reuse).
 
-    python experiments/unlearn_methods.py --dtype bf16   # the recorded rows (made on an AVX-512 BF16 CPU): reuses them
+    python experiments/unlearn_methods.py --dtype fp32   # the recorded rows (fp32, with per-target records for the CIs): reuses them
     python experiments/unlearn_methods.py                # --dtype auto: bf16 where native, else fp32
     python experiments/unlearn_methods.py --quick --results-dir /tmp/um   # biasunlearn + dpo, 2 steps; ~1 min
 
