@@ -173,7 +173,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
 
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
-Chooser = Callable[[torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+Chooser = Callable[[torch.Tensor | None, torch.Tensor | None, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -185,8 +185,8 @@ class DecodeStep:
         next_ids: ``(batch,)`` long, the token chosen for every row; rows that had ended get ``pad_token_id``.
         active: ``(batch,)`` bool, rows that were still decoding at this step (they received ``next_ids``).
         is_eos: ``(batch,)`` bool, active rows whose token is an end-of-sequence id.
-        finished: ``(batch,)`` bool, rows that have ended, EOS of this step included.  The consumer may set
-            more rows to True (a stop string, a per-row length limit, a cancelled request) before resuming
+        finished: ``(batch,)`` bool, rows that have ended, EOS of this step included.  The consumer (under
+            ``torch.inference_mode``: it is an inference tensor) may set more rows to True (a stop string, a per-row length limit, a cancelled request) before resuming
             the generator; they are then no longer decoded.
     """
 
@@ -210,8 +210,9 @@ def decode_steps(
         proposal, aligner: causal LMs; only those ``decode.mode`` uses are run.
         prompts: token ids of each prompt (left-padded here).
         max_new_tokens: steps at most.
-        choose: ``(proposal_logits, aligner_logits) -> (rows,) token ids`` for the live rows, both logits
-            ``(rows, vocab)`` after the repetition penalty (``None`` for a model the mode does not use).
+        choose: ``(proposal_logits, aligner_logits, rows) -> (live,) token ids`` for the live rows: both
+            logits ``(live, vocab)`` after the repetition penalty (``None`` for a model the mode does not
+            use), ``rows`` ``(live,)`` their indices in ``prompts`` (per-row sampling parameters).
             Default: the mode's rule then argmax (``greedy``) or a draw from ``generator``.
         prune_finished: drop ended rows from the KV caches before the next step (a served batch whose
             rows end early gets cheaper; off by default, so that a seeded batch draws the same random
@@ -226,7 +227,7 @@ def decode_steps(
                                                     ("aligner", aligner, mode.uses_aligner)) if used}
     eos_token_id = int(eos_token_ids[0]) if eos_token_ids else None
     if choose is None:
-        def choose(proposal_logits, aligner_logits):
+        def choose(proposal_logits, aligner_logits, rows):
             rule_logits = apply_rule(proposal_logits, aligner_logits, decode, eos_token_id=eos_token_id, generator=generator)
             return pick_tokens(rule_logits, greedy, generator)
     input_ids, attention_mask = left_pad(prompts, pad_token_id)
@@ -243,7 +244,7 @@ def decode_steps(
     for step in range(max_new_tokens):
         step_logits = logits if decode.repetition_penalty == 1.0 else {
             role: repetition_penalty(value, seen[live], decode.repetition_penalty) for role, value in logits.items()}
-        live_ids = choose(step_logits.get("proposal"), step_logits.get("aligner"))
+        live_ids = choose(step_logits.get("proposal"), step_logits.get("aligner"), live)
         next_ids = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
         next_ids[live] = live_ids.to(device)
         active = ~finished

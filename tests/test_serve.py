@@ -1,0 +1,284 @@
+"""``amendlm serve`` through the official ``openai`` client (and raw HTTP for what the client hides),
+against a server on a free loopback port serving tiny random models: one proposal alone and with an aligner."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+
+from amendlm.ram.data import encode_prompt  # noqa: E402
+from amendlm.ram.decoding import DecodeConfig  # noqa: E402
+from amendlm.ram.generate import GenerateConfig, generate  # noqa: E402
+from amendlm.serve.models import build_served, parse_aligner_option  # noqa: E402
+from amendlm.serve.rows import RowText, Sampling  # noqa: E402
+from amendlm.serve.server import ServeConfig, build_app, uvicorn_server  # noqa: E402
+
+from .conftest import make_byte_tokenizer, make_tiny_llama  # noqa: E402
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+CONTEXT = 256  # make_tiny_llama's max_position_embeddings
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = make_byte_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    return make_tiny_llama(len(tokenizer), seed=0), make_tiny_llama(len(tokenizer), seed=1)
+
+
+def served_models(tokenizer, models, eos=True):
+    proposal, aligner = models
+    served = build_served("tiny", proposal, tokenizer, {"a": (aligner, tokenizer)}, DecodeConfig(mode="par-kl"))
+    if not eos:  # rows then end only at max_tokens: long, predictable streams
+        served = {key: replace(value, eos_token_ids=[]) for key, value in served.items()}
+    return served
+
+
+class Server:
+    """uvicorn in a thread on a free loopback port (the socket is bound to port 0 first)."""
+
+    def __init__(self, served, **options):
+        config = ServeConfig(model="tiny", port=0, **options)
+        self.app, self.engine = build_app(config, served=served)
+        self.server = uvicorn_server(self.app, config)
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer, models):
+    torch.set_num_threads(1)
+    s = Server(served_models(tokenizer, models), max_batch_size=8, max_wait_ms=20)
+    yield s
+    s.close()
+
+
+def library(tokenizer, models, ids, mode, max_new_tokens):
+    """What ``amendlm align generate --greedy`` decodes for the same prompt ids and pair."""
+    proposal, aligner = models
+    out = generate(proposal, aligner, [ids], DecodeConfig(mode=mode), GenerateConfig(max_new_tokens=max_new_tokens, greedy=True),
+                   vocab_size=len(tokenizer), pad_token_id=2, eos_token_ids=[1], tokenizer=tokenizer)
+    return out[0]
+
+
+def test_models_lists_the_model_and_each_pair(server):
+    assert sorted(m.id for m in server.client.models.list().data) == ["tiny", "tiny+a"]
+
+
+@pytest.mark.parametrize("model, mode", [("tiny", "proposal"), ("tiny+a", "par"), ("tiny+a", "mds")])
+def test_greedy_completion_equals_the_library_generate(server, tokenizer, models, model, mode):
+    extra = {} if model == "tiny" else {"mode": mode}
+    out = server.client.completions.create(model=model, prompt="hello there", max_tokens=12, temperature=0, extra_body=extra)
+    expected = library(tokenizer, models, encode_prompt(tokenizer, "hello there", chat_template=False), mode, 12)
+    assert out.choices[0].text == expected.text
+    assert out.usage.prompt_tokens == len(encode_prompt(tokenizer, "hello there", chat_template=False))
+    assert out.usage.completion_tokens == len(expected.token_ids)
+    assert out.choices[0].finish_reason == ("length" if expected.finish_reason == "length" else "stop")
+
+
+def test_greedy_chat_uses_the_chat_template_and_equals_the_library(server, tokenizer, models):
+    out = server.client.chat.completions.create(model="tiny+a", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=10, temperature=0, extra_body={"mode": "par-kl"})
+    ids = encode_prompt(tokenizer, "hi", chat_template=True)
+    assert out.choices[0].message.content == library(tokenizer, models, ids, "par-kl", 10).text
+    assert out.choices[0].message.role == "assistant" and out.usage.prompt_tokens == len(ids)
+
+
+def test_streaming_gives_the_same_text_then_usage_and_done(server):
+    kwargs = dict(model="tiny+a", prompt="stream me", max_tokens=15, temperature=0)
+    whole = server.client.completions.create(**kwargs).choices[0].text
+    chunks = list(server.client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("length", "stop")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    chat = list(server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                                      max_tokens=5, stream=True))
+    assert chat[0].choices[0].delta.role == "assistant"
+    with httpx.stream("POST", server.url + "/v1/completions", json={**kwargs, "stream": True}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_seed_temperature_top_p_and_stop_are_honoured(server):
+    kwargs = dict(model="tiny+a", prompt="seeded", max_tokens=20, temperature=1.0, top_p=0.9)
+    first = server.client.completions.create(seed=7, **kwargs).choices[0].text
+    assert server.client.completions.create(seed=7, **kwargs).choices[0].text == first
+    others = {server.client.completions.create(seed=s, **kwargs).choices[0].text for s in (1, 2, 3)}
+    assert others != {first}
+    greedy = server.client.completions.create(model="tiny", prompt="stop here", max_tokens=20, temperature=0).choices[0]
+    stop = greedy.text[3:5]
+    assert len(stop) == 2
+    cut = server.client.completions.create(model="tiny", prompt="stop here", max_tokens=20, temperature=0, stop=[stop]).choices[0]
+    assert cut.text == greedy.text[: greedy.text.find(stop)] and cut.finish_reason == "stop"
+
+
+def test_concurrent_requests_decode_in_one_batch_with_the_tokens_of_one_by_one(tokenizer, models):
+    s = Server(served_models(tokenizer, models), max_batch_size=4, max_wait_ms=500)
+    try:
+        prompts = ["a", "a longer prompt", "mid one", "z"]
+        expected = [library(tokenizer, models, encode_prompt(tokenizer, p, chat_template=False), "par", 8).text for p in prompts]
+        with ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(lambda p: s.client.completions.create(
+                model="tiny+a", prompt=p, max_tokens=8, temperature=0, extra_body={"mode": "par"}).choices[0].text, prompts))
+        assert texts == expected
+        metrics = httpx.get(s.url + "/metrics").text
+        assert re.search(r"^amendlm_batches_total 1$", metrics, re.M) and re.search(r"^amendlm_batch_rows_total 4$", metrics, re.M)
+    finally:
+        s.close()
+
+
+def error_of(response: httpx.Response) -> dict:
+    return response.json()["error"]
+
+
+def test_bad_input_is_an_openai_error_naming_the_field(server):
+    url = server.url + "/v1/completions"
+    bad_json = httpx.post(url, content=b'{"model": "tiny", "prompt": ', headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and "not valid JSON" in error_of(bad_json)["message"]
+    wrong_type = httpx.post(url, json={"model": "tiny", "prompt": "x", "max_tokens": "many"})
+    assert wrong_type.status_code == 400 and error_of(wrong_type)["param"] == "max_tokens"
+    assert "max_tokens" in error_of(wrong_type)["message"] and "Traceback" not in wrong_type.text
+    unknown_field = httpx.post(url, json={"model": "tiny", "prompt": "x", "logprobs": 2})
+    assert unknown_field.status_code == 400 and "logprobs" in error_of(unknown_field)["message"]
+    bad_mode = httpx.post(url, json={"model": "tiny+a", "prompt": "x", "mode": "parr"})
+    assert bad_mode.status_code == 400 and error_of(bad_mode)["param"] == "mode" and "par-kl" in error_of(bad_mode)["message"]
+    alone = httpx.post(url, json={"model": "tiny", "prompt": "x", "mode": "par"})
+    assert alone.status_code == 400 and "no aligner" in error_of(alone)["message"]
+    with pytest.raises(openai.NotFoundError) as missing:
+        server.client.completions.create(model="nope", prompt="x")
+    assert missing.value.status_code == 404 and "tiny, tiny+a" in missing.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as too_long:
+        server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=300)
+    message = too_long.value.body["message"]
+    assert "300" in message and str(CONTEXT) in message and too_long.value.body["param"] == "max_tokens"
+
+
+def test_a_full_queue_answers_503_with_retry_after(tokenizer, models):
+    s = Server(served_models(tokenizer, models), max_queue=1)
+    try:
+        s.engine.max_queue = 0  # a queue with no room left, whatever the worker is doing
+        response = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "x"})
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert error_of(response)["code"] == "queue_full" and "max-queue" in error_of(response)["message"]
+        with pytest.raises(openai.APIStatusError) as refused:
+            s.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], stream=True)
+        assert refused.value.status_code == 503
+    finally:
+        s.close()
+
+
+def test_a_client_leaving_mid_stream_frees_its_row_and_the_others_finish(tokenizer, models):
+    s = Server(served_models(tokenizer, models, eos=False), max_batch_size=4, max_wait_ms=300)
+    try:
+        body = {"model": "tiny+a", "prompt": "go", "max_tokens": 240, "temperature": 0, "stream": True}
+
+        def leave_early():
+            with httpx.stream("POST", s.url + "/v1/completions", json=body) as response:
+                next(response.iter_lines())  # one event, then hang up
+
+        def stay():
+            return [c for c in s.client.completions.create(**{k: v for k, v in body.items() if k != "stream"}, stream=True)]
+
+        with ThreadPoolExecutor(2) as pool:
+            left, stayed = pool.submit(leave_early), pool.submit(stay)
+            left.result()
+            chunks = stayed.result()
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert len("".join(c.choices[0].text for c in chunks)) > 0
+        metrics = httpx.get(s.url + "/metrics").text
+        assert re.search(r"^amendlm_cancelled_total 1$", metrics, re.M), metrics
+        generated = int(re.search(r"^amendlm_generated_tokens_total (\d+)$", metrics, re.M).group(1))
+        assert 240 <= generated < 2 * 240
+        assert s.client.completions.create(model="tiny", prompt="still alive", max_tokens=3).usage.completion_tokens == 3
+    finally:
+        s.close()
+
+
+def test_health_and_metrics(server):
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    server.client.completions.create(model="tiny", prompt="count me", max_tokens=2)
+    text = httpx.get(server.url + "/metrics").text
+    assert 'amendlm_requests_total{path="/v1/completions",code="200"}' in text
+    for name in ("amendlm_queue_length", "amendlm_tokens_per_second", "amendlm_generated_tokens_total"):
+        assert re.search(rf"^# TYPE {name} ", text, re.M)
+
+
+def test_row_text_holds_back_a_possible_stop_string(tokenizer):
+    ids = tokenizer("abcdef", add_special_tokens=False)["input_ids"]
+    row = RowText(tokenizer, Sampling(max_tokens=10, stop=("cde",)))
+    deltas = [row.add(i) for i in ids[:4]]
+    assert "".join(deltas) == "ab" and row.finish_reason is None  # "cd" may begin the stop string
+    assert row.add(ids[4]) == "" and row.finish_reason == "stop" and row.text == "ab"
+
+
+def test_aligner_option_parsing():
+    assert parse_aligner_option("small=runs/a") == ("small", "runs/a")
+    assert parse_aligner_option("runs/ram/aligner/") == ("aligner", "runs/ram/aligner/")
+    with pytest.raises(ValueError, match="NAME"):
+        parse_aligner_option("a+b=dir")
+
+
+def test_sigterm_finishes_the_stream_in_flight_and_exits_0(tmp_path, tokenizer, models):
+    model_dir = tmp_path / "tiny"
+    models[0].save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")}
+    process = subprocess.Popen([sys.executable, "-m", "amendlm", "serve", "--model", str(model_dir), "--port", "0",
+                                "--shutdown-timeout", "20"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = ""
+        while "listening on" not in line:
+            line = process.stderr.readline()
+            assert line or process.poll() is None, "server exited before listening"
+        url = re.search(r"http://\S+", line).group(0)
+        body = {"model": str(model_dir), "prompt": "before the signal", "max_tokens": 200, "temperature": 0, "stream": True}
+        events = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            for event in response.iter_lines():
+                if event and not events:
+                    process.send_signal(signal.SIGTERM)
+                events.append(event)
+        events = [e for e in events if e]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"] in ("length", "stop")
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
