@@ -201,7 +201,8 @@ async def _collect(request: Request, jobs: list[Job], events: asyncio.Queue):
                     return texts, reasons, counts
                 continue
             if event.error:
-                raise APIError(500, event.error, type="server_error")
+                raise APIError(event.status, event.error, type="server_error",
+                               headers={"Retry-After": "1"} if event.status == 503 else None)
             texts[index] += event.text
             counts[index] = event.completion_tokens
             reasons[index] = event.finish_reason

@@ -54,6 +54,7 @@ class Event:
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: str | None = None
+    status: int = 500  # HTTP status of an error (503: shutting down)
 
 
 @dataclass
@@ -126,6 +127,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._running: list[Job] = []
         self._dtypes: dict[str, torch.dtype] = {}
 
     def start(self) -> None:
@@ -162,7 +164,7 @@ class Engine:
             self._queue.clear()
             self._cond.notify_all()
         for job in waiting:
-            job.emit(Event(error="the server is shutting down"))
+            job.emit(Event(error="the server is shutting down", status=503))
         if self._thread is None:
             return True
         self._thread.join(timeout)
@@ -198,7 +200,7 @@ class Engine:
                     return live
 
     def _cancel_running(self) -> None:
-        for job in getattr(self, "_running", []):
+        for job in list(self._running):
             job.cancel()
 
     def _work(self) -> None:

@@ -51,6 +51,12 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"request body is not valid JSON ({detail} at byte {loc[0] if loc else '?'})", code="invalid_json")
     field = ".".join(part for part in loc if part not in _TYPE_TAGS and not part.startswith(("function-", "literal[")))
     param = loc[0] if loc else None
+    members = [str(e["loc"][2]) for e in errors if len(e["loc"]) > 2 and e["loc"][:2] == ("body", param)
+               and str(e["loc"][2]) in _TYPE_TAGS]
+    if len(set(members)) > 1:  # a union field: say which forms it takes
+        forms = ", ".join(dict.fromkeys(members))
+        return APIError(400, f"invalid value for '{param}': expected one of {forms} (got {first.get('input')!r:.60})",
+                        param=param, code="invalid_value")
     if first["type"] == "extra_forbidden":
         message = f"unknown or unsupported field '{field}'"
     elif first["type"] == "missing":
