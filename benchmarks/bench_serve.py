@@ -205,6 +205,8 @@ def measure(model: str = "smollm2-135m-instruct", aligner_layers: int = 6, mode:
 
 
 def main() -> None:
+    # a SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the server child is stopped and the aligner removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--aligner-layers", type=int, default=6)
