@@ -249,6 +249,36 @@ def test_a_client_leaving_mid_stream_frees_its_row_and_the_others_finish(tokeniz
         s.close()
 
 
+def metric(url: str, name: str) -> int:
+    return int(re.search(rf"^{name} (\d+)$", HTTP.get(url + "/metrics").text, re.M).group(1))
+
+
+def test_a_non_streaming_client_leaving_cancels_its_row(tokenizer, models):
+    import socket
+
+    # each step sleeps 20 ms, so 240 tokens take >= 4.8 s: far longer than noticing the client left (<= 0.5 s + a step)
+    hook = models[0].register_forward_hook(lambda *args: time.sleep(0.02))
+    s = Server(served_models(tokenizer, models, eos=False), max_batch_size=1)
+    try:
+        body = json.dumps({"model": "tiny", "prompt": "go", "max_tokens": 240, "temperature": 0}).encode()
+        host, port = s.url.removeprefix("http://").split(":")
+        client = socket.create_connection((host, int(port)))
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 60
+        while metric(s.url, "amendlm_generated_tokens_total") < 5:  # its row is decoding
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        client.close()
+        while metric(s.url, "amendlm_cancelled_total") < 1:
+            assert time.monotonic() < deadline, "the server did not notice the client left"
+            time.sleep(0.05)
+        assert metric(s.url, "amendlm_generated_tokens_total") < 240
+    finally:
+        hook.remove()
+        s.close()
+
+
 def test_health_and_metrics(server):
     assert HTTP.get(server.url + "/health").json()["status"] == "ok"
     server.client.completions.create(model="tiny", prompt="count me", max_tokens=2)

@@ -188,18 +188,29 @@ async def _answer(request: Request, engine: Engine, model: ServedModel, body: Sa
     return JSONResponse({**meta, "object": kind, "choices": choices, "usage": usage})
 
 
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+
+
 async def _collect(request: Request, jobs: list[Job], events: asyncio.Queue):
-    """Wait for every job's end; a client that leaves cancels them."""
+    """Wait for every job's end; a client that leaves cancels them.
+
+    A watcher task checks the connection every :data:`DISCONNECT_POLL_S` seconds, whatever events
+    arrive meanwhile (the worker emits one per step), and wakes the loop when the client has gone.
+    """
     n = len(jobs)
     texts, reasons, counts = [""] * n, [None] * n, [0] * n
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        events.put_nowait((None, None))
+
+    watcher = asyncio.create_task(watch())
     try:
         while any(r is None for r in reasons):
-            try:
-                index, event = await asyncio.wait_for(events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return texts, reasons, counts
-                continue
+            index, event = await events.get()
+            if index is None:  # the client left
+                return texts, reasons, counts
             if event.error:
                 raise APIError(event.status, event.error, type="server_error",
                                headers={"Retry-After": "1"} if event.status == 503 else None)
@@ -208,6 +219,7 @@ async def _collect(request: Request, jobs: list[Job], events: asyncio.Queue):
             reasons[index] = event.finish_reason
         return texts, reasons, counts
     finally:
+        watcher.cancel()
         for job, reason in zip(jobs, reasons):
             if reason is None:
                 job.cancel()
