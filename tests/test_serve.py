@@ -161,8 +161,28 @@ def test_seed_temperature_top_p_and_stop_are_honoured(server):
     assert cut.text == greedy.text[: greedy.text.find(stop)] and cut.finish_reason == "stop"
 
 
+def test_seeded_rows_sharing_a_batch_give_their_solo_text(server, tokenizer, models):
+    requests = [dict(seed=3, temperature=1.0), dict(seed=11, temperature=0.7, top_p=0.9)]
+    common = dict(model="tiny+a", prompt="seeded together", max_tokens=20)
+    alone = [server.client.completions.create(**common, **r).choices[0].text for r in requests]  # module server: solo
+    s = Server(served_models(tokenizer, models), max_batch_size=2, max_wait_ms=30_000)  # the batch starts with both
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(lambda r: s.client.completions.create(**common, **r).choices[0].text, requests))
+        assert re.search(r"^amendlm_batch_rows_total 2$", HTTP.get(s.url + "/metrics").text, re.M)
+        assert together == alone  # exact on this fp32 model (in general: up to batching's floating-point near-ties)
+    finally:
+        s.close()
+
+
+def test_greedy_sir_without_seed_is_deterministic(server):
+    kwargs = dict(model="tiny+a", prompt="sir", max_tokens=12, temperature=0, extra_body={"mode": "sir", "candidates": 4})
+    assert len({server.client.completions.create(**kwargs).choices[0].text for _ in range(3)}) == 1
+
+
 def test_concurrent_requests_decode_in_one_batch_with_the_tokens_of_one_by_one(tokenizer, models):
-    s = Server(served_models(tokenizer, models), max_batch_size=4, max_wait_ms=500)
+    # max_wait long: the batch starts as soon as the 4 requests are queued, never before
+    s = Server(served_models(tokenizer, models), max_batch_size=4, max_wait_ms=30_000)
     try:
         prompts = ["a", "a longer prompt", "mid one", "z"]
         expected = [library(tokenizer, models, encode_prompt(tokenizer, p, chat_template=False), "par", 8).text for p in prompts]
@@ -205,13 +225,23 @@ def test_bad_input_is_an_openai_error_naming_the_field(server):
 def test_a_full_queue_answers_503_with_retry_after(tokenizer, models):
     s = Server(served_models(tokenizer, models), max_queue=1)
     try:
-        s.engine.max_queue = 0  # a queue with no room left, whatever the worker is doing
+        never = HTTP.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": ["x", "y"]})
+        assert never.status_code == 400 and error_of(never)["param"] == "prompt" and "max-queue" in error_of(never)["message"]
+        from amendlm.serve.engine import QueueFull
+
+        def full(job):  # a queue with no room left, whatever the worker is doing
+            raise QueueFull("1 requests are waiting (--max-queue 1)")
+        s.engine.submit = full
         response = HTTP.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "x"})
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
         assert error_of(response)["code"] == "queue_full" and "max-queue" in error_of(response)["message"]
         with pytest.raises(openai.APIStatusError) as refused:
             s.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], stream=True)
         assert refused.value.status_code == 503
+        del s.engine.submit
+        s.engine._stopping = True  # as after SIGTERM
+        stopping = HTTP.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "x"})
+        assert stopping.status_code == 503 and error_of(stopping)["code"] == "shutting_down"
     finally:
         s.close()
 
@@ -304,29 +334,41 @@ def test_aligner_option_parsing():
 
 
 def test_sigterm_finishes_the_stream_in_flight_and_exits_0(tmp_path, tokenizer, models):
+    import queue
+
     model_dir = tmp_path / "tiny"
     models[0].save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")}
     process = subprocess.Popen([sys.executable, "-m", "amendlm", "serve", "--model", str(model_dir), "--port", "0",
                                 "--shutdown-timeout", "300"], stderr=subprocess.PIPE, text=True, env=env)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
     try:
-        line = ""
-        while "listening on" not in line:
-            line = process.stderr.readline()
-            assert line or process.poll() is None, "server exited before listening"
+        line, deadline = "", time.monotonic() + 120
+        while "listening on" not in line:  # bounded: a server that never listens fails the test, never hangs it
+            assert process.poll() is None, "server exited before listening"
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail("server did not listen within 120 s")
         url = re.search(r"http://\S+", line).group(0)
-        body = {"model": str(model_dir), "prompt": "before the signal", "max_tokens": 60, "temperature": 0, "stream": True}
-        events = []
+        # greedy on this model, the prompt runs to max_tokens (no EOS): 240 steps, seconds of decoding after the signal
+        body = {"model": str(model_dir), "prompt": "drain", "max_tokens": 240, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        before, after = [], []
         with HTTP.stream("POST", url + "/v1/completions", json=body) as response:
+            assert response.status_code == 200
             for event in response.iter_lines():
-                if event and not events:
+                if not event:
+                    continue
+                (after if before else before).append(event)
+                if len(before) == 1 and not after:
                     process.send_signal(signal.SIGTERM)
-                events.append(event)
-        events = [e for e in events if e]
-        assert len(events) > 3  # text kept coming after the signal
-        assert events[-1] == "data: [DONE]"
-        assert json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"] in ("length", "stop")
+        assert len(before) == 1 and len(after) > 100  # the stream went on, well after the signal
+        assert after[-1] == "data: [DONE]"
+        assert json.loads(after[-2][len("data: "):])["usage"]["completion_tokens"] == 240
+        assert json.loads(after[-3][len("data: "):])["choices"][0]["finish_reason"] == "length"
         assert process.wait(timeout=300) == 0
     finally:
         if process.poll() is None:

@@ -35,14 +35,19 @@ def create_app(served: dict[str, ServedModel], engine: Engine, default_max_token
 
     Args:
         default_max_tokens: completion length when a request gives no ``max_tokens`` (cut to the context left).
-        shutdown_timeout: seconds the engine's running batch may take to end at shutdown.
+        shutdown_timeout: seconds the whole shutdown may take: the engine's running batch gets what is
+            left of it once the server has stopped (``app.state.shutdown_began``, a ``time.monotonic()``
+            set when the signal arrived, see :func:`amendlm.serve.server.uvicorn_server`; unset: all of it).
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.shutdown_began = None
         engine.start()
         yield
-        await asyncio.to_thread(engine.stop, shutdown_timeout)
+        began = app.state.shutdown_began
+        left = shutdown_timeout if began is None else max(0.0, shutdown_timeout - (time.monotonic() - began))
+        await asyncio.to_thread(engine.stop, left)
 
     app = FastAPI(title="amendlm", summary="OpenAI-compatible server for a model, an adapter, or a proposal with aligners",
                   lifespan=lifespan)
@@ -162,6 +167,9 @@ async def _answer(request: Request, engine: Engine, model: ServedModel, body: Sa
                 pass
         return emit
 
+    if len(prompts) > engine.max_queue:
+        raise APIError(400, f"{len(prompts)} prompts can never fit the queue (--max-queue {engine.max_queue}); "
+                            "send fewer per request", param="prompt")
     jobs = [Job(model, p, decode, sampling, emitter(i)) for i, (p, (decode, sampling)) in enumerate(zip(prompts, configs))]
     try:
         for job in jobs:
@@ -169,6 +177,8 @@ async def _answer(request: Request, engine: Engine, model: ServedModel, body: Sa
     except (QueueFull, EngineStopped) as err:
         for job in jobs:
             job.cancel()
+        if isinstance(err, EngineStopped):
+            raise APIError(503, str(err), type="server_error", code="shutting_down") from None
         raise APIError(503, f"server busy: {err}; retry later", type="server_overloaded", code="queue_full",
                        headers={"Retry-After": "1"}) from None
     kind = "chat.completion" if chat else "text_completion"
@@ -213,8 +223,9 @@ async def _collect(request: Request, jobs: list[Job], events: asyncio.Queue):
                 return texts, reasons, counts
             if event.error:
                 raise APIError(event.status, event.error, type="server_error",
+                               code="shutting_down" if event.status == 503 else None,
                                headers={"Retry-After": "1"} if event.status == 503 else None)
-            texts[index] += event.text
+            texts[index] = event.full_text if event.full_text is not None else texts[index] + event.text
             counts[index] = event.completion_tokens
             reasons[index] = event.finish_reason
         return texts, reasons, counts

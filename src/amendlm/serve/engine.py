@@ -47,7 +47,8 @@ class EngineStopped(RuntimeError):
 class Event:
     """What a request receives: a text delta; at the end a ``finish_reason`` (``stop``, ``length``) or an ``error``.
 
-    ``completion_tokens`` counts the tokens generated so far (EOS excluded).
+    ``completion_tokens`` counts the tokens generated so far (EOS excluded); ``full_text``, sent with
+    the ``finish_reason``, is the decode of all the row's ids, stop-trimmed (the non-streaming answer).
     """
 
     text: str = ""
@@ -55,6 +56,7 @@ class Event:
     completion_tokens: int = 0
     error: str | None = None
     status: int = 500  # HTTP status of an error (503: shutting down)
+    full_text: str | None = None
 
 
 @dataclass
@@ -251,9 +253,10 @@ class Engine:
                     delta = text.add(int(state.next_ids[row]))
                 if text.finish_reason is not None:
                     state.finished[row] = True
-                job.emit(Event(delta, text.finish_reason, len(text.token_ids)))
+                job.emit(Event(delta, text.finish_reason, len(text.token_ids),
+                               full_text=text.text if text.finish_reason else None))
             self.metrics.tokens(new_tokens)
             self.metrics.running = int((~state.finished).sum())
         for job, text in zip(batch, texts):  # rows the loop's last step left open (cannot happen: max_tokens)
             if text.finish_reason is None and not job.cancelled.is_set():
-                job.emit(Event(text.finish("length"), text.finish_reason, len(text.token_ids)))
+                job.emit(Event(text.finish("length"), text.finish_reason, len(text.token_ids), full_text=text.text))

@@ -6,12 +6,15 @@ the rule builds the step's logits from ``(proposal_logits, aligner_logits)``; th
 divides them and its ``top_p`` keeps their nucleus before one draw from the row's own seeded generator.
 The OpenAI defaults (``temperature`` 1, ``top_p`` 1) leave the rule's distribution as it is;
 ``temperature`` 0 is greedy (argmax of the rule's logits, as ``amendlm align generate --greedy``).
-Because every row draws from its own generator, a seeded request gives the same tokens whichever
-requests it shares a batch with.
+Each row draws from its own seeded generator, so batch company never consumes its random numbers;
+its text is the same as alone up to floating-point differences from batching (padding, batch
+size), which can flip near-ties.  A row with ``temperature`` 0 and no ``seed`` is seeded with 0, so
+a greedy request is deterministic in every mode (``sir`` draws its candidates even then).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -28,7 +31,7 @@ class Sampling:
         max_tokens: new tokens at most (>= 1).
         temperature: divides the rule's logits; 0 = greedy.  In [0, 2] as OpenAI's.
         top_p: nucleus of the tempered rule distribution, in (0, 1]; 1 = off.
-        seed: seeds this row's generator (``None``: a fresh random seed).
+        seed: seeds this row's generator (``None``: a fresh random seed, or 0 when ``temperature`` is 0).
         stop: strings that end the text (the text returned stops before the first one).
     """
 
@@ -53,14 +56,15 @@ class Sampling:
 
 
 def row_generators(samplings: Sequence[Sampling], device: torch.device) -> list[torch.Generator]:
-    """One ``torch.Generator`` per row, seeded with the row's seed (or a random one)."""
+    """One ``torch.Generator`` per row, seeded with the row's seed (none: 0 if greedy, else a random one)."""
     generators = []
     for sampling in samplings:
         generator = torch.Generator(device=device)
-        if sampling.seed is None:
+        seed = sampling.seed if sampling.seed is not None else (0 if sampling.greedy else None)
+        if seed is None:
             generator.seed()
         else:
-            generator.manual_seed(sampling.seed)
+            generator.manual_seed(seed)
         generators.append(generator)
     return generators
 
@@ -103,7 +107,10 @@ class RowText:
 
     Text never runs past a stop string: the last ``len(longest stop) - 1`` characters are held back
     until they cannot begin one, and a character cut mid-way through a multi-byte token sequence
-    (decoded as U+FFFD) waits for its next byte.
+    (decoded as U+FFFD) waits for its next byte.  :attr:`text` is always the decode of all the
+    row's ids (stop-trimmed): the whole answer.  Should a new decode change text already handed out
+    (a tokenizer's clean-up across tokens), the next delta is what follows the common prefix, so
+    the streamed pieces may then differ from :attr:`text`.
 
     Args:
         tokenizer: decodes the row's ids (special tokens skipped).
@@ -114,7 +121,7 @@ class RowText:
         self.tokenizer, self.sampling = tokenizer, sampling
         self.token_ids: list[int] = []
         self.text = ""
-        self.sent = 0  # characters of self.text already handed out
+        self._sent = ""  # the text (as decoded then) already handed out
         self.finish_reason: str | None = None
         self._hold = max((len(s) for s in sampling.stop), default=1) - 1
 
@@ -125,7 +132,7 @@ class RowText:
         self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
         cut = min((i for i in (self.text.find(s) for s in self.sampling.stop) if i >= 0), default=-1)
         if cut >= 0:
-            self.text = self.text[:max(cut, self.sent)]
+            self.text = self.text[:max(cut, len(self._sent))]
             self.finish_reason = "stop"
             return self._take(len(self.text))
         if len(self.token_ids) >= self.sampling.max_tokens:
@@ -142,7 +149,9 @@ class RowText:
         return self._take(len(self.text))
 
     def _take(self, end: int) -> str:
-        if end <= self.sent:
+        sent = self._sent
+        start = len(sent) if self.text.startswith(sent) else len(os.path.commonprefix([sent, self.text]))
+        if end <= start:
             return ""
-        delta, self.sent = self.text[self.sent:end], end
+        delta, self._sent = self.text[start:end], self.text[:end]
         return delta

@@ -2,7 +2,8 @@
 
 Shutdown: on SIGTERM (or Ctrl-C) uvicorn stops accepting connections, lets the responses in flight
 end for at most ``shutdown_timeout`` seconds (then cancels them), and the app's lifespan stops the
-engine; :func:`serve` then returns, so the command exits 0 after a SIGTERM.
+engine with what is left of those seconds (a running batch past them has its rows cancelled at its
+next step); :func:`serve` then returns, so the command exits 0 after a SIGTERM.
 """
 
 from __future__ import annotations
@@ -78,11 +79,20 @@ def build_app(config: ServeConfig, served=None):
 
 
 def uvicorn_server(app, config: ServeConfig):
-    """A ``uvicorn.Server`` for ``app`` with the graceful-shutdown bound of ``config``."""
+    """A ``uvicorn.Server`` for ``app`` with the graceful-shutdown bound of ``config``; it records when
+    the first signal arrived in ``app.state.shutdown_began`` so the engine gets only what is left."""
+    import time
+
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                         timeout_graceful_shutdown=config.shutdown_timeout, access_log=False))
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if getattr(app.state, "shutdown_began", None) is None:
+                app.state.shutdown_began = time.monotonic()
+            super().handle_exit(sig, frame)
+
+    return Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                                 timeout_graceful_shutdown=config.shutdown_timeout, access_log=False))
 
 
 def serve(config: ServeConfig, on_ready=None) -> None:
