@@ -52,6 +52,7 @@ EXPERIMENTS = (
     "bench_scoring",
     "bench_decode",
     "bench_unlearn",
+    "bench_serve",
 )
 
 

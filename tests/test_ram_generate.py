@@ -122,3 +122,25 @@ def test_generate_shaped_api_and_logits_processor_match_the_loop(models, prompts
                            do_sample=False, max_new_tokens=6, pad_token_id=PAD, eos_token_id=EOS)
     for row, generation in enumerate(loop):
         assert hf[row, width: width + len(generation.token_ids)].tolist() == generation.token_ids
+
+
+def test_decode_steps_pruning_ended_rows_keeps_the_other_rows_tokens(models, prompts, byte_tokenizer):
+    """Rows stopped by the consumer (here row 0 after 2 tokens) leave the KV caches; the others decode as before."""
+    from amendlm.ram.generate import decode_steps
+
+    proposal, aligner = models
+    kwargs = dict(vocab_size=len(byte_tokenizer), pad_token_id=PAD, eos_token_ids=[], greedy=True)
+
+    def run(prune: bool) -> list[list[int]]:
+        rows = [[] for _ in prompts]
+        for state in decode_steps(proposal, aligner, prompts, DecodeConfig(mode="par"), 8, prune_finished=prune, **kwargs):
+            for row in state.active.nonzero().flatten().tolist():
+                rows[row].append(int(state.next_ids[row]))
+            if state.step == 1:
+                with torch.inference_mode():
+                    state.finished[0] = True
+        return rows
+
+    pruned, kept = run(True), run(False)
+    assert len(pruned[0]) == len(kept[0]) == 2 and all(len(r) == 8 for r in pruned[1:])
+    assert pruned == kept

@@ -81,7 +81,7 @@ def main() -> None:
 
 # Commands of the other subsystems register themselves here (each module adds its commands
 # to ``app``): amendlm.unlearn.commands (debias, merge), amendlm.ram.commands (align ...) and
-# amendlm.bias.compare_command (compare).
+# amendlm.bias.compare_command (compare), amendlm.serve.commands (serve).
 from amendlm.unlearn.commands import register as _register_unlearn
 _register_unlearn(app)
 from amendlm.ram.commands import register as _register_ram
@@ -90,3 +90,5 @@ from amendlm.bias.compare_command import register as _register_compare
 _register_compare(app)
 from amendlm.finetune import register as _register_finetune
 _register_finetune(app)
+from amendlm.serve.commands import register as _register_serve
+_register_serve(app)

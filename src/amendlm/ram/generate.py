@@ -19,7 +19,7 @@ import contextlib
 import inspect
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -153,6 +153,12 @@ class CachedLM:
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
         return self._forward(token_ids.to(self.device).unsqueeze(-1), position_ids)
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (indices into the current batch) in the KV cache and the attention mask."""
+        rows = rows.to(self.device)
+        self.cache.batch_select_indices(rows)
+        self.attention_mask = self.attention_mask[rows]
+
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)``, both ``(batch, max_len)`` long, prompts right-aligned."""
@@ -168,6 +174,94 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
 
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+Chooser = Callable[[torch.Tensor | None, torch.Tensor | None, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DecodeStep:
+    """What :func:`decode_steps` yields after each token choice, over the whole batch (original row order).
+
+    Attributes:
+        step: 0-based index of the new token.
+        next_ids: ``(batch,)`` long, the token chosen for every row; rows that had ended get ``pad_token_id``.
+        active: ``(batch,)`` bool, rows that were still decoding at this step (they received ``next_ids``).
+        is_eos: ``(batch,)`` bool, active rows whose token is an end-of-sequence id.
+        finished: ``(batch,)`` bool, rows that have ended, EOS of this step included.  The consumer (under
+            ``torch.inference_mode``: it is an inference tensor) may set more rows to True (a stop string, a per-row length limit, a cancelled request) before resuming
+            the generator; they are then no longer decoded.
+    """
+
+    step: int
+    next_ids: torch.Tensor
+    active: torch.Tensor
+    is_eos: torch.Tensor
+    finished: torch.Tensor
+
+
+@torch.inference_mode()
+def decode_steps(
+    proposal, aligner, prompts: Sequence[Sequence[int]], decode: DecodeConfig, max_new_tokens: int, *,
+    vocab_size: int, pad_token_id: int, eos_token_ids: Sequence[int], dtype: torch.dtype = torch.float32,
+    greedy: bool = False, generator: torch.Generator | None = None, choose: Chooser | None = None,
+    prune_finished: bool = False,
+) -> Iterator[DecodeStep]:
+    """The decoding loop as a generator: prefill, then one token per row and per ``next()``.
+
+    Args:
+        proposal, aligner: causal LMs; only those ``decode.mode`` uses are run.
+        prompts: token ids of each prompt (left-padded here).
+        max_new_tokens: steps at most.
+        choose: ``(proposal_logits, aligner_logits, rows) -> (live,) token ids`` for the live rows: both
+            logits ``(live, vocab)`` after the repetition penalty (``None`` for a model the mode does not
+            use), ``rows`` ``(live,)`` their indices in ``prompts`` (per-row sampling parameters).
+            Default: the mode's rule then argmax (``greedy``) or a draw from ``generator``.
+        prune_finished: drop ended rows from the KV caches before the next step (a served batch whose
+            rows end early gets cheaper; off by default, so that a seeded batch draws the same random
+            numbers as before this option existed).
+
+    Yields:
+        :class:`DecodeStep` per token; the loop stops when every row has finished or after
+        ``max_new_tokens`` steps.  First-token latency is one prefill of each model used.
+    """
+    mode = get_mode(decode.mode)
+    models = {role: model for role, model, used in (("proposal", proposal, mode.uses_proposal),
+                                                    ("aligner", aligner, mode.uses_aligner)) if used}
+    eos_token_id = int(eos_token_ids[0]) if eos_token_ids else None
+    if choose is None:
+        def choose(proposal_logits, aligner_logits, rows):
+            rule_logits = apply_rule(proposal_logits, aligner_logits, decode, eos_token_id=eos_token_id, generator=generator)
+            return pick_tokens(rule_logits, greedy, generator)
+    input_ids, attention_mask = left_pad(prompts, pad_token_id)
+    runners = {role: CachedLM(model, vocab_size, dtype) for role, model in models.items()}
+    logits = {role: runner.prefill(input_ids, attention_mask) for role, runner in runners.items()}
+    batch, device = len(prompts), next(iter(logits.values())).device
+    eos = torch.tensor(list(eos_token_ids), device=device, dtype=torch.long)
+    seen = torch.zeros((batch, vocab_size), dtype=torch.bool, device=device)
+    if decode.repetition_penalty != 1.0:
+        prompt_ids = input_ids.to(device).clamp(max=vocab_size - 1)
+        seen.scatter_(1, prompt_ids, attention_mask.to(device).bool())
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    live = torch.arange(batch, device=device)  # original rows still held in the caches
+    for step in range(max_new_tokens):
+        step_logits = logits if decode.repetition_penalty == 1.0 else {
+            role: repetition_penalty(value, seen[live], decode.repetition_penalty) for role, value in logits.items()}
+        live_ids = choose(step_logits.get("proposal"), step_logits.get("aligner"), live)
+        next_ids = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
+        next_ids[live] = live_ids.to(device)
+        active = ~finished
+        next_ids = torch.where(active, next_ids, torch.full_like(next_ids, pad_token_id))
+        is_eos = torch.isin(next_ids, eos) & active
+        seen.scatter_(1, next_ids.unsqueeze(-1), active.unsqueeze(-1))
+        finished |= is_eos
+        yield DecodeStep(step, next_ids, active, is_eos, finished)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            return
+        if prune_finished and bool(finished[live].any()):
+            keep = (~finished[live]).nonzero().flatten()
+            live = live[keep]
+            for runner in runners.values():
+                runner.keep_rows(keep)
+        logits = {role: runner.step(next_ids[live]) for role, runner in runners.items()}
 
 
 @torch.inference_mode()
@@ -196,48 +290,29 @@ def _generate_batch(
     generator: torch.Generator | None = None, on_step: Callable | None = None, stats: GenerationStats | None = None,
 ) -> list[Generation]:
     mode = get_mode(decode.mode)
-    models = {role: model for role, model, used in (("proposal", proposal, mode.uses_proposal), ("aligner", aligner, mode.uses_aligner))
-              if used}
-    dtype = resolve_dtype(config.dtype, next(next(iter(models.values())).parameters()).device)
+    some_model = proposal if mode.uses_proposal else aligner
+    dtype = resolve_dtype(config.dtype, next(some_model.parameters()).device)
     began = time.perf_counter()
-    input_ids, attention_mask = left_pad(prompts, pad_token_id)
-    runners = {role: CachedLM(model, vocab_size, dtype) for role, model in models.items()}
-    logits = {role: runner.prefill(input_ids, attention_mask) for role, runner in runners.items()}
-    batch, device = len(prompts), next(iter(logits.values())).device
-    eos = torch.tensor(list(eos_token_ids), device=device)
-    seen = torch.zeros((batch, vocab_size), dtype=torch.bool, device=device)
-    if decode.repetition_penalty != 1.0:
-        prompt_ids = input_ids.to(device).clamp(max=vocab_size - 1)
-        seen.scatter_(1, prompt_ids, attention_mask.to(device).bool())
+    batch = len(prompts)
     generated: list[list[int]] = [[] for _ in range(batch)]
     reasons = ["length"] * batch
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
     first_token_seconds = None
     steps = 0
-    for step in range(config.max_new_tokens):
-        step_logits = {role: repetition_penalty(value, seen, decode.repetition_penalty) for role, value in logits.items()}
-        rule_logits = apply_rule(step_logits.get("proposal"), step_logits.get("aligner"), decode,
-                                 eos_token_id=int(eos_token_ids[0]) if eos_token_ids else None, generator=generator)
-        next_ids = pick_tokens(rule_logits, config.greedy, generator)
-        next_ids = torch.where(finished, torch.full_like(next_ids, pad_token_id), next_ids)
+    for state in decode_steps(proposal, aligner, prompts, decode, config.max_new_tokens, vocab_size=vocab_size,
+                              pad_token_id=pad_token_id, eos_token_ids=eos_token_ids, dtype=dtype,
+                              greedy=config.greedy, generator=generator):
         steps += 1
         if first_token_seconds is None:
             first_token_seconds = time.perf_counter() - began
-        is_eos = torch.isin(next_ids, eos) & ~finished
-        seen.scatter_(1, next_ids.unsqueeze(-1), (~finished).unsqueeze(-1))
-        for row in (~finished & ~is_eos).nonzero().flatten().tolist():
-            generated[row].append(int(next_ids[row]))
+        for row in (state.active & ~state.is_eos).nonzero().flatten().tolist():
+            generated[row].append(int(state.next_ids[row]))
             if config.stop and tokenizer is not None and _hits_stop(tokenizer, generated[row], config.stop):
                 reasons[row] = "stop"
-                finished[row] = True
-        for row in is_eos.nonzero().flatten().tolist():
+                state.finished[row] = True
+        for row in state.is_eos.nonzero().flatten().tolist():
             reasons[row] = "eos"
-        finished |= is_eos
         if on_step is not None:
-            on_step(step, next_ids, finished.clone())
-        if bool(finished.all()) or step == config.max_new_tokens - 1:
-            break
-        logits = {role: runner.step(next_ids) for role, runner in runners.items()}
+            on_step(state.step, state.next_ids, state.finished.clone())
     if stats is not None:
         seconds = time.perf_counter() - began
         new_tokens = sum(len(g) for g in generated)
@@ -246,7 +321,7 @@ def _generate_batch(
         stats.new_tokens += new_tokens
         if stats.first_token_seconds is None:
             stats.first_token_seconds = first_token_seconds
-        stats.per_batch.append({"batch": batch, "prompt_len": input_ids.shape[1], "steps": steps,
+        stats.per_batch.append({"batch": batch, "prompt_len": max(len(p) for p in prompts), "steps": steps,
                                 "new_tokens": new_tokens, "seconds": seconds, "first_token_seconds": first_token_seconds})
     return [Generation(ids, _text(tokenizer, ids, config.stop), reason) for ids, reason in zip(generated, reasons)]
 
