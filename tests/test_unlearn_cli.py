@@ -161,3 +161,10 @@ def test_progress_lines_for_steps_and_evaluations():
         bar(step)
         bar(evaluation)
     assert "step 100 val: SS overall 55.20" in console.export_text()
+
+
+def test_debias_with_a_missing_model_is_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["debias", "--out", str(tmp_path / "run"), "--model", str(tmp_path / "nothing"),
+                                      "--no-progress"])
+    assert result.exit_code == 1
+    assert "no such model directory" in result.output and "Traceback" not in result.output

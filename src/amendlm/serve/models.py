@@ -110,7 +110,10 @@ def load_served(model: str, adapter: str | None, aligners: dict[str, str], decod
             whose vocabulary differs from the proposal's.
     """
     from amendlm.modeling import load_model
+    from amendlm.resources import resolve_model
 
+    for path in aligners.values():  # a wrong local aligner path fails before the proposal is loaded
+        resolve_model(path)
     proposal, tokenizer = load_model(model, adapter=adapter, device=device, trust_remote_code=trust_remote_code)
     loaded = {aligner_name: load_model(path, device=device, trust_remote_code=trust_remote_code)
               for aligner_name, path in aligners.items()}

@@ -52,7 +52,7 @@ def debias(
     val_clusters: int = typer.Option(300, help="Val clusters scored per evaluation (stratified; 0 = all)."),
     schedule_scale: float = typer.Option(0.25, help="Multiplies the swap schedule's step counts (official = 1)."),
     eval_every: int = typer.Option(50, help="Evaluation period of methods without dynamic swapping."),
-    type_focus: str = typer.Option("worst", help="What a swap decision trains on: worst (the bias type with the largest val gap, BiasUnlearn) or all (every type, each swapped whose val SS < 50)."),
+    type_focus: str = typer.Option("worst", help="What a swap decision trains on: worst (the bias type with the largest val gap, BiasUnlearn) or all (every type whose val SS is outside 50 ± tolerance, each swapped whose val SS < 50); methods without swapping (npo, dpo, ...) ignore it."),
     initial_all_types_steps: int = typer.Option(0, help="Train every bias type together until this step before the first swap decision (official 100)."),
     initial_eval_every: int = typer.Option(0, help="Evaluations (recorded, no decision) every this many steps during --initial-all-types-steps (0: none)."),
     checkpoint_every: int = typer.Option(25, help="Steps between checkpoints."),
@@ -78,13 +78,14 @@ def debias(
     with user_errors():  # an existing run without --resume, --resume with another configuration: one line, exit 1
         check_run_directory(out, resume)
         check_resume_config(run_config, resume)
-    if progress:
-        from amendlm.unlearn.progress import RunProgress
+    with user_errors():  # a missing model, data file or adapter: one line, exit 1
+        if progress:
+            from amendlm.unlearn.progress import RunProgress
 
-        with RunProgress(run_config.max_steps, _checkpoint_step(out) if resume else 0) as bar:
-            result = train(run_config, resume=resume, on_record=bar)
-    else:
-        result = train(run_config, resume=resume)
+            with RunProgress(run_config.max_steps, _checkpoint_step(out) if resume else 0) as bar:
+                result = train(run_config, resume=resume, on_record=bar)
+        else:
+            result = train(run_config, resume=resume)
     _print_summary(out)
     kept = f"the weights of step {result.best_step} ({run_config.selection} selection on val)" if run_config.keep_best and result.best_step is not None else "the last step's weights"
     typer.echo(f"{result.status} after {result.steps} steps; {kept} saved in {out}")
