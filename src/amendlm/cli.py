@@ -34,7 +34,7 @@ def _split_list(value: str) -> list[str]:
 
 @app.command("eval")
 def eval_command(
-    model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local directory or Hugging Face id."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local directory, local .gguf file or Hugging Face id."),
     adapter: Optional[Path] = typer.Option(None, help="PEFT adapter directory applied on top of --model."),
     benchmarks: str = typer.Option(_EVAL_BENCHMARKS, help=f"Comma-separated subset of: {_EVAL_BENCHMARKS}."),
     split: str = typer.Option("all", help="StereoSet target-term split: train, val, test or all."),

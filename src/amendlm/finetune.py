@@ -263,7 +263,7 @@ def finetune_variant(config: FinetuneConfig) -> Path:
 
 def finetune_command(
     out: Path = typer.Option(..., help="Output directory for the variant (must not exist or be empty)."),
-    model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local directory or Hugging Face id."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local directory, local .gguf file or Hugging Face id."),
     texts: str = typer.Option("xsum-sample", help="Embedded dataset name or a local jsonl/json/csv/txt file."),
     text_field: str = typer.Option("document", help="Field holding the text (jsonl/json/csv)."),
     limit: Optional[int] = typer.Option(None, help="Use the first N non-empty texts."),

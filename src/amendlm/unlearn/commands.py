@@ -22,7 +22,7 @@ def debias(
     out: Path = typer.Option(..., help="Output directory: adapter, unlearn_config.json, log.jsonl, summary.json, ss_per_type.png, best/, checkpoint/."),
     recipe: str = typer.Option("default", help="Preset of the options below: default, official (the public BiasUnlearn code's settings and control flow) or pairwise (DPO pairs under BiasUnlearn's val-driven control, chosen on val: see the README); options given explicitly override it, unlearn_config.json records both."),
     config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Start from a saved unlearn_config.json, or from a JSON object of some of its fields (applied over the recipe it names, default: default); options given explicitly override it (recorded in recipe_overrides)."),
-    model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local directory or Hugging Face id."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local directory, local .gguf file or Hugging Face id."),
     method: str = typer.Option("biasunlearn", help=f"One of: {METHOD_NAMES}."),
     max_steps: int = typer.Option(200, help="Optimizer steps at most (BiasUnlearn may stop earlier by its stop rule)."),
     batch_size: int = typer.Option(8, help="Examples per stream (forget, retain, KL) per step, unless a per-stream size is given."),
