@@ -4,7 +4,7 @@ import pytest
 
 from amendlm.data.stereoset import StereoSetCluster
 from amendlm.unlearn.data import Example, adversarial_ids, build_sets
-from amendlm.unlearn.schedule import OFFICIAL_PHASES, Phase, decide, pick_phase, scaled_phases
+from amendlm.unlearn.schedule import OFFICIAL_PHASES, Phase, decide, pick_phase, scaled_phases, types_to_train
 
 
 def cluster(i: int, bias_type: str, task: str = "intrasentence") -> StereoSetCluster:
@@ -101,3 +101,9 @@ def test_every_field_added_since_the_first_runs_is_in_fields_added():
              "eval_every", "val_clusters", "checkpoint_every", "keep_best", "seed", "split_seed", "dtype", "cpu",
              "stereoset"}
     assert {f.name for f in fields(UnlearnConfig)} - first == set(FIELDS_ADDED)
+
+
+def test_types_to_train_leaves_out_the_types_within_the_tolerance_and_swaps_those_below_50():
+    active, swapped = types_to_train({"race": 51.0, "gender": 44.0, "religion": 58.0, "profession": 48.5}, 2.0)
+    assert active == ["gender", "religion"] and swapped == ["gender"]
+    assert types_to_train({"race": 52.0, "gender": 48.0}, 2.0) == (["gender", "race"], ["gender"])  # the bound trains

@@ -6,6 +6,8 @@ Every evaluation measures SS per bias type on the *val* targets; ``gap_c = |SS_c
 * else **focus** on the worst category (largest gap; ties broken by name);
 * if its SS is below 50 the bias has reversed: **swap** roles for that category (anti-stereotype
   becomes the forget side) — and swap back once it is above 50 again;
+* with ``type_focus="all"`` (:func:`types_to_train`) every type outside the tolerance is trained
+  at once instead, each one swapped whose SS is below 50;
 * the worst gap picks a **phase**: its learning-rate scale, linear-scheduler horizon and the
   steps until the next evaluation (official: gap > 5 -> lr, 1000 steps, eval every 80;
   3-5 -> 0.8 lr, 200, every 50; <= 3 -> 0.8 lr, 200, every 30).
@@ -86,3 +88,18 @@ def decide(
     if all(g < tolerance for g in gaps.values()):
         return SwapDecision(stop=True, focus=None, swap=False, gap=gap, phase=None)
     return SwapDecision(stop=False, focus=worst, swap=ss_by_type[worst] < 50.0, gap=gap, phase=pick_phase(gap, phases))
+
+
+def types_to_train(ss_by_type: Mapping[str, float], tolerance: float = 2.0) -> tuple[list[str], list[str]]:
+    """``type_focus="all"``: the bias types to train and, among them, those whose roles are swapped.
+
+    Args:
+        ss_by_type: val-split SS (percent) per bias type.
+        tolerance: a type with ``|SS - 50| < tolerance`` is left out.
+
+    Returns:
+        ``(active, swapped)``: the types with ``|SS - 50| >= tolerance`` (sorted by name), and those
+        of them with SS below 50 (their anti-stereotypes become the rejected / forget side).
+    """
+    active = sorted(name for name, ss in ss_by_type.items() if abs(ss - 50.0) >= tolerance)
+    return active, [name for name in active if ss_by_type[name] < 50.0]

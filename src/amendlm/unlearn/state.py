@@ -41,6 +41,17 @@ class TrainState:
         """Whether the current phase forgets the anti-stereotypes of ``focus`` (a focus with its roles swapped)."""
         return bool(self.focus and self.swap)
 
+    @property
+    def trained_types(self) -> list[str] | None:
+        """The bias types the forget / retain / pair streams hold: ``[focus]``, the active types of
+        ``type_focus="all"``, or None (every type)."""
+        return [self.focus] if self.focus else (list(self.active_types) or None)
+
+    @property
+    def swapped_type_names(self) -> list[str]:
+        """The bias types whose roles are exchanged in the current phase."""
+        return [self.focus] if self.swapped else list(self.swapped_types)
+
 
 def learning_rate(config: UnlearnConfig, state: TrainState, step: int) -> float:
     """Linear warm-up, then linear decay to 0 over the current phase's horizon.

@@ -36,7 +36,7 @@ from amendlm.unlearn.evaluation import eval_record, lms_qualifies, stratified_sa
 from amendlm.unlearn.methods import Method, StreamOutput, get_method
 from amendlm.unlearn.models import attach_lora, frozen_copy, lora_target_modules
 from amendlm.unlearn.resume import check_resume_config, check_run_directory, resume_dtype, sigterm_as_interrupt
-from amendlm.unlearn.schedule import decide
+from amendlm.unlearn.schedule import decide, types_to_train
 from amendlm.unlearn.state import TrainResult, TrainState, learning_rate
 from amendlm.unlearn.streams import (StreamSampler, StreamSamplers, collate_stream, encode_examples, encode_streams,
                                      sampler_key, sampler_tag)
@@ -97,13 +97,13 @@ class UnlearnTrainer:
         """(Re)build the example streams for the current focus / swap state."""
         c, s = self.config, self.state
         fraction = c.adversarial_fraction if self.method.adversarial else 0.0
-        swapped = [s.focus] if s.swapped else list(s.swapped_types)
-        focus = s.focus or (list(s.active_types) or None)
-        sets = build_sets(self.train_clusters, fraction, c.seed, swapped, focus, self.general, c.kl_unrelated)
+        trained = s.trained_types
+        sets = build_sets(self.train_clusters, fraction, c.seed, s.swapped_type_names, trained, self.general,
+                          c.kl_unrelated)
         self.sizes = sets.sizes()
         self.streams = encode_streams(self.tokenizer, sets, self.method.streams, c.max_length, c.loss_tokens)
         # a revisited focus continues its samplers; chosen/rejected share one so pairs stay aligned
-        tag = s.focus or ("+".join(s.active_types) or None)
+        tag = "+".join(trained) if trained else None
         self.samplers = {name: self.sampler_pool.sampler(sampler_tag(name, tag, s.swap), len(self.streams[name]))
                          for name in self.method.streams}
 
@@ -156,8 +156,7 @@ class UnlearnTrainer:
                 s.status = "stopped"
             else:
                 if c.type_focus == "all":  # every type outside the tolerance, each towards 50 by its own val SS
-                    active = sorted(name for name, ss in types.items() if abs(ss - 50.0) >= c.tolerance)
-                    swapped_types = [name for name in active if types[name] < 50.0]
+                    active, swapped_types = types_to_train(types, c.tolerance)
                     record["decision"].update(focus=None, swap=False, active_types=active, swapped_types=swapped_types)
                     changed = (active, swapped_types) != (s.active_types, s.swapped_types)
                     s.active_types, s.swapped_types = active, swapped_types
