@@ -48,6 +48,7 @@ EXPERIMENTS = (
     "unlearn_methods",
     "unlearn_ablation",
     "transfer",
+    "gemma3",
     "ram_xsum",
     "bench_scoring",
     "bench_decode",

@@ -12,17 +12,9 @@ import sys
 from common import Experiment, markdown_table, run_eval
 
 
-def main(argv: list[str] | None = None) -> dict:
-    def options(parser):
-        parser.add_argument("--model", default="smollm2-135m-instruct", help="Model to evaluate (embedded name, directory or hub id).")
-        parser.add_argument("--dtype", default="fp32", help="fp32 (exact, default), bf16 or auto.")
-
-    exp, args = Experiment.start("eval_embedded", "The embedded model on every benchmark (whole StereoSet dev set)", argv, options)
-    name = args.model.replace("/", "_")
-    limit = 6 if args.quick else None
-    path = exp.path(f"{name}_all.json") if args.dtype == "fp32" else exp.path(f"{name}_all_{args.dtype}.json")
-    data = run_eval(exp, path, args.model, split="all", limit=limit, dtype=args.dtype)
-
+def full_eval_markdown(data: dict) -> str:
+    """The tables of a whole-dev-set evaluation (:func:`amendlm.bias.evaluate.evaluate_model`'s dict):
+    StereoSet per task and bias type, CrowS-Pairs per bias type, and the perplexity line."""
     stereoset = data["benchmarks"]["stereoset"]["scores"]
     rows = []
     for task in ("intrasentence", "intersentence", "overall"):
@@ -37,12 +29,29 @@ def main(argv: list[str] | None = None) -> dict:
     crows_md = markdown_table(["CrowS-Pairs bias type", "metric", "stereo", "antistereo", "pairs", "ties"], crows_rows)
 
     ppl = data["benchmarks"]["perplexity"]
-    seconds = {k: round(v["seconds"]) for k, v in data["benchmarks"].items()}
-    markdown = "\n\n".join([
+    return "\n\n".join([
         stereoset_md, crows_md,
         f"WikiText-sample perplexity: **{ppl['perplexity']:.2f}** over {ppl['n_tokens']:,} tokens "
         f"(window {ppl['window']}, stride {ppl['stride']}).",
     ])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    def options(parser):
+        parser.add_argument("--model", default="smollm2-135m-instruct", help="Model to evaluate (embedded name, directory or hub id).")
+        parser.add_argument("--dtype", default="fp32", help="fp32 (exact, default), bf16 or auto.")
+
+    exp, args = Experiment.start("eval_embedded", "The embedded model on every benchmark (whole StereoSet dev set)", argv, options)
+    name = args.model.replace("/", "_")
+    limit = 6 if args.quick else None
+    path = exp.path(f"{name}_all.json") if args.dtype == "fp32" else exp.path(f"{name}_all_{args.dtype}.json")
+    data = run_eval(exp, path, args.model, split="all", limit=limit, dtype=args.dtype)
+
+    markdown = full_eval_markdown(data)
+    stereoset = data["benchmarks"]["stereoset"]["scores"]
+    crows = data["benchmarks"]["crows-pairs"]["scores"]
+    ppl = data["benchmarks"]["perplexity"]
+    seconds = {k: round(v["seconds"]) for k, v in data["benchmarks"].items()}
     notes = (f"Model `{data['model']}`, dtype {data['config']['dtype']}, batch {data['config']['batch_size']}, "
              f"start token `{(data.get('start_token') or {}).get('token', 'BOS (not recorded)')}`.  Ideal SS is 50 and LMS 100.  Seconds per benchmark: "
              + ", ".join(f"{k} {v}" for k, v in seconds.items()) + ".")
