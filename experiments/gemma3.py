@@ -1,4 +1,4 @@
-"""The second embedded architecture, Gemma 3 270M: its full evaluation and a BiasUnlearn before/after.
+"""The second embedded architecture, Gemma 3 270M: its full evaluation and an unlearning before/after.
 
 ``gemma3-270m`` is the base Gemma 3 270M, reassembled from its GGUF part packages and converted
 once to safetensors (``amendlm.gguf_files``): 262k-token vocabulary, tied embeddings, sliding-window
@@ -7,13 +7,13 @@ model every other table uses.  Two tables:
 
 1. the whole StereoSet dev set (per task and bias type), CrowS-Pairs (per bias type) and WikiText
    perplexity, as ``eval_embedded.py`` makes them for the SmolLM2 model;
-2. BiasUnlearn with the default recipe (``amendlm debias --model gemma3-270m --max-steps 50``, the
-   same ``UnlearnConfig`` as ``make demo`` but for the model: train targets train, val targets decide
-   the kept checkpoint) evaluated before and after on the held-out **test** targets with 95 %
+2. unlearning with the default recipe, ``pairwise`` (``amendlm debias --model gemma3-270m``: DPO pairs
+   under BiasUnlearn's val-driven control, 100 steps; train targets train, val targets decide the
+   kept checkpoint), evaluated before and after on the held-out **test** targets with 95 %
    bootstrap intervals, and the BiasUnlearn targets (``amendlm.bias.compare.check_targets``).
 
     python experiments/gemma3.py                    # fp32 (exact); about 1.5 CPU-hours on 2 cores
-    python experiments/gemma3.py --quick --results-dir /tmp/g3   # 6 examples, 1 training step
+    python experiments/gemma3.py --quick --results-dir /tmp/g3   # 6 examples, 1 training step; ~1 min
 
 Resumable: each evaluation and the training run are steps reused when their configuration matches.
 """
@@ -24,11 +24,19 @@ import sys
 
 from common import Experiment, markdown_table, run_eval
 from eval_embedded import full_eval_markdown
-from unlearn_common import (BIASUNLEARN_50, KeptBaseModel, Run, describe_test_set, enter_repo, eval_log,
+from unlearn_common import (KeptBaseModel, Run, describe_test_set, enter_repo, eval_log,
                             eval_options, eval_step, read_json, records, target_checks, targets_table,
                             unlearn_config)
 
 MODEL = "gemma3-270m"
+RECIPE = "pairwise"  # the CLI's default recipe
+
+
+def recipe_run() -> Run:
+    """The run ``amendlm debias --model gemma3-270m`` makes: the default recipe's fields, recorded under its name."""
+    from amendlm.unlearn.recipes import recipe_fields
+
+    return Run(f"{MODEL}_{RECIPE}", {**recipe_fields(RECIPE), "recipe": RECIPE})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,10 +53,10 @@ def main(argv: list[str] | None = None) -> dict:
     full_path = exp.path(f"gemma3/{MODEL}_all_{dtype}.json")
     full = run_eval(exp, full_path, MODEL, split="all", limit=6 if exp.quick else None, dtype=dtype)
 
-    # 2. BiasUnlearn, default recipe, before / after on the test targets
+    # 2. unlearning with the default recipe, before / after on the test targets
     base_path = exp.path(f"gemma3/{MODEL}_base_test_{dtype}.json")
     base = run_eval(exp, base_path, MODEL, **eval_options(exp, dtype))
-    name, config = unlearn_config(exp, Run(f"{MODEL}_biasunlearn", BIASUNLEARN_50.options), dtype, model=MODEL)
+    name, config = unlearn_config(exp, recipe_run(), dtype, model=MODEL)
     after_path = exp.path(f"gemma3/{name}_test.json")
     try:
         after = eval_step(exp, after_path, MODEL, dtype, adapter=(name, config))
@@ -59,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary_run = read_json(record_dir / "summary.json")
     val = [{"step": r["step"], "ss": r["ss"]["overall"], "lms": r["lms"]["overall"]} for r in eval_log(record_dir)]
 
-    label = f"BiasUnlearn, {config.max_steps} steps (kept {summary_run.get('weights_saved')})"
+    label = f"recipe {RECIPE}, {config.max_steps} steps (kept {summary_run.get('weights_saved')})"
     rows = comparison_rows([("base (before)", base), (label, after)])
     checks = {label: target_checks(base, after, base_path.name, after_path.name)}
     met = sum(c["passed"] is True for c in checks[label])
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         full_eval_markdown(full),
         "",
-        f"**BiasUnlearn on `{MODEL}`, held-out test targets** (95 % bootstrap intervals):",
+        f"**Unlearning (`--recipe {RECIPE}`) on `{MODEL}`, held-out test targets** (95 % bootstrap intervals):",
         "",
         compare_table(rows),
         f"BiasUnlearn targets against `{base_path.name}` (in brackets the quantity each target bounds):",
@@ -85,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"by `amendlm.gguf_files`), start token `{(full.get('start_token') or {}).get('token', 'BOS (not recorded)')}`.  "
         "Seconds per benchmark of the whole-dev-set evaluation: " + ", ".join(f"{k} {v}" for k, v in seconds.items()) + ".",
         "",
-        f"BiasUnlearn run `{config.out}`: method `{config.method}`, {config.max_steps} steps, lr {config.lr:g}, "
+        f"Run `{config.out}` (recipe `{RECIPE}`): method `{config.method}`, {config.max_steps} steps, lr {config.lr:g}, "
         f"dtype {config.dtype}, status {summary_run.get('status')}, {summary_run.get('steps')} steps, kept weights "
         f"{summary_run.get('weights_saved')}, training {summary_run.get('seconds', 0) or 0:.0f} s"
         + ("; the selection kept step 0, so the after row is the base model" if kept_base else "") + ".  "
@@ -102,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
          f"{o['ss']:.2f} / {o['lms']:.2f} / {o['icat']:.2f}; "
          f"{full['benchmarks']['crows-pairs']['scores']['overall']['metric']:.2f}; "
          f"{full['benchmarks']['perplexity']['perplexity']:.2f}"),
-        (f"`{MODEL}` + BiasUnlearn ({config.max_steps} steps) vs base, held-out test targets ({dtype}): SS / LMS / CrowS / perplexity",
+        (f"`{MODEL}` + unlearning (recipe {RECIPE}, {config.max_steps} steps) vs base, held-out test targets ({dtype}): SS / LMS / CrowS / perplexity",
          " / ".join(f"{before[k]:.2f} → {after_row[k]:.2f}" for k in ("ss", "lms", "crows", "ppl"))
          + f"; {met} of {len(checks[label])} targets met"),
     ]
