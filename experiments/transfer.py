@@ -1,21 +1,21 @@
-"""Transfer: does the BiasUnlearn adapter of the embedded model carry over to a variant of it?
+"""Transfer: does the debiasing adapter of the embedded model carry over to a variant of it?
 
-The variant is the embedded model with every weight fine-tuned briefly on general text
-(``amendlm.finetune.finetune_variant``: 60 steps x 8 chunks of 128 XSum tokens, into ``runs/variant``).
-Rows, each on the held-out test targets: the variant alone; the variant + the 50-step BiasUnlearn
-adapter trained on the embedded model (``runs/unlearn/biasunlearn_s50``, shared with
-``unlearn_methods.py``), unchanged; the variant + an adapter trained on the variant with the same
-configuration (``runs/unlearn/variant_biasunlearn_s50``).  The notes compare the SS change with the
-one the adapter makes on the model it was trained on.
+The adapter is the default recipe's (``amendlm debias``: ``pairwise``, 100 steps, the kept step chosen
+on val), trained on the embedded model: the run of ``unlearn_ablation.py``'s ``dpo-swap`` row
+(``runs/unlearn/ablation_dpo-swap_s100_fp32``), shared with it.  The variant is the embedded model
+with every weight fine-tuned briefly on general text (``amendlm.finetune.finetune_variant``: 60 steps x
+8 chunks of 128 XSum tokens, into ``runs/variant_fp32``).  Rows, each on the held-out test targets:
+the variant alone; the variant + that adapter, unchanged; the variant + an adapter trained on the
+variant with the same configuration (``runs/unlearn/variant_pairwise_s100_fp32``).  The notes compare
+the SS change with the one the adapter makes on the model it was trained on.
 
-    python experiments/transfer.py --dtype bf16   # the recorded rows (made on an AVX-512 BF16 CPU): reuses them
+    python experiments/transfer.py --dtype fp32   # the recorded rows: reuses them
     python experiments/transfer.py                # --dtype auto: bf16 where native, else fp32
-    python experiments/transfer.py --quick --results-dir /tmp/tr   # 2-step variant and adapters; ~1.5 min
+    python experiments/transfer.py --quick --results-dir /tmp/tr   # 1-step variant and adapters; ~1.5 min
 
-From scratch the full run takes about 45 minutes on the machine that made the recorded rows
-(fine-tuning 450 s, the two adapters 525 + 490 s, five evaluations 1,130 s, as recorded in their
-JSONs; bf16 on an AVX-512 BF16 CPU), less when ``unlearn_methods.py`` made the first adapter already;
-fp32 on an AVX2-only CPU several times that.
+From scratch (nothing reused) the full run takes about an hour on 2 cores in fp32: fine-tuning the
+variant, two 100-step trainings with six val evaluations each, five test evaluations (each step's
+seconds are recorded in its JSON).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from __future__ import annotations
 import sys
 
 from common import Experiment, markdown_table, resolved_dtype
-from unlearn_common import (BASE_MODEL, BIASUNLEARN_50, Run, base_eval, describe_test_set, dtype_tag, enter_repo,
+from unlearn_common import (BASE_MODEL, KeptBaseModel, Run, base_eval, describe_test_set, dtype_tag, enter_repo,
                             eval_step, read_json, records, target_checks, targets_table, unlearn_config,
-                            variant_config, variant_record)
+                            pairwise_run, variant_config, variant_record)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,21 +33,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     def options(parser):
         parser.add_argument("--dtype", default="auto",
-                            help="bf16 (the recorded rows), fp32, or auto (bf16 where this machine does it natively, else fp32).")
+                            help="fp32 (the recorded rows), bf16, or auto (bf16 where this machine does it natively, else fp32).")
 
-    exp, args = Experiment.start("transfer", "Transfer: the BiasUnlearn adapter on a fine-tuned variant", argv, options)
+    exp, args = Experiment.start("transfer", "Transfer: the debiasing adapter (default recipe) on a fine-tuned variant", argv, options)
     enter_repo(exp)
     dtype = resolved_dtype(args.dtype)
     tag = dtype_tag(dtype)
     variant = variant_config(exp, dtype)
-    transferred = unlearn_config(exp, BIASUNLEARN_50, dtype)  # trained on the embedded model
-    own = unlearn_config(exp, Run("variant_biasunlearn", BIASUNLEARN_50.options), dtype, model=variant.out)
+    run = pairwise_run()
+    transferred = unlearn_config(exp, run, dtype)  # trained on the embedded model
+    own = unlearn_config(exp, Run("variant_pairwise", run.options), dtype, model=variant.out)
 
     paths = {key: exp.path(f"unlearn/variant{tag}{suffix}_test.json")
              for key, suffix in (("alone", ""), ("transferred", "_transferred"), ("own", "_own"))}
     alone = eval_step(exp, paths["alone"], variant.out, dtype, variant=variant)
     with_transferred = eval_step(exp, paths["transferred"], variant.out, dtype, adapter=transferred, variant=variant)
-    with_own = eval_step(exp, paths["own"], variant.out, dtype, adapter=own, variant=variant)
+    try:
+        with_own = eval_step(exp, paths["own"], variant.out, dtype, adapter=own, variant=variant)
+    except KeptBaseModel:  # its val selection kept step 0: the variant itself
+        with_own = alone
     # the same adapter on the model it was trained on (rows of unlearn_methods.py, reused from there)
     base_path, base = base_eval(exp, dtype)
     original_path = exp.path(f"unlearn/{transferred[0]}_test.json")
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     last = (record.get("log") or [{}])[-1]
     markdown = "\n".join([
         compare_table(rows),
-        f"BiasUnlearn targets of each adapter on the variant against `{paths['alone'].name}` "
+        f"The BiasUnlearn targets of each adapter on the variant against `{paths['alone'].name}` "
         "(`amendlm.bias.compare.check_targets`; in brackets the quantity each target bounds):",
         "",
         targets_table(checks),
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"kept weights: transferred {transferred_summary.get('weights_saved')}, own {own_summary.get('weights_saved')}.",
         "",
         f"Test set: {describe_test_set(alone)}; dtype {alone['config']['dtype']}.  The last table's embedded-model "
-        f"row is `{original_path.name}` against `{base_path.name}` (the `unlearn_methods` rows).",
+        f"row is `{original_path.name}` against `{base_path.name}` (the `unlearn_ablation` rows).",
     ])
     summary = {"dtype": dtype, "rows": rows, "targets": checks, "ss_change": change,
                "original_rows": original_rows, "variant": {k: record.get(k) for k in
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
                "configs": {"variant": variant.to_dict(), "transferred": transferred[1].to_dict(), "own": own[1].to_dict()}}
     sources = [*paths.values(), variant_record(exp, variant), records(exp, own[0]) / "summary.json",
                base_path, original_path]
-    headline = [(f"Transfer: SS change of a BiasUnlearn adapter on a fine-tuned variant / on the model it was trained on ({dtype})",
+    headline = [(f"Transfer: SS change of the default recipe's adapter on a fine-tuned variant / on the model it was trained on ({dtype})",
                  " / ".join("n/a" if change[k] is None else f"{change[k]:+.2f}"
                             for k in ("variant, transferred adapter", "embedded model, the same adapter")))]
     exp.finish(summary, markdown, notes=notes, sources=sources, headline=headline)

@@ -220,7 +220,10 @@ def main(argv: list[str] | None = None) -> dict:
     headline = []
     if chosen:
         row = next(r for r in rows if r["run"] == chosen)
-        headline.append((f"BiasUnlearn, lever chosen on val (`{chosen}`, {configs[chosen]['max_steps']} steps, {dtype}), test: SS / LMS "
+        from amendlm.unlearn.recipes import recipe_fields
+
+        default = " = `amendlm debias`'s default recipe, pairwise" if LEVERS[chosen] == recipe_fields("pairwise") else ""
+        headline.append((f"Unlearning, row chosen on val (`{chosen}`{default}; {configs[chosen]['max_steps']} steps, {dtype}), test: SS / LMS "
                           "[95 % CI] / perplexity",
                          f"{rows[0]['ss']:.2f} → {format_cell(row, 'ss')} / {rows[0]['lms']:.2f} → {format_cell(row, 'lms')} / "
                          f"{rows[0]['ppl']:.2f} → {row['ppl']:.2f}; {met[chosen]} of {len(checks[chosen])} targets met"))

@@ -61,8 +61,18 @@ class Run:
     options: dict = field(default_factory=dict)
 
 
-# `amendlm debias --out runs/unlearn/biasunlearn_s50 --dtype bf16 --max-steps 50` (README, `make demo`)
+# `amendlm debias --method biasunlearn --out runs/unlearn/biasunlearn_s50 --dtype bf16 --max-steps 50` (README)
 BIASUNLEARN_50 = Run("biasunlearn", {"method": "biasunlearn", "max_steps": 50})
+
+
+def pairwise_run() -> Run:
+    """The default recipe of ``amendlm debias`` (``pairwise``, 100 steps): the very run of
+    ``unlearn_ablation.py``'s ``dpo-swap`` row (``ablation_dpo-swap_s100``), shared with it.  Its
+    ``UnlearnConfig`` holds the recipe's fields under the label ``recipe="default"`` (the row was
+    trained through the Python API); a test keeps the recipe and the row equal."""
+    from amendlm.unlearn.recipes import recipe_fields
+
+    return Run("ablation_dpo-swap", {"method": "biasunlearn", **recipe_fields("pairwise")})
 
 
 def dtype_tag(dtype: str) -> str:

@@ -3,7 +3,8 @@ BiasUnlearn targets of each run against the base model, training cost, and a Par
 
 Rows: the embedded model before unlearning; BiasUnlearn 50 steps; BiasUnlearn with the official
 code's batch-mean NPO, 100 steps; the baselines npo, gradascent, graddiff, dpo and sft-anti at 50
-steps (val evaluations every 25).  Each run is ``amendlm.unlearn.trainer.train`` into
+steps (val evaluations every 25); the default recipe of ``amendlm debias`` (``pairwise``, 100 steps:
+the run of ``unlearn_ablation.py``'s ``dpo-swap`` row, shared).  Each run is ``amendlm.unlearn.trainer.train`` into
 ``runs/unlearn/<run>``, evaluated with ``amendlm.bias.evaluate.evaluate_model`` on the test targets
 (see ``unlearn_common.py`` for paths and reuse).
 
@@ -22,8 +23,8 @@ import sys
 
 from common import Experiment, markdown_table, resolved_dtype
 from unlearn_common import (BASE_MODEL, BIASUNLEARN_50, QUICK_UNLEARN, Run, base_eval, describe_test_set, enter_repo,
-                            eval_log, eval_step, pareto_figure, read_json, records, target_checks, targets_table,
-                            unlearn_config)
+                            eval_log, eval_step, pairwise_run, pareto_figure, read_json, records, target_checks,
+                            targets_table, unlearn_config)
 
 BASELINES = ("npo", "gradascent", "graddiff", "dpo", "sft-anti")
 RUNS = (
@@ -32,6 +33,7 @@ RUNS = (
     Run("bu_bm_lr2e-4", {"method": "biasunlearn", "npo_reduction": "batch_mean", "max_steps": 100}),
     # `amendlm debias --method M --out runs/unlearn/M_s50 --dtype bf16 --max-steps 50 --eval-every 25`
     *(Run(m, {"method": m, "max_steps": 50, "eval_every": 25}) for m in BASELINES),
+    pairwise_run(),  # `amendlm debias --out runs/unlearn/ablation_dpo-swap_s100_fp32 --dtype fp32`
 )
 QUICK_RUNS = (BIASUNLEARN_50, Run("dpo", {"method": "dpo", "max_steps": 50, "eval_every": 25}))
 # settings shown once for all rows when they are equal
@@ -52,6 +54,11 @@ def label_of(config) -> str:
     """``method, <options besides the budget>, N steps``, e.g. ``biasunlearn, npo_reduction=batch_mean, 100 steps``.
 
     The ``--quick`` budget is left out (it is the same for every row and in the options column)."""
+    from amendlm.unlearn.recipes import recipe_fields
+
+    pairwise = recipe_fields("pairwise")
+    if all(getattr(config, k) == v for k, v in pairwise.items() if k != "max_steps"):
+        return f"default recipe (pairwise), {config.max_steps} steps"
     budget = ("method", "max_steps", "eval_every", *QUICK_UNLEARN)  # in the training table's options column
     extra = [o for o in options_text(config).split() if o.split("=", 1)[0] not in budget]
     return ", ".join([config.method, *extra, f"{config.max_steps} steps"])

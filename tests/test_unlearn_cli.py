@@ -54,7 +54,7 @@ def test_every_loss_and_lora_option_reaches_the_config(tmp_path, captured):
     assert (c.lora_r, c.lora_alpha, c.target_modules, c.lora_scope) == (4, 8, ["q_proj", "v_proj"], "attention")
     assert (c.forget_batch_size, c.retain_batch_size, c.kl_batch_size) == (2, 6, None)
     assert (c.selection, c.max_lms_drop, c.loss_tokens, c.npo_reduction) == ("gap_within_lms", 1.5, "differing", "token_mean")
-    assert (c.val_clusters, c.kl_texts, c.recipe, c.ce_reduction, c.max_grad_norm) == (None, None, "default", "sequence", None)
+    assert (c.val_clusters, c.kl_texts, c.recipe, c.ce_reduction, c.max_grad_norm) == (None, None, "pairwise", "sequence", None)
     assert set(c.recipe_overrides) == {a[2:].replace("-", "_") for a in args if a.startswith("--")}
     assert debias(tmp_path / "b", "--no-kl-unrelated").exit_code == 0
     assert captured[1].kl_unrelated is False and captured[1].recipe_overrides == {"kl_unrelated": False}
@@ -86,7 +86,26 @@ def test_a_hand_written_config_file_holds_some_fields_over_its_recipe(tmp_path, 
     assert c.recipe_overrides == {"lr": 3e-5, "initial_all_types_steps": 20, "max_steps": 40} and c.dtype == "auto"
     path.write_text(json.dumps({"lr": 1e-4}))
     assert debias(tmp_path, "--config", str(path)).exit_code == 0
-    assert (captured[1].recipe, captured[1].lr, captured[1].max_steps) == ("default", 1e-4, 200)
+    assert (captured[1].recipe, captured[1].lr, captured[1].max_steps) == ("pairwise", 1e-4, 100)
+    path.write_text(json.dumps({"method": "npo"}))  # another method: the field defaults, as on the command line
+    assert debias(tmp_path, "--config", str(path)).exit_code == 0
+    assert (captured[2].recipe, captured[2].method, captured[2].lr, captured[2].max_steps) == ("default", "npo", 2e-4, 200)
+
+
+def test_without_a_recipe_debias_runs_pairwise_unless_another_method_is_named(tmp_path, captured):
+    from amendlm.unlearn.recipes import PAIRWISE, cli_recipe
+
+    assert [cli_recipe(None, None), cli_recipe(None, "dpo-swap"), cli_recipe(None, "npo"), cli_recipe(None, "biasunlearn"),
+            cli_recipe("official", "npo")] == ["pairwise", "pairwise", "default", "default", "official"]
+    assert debias(tmp_path / "a").exit_code == 0
+    c = captured[0]
+    assert (c.recipe, c.recipe_overrides, c.dtype) == ("pairwise", {}, "auto")
+    assert {k: getattr(c, k) for k in PAIRWISE} == dict(PAIRWISE)
+    assert debias(tmp_path / "b", "--method", "biasunlearn", "--max-steps", "50").exit_code == 0
+    c = captured[1]
+    assert (c.recipe, c.method, c.max_steps, c.lr, c.type_focus) == ("default", "biasunlearn", 50, 2e-4, "worst")
+    assert debias(tmp_path / "c", "--recipe", "default").exit_code == 0
+    assert (captured[2].recipe, captured[2].method) == ("default", "biasunlearn")
 
 
 @pytest.mark.parametrize("text, says", [("[1, 2]", "expected a JSON object"), ("{lr: 1", "not valid JSON"),

@@ -20,8 +20,8 @@ METHOD_NAMES = "biasunlearn, npo, gradascent, graddiff, dpo, sft-anti, dpo-swap"
 def debias(
     ctx: typer.Context,
     out: Path = typer.Option(..., help="Output directory: adapter, unlearn_config.json, log.jsonl, summary.json, ss_per_type.png, best/, checkpoint/."),
-    recipe: str = typer.Option("default", help="Preset of the options below: default, official (the public BiasUnlearn code's settings and control flow) or pairwise (DPO pairs under BiasUnlearn's val-driven control, chosen on val: see the README); options given explicitly override it, unlearn_config.json records both."),
-    config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Start from a saved unlearn_config.json, or from a JSON object of some of its fields (applied over the recipe it names, default: default); options given explicitly override it (recorded in recipe_overrides)."),
+    recipe: Optional[str] = typer.Option(None, show_default="pairwise, or default with --method", help="Preset of the options below: pairwise (DPO pairs under BiasUnlearn's val-driven control, chosen on val: see the README), default (the option defaults shown below: BiasUnlearn's NPO/CE/KL losses) or official (the public BiasUnlearn code's settings and control flow). Without --recipe: pairwise, unless --method names another method (then default). Options given explicitly override it; unlearn_config.json records both."),
+    config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Start from a saved unlearn_config.json, or from a JSON object of some of its fields (applied over the recipe it names; without one, as --recipe's default); options given explicitly override it (recorded in recipe_overrides)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local directory, local .gguf file or Hugging Face id."),
     method: str = typer.Option("biasunlearn", help=f"One of: {METHOD_NAMES}."),
     max_steps: int = typer.Option(200, help="Optimizer steps at most (BiasUnlearn may stop earlier by its stop rule)."),
@@ -65,11 +65,11 @@ def debias(
     cpu: bool = typer.Option(False, help="Use the CPU even if an accelerator is present."),
     progress: bool = typer.Option(True, help="Show a progress bar (step, losses, lr, time left) and one line per evaluation."),
 ) -> None:
-    """Debias a causal LM by unlearning (BiasUnlearn, arXiv:2509.25673) or a baseline method."""
+    """Debias a causal LM by unlearning: the pairwise recipe (default), BiasUnlearn (arXiv:2509.25673) or a baseline method."""
     from amendlm.unlearn.trainer import train
 
     try:
-        run_config = debias_config(out, explicit_options(ctx), recipe if _given(ctx, "recipe") else None, config)
+        run_config = debias_config(out, explicit_options(ctx), recipe, config)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     from amendlm.errors import user_errors
@@ -135,14 +135,16 @@ def explicit_options(ctx: typer.Context) -> dict:
 def debias_config(out: Path, given: dict, recipe: str | None = None, config_file: Path | None = None):
     """The :class:`~amendlm.unlearn.config.UnlearnConfig` of one ``debias`` call.
 
-    Without ``config_file``: preset ``recipe`` (``default`` when None) with ``given`` overriding it
+    Without ``config_file``: preset ``recipe`` (when None, :func:`~amendlm.unlearn.recipes.cli_recipe`:
+    ``pairwise``, or ``default`` when ``given`` names another method) with ``given`` overriding it
     (:meth:`UnlearnConfig.from_recipe`).  With ``config_file``, either
 
     * a saved ``unlearn_config.json`` (it has ``out`` and every field a run has ever recorded):
       that configuration with ``given`` merged over it (the options win; ``recipe_overrides``
       adds them to the saved ones; fields it predates take :data:`FIELDS_ADDED`), or
     * a hand-written JSON object of some fields: those fields (but ``out``) and ``given`` over the
-      recipe it names (``recipe``, default ``default``), all recorded as overrides.
+      recipe it names (``recipe``; without one, as :func:`~amendlm.unlearn.recipes.cli_recipe` picks
+      from the method it or ``given`` names), all recorded as overrides.
 
     Args:
         out: output directory (replaces the saved ``out``).
@@ -154,9 +156,10 @@ def debias_config(out: Path, given: dict, recipe: str | None = None, config_file
             wrong type in it (the message names the file), invalid values.
     """
     from amendlm.unlearn.config import FIELDS_ADDED, UnlearnConfig, with_added_fields
+    from amendlm.unlearn.recipes import cli_recipe
 
     if config_file is None:
-        return UnlearnConfig.from_recipe(recipe or "default", str(out), given, **_CLI_DEFAULTS)
+        return UnlearnConfig.from_recipe(cli_recipe(recipe, given.get("method")), str(out), given, **_CLI_DEFAULTS)
     if recipe is not None:
         raise ValueError("--recipe and --config together: give the recipe in the file (\"recipe\": ...) or drop "
                          "--config (options given explicitly are merged over either)")
@@ -168,7 +171,8 @@ def debias_config(out: Path, given: dict, recipe: str | None = None, config_file
                 raise ValueError(f"field recipe_overrides: expected dict, got {saved['recipe_overrides']!r}")
             written = {k: v for k, v in saved.items() if k not in ("out", "recipe", "recipe_overrides")}
             overrides = {**saved.get("recipe_overrides", {}), **written, **given}
-            return UnlearnConfig.from_recipe(saved.get("recipe", "default"), str(out), overrides, **_CLI_DEFAULTS)
+            name = cli_recipe(saved.get("recipe"), overrides.get("method"))
+            return UnlearnConfig.from_recipe(name, str(out), overrides, **_CLI_DEFAULTS)
         saved = UnlearnConfig.from_dict(with_added_fields(saved)).to_dict()
     except (TypeError, ValueError) as err:
         raise ValueError(f"{config_file}: {err}") from None

@@ -4,7 +4,9 @@ A recipe is plain data: the field values it sets.  :meth:`UnlearnConfig.from_rec
 config from one and lets explicitly given options override it; ``unlearn_config.json`` records
 the recipe's name (``recipe``) and the overriding options (``recipe_overrides``).
 
-* ``default`` sets nothing: today's :class:`UnlearnConfig` defaults (so ``--recipe default`` is explicit).
+* ``default`` sets nothing: :class:`UnlearnConfig`'s field defaults (BiasUnlearn's NPO / CE / KL
+  losses with amendlm's own settings; the recipe of the Python API and of ``--method M``).  The
+  ``debias`` command's default is :data:`CLI_DEFAULT_RECIPE`, ``pairwise`` (see :func:`cli_recipe`).
 * ``official`` follows the public BiasUnlearn code (github a101269/BiasUnlearn: train.py,
   loss.py, run.sh; DESIGN.md §4, end):
 
@@ -125,6 +127,24 @@ RECIPES: Mapping[str, Mapping[str, object]] = MappingProxyType({
     "official": OFFICIAL,
     "pairwise": PAIRWISE,
 })
+
+
+CLI_DEFAULT_RECIPE = "pairwise"
+
+
+def cli_recipe(recipe: str | None, method: str | None) -> str:
+    """The recipe of a ``debias`` call: ``recipe`` when given; else ``pairwise`` (:data:`CLI_DEFAULT_RECIPE`,
+    the recipe the ablation recommends on val) unless ``method`` names another method, whose run then
+    takes the field defaults (``default``) — so ``--method npo`` is NPO as documented, not NPO with the
+    pairwise recipe's weights and learning rate.
+
+    Args:
+        recipe: ``--recipe`` as given, or None.
+        method: ``--method`` as given, or None.
+    """
+    if recipe is not None:
+        return recipe
+    return CLI_DEFAULT_RECIPE if method in (None, PAIRWISE["method"]) else "default"
 
 
 def recipe_fields(name: str) -> dict[str, object]:
