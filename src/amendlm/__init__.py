@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_model": "amendlm.modeling",
     "score_pairs": "amendlm.scoring",
+    "ProductLM": "amendlm.product",
     "EvalConfig": "amendlm.bias.evaluate",
     "evaluate": "amendlm.bias.evaluate",
     "resolve_model": "amendlm.resources",

@@ -35,7 +35,10 @@ def _split_list(value: str) -> list[str]:
 @app.command("eval")
 def eval_command(
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local directory, local .gguf file or Hugging Face id."),
-    adapter: Optional[Path] = typer.Option(None, help="PEFT adapter directory applied on top of --model."),
+    adapter: Optional[Path] = typer.Option(None, help="PEFT adapter directory applied on top of --model (with --aligner: on the proposal)."),
+    aligner: Optional[str] = typer.Option(None, help="Score --model x this aligner as one LM, softmax(b/T_b + a/T_e) (RAM's mds rule): an aligner directory, an 'align train' run directory holding aligner/, an embedded name or hub id."),
+    proposal_temperature: float = typer.Option(1.0, help="T_b dividing the model's logits in the pair (needs --aligner)."),
+    aligner_temperature: float = typer.Option(1.0, help="T_e dividing the aligner's logits in the pair (needs --aligner)."),
     benchmarks: str = typer.Option(_EVAL_BENCHMARKS, help=f"Comma-separated subset of: {_EVAL_BENCHMARKS}."),
     split: str = typer.Option("all", help="StereoSet target-term split: train, val, test or all."),
     split_seed: int = typer.Option(DEFAULT_SEED, help="Seed of the target-term split."),
@@ -51,8 +54,9 @@ def eval_command(
     out: Optional[Path] = typer.Option(None, help="Write the results JSON here (atomically)."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off by default)."),
 ) -> None:
-    """Evaluate bias (StereoSet, CrowS-Pairs) and perplexity of a model, optionally with an adapter."""
+    """Evaluate bias (StereoSet, CrowS-Pairs) and perplexity of a model, optionally with an adapter and/or an aligner."""
     from amendlm.bias.evaluate import EvalConfig, evaluate_model
+    from amendlm.product import AlignerConfig
     from amendlm.report import atomic_write_json, print_eval_report
 
     try:
@@ -61,13 +65,17 @@ def eval_command(
             batch_size=batch_size, start_token=start_token, stereoset=stereoset, crows_pairs=crows_pairs,
             wikitext=wikitext, share_prefix=share_prefix,
         )
+        if aligner is None and (proposal_temperature != 1.0 or aligner_temperature != 1.0):
+            raise ValueError("--proposal-temperature and --aligner-temperature apply to a pair: give --aligner")
+        pair = None if aligner is None else AlignerConfig(aligner, proposal_temperature, aligner_temperature)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    if adapter is not None and split == "all" and "stereoset" in config.benchmarks:
-        typer.secho("warning: --split all includes the StereoSet target terms adapters are trained on (train) and "
-                    "selected on (val); report held-out numbers with --split test", fg=typer.colors.YELLOW, err=True)
+    if (adapter is not None or aligner is not None) and split == "all" and "stereoset" in config.benchmarks:
+        typer.secho("warning: --split all includes the StereoSet target terms adapters and aligners are trained on "
+                    "(train) and selected on (val); report held-out numbers with --split test", fg=typer.colors.YELLOW, err=True)
     with user_errors():
-        results = evaluate_model(model, config, adapter=adapter, device=device, trust_remote_code=trust_remote_code)
+        results = evaluate_model(model, config, adapter=adapter, device=device, trust_remote_code=trust_remote_code,
+                                 aligner=pair)
     print_eval_report(results)
     if out is not None:
         atomic_write_json(out, results)

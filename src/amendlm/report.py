@@ -131,6 +131,10 @@ def print_eval_report(results: dict, console: Console | None = None) -> None:
     """Print the tables of an ``evaluate`` result."""
     console = console or Console()
     benchmarks = results["benchmarks"]
+    pair = results.get("aligner")
+    if pair:
+        console.print(f"Scored: {results.get('model', 'the model')} x aligner {pair['aligner']} as one LM, "
+                      f"softmax(b/{pair['proposal_temperature']:g} + a/{pair['aligner_temperature']:g}) (mds)")
     if "stereoset" in benchmarks:
         console.print(stereoset_table(benchmarks["stereoset"]))
     if "crows-pairs" in benchmarks:

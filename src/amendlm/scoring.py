@@ -10,6 +10,9 @@ Conventions (natural log throughout):
   continuation that follows a word must carry its own leading space (``" He left."``).
 * Padding never contributes: padded positions are masked out of the scored tokens and,
   with left padding, position ids are rebuilt from the attention mask.
+* ``model`` is a causal LM or a proposal x aligner pair (:class:`amendlm.product.ProductLM`, the
+  ``mds`` product distribution), which every function here takes as it takes a model: both models
+  run once per batch on the same padded or packed inputs.
 """
 
 from __future__ import annotations
@@ -227,15 +230,18 @@ PACKING_ATTENTION = ("eager", "sdpa")
 def check_packing_support(model) -> None:
     """Raise if the model's attention kernel ignores custom 4-D masks (needed by :func:`score_grouped`).
 
+    A proposal x aligner pair (:class:`amendlm.product.ProductLM`) is checked model by model.
+
     Raises:
         ValueError: e.g. flash-attention; the message says to pass ``--no-share-prefix``.
     """
-    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if implementation is not None and implementation not in PACKING_ATTENTION:
-        raise ValueError(
-            f"shared-prefix scoring needs {' or '.join(PACKING_ATTENTION)} attention, the model uses "
-            f"'{implementation}'; pass --no-share-prefix (EvalConfig(share_prefix=False))"
-        )
+    for part in getattr(model, "component_models", (model,)):
+        implementation = getattr(getattr(part, "config", None), "_attn_implementation", None)
+        if implementation is not None and implementation not in PACKING_ATTENTION:
+            raise ValueError(
+                f"shared-prefix scoring needs {' or '.join(PACKING_ATTENTION)} attention, the model uses "
+                f"'{implementation}'; pass --no-share-prefix (EvalConfig(share_prefix=False))"
+            )
 
 
 @torch.inference_mode()
@@ -335,8 +341,9 @@ def score_pairs(
     """Log-probabilities of continuations given prefixes, batched by length.
 
     Args:
-        model: a causal LM (``transformers`` or PEFT-wrapped) returning ``.logits``.
-        tokenizer: its tokenizer.
+        model: a causal LM (``transformers`` or PEFT-wrapped) returning ``.logits``, or a
+            :class:`amendlm.product.ProductLM` (scores under ``softmax(b/T_b + a/T_e)``).
+        tokenizer: its tokenizer (a pair's shared one).
         pairs: ``(prefix, continuation)`` strings; ``prefix`` may be ``""`` (score a whole sentence).
         batch_size: sequences per forward pass.
         dtype: ``torch.float32`` (exact) or ``torch.bfloat16`` (autocast; faster, ~1e-2 noise).

@@ -28,6 +28,7 @@ from amendlm.data.stereoset import LABELS, StereoSetCluster, load_stereoset
 from amendlm.data.text import load_texts
 from amendlm.modeling import (AUTO_DTYPE, dtype_name, dtype_record, eval_mode, pad_token_id, parse_dtype, resolve_dtype,
                               start_token_id)
+from amendlm.product import AlignerConfig, ProductLM, aligner_record, check_aligner, load_product
 from amendlm.provenance import weights_record
 from amendlm.resources import file_sha256, resolve_dataset
 from amendlm.scoring import EncodedPair, score_encoded, score_pairs
@@ -259,20 +260,26 @@ BENCHMARKS: dict[str, Benchmark] = {
 def evaluate(model, tokenizer, config: EvalConfig) -> dict:
     """Run ``config.benchmarks`` and return results as data (plus the seconds each took).
 
+    ``model`` is a causal LM or a proposal x aligner pair (:class:`amendlm.product.ProductLM`:
+    every benchmark scores the pair's ``mds`` distribution ``softmax(b/T_b + a/T_e)``).
     ``config.dtype`` ``auto`` is resolved once for the model's device; ``results["config"]`` records
     the resolved dtype (``bf16``/``fp32``) and ``dtype_auto`` (whether ``auto`` chose it).
-    ``results["weights"]`` identifies the weights scored (:func:`amendlm.provenance.weights_record`:
-    SHA-256 of the model's and the adapter's files).  The model runs in eval mode (dropout off)
-    and gets its own train/eval modes back afterwards (:func:`amendlm.modeling.eval_mode`).
+    ``results["weights"]`` identifies the (proposal's) weights scored
+    (:func:`amendlm.provenance.weights_record`: SHA-256 of the model's and the adapter's files);
+    ``results["aligner"]`` is None, or for a pair :func:`amendlm.product.aligner_record` (the
+    aligner's name, path, weights record and both temperatures).  The model runs in eval mode
+    (dropout off) and gets its own train/eval modes back afterwards (:func:`amendlm.modeling.eval_mode`).
     """
     requested = config.dtype
     dtype = compute_dtype(model, config)
     config = replace(config, dtype=dtype_name(dtype))
     start_id = start_token_id(tokenizer, config.start_token)
+    pair = isinstance(model, ProductLM)
     results: dict = {
         "config": {**asdict(config), **dtype_record(requested, dtype)},
         "start_token": {"id": start_id, "token": tokenizer.convert_ids_to_tokens(start_id)},
-        "weights": weights_record(model),
+        "weights": weights_record(model.proposal if pair else model),
+        "aligner": aligner_record(model) if pair else None,
         "benchmarks": {},
     }
     for name in config.benchmarks:
@@ -289,26 +296,37 @@ def evaluate(model, tokenizer, config: EvalConfig) -> dict:
 
 
 def evaluate_model(model: str, config: EvalConfig, adapter: str | Path | None = None, device: str = "cpu",
-                   trust_remote_code: bool = False) -> dict:
+                   trust_remote_code: bool = False, aligner: AlignerConfig | None = None) -> dict:
     """Validate the data, load ``model`` (+ ``adapter``) and :func:`evaluate` it: what ``amendlm eval`` writes.
 
-    Returns the :func:`evaluate` dict plus ``model``, ``model_path``, ``adapter``, ``device``,
-    ``versions`` and ``seconds_total`` (wall-clock seconds, loading included).
+    With ``aligner``, the scored model is the pair ``model`` (+ ``adapter``: the adapter applies to
+    the proposal) x ``aligner.aligner`` (:func:`amendlm.product.load_product`).
+
+    Returns the :func:`evaluate` dict plus ``model``, ``model_path``, ``adapter`` (the proposal's),
+    ``device``, ``versions`` and ``seconds_total`` (wall-clock seconds, loading included).
 
     Raises:
-        FileNotFoundError, DataError: a bad data path or row (before the model is loaded).
-        ValueError, OSError: as :func:`amendlm.modeling.load_model` (unknown model, misfit adapter).
+        FileNotFoundError, DataError: a bad data path or row, or a missing local aligner path
+            (before any model is loaded).
+        ValueError, OSError: as :func:`amendlm.modeling.load_model` (unknown model, misfit adapter);
+            an aligner whose tokenizer differs from the model's.
     """
     from amendlm.modeling import load_model
     from amendlm.report import package_versions
 
     began = time.perf_counter()
     check_data(config)  # fail on a bad path or row before loading the model
+    if aligner is not None:
+        check_aligner(aligner)
     loaded, tokenizer = load_model(model, adapter=adapter, device=device, trust_remote_code=trust_remote_code)
+    proposal = loaded
+    if aligner is not None:
+        loaded = load_product(proposal, tokenizer, aligner, proposal_name=model, device=device,
+                              trust_remote_code=trust_remote_code)
     results = evaluate(loaded, tokenizer, config)
     results.update(
         model=model,
-        model_path=str(getattr(loaded, "name_or_path", model)),
+        model_path=str(getattr(proposal, "name_or_path", model)),
         adapter=str(adapter) if adapter else None,
         device=device,
         versions=package_versions(),
