@@ -144,3 +144,34 @@ def test_decode_steps_pruning_ended_rows_keeps_the_other_rows_tokens(models, pro
     pruned, kept = run(True), run(False)
     assert len(pruned[0]) == len(kept[0]) == 2 and all(len(r) == 8 for r in pruned[1:])
     assert pruned == kept
+
+
+def test_the_logits_processor_runs_a_training_aligner_in_eval_mode_and_restores_its_modes(models, prompts, byte_tokenizer):
+    """An aligner with dropout left in train mode by its caller decodes as its eval-mode self, every time."""
+    proposal, _ = models
+    vocab = len(byte_tokenizer)
+    aligner = make_tiny_llama(vocab, seed=1, attention_dropout=0.5).train()
+    aligner.model.layers[0].eval()  # a submodule the caller froze stays frozen afterwards
+    before = [m.training for m in aligner.modules()]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    attention_mask = (input_ids != PAD).long()
+
+    def decode():
+        processor = RAMLogitsProcessor(aligner, DecodeConfig(mode="par"), vocab, attention_mask, eos_token_id=EOS)
+        first = processor(input_ids, proposal(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1])
+        out = proposal.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=6,
+                                logits_processor=[RAMLogitsProcessor(aligner, DecodeConfig(mode="par"), vocab,
+                                                                     attention_mask, eos_token_id=EOS)],
+                                pad_token_id=PAD, eos_token_id=EOS)
+        return first, out
+
+    with torch.no_grad():
+        (first_a, out_a), (first_b, out_b) = decode(), decode()
+        assert [m.training for m in aligner.modules()] == before
+        aligner.eval()
+        first_eval, out_eval = decode()
+        aligner.train()  # the test can fail: in train mode this aligner's dropout changes its logits
+        assert not torch.equal(aligner(input_ids=input_ids).logits, aligner(input_ids=input_ids).logits)
+    assert torch.equal(first_a, first_b) and torch.equal(first_a, first_eval)
+    assert torch.equal(out_a, out_b) and torch.equal(out_a, out_eval)

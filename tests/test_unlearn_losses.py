@@ -109,6 +109,10 @@ def test_kl_averages_over_scored_tokens_of_all_rows():
     mask = torch.tensor([[0, 1, 1], [0, 1, 0]])  # 2 + 1 scored tokens, one with KL > 0
     per = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)
     assert losses.kl_loss(policy, reference, mask).item() == pytest.approx(per / 3, rel=1e-6)
+    # per sequence: row 0 has no KL, row 1 all of it; the token mean is their sum over the 3 tokens
+    sums = losses.kl_sums(policy, reference, mask)
+    assert sums.tolist() == pytest.approx([0.0, per], abs=1e-7)
+    assert losses.kl_mean(sums, torch.tensor([2, 1])).item() == pytest.approx(per / 3, rel=1e-6)
 
 
 def test_dpo_hand_values():

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from amendlm.modeling import pad_token_id
+from amendlm.modeling import eval_mode, pad_token_id
 from amendlm.ram.data import encode_prompt
 from amendlm.ram.decoding import DecodeConfig, apply_rule
 from amendlm.ram.generate import CachedLM, Generation, GenerateConfig, GenerationStats, generate, shared_vocab_size
@@ -111,6 +111,10 @@ class RAMLogitsProcessor(_LogitsProcessorBase):
     prefills it with the whole (left-padded) prompt, later calls feed the one new token.  Use a
     fresh processor for every ``generate`` call.
 
+    The aligner runs in eval mode (dropout off) inside every call and gets its own train/eval modes
+    back before the call returns (:func:`amendlm.modeling.eval_mode`), like every other scoring and
+    decoding entry point; the proposal's mode is ``generate``'s caller's business.
+
     Args:
         aligner: the aligner causal LM.
         decode: rule parameters; ``mode`` must use both models or the aligner alone.
@@ -132,13 +136,14 @@ class RAMLogitsProcessor(_LogitsProcessorBase):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """``input_ids`` ``(batch, seq_len)`` so far, ``scores`` ``(batch, >= vocab)`` proposal logits ->
         rule logits of the same shape."""
-        if self.seen_len == 0:
-            mask = self.prompt_mask if self.prompt_mask is not None else torch.ones_like(input_ids)
-            aligner_logits = self.runner.prefill(input_ids, mask)
-        elif input_ids.shape[1] == self.seen_len + 1:
-            aligner_logits = self.runner.step(input_ids[:, -1])
-        else:
-            raise RuntimeError("RAMLogitsProcessor saw a non-incremental sequence; use one processor per generate call")
+        with eval_mode(self.runner.model):
+            if self.seen_len == 0:
+                mask = self.prompt_mask if self.prompt_mask is not None else torch.ones_like(input_ids)
+                aligner_logits = self.runner.prefill(input_ids, mask)
+            elif input_ids.shape[1] == self.seen_len + 1:
+                aligner_logits = self.runner.step(input_ids[:, -1])
+            else:
+                raise RuntimeError("RAMLogitsProcessor saw a non-incremental sequence; use one processor per generate call")
         self.seen_len = input_ids.shape[1]
         proposal_logits = scores[:, : self.vocab_size].float()
         rule = apply_rule(proposal_logits, aligner_logits.to(proposal_logits.device), self.decode,

@@ -92,7 +92,7 @@ def train_command(
     lora_r: int = typer.Option(8), lora_alpha: int = typer.Option(16), lora_dropout: float = typer.Option(0.05),
     learning_rate: float = typer.Option(1e-4, help="AdamW peak learning rate."),
     epochs: int = typer.Option(1), max_steps: Optional[int] = typer.Option(None),
-    batch_size: int = typer.Option(8, help="Prompts per micro-batch."), grad_accum: int = typer.Option(1),
+    batch_size: int = typer.Option(8, help="Prompts per micro-batch (under accelerate launch, of all processes together)."), grad_accum: int = typer.Option(1),
     save_every: int = typer.Option(50, help="Optimizer steps between checkpoints."),
     seed: int = typer.Option(0), dtype: str = typer.Option("auto", help=DTYPE_HELP), device: str = typer.Option("cpu"),
 ) -> None:
@@ -113,7 +113,10 @@ def train_command(
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
     summary = train_aligner(config)
-    typer.echo(json.dumps({k: summary[k] for k in ("steps", "n_examples", "seconds", "aligner")}))
+    from amendlm.distributed import is_main_launched_process
+
+    if is_main_launched_process():  # under accelerate launch: one line from the main process
+        typer.echo(json.dumps({k: summary[k] for k in ("steps", "n_examples", "seconds", "aligner")}))
 
 
 def _decode_config(mode, candidates, kl_threshold, proposal_top_p, aligner_top_p, proposal_temperature,

@@ -13,12 +13,18 @@ trained in full or with LoRA (merged into the saved model at the end).  Checkpoi
 scheduler, RNG, step) are written to a temporary directory and renamed into place; a rerun with the
 same ``out`` resumes from the latest one.
 
+Under ``accelerate launch`` ``batch_size`` stays the global micro-batch: each process scores its
+share of it and the loss is computed on the gathered global batch (:mod:`amendlm.distributed`), so
+N processes take the same optimizer steps as one; only the main process writes the log, the config
+and the aligner, and every process writes its RNG state into the shared checkpoint.
+
 Outputs in ``out``: ``aligner/`` (a plain transformers checkpoint + tokenizer, loadable by name),
 ``train_config.json``, ``train_log.jsonl``, ``checkpoints/step-N``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from amendlm.distributed import data_parallel_loss, gather_rows, main_process_value, split_rows, zero_anchor
 from amendlm.modeling import pad_token_id, parse_dtype
 from amendlm.ram.data import TaskConfig, encode_prompt, encode_response, load_task
 from amendlm.ram.losses import LossConfig, get_loss
@@ -58,7 +65,8 @@ class TrainConfig:
             all weights; merged into the saved aligner.
         learning_rate: AdamW peak LR, linear warmup (``warmup_ratio``) and decay. 1e-4.
         epochs, max_steps: optimizer steps = min(max_steps, epochs * batches / grad_accum).
-        batch_size: prompts per micro-batch (2 sequences each). 8.
+        batch_size: prompts per micro-batch (2 sequences each), in all processes together (each of
+            N ``accelerate launch`` processes scores about ``batch_size / N``). 8.
         save_every: optimizer steps between checkpoints. 50.
         dtype: ``fp32``, ``bf16`` autocast or ``auto`` (bf16 where the device does it natively fast,
             else fp32); ``train_config.json`` records the resolved dtype and ``dtype_auto``.
@@ -215,20 +223,29 @@ def _latest_checkpoint(out: Path) -> Path | None:
 
 
 def _save_checkpoint(accelerator, out: Path, step: int, micro: int) -> None:
+    """Every process calls this: the main one stages the directory, all write into it (accelerate
+    saves the weights, optimizer and scheduler from the main process and each process's RNG
+    state), then the main one renames it into place and removes the older checkpoint."""
     root = out / "checkpoints"
     final = root / f"step-{step:06d}"
-    with atomic_directory(final) as staging:
+    main = accelerator.is_main_process
+    with atomic_directory(final) if main else contextlib.nullcontext() as staging:
+        staging = Path(main_process_value(str(staging) if main else None, accelerator))
         accelerator.save_state(str(staging))
-        (staging / "trainer_state.json").write_text(json.dumps({"step": step, "micro_batches": micro}))
-    for old in root.glob("step-*"):  # keep only the newest checkpoint
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()  # all RNG files are in before the rename
+        if main:
+            (staging / "trainer_state.json").write_text(json.dumps({"step": step, "micro_batches": micro}))
+    if main:
+        for old in root.glob("step-*"):  # keep only the newest checkpoint
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 def train_aligner(config: TrainConfig) -> dict:
     """Train the aligner; returns a summary (steps, final losses, seconds, output paths)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
     from transformers import get_linear_schedule_with_warmup
 
     from amendlm.modeling import autocast, dtype_record, resolve_dtype
@@ -236,8 +253,11 @@ def train_aligner(config: TrainConfig) -> dict:
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(cpu=config.device == "cpu", gradient_accumulation_steps=config.grad_accum)
-    dtype = resolve_dtype(config.dtype, accelerator.device)
+    # split_batches: batch_size is the global batch, so the prepared scheduler steps once per optimizer
+    # step (by default accelerate steps it once per process, for per-process batches)
+    accelerator = Accelerator(cpu=config.device == "cpu", gradient_accumulation_steps=config.grad_accum,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    dtype = main_process_value(resolve_dtype(config.dtype, accelerator.device), accelerator)  # "auto" times per process
     set_seed(config.seed)
     model, tokenizer = build_aligner(config)
     examples = build_examples(config, tokenizer)
@@ -252,7 +272,9 @@ def train_aligner(config: TrainConfig) -> dict:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     loss_fn = get_loss(config.loss.name)
-    atomic_write_json(out / "train_config.json", {**asdict(config), **dtype_record(config.dtype, dtype), "n_examples": len(examples),
+    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    if main:
+        atomic_write_json(out / "train_config.json", {**asdict(config), **dtype_record(config.dtype, dtype), "n_examples": len(examples),
                                                  "total_steps": total_steps, "trainable_parameters": sum(p.numel() for p in params)})
     step, micro_start = 0, 0
     checkpoint = _latest_checkpoint(out)
@@ -263,18 +285,19 @@ def train_aligner(config: TrainConfig) -> dict:
         logger.info("resumed from %s (step %d)", checkpoint, step)
     model.train()
     began, last = time.perf_counter(), {}
-    with open(out / "train_log.jsonl", "a", encoding="utf-8") as log:
+    with open(out / "train_log.jsonl", "a", encoding="utf-8") if main else contextlib.nullcontext() as log:
         for micro in range(micro_start, len(batches)):
-            if micro % accelerator.num_processes != accelerator.process_index:
-                continue
             batch = [examples[i] for i in batches[micro]]
+            share, placeholder = split_rows(batch, world, rank)
             with accelerator.accumulate(model), autocast(dtype, accelerator.device):
-                scores = pair_logps(model, batch, pad_id)
+                local = pair_logps(model, share, pad_id)
+                anchor = zero_anchor(local.values()) if placeholder else 0.0
+                scores = {k: gather_rows(v[:0] if placeholder else v, len(batch), accelerator) for k, v in local.items()}
                 loss, parts = loss_fn(scores["positive_logps"], scores["negative_logps"], config.loss,
-                                      scores["positive_n"], scores["negative_n"])
+                                      scores["positive_n"], scores["negative_n"])  # the global batch's, in every process
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss at step {step} (micro-batch {micro}); lower the LR")
-                accelerator.backward(loss)
+                accelerator.backward(data_parallel_loss(loss, accelerator) + anchor)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
@@ -285,7 +308,7 @@ def train_aligner(config: TrainConfig) -> dict:
             step += 1
             last = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
                     "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - began}
-            if step % config.log_every == 0 or step == total_steps:
+            if main and (step % config.log_every == 0 or step == total_steps):
                 log.write(json.dumps(last) + "\n")
                 log.flush()
                 logger.info("step %d/%d loss %.4f", step, total_steps, last["loss"])

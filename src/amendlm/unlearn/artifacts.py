@@ -59,15 +59,33 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def save_checkpoint(directory: Path, model, optimizer, state: dict) -> None:
-    """Write weights, optimizer, RNG states and the trainer state, atomically (see module doc)."""
+def rng_state() -> dict:
+    """This process's random states: ``{"torch", "python"}`` and ``"cuda"`` where there is CUDA."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def set_rng_state(rng: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def save_checkpoint(directory: Path, model, optimizer, state: dict, rng_states: list[dict] | None = None) -> None:
+    """Write weights, optimizer, RNG states and the trainer state, atomically (see module doc).
+
+    ``rng_states``: :func:`rng_state` of every process (index = process index), default this
+    process's only; ``rng.pt`` holds the first at its top level and all of them under ``processes``.
+    """
+    rng_states = rng_states or [rng_state()]
     with atomic_directory(directory) as staging:
         save_file(trainable_state(model), str(staging / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, staging / "rng.pt")
+        torch.save({**rng_states[0], "processes": rng_states}, staging / "rng.pt")
         (staging / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
 
@@ -79,8 +97,11 @@ def find_checkpoint(directory: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(directory: Path, model, optimizer) -> dict:
+def load_checkpoint(directory: Path, model, optimizer, process_index: int = 0) -> dict:
     """Restore what :func:`save_checkpoint` wrote; returns the trainer state dict.
+
+    The RNG state is process ``process_index``'s where the checkpoint has it, else the first
+    process's (a checkpoint written by fewer processes, or after an interrupt).
 
     Raises:
         FileNotFoundError: no complete checkpoint.
@@ -92,10 +113,8 @@ def load_checkpoint(directory: Path, model, optimizer) -> dict:
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(found / "optimizer.pt", weights_only=False))
     rng = torch.load(found / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    processes = rng.get("processes") or [rng]
+    set_rng_state(processes[process_index] if process_index < len(processes) else processes[0])
     return json.loads((found / "state.json").read_text())
 
 
@@ -114,16 +133,22 @@ class StepLog:
     """Append-only JSONL log; on resume, records after the checkpoint's step are dropped.
 
     ``on_record``, if given, is called with every record after it is written (e.g. a progress bar).
+    ``enabled=False`` (the other processes of a multi-process run): touches no file, ignores records.
     """
 
-    def __init__(self, path: Path, resume_step: int | None = None, on_record: Callable[[dict], None] | None = None):
-        self.path, self.on_record = path, on_record
+    def __init__(self, path: Path, resume_step: int | None = None, on_record: Callable[[dict], None] | None = None,
+                 enabled: bool = True):
+        self.path, self.on_record, self.enabled = path, on_record, enabled
+        if not enabled:
+            return
         records = read_log(path) if resume_step is not None else []
         kept = [r for r in records if r.get("step", 0) <= resume_step] if resume_step is not None else []
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
-        """Append one record and flush it to disk."""
+        """Append one record and flush it to disk (nothing when disabled)."""
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()

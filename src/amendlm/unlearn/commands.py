@@ -25,7 +25,7 @@ def debias(
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local directory, local .gguf file or Hugging Face id."),
     method: str = typer.Option("biasunlearn", help=f"One of: {METHOD_NAMES}."),
     max_steps: int = typer.Option(200, help="Optimizer steps at most (BiasUnlearn may stop earlier by its stop rule)."),
-    batch_size: int = typer.Option(8, help="Examples per stream (forget, retain, KL) per step, unless a per-stream size is given."),
+    batch_size: int = typer.Option(8, help="Examples per stream (forget, retain, KL) per step, unless a per-stream size is given; under accelerate launch, of all processes together."),
     forget_batch_size: Optional[int] = typer.Option(None, help="Forget (and DPO pair) examples per step [default: --batch-size]."),
     retain_batch_size: Optional[int] = typer.Option(None, help="Retain examples per step [default: --batch-size]."),
     kl_batch_size: Optional[int] = typer.Option(None, help="KL examples per step [default: --batch-size]."),
@@ -78,14 +78,19 @@ def debias(
     with user_errors():  # an existing run without --resume, --resume with another configuration: one line, exit 1
         check_run_directory(out, resume)
         check_resume_config(run_config, resume)
+    from amendlm.distributed import is_main_launched_process
+
+    main = is_main_launched_process()  # under accelerate launch only the main process shows and prints
     with user_errors():  # a missing model, data file or adapter: one line, exit 1
-        if progress:
+        if progress and main:
             from amendlm.unlearn.progress import RunProgress
 
             with RunProgress(run_config.max_steps, _checkpoint_step(out) if resume else 0) as bar:
                 result = train(run_config, resume=resume, on_record=bar)
         else:
             result = train(run_config, resume=resume)
+    if not main:
+        raise typer.Exit({"nan": 1, "interrupted": 130}.get(result.status, 0))
     _print_summary(out)
     kept = f"the weights of step {result.best_step} ({run_config.selection} selection on val)" if run_config.keep_best and result.best_step is not None else "the last step's weights"
     typer.echo(f"{result.status} after {result.steps} steps; {kept} saved in {out}")

@@ -55,7 +55,8 @@ class UnlearnConfig:
             A step of batch 8 is about 0.8 TFLOP for the embedded model (6 x params per policy
             token, 2 x params per reference token), ~8 s at 108 GFLOP/s fp32, so 200 steps plus
             evaluations aim at ~30 minutes on 2 idle cores (estimated, not measured on an idle machine).
-        batch_size: examples per stream per step (forget, retain and KL batches each).
+        batch_size: examples per stream per step (forget, retain and KL batches each): the global
+            batch, split between the processes of ``accelerate launch`` (:mod:`amendlm.distributed`).
         forget_batch_size / retain_batch_size / kl_batch_size: per-stream batch sizes (``None``:
             ``batch_size``); DPO's chosen / rejected pairs use the forget size.  Official 4 / 28 / 28.
         swap_batch_sizes: in a swapped phase (the anti-stereotypes forgotten) the forget and retain

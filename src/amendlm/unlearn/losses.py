@@ -138,6 +138,57 @@ def grad_diff_loss(
     return gradient_ascent_loss(forget_logps, forget_n_tokens) + retain_weight * ce_loss(retain_logps, retain_n_tokens)
 
 
+def kl_sums(
+    policy_logits: torch.Tensor, reference_logits: torch.Tensor, loss_mask: torch.Tensor
+) -> torch.Tensor:
+    """Forward KL(p_ref || p_theta) of the next-token distributions, **summed** over each sequence's scored tokens.
+
+    ``S_i = sum_{t in M_i} sum_v p_ref(v|<t) * (log p_ref(v|<t) - log p_theta(v|<t))``
+
+    where ``M_i`` are the positions of sequence ``i`` whose *next* token is scored (the shift is
+    done here, as in :func:`amendlm.scoring.sequence_logps`, so ``|M_i|`` is that function's
+    ``n_tokens``): padding, prefix and start token never count, so a padded row cannot add KL.
+    Computed in fp32.  Per-sequence sums (not logits) are what the trainer gathers across processes.
+
+    Args:
+        policy_logits: ``(batch, seq_len, vocab)`` policy outputs.
+        reference_logits: ``(batch, seq_len, vocab)`` reference outputs (no gradient needed).
+        loss_mask: ``(batch, seq_len)``, 1 where ``input_ids[:, t]`` is a scored token.
+
+    Returns:
+        ``(batch,)`` fp32 tensor (nats), 0 for a row without scored tokens.
+
+    Raises:
+        ValueError: the two logits or the mask differ in shape.
+    """
+    _check_same_shape(policy_logits=policy_logits, reference_logits=reference_logits)
+    if loss_mask.shape != policy_logits.shape[:2]:
+        raise ValueError(f"loss_mask {tuple(loss_mask.shape)} does not match logits {tuple(policy_logits.shape)}")
+    mask = loss_mask[:, 1:].bool()  # (batch, seq_len - 1): logits[:, t] predicts token t + 1
+    policy = F.log_softmax(policy_logits[:, :-1][mask].float(), dim=-1)  # (n_scored, vocab)
+    reference = F.log_softmax(reference_logits[:, :-1][mask].float(), dim=-1)
+    per_token = torch.zeros(mask.shape, dtype=torch.float32, device=policy_logits.device)
+    per_token[mask] = (reference.exp() * (reference - policy)).sum(-1)  # (n_scored,) into (batch, seq_len - 1)
+    return per_token.sum(-1)
+
+
+def kl_mean(kl_per_sequence: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+    """The token-mean KL of a batch from :func:`kl_sums`: ``sum_i S_i / sum_i |M_i|`` (nats per token).
+
+    Args:
+        kl_per_sequence: ``(batch,)`` summed KL of each sequence.
+        n_tokens: ``(batch,)`` scored tokens of each sequence.
+
+    Returns:
+        scalar tensor; 0 (keeping the graph) when no token is scored.
+
+    Raises:
+        ValueError: mismatched shapes.
+    """
+    _check_same_shape(kl_per_sequence=kl_per_sequence, n_tokens=n_tokens)
+    return kl_per_sequence.sum() / n_tokens.sum().clamp(min=1)
+
+
 def kl_loss(
     policy_logits: torch.Tensor, reference_logits: torch.Tensor, loss_mask: torch.Tensor
 ) -> torch.Tensor:
@@ -145,9 +196,8 @@ def kl_loss(
 
     ``L = (1/|M|) * sum_{t in M} sum_v p_ref(v|<t) * (log p_ref(v|<t) - log p_theta(v|<t))``
 
-    where ``M`` are the positions whose *next* token is scored (the shift is done here, as in
-    :func:`amendlm.scoring.sequence_logps`): padding, prefix and start token never count, so a
-    padded row cannot add KL.  Computed in fp32.
+    with ``M`` the scored positions of the whole batch (:func:`kl_sums` summed, divided by ``|M|``:
+    :func:`kl_mean`).  Computed in fp32.
 
     Args:
         policy_logits: ``(batch, seq_len, vocab)`` policy outputs.
@@ -156,17 +206,14 @@ def kl_loss(
 
     Returns:
         scalar tensor (nats per token), 0 when the two distributions agree; 0 for an empty mask.
+
+    Raises:
+        ValueError: the two logits or the mask differ in shape.
     """
-    _check_same_shape(policy_logits=policy_logits, reference_logits=reference_logits)
-    if loss_mask.shape != policy_logits.shape[:2]:
-        raise ValueError(f"loss_mask {tuple(loss_mask.shape)} does not match logits {tuple(policy_logits.shape)}")
-    mask = loss_mask[:, 1:].bool()  # (batch, seq_len - 1): logits[:, t] predicts token t + 1
-    policy = F.log_softmax(policy_logits[:, :-1][mask].float(), dim=-1)  # (n_scored, vocab)
-    reference = F.log_softmax(reference_logits[:, :-1][mask].float(), dim=-1)
-    if policy.shape[0] == 0:
+    sums = kl_sums(policy_logits, reference_logits, loss_mask)
+    if not loss_mask[:, 1:].any():
         return policy_logits.sum() * 0.0
-    per_token = (reference.exp() * (reference - policy)).sum(-1)  # (n_scored,)
-    return per_token.mean()
+    return kl_mean(sums, loss_mask[:, 1:].sum(-1))
 
 
 def dpo_loss(

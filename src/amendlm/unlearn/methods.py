@@ -23,17 +23,21 @@ STREAMS = ("forget", "retain", "kl", "chosen", "rejected")
 class StreamOutput:
     """Model outputs for one batch of one stream.
 
-    ``policy_logps`` / ``reference_logps``: ``(batch,)`` summed continuation log-probs;
-    ``n_tokens``: ``(batch,)``; for the ``kl`` stream the full ``(batch, seq_len, vocab)``
-    ``policy_logits`` / ``reference_logits`` and the ``(batch, seq_len)`` ``loss_mask``.
+    Every field is a ``(batch,)`` tensor (so the trainer can gather a global batch from several
+    processes): ``policy_logps`` / ``reference_logps`` summed continuation log-probs,
+    ``n_tokens`` the scored tokens, and for the ``kl`` stream ``kl_sums``, each sequence's summed
+    KL(reference || policy) over those tokens (:func:`amendlm.unlearn.losses.kl_sums`).
     """
 
     policy_logps: torch.Tensor
     n_tokens: torch.Tensor
     reference_logps: torch.Tensor | None = None
-    policy_logits: torch.Tensor | None = None
-    reference_logits: torch.Tensor | None = None
-    loss_mask: torch.Tensor | None = None
+    kl_sums: torch.Tensor | None = None
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "StreamOutput":
+        """The same record with ``fn`` applied to every tensor present (e.g. slicing, gathering)."""
+        return StreamOutput(*(None if t is None else fn(t) for t in
+                              (self.policy_logps, self.n_tokens, self.reference_logps, self.kl_sums)))
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ def _ce(out: StreamOutput, w: LossWeights) -> torch.Tensor:
 
 
 def _kl(out: StreamOutput) -> torch.Tensor:
-    return losses.kl_loss(out.policy_logits, out.reference_logits, out.loss_mask)
+    return losses.kl_mean(out.kl_sums, out.n_tokens)
 
 
 def biasunlearn_loss(o: Mapping[str, StreamOutput], w: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -40,6 +40,8 @@ the recipe's name (``recipe``) and the overriding options (``recipe_overrides``)
   prepared scheduler once per process at every optimizer step, every scheduler horizon and
   warm-up is 4x shorter in optimizer steps (3000 -> 750, 1000 -> 250, 200 -> 50; the
   evaluation periods are not); override ``phases`` / ``early_scheduler_steps`` to follow that run.
+  amendlm's batch sizes are global whatever the number of processes (:mod:`amendlm.distributed`),
+  so that run's batches are ``--forget-batch-size 16 --retain-batch-size 112 --kl-batch-size 112``.
 
   Not reproduced: the official targets are SS 49/49/49/48 (gender/profession/race/religion),
   amendlm's stop rule uses 50; the official "KL" also counts padding positions (amendlm masks

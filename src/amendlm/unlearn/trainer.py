@@ -6,7 +6,9 @@ Each step draws one batch of every stream the method declares, runs the referenc
 under a linear learning-rate schedule.  BiasUnlearn additionally evaluates SS per bias type on
 the val targets and applies the swap schedule of :mod:`amendlm.unlearn.schedule`; a bias type
 the focus returns to continues its streams where they stopped.  The same code runs under
-``accelerate launch`` (each process takes its share of every global batch).
+``accelerate launch``: the batch sizes are those of the global batch, each process runs the model
+on its share of it and the loss is computed on the gathered global batch, so N processes take the
+same steps as one (:mod:`amendlm.distributed`); only the main process writes files.
 
 The pieces it drives live beside it: :mod:`~amendlm.unlearn.models` (LoRA, the reference
 pass), :mod:`~amendlm.unlearn.streams` (tokenized streams and their samplers),
@@ -26,10 +28,11 @@ import torch
 
 from amendlm.data.splits import select_split
 from amendlm.data.stereoset import StereoSetCluster, load_stereoset
+from amendlm.distributed import data_parallel_loss, every_process_value, gather_rows, main_process_value, split_rows, zero_anchor
 from amendlm.modeling import autocast, dtype_name, pad_token_id, resolve_dtype
 from amendlm.report import atomic_write_json, package_versions
 from amendlm.scoring import EncodedPair, sequence_logps
-from amendlm.unlearn import artifacts, models
+from amendlm.unlearn import artifacts, losses, models
 from amendlm.unlearn.config import UnlearnConfig
 from amendlm.unlearn.data import build_sets, text_chunks
 from amendlm.unlearn.evaluation import eval_record, lms_qualifies, stratified_sample, val_sample, val_scores
@@ -65,7 +68,8 @@ class UnlearnTrainer:
         self.tokenizer = tokenizer
         self.method: Method = get_method(config.method)
         self.accelerator = Accelerator(cpu=config.cpu)
-        self.dtype = resolve_dtype(config.dtype, self.accelerator.device)
+        # "auto" times bf16 in each process; the main process's choice holds for all
+        self.dtype = main_process_value(resolve_dtype(config.dtype, self.accelerator.device), self.accelerator)
         # "auto" is decided here once; the config (saved, compared on --resume, used by val_scores) holds the decision
         self.dtype_auto = config.dtype == "auto"
         self.config = config = replace(config, dtype=dtype_name(self.dtype))
@@ -108,13 +112,12 @@ class UnlearnTrainer:
                          for name in self.method.streams}
 
     def _next_batches(self) -> dict[str, list[EncodedPair]]:
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        """One global batch of every stream (the same in every process: the samplers are seeded alike)."""
         batches, drawn = {}, {}
         for name in self.method.streams:
             key = sampler_key(name)
             if key not in drawn:
-                size = self.config.stream_batch_size(name, self.state.swapped)
-                drawn[key] = self.samplers[name].take(size * world)[rank::world]
+                drawn[key] = self.samplers[name].take(self.config.stream_batch_size(name, self.state.swapped))
             batches[name] = [self.streams[name][i] for i in drawn[key]]
         return batches
 
@@ -130,9 +133,25 @@ class UnlearnTrainer:
             policy_logits = self.model(**inputs, use_cache=False).logits
         policy_logps, n_tokens = sequence_logps(policy_logits, inputs["input_ids"], loss_mask)
         reference_logps = None if reference_logits is None else sequence_logps(reference_logits, inputs["input_ids"], loss_mask)[0]
-        keep = name == "kl"
-        return StreamOutput(policy_logps, n_tokens, reference_logps, policy_logits if keep else None,
-                            reference_logits if keep else None, loss_mask if keep else None)
+        kl_sums = losses.kl_sums(policy_logits, reference_logits, loss_mask) if name == "kl" else None
+        return StreamOutput(policy_logps, n_tokens, reference_logps, kl_sums)
+
+    def _global_outputs(self, batches: dict[str, list[EncodedPair]]) -> tuple[dict[str, StreamOutput], torch.Tensor | float]:
+        """Run this process's share of every global batch and gather the global ``(batch,)`` outputs.
+
+        Returns the outputs and a zero term to add to the loss (it keeps a placeholder share, run
+        when the global batch has fewer rows than processes, in the backward pass).
+        """
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        outputs, anchor = {}, 0.0
+        for name, batch in batches.items():
+            share, placeholder = split_rows(batch, world, rank)
+            local = self._stream_output(name, share)
+            if placeholder:
+                anchor = anchor + zero_anchor([local.policy_logps, local.kl_sums])
+                local = local.map(lambda t: t[:0])
+            outputs[name] = local.map(lambda t: gather_rows(t, len(batch), self.accelerator))
+        return outputs, anchor
 
     # ------------------------------------------------------------------ evaluation and swapping
     def _evaluate(self, log: artifacts.StepLog, apply_schedule: bool = True) -> dict:
@@ -171,8 +190,7 @@ class UnlearnTrainer:
                     self._build_streams()
         elif apply_schedule:
             s.next_eval = s.step + c.eval_every if c.eval_every else c.max_steps
-        if self.accelerator.is_main_process:
-            log.write(record)
+        log.write(record)
         return scores
 
     def _track_best(self, record: dict) -> None:
@@ -197,14 +215,25 @@ class UnlearnTrainer:
         getattr(self.optimizer, "optimizer", self.optimizer).state.clear()
 
     # ------------------------------------------------------------------ the loop
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, interrupted: bool = False) -> None:
+        """Save the checkpoint (main process), with every process's RNG state.
+
+        ``interrupted``: a signal may have caught the processes at different points, so nothing
+        waits for the others; the main process saves its own RNG state only (the others resume
+        from it).
+        """
         self.state.samplers = self.sampler_pool.state_dict()
+        together = not interrupted and self.accelerator.num_processes > 1
+        rng_states = every_process_value(artifacts.rng_state(), self.accelerator) if together else [artifacts.rng_state()]
         if self.accelerator.is_main_process:
             artifacts.save_checkpoint(self.out / "checkpoint", self.accelerator.unwrap_model(self.model),
-                                      self.optimizer, self.state.__dict__)
+                                      self.optimizer, self.state.__dict__, rng_states)
+        if together:
+            self.accelerator.wait_for_everyone()
 
     def _resume(self) -> None:
-        saved = artifacts.load_checkpoint(self.out / "checkpoint", self.accelerator.unwrap_model(self.model), self.optimizer)
+        saved = artifacts.load_checkpoint(self.out / "checkpoint", self.accelerator.unwrap_model(self.model), self.optimizer,
+                                          self.accelerator.process_index)
         self.state = TrainState(**saved)
         if self.state.status != "stopped":  # a run ended by the stop rule stays ended
             self.state.status = "running"
@@ -233,20 +262,24 @@ class UnlearnTrainer:
         """
         c, began = self.config, time.perf_counter()
         config_file = self.out / "unlearn_config.json"
+        main = self.accelerator.is_main_process
         check_run_directory(self.out, resume)
-        self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             check_resume_config(c, resume)
+        self.accelerator.wait_for_everyone()  # every process has checked the directory before the main one writes
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
             self._resume()
-        atomic_write_json(config_file, {**c.to_dict(), "dtype_auto": self.dtype_auto})
-        log = artifacts.StepLog(self.out / "log.jsonl", self.state.step if resume else None, on_record)
+        if main:
+            atomic_write_json(config_file, {**c.to_dict(), "dtype_auto": self.dtype_auto})
+        log = artifacts.StepLog(self.out / "log.jsonl", self.state.step if resume else None, on_record, enabled=main)
         last_val = None
         try:
             with sigterm_as_interrupt():
                 last_val = self._run(log, resume)
         except KeyboardInterrupt:
             self.state.status = "interrupted"
-            self._checkpoint()
+            self._checkpoint(interrupted=True)
             logger.warning("interrupted at step %d; checkpoint saved, continue with --resume", self.state.step)
         return self._finish(log, last_val, time.perf_counter() - began)
 
@@ -276,12 +309,12 @@ class UnlearnTrainer:
         lr = learning_rate(c, s, s.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        outputs = {name: self._stream_output(name, batch) for name, batch in self._next_batches().items()}
-        loss, parts = self.method.loss(outputs, c.loss_weights())
+        outputs, anchor = self._global_outputs(self._next_batches())
+        loss, parts = self.method.loss(outputs, c.loss_weights())  # the global batch's loss, the same in every process
         if not torch.isfinite(loss):
             self._stop_nan(log, "loss")
             return
-        self.accelerator.backward(loss)
+        self.accelerator.backward(data_parallel_loss(loss, self.accelerator) + anchor)
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = float("inf") if c.max_grad_norm is None else c.max_grad_norm  # inf: measured, not clipped
         grad_norm = self.accelerator.clip_grad_norm_(params, max_norm)
@@ -291,17 +324,15 @@ class UnlearnTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         s.step += 1
-        if self.accelerator.is_main_process:
-            log.write({"step": s.step, "loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()},
-                       "lr": lr, "grad_norm": float(grad_norm), "focus": s.focus, "swap": s.swap,
-                       "seconds": round(time.perf_counter() - began, 3)})
+        log.write({"step": s.step, "loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()},
+                   "lr": lr, "grad_norm": float(grad_norm), "focus": s.focus, "swap": s.swap,
+                   "seconds": round(time.perf_counter() - began, 3)})
 
     def _stop_nan(self, log: artifacts.StepLog, what: str) -> None:
         self.state.status = "nan"
         self.optimizer.zero_grad(set_to_none=True)
         logger.error("non-finite %s at step %d; stopping, last checkpoint kept", what, self.state.step + 1)
-        if self.accelerator.is_main_process:
-            log.write({"step": self.state.step, "event": "nan", "what": what})
+        log.write({"step": self.state.step, "event": "nan", "what": what})
         checkpoint = artifacts.find_checkpoint(self.out / "checkpoint")
         if checkpoint is not None:  # the weights in memory may be the cause; fall back to the last good ones
             artifacts.load_weights(checkpoint, self.accelerator.unwrap_model(self.model))
