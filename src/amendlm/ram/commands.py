@@ -236,10 +236,15 @@ def eval_command(
     results.update(versions=package_versions(), seconds_total=time.perf_counter() - began)
     atomic_write_json(out, results)
     table = Table(title=f"RAM on {data} (test, {results['n_prompts']} prompts)")
-    for column in ("system", "ROUGE-1", "ROUGE-2", "ROUGE-L", "words", "tok/s"):
+    for column in ("system", "ROUGE-1", "ROUGE-2", "ROUGE-L", "words", "par-kl fallback", "= aligner argmax", "tok/s"):
         table.add_column(column, justify="left" if column == "system" else "right")
+
+    def share(value):
+        return "-" if value is None else f"{100 * value:.1f} %"
+
     for system, m in results["systems"].items():
         table.add_row(system, f"{m['rouge1']:.2f}", f"{m['rouge2']:.2f}", f"{m['rougeL']:.2f}", f"{m['mean_words']:.1f}",
+                      share(m["choices"]["fallback_rate"]), share(m["choices"]["follows_aligner_argmax"]),
                       f"{m['tokens_per_second'] or 0:.1f}")
     Console().print(table)
     typer.echo(f"wrote {out}")

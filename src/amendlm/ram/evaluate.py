@@ -5,7 +5,10 @@ Systems: ``proposal`` (P_M alone), ``aligner`` (Q alone), RAM in each mode (``pa
 upper baseline).  Each system decodes the same prompts with the same seed and settings.
 
 Metrics per system: ROUGE-1/2/L F1 x 100 (``rouge_score``, Porter stemmer, mean over prompts),
-mean summary length in words, tokens/s.  ``higher_is_better`` is recorded beside them.
+mean summary length in words, tokens/s, why rows ended (``finish_reasons``), and what the chosen
+tokens followed (``choices``, :class:`amendlm.ram.choices.ChoiceCounts`: the share of decoded token
+steps where ``par-kl`` fell back to the proposal, and where the token was the aligner's / the
+proposal's argmax).  ``higher_is_better`` is recorded beside them.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from amendlm.ram.generate import GenerateConfig, GenerationStats, generate, shar
 logger = logging.getLogger(__name__)
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 HIGHER_IS_BETTER = {"rouge1": True, "rouge2": True, "rougeL": True, "mean_words": None, "tokens_per_second": True}
-SYSTEMS = ("proposal", "aligner", "par", "par-kl", "sir", "mds", "finetuned")
+SYSTEMS = ("proposal", "aligner", "par", "par-kl", "sir", "sir-best", "mds", "finetuned")
 
 
 @dataclass
@@ -119,7 +122,8 @@ def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = Non
         metrics = rouge_scores(predictions, references)
         metrics.update(seconds=time.perf_counter() - began, new_tokens=stats.new_tokens,
                        tokens_per_second=stats.new_tokens / stats.seconds if stats.seconds else None,
-                       finish_reasons={r: sum(g.finish_reason == r for g in out) for r in ("eos", "stop", "length")})
+                       finish_reasons={r: sum(g.finish_reason == r for g in out) for r in ("eos", "stop", "length")},
+                       choices=stats.choices.rates())
         results[system] = metrics
         logger.info("%s: ROUGE-L %.2f (%.0f s)", system, metrics["rougeL"], metrics["seconds"])
         lines += [json.dumps({"system": system, "id": r.id, "prediction": p, "reference": r.response}, ensure_ascii=False)
