@@ -39,7 +39,9 @@ class AlignEvalConfig:
         systems: subset of :data:`SYSTEMS`; ``finetuned`` is skipped without ``finetuned``.
         task: prompts and references (``test`` split).
         decode: shared rule parameters (mode is set per system).
-        generate: loop parameters; greedy by default so systems differ by rule, not by luck.
+        generate: loop parameters; greedy by default so systems differ by rule, not by luck (``sir`` and
+            ``sir-best`` still draw, seeded by ``generate.seed``); ``generate.stop``: the strings that end a
+            summary (the ``align eval`` command passes the task's, a newline for ``xsum-sample``).
     """
 
     proposal: str
@@ -82,15 +84,43 @@ def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, flo
     return result
 
 
-def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = None) -> dict:
+def check_inputs(config: AlignEvalConfig) -> AlignEvalConfig:
+    """Every check that needs no model, before any loads: model names (an ``align train`` run directory
+    given as ``aligner`` or ``finetuned`` becomes its ``aligner/``) and the data rows.
+
+    Returns:
+        ``config`` with the resolved model paths.
+
+    Raises:
+        FileNotFoundError, ValueError, amendlm.data.io.DataError: one line naming the option or file, row, field.
+    """
+    from amendlm.ram.api import check_model_name, resolve_aligner
+    from amendlm.ram.data import task_rows
+
+    check_model_name(config.proposal, "--proposal")
+    config = replace(config, aligner=resolve_aligner(config.aligner),
+                     finetuned=resolve_aligner(config.finetuned, "--finetuned") if "finetuned" in config.systems else config.finetuned)
+    task_rows(config.task)
+    return config
+
+
+def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = None, progress: bool = False) -> dict:
     """Decode every system on the task's prompts and score it.  Returns a results dict (data, not text).
 
-    ``generations_path``: a jsonl written with one line per (system, prompt).
+    Args:
+        generations_path: a jsonl written with one line per (system, prompt).
+        progress: show a progress bar (tqdm, on stderr) over the prompts of each system.
+
+    Raises:
+        see :func:`check_inputs` (raised before any model loads).
     """
+    from tqdm.auto import tqdm
+
     from amendlm.modeling import load_model
     from amendlm.provenance import weights_record
     from amendlm.report import atomic_write_text
 
+    config = check_inputs(config)
     proposal, tokenizer = load_model(config.proposal, device=config.device)
     requested, dtype = config.generate.dtype, resolve_dtype(config.generate.dtype, next(proposal.parameters()).device)
     config = replace(config, generate=replace(config.generate, dtype=dtype_name(dtype)))  # "auto" decided once
@@ -116,8 +146,11 @@ def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = Non
         get_mode(mode)
         stats = GenerationStats()
         began = time.perf_counter()
+        bar = tqdm(total=len(prompts), desc=f"align eval {system}", unit="prompt", disable=not progress)
         out = generate(*models, prompts, replace(config.decode, mode=mode), config.generate, vocab_size=vocab_size,
-                       pad_token_id=pad, eos_token_ids=[tokenizer.eos_token_id], tokenizer=tokenizer, stats=stats)
+                       pad_token_id=pad, eos_token_ids=[tokenizer.eos_token_id], tokenizer=tokenizer, stats=stats,
+                       on_batch=lambda indices, generations: bar.update(len(indices)))
+        bar.close()
         predictions = [g.text.strip() for g in out]
         metrics = rouge_scores(predictions, references)
         metrics.update(seconds=time.perf_counter() - began, new_tokens=stats.new_tokens,
