@@ -263,3 +263,31 @@ def test_eval_runs_every_system(workspace):
     assert all(c["token_steps"] >= 3 for c in choices.values())
     with pytest.raises(ValueError, match="finetuned"):
         AlignEvalConfig(proposal="p", aligner="a", systems=["finetuned"])
+
+
+def test_distillation_warm_up_moves_the_cut_aligner_towards_the_proposal(workspace, tmp_path):
+    from amendlm.modeling import load_model
+    from amendlm.ram.distill import DistillConfig, distill_aligner
+    from amendlm.ram.losses import token_kl
+    from amendlm.ram.train import truncate_to_layers
+
+    root, tokenizer = workspace
+    config = DistillConfig(out=str(tmp_path / "warm"), proposal=str(root / "proposal"), layers=1, task=task(root),
+                           steps=8, batch_size=9, learning_rate=2e-3, max_tokens=16, dtype="fp32")
+    summary = distill_aligner(config)
+    assert summary["steps"] == 8 and not summary["already_finished"]
+    saved = json.loads((tmp_path / "warm" / "aligner" / "config.json").read_text())
+    assert saved["num_hidden_layers"] == 1
+    assert json.loads((tmp_path / "warm" / "distill_config.json").read_text())["n_texts"] == 9  # the 9 training documents
+    assert distill_aligner(config)["already_finished"]
+
+    proposal, _ = load_model(str(root / "proposal"))
+    cut = truncate_to_layers(load_model(str(root / "proposal"))[0], 1)
+    warmed, _ = load_model(str(tmp_path / "warm" / "aligner"))
+    ids = torch.tensor([[0, *tokenizer(f"story {i}: the cat sat", add_special_tokens=False)["input_ids"]] for i in range(3)])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        teacher = proposal(ids).logits.log_softmax(-1)
+        before = token_kl(teacher, cut(ids).logits.log_softmax(-1), mask).item()
+        after = token_kl(teacher, warmed(ids).logits.log_softmax(-1), mask).item()
+    assert after < before  # KL(P_M || Q) per position on the training documents, nats

@@ -4,8 +4,8 @@ Systems: ``proposal`` (P_M alone), ``aligner`` (Q alone), RAM in each mode (``pa
 ``sir``, ``mds``) and optionally ``finetuned`` (the proposal fine-tuned directly, decoded alone: the
 upper baseline).  Each system decodes the same prompts with the same seed and settings.
 
-Metrics per system: ROUGE-1/2/L F1 x 100 (``rouge_score``, Porter stemmer, mean over prompts),
-mean summary length in words, tokens/s, why rows ended (``finish_reasons``), and what the chosen
+Metrics per system: ROUGE-1/2/L F1 x 100 (``rouge_score``, Porter stemmer, mean over prompts; the
+per-prompt ROUGE-L as ``per_prompt_rougeL``, in the order of the results' ``ids``), mean summary length in words, tokens/s, why rows ended (``finish_reasons``), and what the chosen
 tokens followed (``choices``, :class:`amendlm.ram.choices.ChoiceCounts`: the share of decoded token
 steps where ``par-kl`` fell back to the proposal, and where the token was the aligner's / the
 proposal's argmax).  ``higher_is_better`` is recorded beside them.
@@ -63,8 +63,12 @@ class AlignEvalConfig:
             raise ValueError("system 'finetuned' needs --finetuned (the directly fine-tuned proposal)")
 
 
-def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F1 x 100 (rouge_score, stemmed) and mean prediction length in words.
+def rouge_per_prompt(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """ROUGE-1/2/L F1 x 100 of each prediction against its reference (``rouge_score``, Porter stemmer).
+
+    Returns:
+        ``{"rouge1": [...], "rouge2": [...], "rougeL": [...]}``, one value per prompt, in input order
+        (the units of a paired bootstrap between two systems).
 
     Raises:
         ValueError: the two lists differ in length or are empty.
@@ -74,12 +78,25 @@ def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, flo
     if len(predictions) != len(references) or not predictions:
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    out: dict[str, list[float]] = {name: [] for name in ROUGE_TYPES}
     for prediction, reference in zip(predictions, references):
         scores = scorer.score(reference, prediction)
         for name in ROUGE_TYPES:
-            totals[name] += scores[name].fmeasure
-    result = {name: 100.0 * total / len(predictions) for name, total in totals.items()}
+            out[name].append(100.0 * scores[name].fmeasure)
+    return out
+
+
+def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 x 100 over prompts (:func:`rouge_per_prompt`) and mean prediction length in words.
+
+    Raises:
+        ValueError: the two lists differ in length or are empty.
+    """
+    return _means(rouge_per_prompt(predictions, references), predictions)
+
+
+def _means(per_prompt: dict[str, list[float]], predictions: list[str]) -> dict[str, float]:
+    result = {name: sum(values) / len(values) for name, values in per_prompt.items()}
     result["mean_words"] = sum(len(p.split()) for p in predictions) / len(predictions)
     return result
 
@@ -152,7 +169,8 @@ def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = Non
                        on_batch=lambda indices, generations: bar.update(len(indices)))
         bar.close()
         predictions = [g.text.strip() for g in out]
-        metrics = rouge_scores(predictions, references)
+        per_prompt = rouge_per_prompt(predictions, references)
+        metrics = {**_means(per_prompt, predictions), "per_prompt_rougeL": per_prompt["rougeL"]}
         metrics.update(seconds=time.perf_counter() - began, new_tokens=stats.new_tokens,
                        tokens_per_second=stats.new_tokens / stats.seconds if stats.seconds else None,
                        finish_reasons={r: sum(g.finish_reason == r for g in out) for r in ("eos", "stop", "length")},
@@ -163,5 +181,5 @@ def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = Non
                   for r, p in zip(records, predictions)]
     if generations_path is not None:
         atomic_write_text(generations_path, "\n".join(lines) + "\n")
-    return {"n_prompts": len(records), "systems": results, "higher_is_better": HIGHER_IS_BETTER, "weights": weights,
+    return {"n_prompts": len(records), "ids": [r.id for r in records], "systems": results, "higher_is_better": HIGHER_IS_BETTER, "weights": weights,
             "config": {**asdict(config), "generate": {**asdict(config.generate), **dtype_record(requested, dtype)}}}
