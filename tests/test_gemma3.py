@@ -73,3 +73,34 @@ def test_lora_targets_are_found(gemma):
     model, _ = gemma
     assert lora_target_modules(model) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert attention_target_modules(model) == ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
+
+
+def test_debias_merge_eval_and_align_run_end_to_end_on_it(tmp_path, gemma):
+    """Every command on the second architecture through the CLI, at the smallest budgets."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from amendlm.cli import app
+
+    def run(*args):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result
+
+    run("debias", "--model", "gemma3-270m", "--out", tmp_path / "bu", "--max-steps", 1, "--batch-size", 2,
+        "--val-clusters", 4, "--kl-texts", "none", "--no-keep-best", "--dtype", "fp32", "--no-progress")
+    assert json.loads((tmp_path / "bu" / "summary.json").read_text())["status"] == "completed"
+    run("merge", "--model", "gemma3-270m", "--adapter", tmp_path / "bu", "--out", tmp_path / "merged")
+    run("eval", "--model", tmp_path / "merged", "--benchmarks", "stereoset", "--limit", 4, "--out", tmp_path / "e.json")
+    assert json.loads((tmp_path / "e.json").read_text())["benchmarks"]["stereoset"]["scores"]["overall"]["overall"]["lms"] >= 0
+
+    samples = tmp_path / "samples.jsonl"
+    run("align", "sample", "--proposal", "gemma3-270m", "--out", samples, "--limit", 2, "--max-new-tokens", 4,
+        "--max-document-tokens", 32)
+    assert len(samples.read_text().splitlines()) == 2
+    run("align", "train", "--proposal", "gemma3-270m", "--init-from-proposal-layers", 2, "--samples", samples,
+        "--out", tmp_path / "ram", "--limit", 2, "--max-steps", 1, "--batch-size", 2, "--max-document-tokens", 32)
+    out = run("align", "generate", "The capital of France is", "--proposal", "gemma3-270m", "--aligner", tmp_path / "ram",
+              "--mode", "par-kl", "--max-new-tokens", 3, "--no-chat-template")
+    assert out.output.strip()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from amendlm.cli import app
@@ -27,11 +28,18 @@ def test_align_sample_train_generate_eval(tmp_path):
     assert "9 new samples" in result.output  # 10 rows, 1 held out (10%)
     assert "0 new samples (9 already done)" in runner.invoke(app, sample).output
 
-    result = runner.invoke(app, ["align", "train", "--out", str(tmp_path / "run"), "--samples", str(tmp_path / "s.jsonl"),
-                                 "--proposal", model, "--init-from-proposal-layers", "1", "--data", data,
-                                 "--max-document-tokens", "0", "--max-steps", "2", "--batch-size", "4"])
+    train = ["align", "train", "--out", str(tmp_path / "run"), "--samples", str(tmp_path / "s.jsonl"), "--proposal", model,
+             "--init-from-proposal-layers", "1", "--data", data, "--max-document-tokens", "0", "--max-steps", "2",
+             "--batch-size", "4"]
+    budget = runner.invoke(app, [*train[:-6], "--max-document-tokens", "5", *train[-4:]])
+    assert budget.exit_code == 1 and "max_document_tokens 0 vs 5" in budget.output  # sampled with no cut
+    result = runner.invoke(app, train)
     assert result.exit_code == 0, result.output
-    aligner = str(tmp_path / "run" / "aligner")
+    log = (tmp_path / "run" / "train_log.jsonl").read_text()
+    again = runner.invoke(app, train)
+    assert again.exit_code == 0 and "already finished" in again.output, again.output
+    assert (tmp_path / "run" / "train_log.jsonl").read_text() == log  # nothing retrained, nothing appended
+    aligner = str(tmp_path / "run")  # the run directory: its aligner/ is used
 
     result = runner.invoke(app, ["align", "generate", "note 3: rain", "--proposal", model, "--aligner", aligner,
                                  "--mode", "sir", "--candidates", "4", "--max-new-tokens", "5", "--seed", "1"])
@@ -41,8 +49,45 @@ def test_align_sample_train_generate_eval(tmp_path):
                                  "--systems", "proposal,par-kl", "--max-new-tokens", "4", "--max-document-tokens", "0",
                                  "--out", str(tmp_path / "e.json")])
     assert result.exit_code == 0, result.output
-    assert set(json.loads((tmp_path / "e.json").read_text())["systems"]) == {"proposal", "par-kl"}
+    results = json.loads((tmp_path / "e.json").read_text())
+    assert set(results["systems"]) == {"proposal", "par-kl"}
+    assert 0 <= results["systems"]["par-kl"]["choices"]["fallback_rate"] <= 1
     assert (tmp_path / "e.generations.jsonl").is_file()
 
     bad = runner.invoke(app, ["align", "generate", "x", "--proposal", model, "--mode", "parr"])
     assert bad.exit_code != 0 and "Did you mean 'par'" in bad.output
+
+
+def test_align_input_errors_are_one_line_before_any_model_loads(tmp_path, monkeypatch):
+    import amendlm.modeling
+
+    tokenizer = make_byte_tokenizer()
+    make_tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    rows = [{"id": i, "prompt": f"note {i}", "response": f"rain {i}"} for i in range(6)] + [{"id": 6, "prompt": "x"}]
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model, runner = str(tmp_path / "tiny"), CliRunner()
+    monkeypatch.setattr(amendlm.modeling, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+
+    def error(args, exit_code=1):
+        result = runner.invoke(app, ["align", *args])
+        assert result.exit_code == exit_code, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        return result.output
+
+    out = error(["generate", "hi", "--proposal", model, "--aligner", str(tmp_path / "runs" / "nope" / "aligner")])
+    assert "--aligner" in out and "no such model directory" in out and len(out.strip().splitlines()) == 1
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "train_config.json").write_text("{}")
+    assert "an align train run without aligner/" in error(["eval", "--proposal", model, "--aligner", str(tmp_path / "unfinished")])
+    out = error(["train", "--out", str(tmp_path / "run"), "--samples", str(tmp_path / "missing.jsonl"), "--proposal", model,
+                 "--init-from-proposal-layers", "1"])
+    assert "missing.jsonl: no such samples file" in out
+    (tmp_path / "s.jsonl").write_text("")
+    out = error(["train", "--out", str(tmp_path / "run"), "--samples", str(tmp_path / "s.jsonl"), "--proposal", model,
+                 "--init-from-proposal-layers", "1", "--data", str(tmp_path / "bad.jsonl")])
+    assert "bad.jsonl row 7: missing field 'response'" in out
+    assert "bad.jsonl row 7" in error(["sample", "--proposal", model, "--out", str(tmp_path / "o" / "s.jsonl"),
+                                      "--data", str(tmp_path / "bad.jsonl")])
+    assert "max_new_tokens must be >= 1" in error(["sample", "--out", str(tmp_path / "o" / "s.jsonl"), "--max-new-tokens", "0"], 2)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()  # no empty output directory left behind

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from amendlm.ram.choices import ChoiceCounts, choice_flags
 from amendlm.ram.decoding import (
-    MODES, DecodeConfig, apply_rule, get_mode, kl_divergence, pick_tokens, repetition_penalty, top_p_mask,
+    MODES, DecodeConfig, apply_rule, get_mode, kl_divergence, pick_tokens, repetition_penalty, sir_weights, top_p_mask,
 )
 
 # proposal probabilities 0.5, 0.3, 0.16, 0.03, 0.01 -> top-p 0.95 nucleus = first three tokens (0.96)
@@ -121,8 +122,70 @@ def test_sir_frequencies_match_the_self_normalised_distribution():
 def test_sir_only_returns_drawn_candidates():
     config = DecodeConfig(mode="sir", candidates=2)
     logits = apply_rule(PROPOSAL.expand(100, -1), ALIGNER.expand(100, -1), config, generator=torch.Generator().manual_seed(1))
-    assert (torch.isfinite(logits).sum(-1) <= 2).all()
+    assert (torch.isfinite(logits).sum(-1) == 1).all()  # the resampled token alone
     assert not torch.isfinite(logits[:, 3:]).any()  # outside the 0.95 nucleus
+
+
+def test_sir_weights_are_count_times_aligner_probability_self_normalised():
+    counts = torch.tensor([[2.0, 1.0, 0.0, 0.0, 0.0]])
+    q = ALIGNER.softmax(-1)
+    weights = sir_weights(counts, q.log()).softmax(-1)
+    expected = torch.tensor([[2 * q[0, 0], q[0, 1], 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(weights, expected / expected.sum())  # 2 e^0 : e^1 = 0.424 : 0.576
+
+
+def test_sir_stays_a_seeded_draw_when_the_loop_is_greedy():
+    """Greedy picking of SIR's logits is the SIR draw itself (not the argmax of its weights: best of n)."""
+    n_draws, candidates = 40_000, 3
+    config = DecodeConfig(mode="sir", candidates=candidates, proposal_top_p=1.0)
+    logits = apply_rule(PROPOSAL.expand(n_draws, -1), ALIGNER.expand(n_draws, -1), config,
+                        generator=torch.Generator().manual_seed(0))
+    greedy = pick_tokens(logits, greedy=True)
+    assert torch.equal(greedy, pick_tokens(logits, greedy=False, generator=torch.Generator().manual_seed(5)))
+    p, q = PROPOSAL_PROBS[0].double(), ALIGNER.softmax(-1)[0].double()
+    assert chi_square(torch.bincount(greedy, minlength=5).double(), sir_exact(p, q, candidates)) < CHI2_DF4_999
+    # reproducible: the same seed gives the same draws, another seed other draws
+    again = apply_rule(PROPOSAL.expand(50, -1), ALIGNER.expand(50, -1), config, generator=torch.Generator().manual_seed(7))
+    same = apply_rule(PROPOSAL.expand(50, -1), ALIGNER.expand(50, -1), config, generator=torch.Generator().manual_seed(7))
+    other = apply_rule(PROPOSAL.expand(50, -1), ALIGNER.expand(50, -1), config, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(again.argmax(-1), same.argmax(-1)) and not torch.equal(again.argmax(-1), other.argmax(-1))
+
+
+def test_one_candidate_sir_is_a_proposal_draw_and_best_of_n_is_the_aligners_pick():
+    # candidates = 1: nothing to resample, the token is the proposal draw (nucleus 0.5, 0.3, 0.16 over 0.96)
+    one = DecodeConfig(mode="sir", candidates=1)
+    tokens = apply_rule(PROPOSAL.expand(20_000, -1), ALIGNER.expand(20_000, -1), one,
+                        generator=torch.Generator().manual_seed(0)).argmax(-1)
+    nucleus = torch.tensor([0.5, 0.3, 0.16, 0.0, 0.0], dtype=torch.float64) / 0.96
+    observed = torch.bincount(tokens, minlength=5).double()[:3]
+    assert chi_square(observed, nucleus[:3]) < 13.816  # chi-square, 2 degrees of freedom, 0.999
+    # best of n with many draws: every nucleus token is drawn, the aligner's favourite among them wins
+    best = DecodeConfig(mode="sir-best", candidates=64)
+    picked = apply_rule(PROPOSAL.expand(10, -1), ALIGNER.expand(10, -1), best, generator=torch.Generator().manual_seed(0))
+    assert picked.argmax(-1).tolist() == [2] * 10  # aligner logits 0, 1, 2 on the nucleus; token 3 is outside it
+    assert (torch.isfinite(picked).sum(-1) == 1).all()
+
+
+def test_choice_flags_by_hand():
+    proposal = torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
+    aligner = torch.tensor([[0.0, 2.0, 1.0], [0.0, 0.0, 5.0]])
+    tokens = torch.tensor([1, 2])
+    p, q = proposal[0].softmax(-1), aligner[0].softmax(-1)
+    kl_row0 = float((p * (p / q).log()).sum())  # 1.77 nats; row 1: identical distributions, 0
+    config = DecodeConfig(mode="par-kl", kl_threshold=0.1)
+    flags = choice_flags(config, proposal, aligner, tokens)
+    assert kl_row0 > 0.1 and flags["fallback"].tolist() == [True, False]
+    assert flags["aligner_argmax"].tolist() == [True, True] and flags["proposal_argmax"].tolist() == [False, True]
+    assert choice_flags(DecodeConfig(mode="par"), proposal, aligner, tokens)["fallback"] is None
+    alone = choice_flags(DecodeConfig(mode="proposal"), proposal, None, tokens)
+    assert alone["aligner_argmax"] is None and alone["proposal_argmax"].tolist() == [False, True]
+    counts = ChoiceCounts()
+    counts.add(flags, torch.tensor([True, True]))
+    counts.add(flags, torch.tensor([False, True]))  # row 0 had ended: not counted
+    assert (counts.steps, counts.fallback, counts.aligner_argmax, counts.proposal_argmax) == (3, 1, 3, 2)
+    assert counts.rates() == {"token_steps": 3, "fallback_rate": 1 / 3, "follows_aligner_argmax": 1.0,
+                              "follows_proposal_argmax": 2 / 3}
+    assert ChoiceCounts().rates()["fallback_rate"] is None
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -175,3 +175,37 @@ def test_the_logits_processor_runs_a_training_aligner_in_eval_mode_and_restores_
         assert not torch.equal(aligner(input_ids=input_ids).logits, aligner(input_ids=input_ids).logits)
     assert torch.equal(first_a, first_b) and torch.equal(first_a, first_eval)
     assert torch.equal(out_a, out_b) and torch.equal(out_a, out_eval)
+
+
+def test_generation_stats_count_par_kl_fallbacks_and_argmax_agreement_exactly(models, prompts, byte_tokenizer):
+    """The loop's counts equal a one-prompt-at-a-time recount of KL(P_M || Q) > threshold and of the argmaxes."""
+    from amendlm.ram.decoding import kl_divergence
+    from amendlm.ram.generate import GenerationStats
+
+    proposal, aligner = models
+    vocab = len(byte_tokenizer)
+    threshold = 0.0124  # the tiny random models' per-step KLs are 0.011-0.014 nats
+    decode = DecodeConfig(mode="par-kl", kl_threshold=threshold)
+    stats = GenerationStats()
+    out = generate(proposal, aligner, prompts, decode, GenerateConfig(max_new_tokens=6, greedy=True, batch_size=4),
+                   vocab_size=vocab, pad_token_id=PAD, eos_token_ids=[EOS], stats=stats)
+    steps = fallbacks = follows_aligner = follows_proposal = 0
+    margin = 1.0
+    with torch.no_grad():
+        for prompt, generation in zip(prompts, out):
+            ids = list(prompt)
+            chosen = generation.token_ids + ([EOS] if len(generation.token_ids) < 6 else [])
+            for token in chosen:
+                x = torch.tensor([ids])
+                p, a = proposal(x).logits[:, -1, :vocab], aligner(x).logits[:, -1, :vocab]
+                steps += 1
+                kl = kl_divergence(p, a).item()
+                fallbacks += int(kl > threshold)
+                margin = min(margin, abs(kl - threshold))
+                follows_aligner += int(a.argmax().item() == token)
+                follows_proposal += int(p.argmax().item() == token)
+                ids.append(token)
+    assert 0 < fallbacks < steps and margin > 1e-6  # the threshold splits the steps, none on the edge
+    assert (stats.choices.steps, stats.choices.fallback) == (steps, fallbacks)
+    assert (stats.choices.aligner_argmax, stats.choices.proposal_argmax) == (follows_aligner, follows_proposal)
+    assert stats.choices.rates()["fallback_rate"] == pytest.approx(fallbacks / steps)

@@ -58,3 +58,17 @@ def test_dpo_pairs_must_align_and_names_are_checked():
         get_loss("dpp")
     with pytest.raises(ValueError, match="alpha"):
         LossConfig(alpha=-1.0)
+
+
+def test_token_kl_by_hand_and_masked():
+    from amendlm.ram.losses import token_kl
+
+    teacher = torch.tensor([[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]]).log()  # (1, 2, 3); a zero-probability token adds 0
+    student = torch.tensor([[[0.25, 0.75, 0.0], [0.1, 0.2, 0.7]]]).log()
+    first = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)  # 0.1438 nats
+    second = math.log(1.0 / 0.1)
+    assert token_kl(teacher, student, torch.tensor([[True, False]])).item() == pytest.approx(first, rel=1e-6)
+    assert token_kl(teacher, student, torch.tensor([[True, True]])).item() == pytest.approx((first + second) / 2, rel=1e-6)
+    assert token_kl(teacher, teacher, torch.tensor([[True, True]])).item() == 0.0
+    with pytest.raises(ValueError, match="keeps no position"):
+        token_kl(teacher, student, torch.tensor([[False, False]]))

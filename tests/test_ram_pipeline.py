@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 
 from amendlm.ram.data import TaskConfig, cut_tokens, encode_prompt, encode_response, load_task, split_ids
 from amendlm.ram.evaluate import AlignEvalConfig, evaluate_systems, rouge_scores
+from amendlm.ram.examples import heldout_ids, sample_tokens
 from amendlm.ram.generate import GenerateConfig
 from amendlm.ram.losses import LossConfig
 from amendlm.ram.sample import SampleConfig, read_samples, sample_proposal
@@ -86,37 +88,137 @@ def _weights(path):
     return load_file(str(path / "model.safetensors"))
 
 
-@pytest.mark.parametrize("loss", ["residual", "dpo"])
-def test_training_from_proposal_layers_changes_weights_and_resumes_exactly(workspace, tmp_path, loss):
-    root, tokenizer = workspace
+def _samples(root):
     samples = root / "samples.jsonl"
     if not samples.exists():
         sample_proposal(SampleConfig(proposal=str(root / "proposal"), out=str(samples), task=task(root), max_new_tokens=5))
+    return samples
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("loss", ["residual", "dpo"])
+def test_training_from_proposal_layers_changes_weights_and_resumes_exactly(workspace, tmp_path, monkeypatch, loss):
+    from amendlm.ram import run_dir
+
+    root, tokenizer = workspace
+    samples = _samples(root)
 
     def run(out, **overrides):
-        settings = dict(batch_size=3, max_steps=3, save_every=1, learning_rate=1e-2) | overrides
+        settings = dict(batch_size=3, max_steps=3, save_every=2, log_every=1, learning_rate=1e-2, dtype="fp32") | overrides
         config = TrainConfig(out=str(out), samples=str(samples), proposal=str(root / "proposal"),
                              init_from_proposal_layers=1, task=task(root), loss=LossConfig(name=loss, alpha=0.1),
                              **settings)
         return train_aligner(config)
 
     summary = run(tmp_path / "a")
-    assert summary["steps"] == 3
+    assert summary["steps"] == 3 and not summary["already_finished"]
+    assert (summary["n_examples"], summary["n_heldout"]) == (8, 1)  # 9 training prompts, 5 % held out: at least 1
+    assert [p.name for p in (tmp_path / "a" / "checkpoints").glob("step-*")] == ["step-000003"]  # the final step's
     trained = _weights(tmp_path / "a" / "aligner")
     assert json.loads((tmp_path / "a" / "aligner" / "config.json").read_text())["num_hidden_layers"] == 1
     initial = _weights(root / "proposal")
     for name, tensor in trained.items():
         assert not torch.equal(tensor, initial[name]), f"{name} did not change"
-    # resume: a run that stopped after step 2 (checkpoint kept), rerun, ends with the same weights
-    run(tmp_path / "b", max_steps=None, epochs=1)  # 9 prompts / 3 = 3 steps, checkpoints at 1 and 2
-    import shutil
+    log = _log(tmp_path / "a")
+    assert [r["step"] for r in log if r["event"] == "train"] == [1, 2, 3]
+    # held out: before training and at the end of the (only, 3-batch) epoch, which is the final step
+    assert [(r["step"], r["epoch"], r["n_examples"]) for r in log if r["event"] == "heldout"] == [(0, 0.0, 1), (3, 1.0, 1)]
+    # a rerun of the finished run trains nothing and logs nothing
+    again = run(tmp_path / "a")
+    assert again["already_finished"] and again["steps"] == 3 and _log(tmp_path / "a") == log
 
-    shutil.rmtree(tmp_path / "b" / "aligner")
-    assert [p.name for p in (tmp_path / "b" / "checkpoints").glob("step-*")] == ["step-000002"]
-    resumed = run(tmp_path / "b", max_steps=None, epochs=1)
-    assert resumed["steps"] == 3
+    # a run killed while saving step 3 (its checkpoint at step 2 kept, step 3 already logged) resumes exactly
+    save = run_dir.save_checkpoint
+
+    def killed_at_3(accelerator, out, step, micro):
+        if step == 3:
+            raise Killed()
+        save(accelerator, out, step, micro)
+
+    monkeypatch.setattr(run_dir, "save_checkpoint", killed_at_3)
+    with pytest.raises(Killed):
+        run(tmp_path / "b")
+    assert [r["step"] for r in _log(tmp_path / "b") if r["event"] == "train"] == [1, 2, 3]
+    monkeypatch.setattr(run_dir, "save_checkpoint", save)
+    resumed = run(tmp_path / "b")
+    assert resumed["steps"] == 3 and not resumed["already_finished"]
+    assert [r["step"] for r in _log(tmp_path / "b") if r["event"] == "train"] == [1, 2, 3]  # no step logged twice
     for name, tensor in _weights(tmp_path / "b" / "aligner").items():
         torch.testing.assert_close(tensor, trained[name])
+
+
+def test_train_refuses_bad_inputs_before_any_model_loads(workspace, tmp_path, monkeypatch):
+    from amendlm.data.io import DataError
+    from amendlm.ram import train
+
+    root, _ = workspace
+    samples = _samples(root)
+    monkeypatch.setattr(train, "build_aligner", lambda config: pytest.fail("a model loaded"))
+
+    def config(**overrides):
+        settings = dict(out=str(tmp_path / "run"), samples=str(samples), proposal=str(root / "proposal"),
+                        init_from_proposal_layers=1, task=task(root)) | overrides
+        return TrainConfig(**settings)
+
+    with pytest.raises(FileNotFoundError, match="nope.jsonl: no such samples file"):
+        train_aligner(config(samples=str(tmp_path / "nope.jsonl")))
+    with pytest.raises(ValueError, match="max_document_tokens 0 vs 7"):  # sampled with no cut
+        train_aligner(config(task=TaskConfig(**{**task(root).to_dict(), "max_document_tokens": 7})))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "prompt": "a", "response": "b"}\n{"id": 2, "prompt": "c"}\n')
+    with pytest.raises(DataError, match="bad.jsonl row 2: missing field 'response'"):
+        (tmp_path / "s.jsonl").write_text("")  # no .config.json beside: accepted as it is
+        train_aligner(config(samples=str(tmp_path / "s.jsonl"), task=TaskConfig(data=str(bad), n_test=1, max_document_tokens=0)))
+    with pytest.raises(FileNotFoundError, match="--aligner .*missing: no such model directory"):
+        train_aligner(config(init_from_proposal_layers=None, aligner=str(tmp_path / "missing")))
+    assert not (tmp_path / "run").exists()  # no empty output directory left behind
+    # a run directory that holds a checkpoint refuses another configuration, naming the fields
+    (tmp_path / "run" / "checkpoints" / "step-000001").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step-000001" / "trainer_state.json").write_text("{}")
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps(
+        {**dataclasses.asdict(config()), "dtype": "fp32", "dtype_auto": True}))
+    with pytest.raises(ValueError, match=r"different configuration \(learning_rate, task.split_seed\)"):
+        train_aligner(config(learning_rate=3e-4, task=TaskConfig(**{**task(root).to_dict(), "split_seed": 1}), save_every=7))
+
+
+def test_held_out_split_is_seeded_order_free_and_bounded():
+    ids = [f"r{i}" for i in range(40)]
+    held = heldout_ids(ids, 0.05, seed=0)
+    assert len(held) == 2 and held == heldout_ids(list(reversed(ids)), 0.05, seed=0)
+    assert heldout_ids(ids, 0.05, seed=1) != held
+    assert heldout_ids(ids, 0.0) == set() and len(heldout_ids(ids[:3], 0.01)) == 1 and len(heldout_ids(ids[:2], 0.9)) == 1
+    with pytest.raises(ValueError, match="eval_fraction"):
+        heldout_ids(ids, 1.0)
+
+
+def test_a_sample_gets_eos_only_when_the_proposal_ended_it_with_eos(byte_tokenizer):
+    text = byte_tokenizer("ab", add_special_tokens=False)["input_ids"]
+    eos = byte_tokenizer.eos_token_id
+    assert sample_tokens(byte_tokenizer, {"sample": "ab", "finish_reason": "eos"}) == [*text, eos]
+    assert sample_tokens(byte_tokenizer, {"sample": "ab ", "finish_reason": "stop"}) == text  # cut at "\n": no EOS
+    assert sample_tokens(byte_tokenizer, {"sample": "ab", "finish_reason": "length"}) == text
+
+
+def test_held_out_loss_is_the_mean_over_examples_whatever_the_batch_size(workspace):
+    from amendlm.ram.examples import build_examples, heldout_loss
+    from amendlm.ram.losses import get_loss
+
+    root, tokenizer = workspace
+    examples = build_examples(task(root), str(_samples(root)), tokenizer)[:5]
+    model = make_tiny_llama(len(tokenizer), seed=3)
+    config = LossConfig(alpha=0.5)
+    whole = heldout_loss(model, examples, get_loss("residual"), config, 2, batch_size=5)
+    for batch_size in (1, 2):
+        torch.testing.assert_close(heldout_loss(model, examples, get_loss("residual"), config, 2, batch_size=batch_size)["loss"],
+                                   whole["loss"], rtol=1e-5, atol=1e-5)
+    assert whole["loss"] == pytest.approx(whole["nll"] + 0.5 * whole["sample_logp"], rel=1e-5)
 
 
 def test_lora_training_is_merged_and_base_untouched(workspace, tmp_path):
@@ -154,5 +256,38 @@ def test_eval_runs_every_system(workspace):
     assert set(results["systems"]) == set(config.systems)
     # aligner == proposal == finetuned here: greedy "aligner" and "finetuned" decode the same text
     assert results["systems"]["aligner"]["rougeL"] == results["systems"]["finetuned"]["rougeL"]
+    choices = {system: m["choices"] for system, m in results["systems"].items()}
+    assert choices["par-kl"]["fallback_rate"] == 0.0  # KL(P_M || P_M) = 0: never falls back
+    assert choices["par"]["fallback_rate"] is None and choices["proposal"]["follows_aligner_argmax"] is None
+    assert choices["proposal"]["follows_proposal_argmax"] == 1.0 and choices["mds"]["follows_aligner_argmax"] == 1.0
+    assert all(c["token_steps"] >= 3 for c in choices.values())
     with pytest.raises(ValueError, match="finetuned"):
         AlignEvalConfig(proposal="p", aligner="a", systems=["finetuned"])
+
+
+def test_distillation_warm_up_moves_the_cut_aligner_towards_the_proposal(workspace, tmp_path):
+    from amendlm.modeling import load_model
+    from amendlm.ram.distill import DistillConfig, distill_aligner
+    from amendlm.ram.losses import token_kl
+    from amendlm.ram.train import truncate_to_layers
+
+    root, tokenizer = workspace
+    config = DistillConfig(out=str(tmp_path / "warm"), proposal=str(root / "proposal"), layers=1, task=task(root),
+                           steps=8, batch_size=9, learning_rate=2e-3, max_tokens=16, dtype="fp32")
+    summary = distill_aligner(config)
+    assert summary["steps"] == 8 and not summary["already_finished"]
+    saved = json.loads((tmp_path / "warm" / "aligner" / "config.json").read_text())
+    assert saved["num_hidden_layers"] == 1
+    assert json.loads((tmp_path / "warm" / "distill_config.json").read_text())["n_texts"] == 9  # the 9 training documents
+    assert distill_aligner(config)["already_finished"]
+
+    proposal, _ = load_model(str(root / "proposal"))
+    cut = truncate_to_layers(load_model(str(root / "proposal"))[0], 1)
+    warmed, _ = load_model(str(tmp_path / "warm" / "aligner"))
+    ids = torch.tensor([[0, *tokenizer(f"story {i}: the cat sat", add_special_tokens=False)["input_ids"]] for i in range(3)])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        teacher = proposal(ids).logits.log_softmax(-1)
+        before = token_kl(teacher, cut(ids).logits.log_softmax(-1), mask).item()
+        after = token_kl(teacher, warmed(ids).logits.log_softmax(-1), mask).item()
+    assert after < before  # KL(P_M || Q) per position on the training documents, nats

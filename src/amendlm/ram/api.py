@@ -17,6 +17,7 @@ transformers' own warpers leave the rule's distribution unchanged.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -25,6 +26,54 @@ from amendlm.modeling import eval_mode, pad_token_id
 from amendlm.ram.data import encode_prompt
 from amendlm.ram.decoding import DecodeConfig, apply_rule
 from amendlm.ram.generate import CachedLM, Generation, GenerateConfig, GenerationStats, generate, shared_vocab_size
+
+
+def check_model_name(name: str, option: str = "--model") -> None:
+    """Refuse, before anything loads, a model name that cannot load: a missing local directory or GGUF
+    file, a directory without ``config.json``, or (offline) a hub id that is not in the local cache.
+
+    Embedded names pass; a hub id passes when online (transformers downloads it).
+
+    Raises:
+        FileNotFoundError / ValueError: one line naming ``option`` and the value.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from amendlm.resources import MODELS, _is_local_path
+
+    path = Path(name).expanduser()
+    if name in MODELS:
+        return
+    if name.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{option} {name}: no such GGUF file")
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            hint = ("; an align train run without aligner/ yet (unfinished: rerun 'align train' with the same options)"
+                    if (path / "train_config.json").is_file() else "")
+            raise FileNotFoundError(f"{option} {name}: not a model directory (no config.json){hint}")
+    elif path.exists():
+        raise ValueError(f"{option} {name}: not a model directory or .gguf file")
+    elif _is_local_path(name):
+        raise FileNotFoundError(f"{option} {name}: no such model directory (embedded models: {', '.join(sorted(MODELS))})")
+    elif constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise FileNotFoundError(f"{option} {name}: no such local directory, and not in the Hugging Face cache (offline)")
+
+
+def resolve_aligner(name: str | None, option: str = "--aligner") -> str | None:
+    """An aligner as given, or ``RUN/aligner`` when ``name`` is an ``align train`` run directory that holds
+    its trained aligner; checked with :func:`check_model_name` (nothing loads).  ``None`` stays ``None``.
+
+    Raises:
+        FileNotFoundError / ValueError: see :func:`check_model_name`.
+    """
+    if name is None:
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "aligner" / "config.json").is_file():
+        return str(Path(name) / "aligner")
+    check_model_name(name, option)
+    return name
 
 
 class ResidualAlignedLM:
@@ -54,8 +103,15 @@ class ResidualAlignedLM:
     @classmethod
     def from_pretrained(cls, proposal: str, aligner: str | None, decode: DecodeConfig | None = None,
                         device: str = "cpu", proposal_adapter: str | None = None, aligner_adapter: str | None = None):
-        """Load both models (embedded name, local directory or hub id) and check their vocabularies."""
+        """Load both models (embedded name, local directory or hub id) and check their vocabularies.
+
+        ``aligner`` may be an ``align train`` run directory (its ``aligner/`` is loaded).  Both names are
+        checked before either model loads (:func:`check_model_name`).
+        """
         from amendlm.modeling import load_model
+
+        check_model_name(proposal, "--proposal")
+        aligner = resolve_aligner(aligner)
 
         proposal_model, tokenizer = load_model(proposal, adapter=proposal_adapter, device=device)
         aligner_model, aligner_tokenizer = (None, None)

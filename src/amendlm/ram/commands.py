@@ -1,7 +1,16 @@
 """``amendlm align {sample,train,generate,eval}``: thin Typer commands over :mod:`amendlm.ram`.
 
 Each command parses its options into config dataclasses and calls one function; torch and
-transformers are imported inside the command bodies so ``amendlm --help`` stays fast.
+transformers are imported inside the command bodies so ``amendlm --help`` stays fast.  Invalid
+options are usage errors; a bad file, row, field or model path is one line (``error: ...``, exit 1),
+reported before any model loads and before any output is written.
+
+Defaults shared by the four commands: ``--dtype auto`` (bf16 autocast where the device does bf16
+natively fast, else fp32; outputs record the resolved dtype), documents cut to 128 tokens
+(``--max-document-tokens``), greedy decoding in ``generate`` and ``eval`` (``--sample`` to draw;
+``sample`` always draws, T 0.5), the aligner trained in full (``--lora`` for adapters), and stop
+strings given by ``--stop`` (default: the task's, a newline for ``xsum-sample``; none for free
+prompts in ``generate``).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from typing import List, Optional
 
 import typer
 
+from amendlm.errors import user_errors
 from amendlm.resources import DEFAULT_MODEL
 
 align_app = typer.Typer(
@@ -22,8 +32,13 @@ align_app = typer.Typer(
 )
 
 DATA_HELP = "Task: xsum-sample (embedded) or a jsonl/json/csv with prompt and response fields."
-DTYPE_HELP = ("fp32, bf16 autocast (emulated and slow on CPUs without bf16 units) or auto (bf16 where the "
-              "device does it natively fast, else fp32).")
+DTYPE_HELP = ("auto (bf16 autocast where the device does it natively fast, else fp32), fp32 or bf16 (emulated and "
+              "slow on CPUs without bf16 units).")
+BUDGET = 128  # document tokens; TaskConfig's default
+BUDGET_HELP = "Cut each prompt's document to this many tokens (0 = no cut); sample, train and eval must agree."
+STOP_HELP = ("Stop string, repeatable, escapes like \\n understood; default: the task's (xsum-sample: a newline, "
+             "summaries are one sentence; a data file: none); --stop '' for none.")
+ALIGNER_HELP = "Aligner Q: a model, or an 'align train' output directory (its aligner/ is used)."
 
 
 def _task(data: str, split: str, limit: Optional[int], max_document_tokens: int, split_seed: int,
@@ -32,6 +47,11 @@ def _task(data: str, split: str, limit: Optional[int], max_document_tokens: int,
 
     return TaskConfig(data=data, split=split, limit=limit, max_document_tokens=max_document_tokens,
                       split_seed=split_seed, chat_template=chat_template)
+
+
+def _stops(stop: Optional[List[str]]) -> tuple[str, ...] | None:
+    """``--stop`` values with escapes decoded; ``None`` when not given (the task's default applies)."""
+    return tuple(s.encode().decode("unicode_escape") for s in stop) if stop else None
 
 
 def _bad(err: Exception):
@@ -45,7 +65,7 @@ def sample_command(
     out: Path = typer.Option(..., help="Samples jsonl; appended to, ids already present are skipped."),
     split: str = typer.Option("train", help="train, test or all."),
     limit: Optional[int] = typer.Option(None, help="Only the first N prompts of the split."),
-    max_document_tokens: int = typer.Option(256, help="Cut each prompt's document to this many tokens (0 = no cut)."),
+    max_document_tokens: int = typer.Option(BUDGET, help=BUDGET_HELP),
     split_seed: int = typer.Option(0, help="Seed of the hash split."),
     chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Default: when the tokenizer has one."),
     temperature: float = typer.Option(0.5, help="Sampling temperature (public code: 0.5)."),
@@ -53,9 +73,10 @@ def sample_command(
     top_k: int = typer.Option(10, help="Top-k, 0 = off (public code: 10)."),
     repetition_penalty: float = typer.Option(1.05, help="CTRL repetition penalty (public code: 1.05)."),
     max_new_tokens: int = typer.Option(64, help="Tokens per sample at most."),
+    stop: Optional[List[str]] = typer.Option(None, help=STOP_HELP),
     batch_size: int = typer.Option(8, help="Prompts decoded together."),
-    seed: int = typer.Option(0, help="Random seed."),
-    dtype: str = typer.Option("fp32", help=DTYPE_HELP),
+    seed: int = typer.Option(0, help="One generator seeded with SEED + (samples already in --out) draws the whole run."),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     device: str = typer.Option("cpu", help="cpu, cuda, ..."),
 ) -> None:
     """Draw one proposal sample y' ~ P_M(.|x) per training prompt (resumable)."""
@@ -64,36 +85,39 @@ def sample_command(
     try:
         config = SampleConfig(proposal=proposal, out=str(out), task=_task(data, split, limit, max_document_tokens, split_seed, chat_template),
                               temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                              max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, dtype=dtype, device=device)
-        config.decode_config()
+                              max_new_tokens=max_new_tokens, stop=_stops(stop), batch_size=batch_size, seed=seed,
+                              dtype=dtype, device=device)
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
-    summary = sample_proposal(config)
+    with user_errors():
+        summary = sample_proposal(config, progress=True)
     typer.echo(f"{summary['sampled']} new samples ({summary['already_done']} already done) in {summary['seconds']:.0f} s -> {out}")
 
 
 @align_app.command("train")
 def train_command(
-    out: Path = typer.Option(..., help="Output directory (checkpoints, aligner/, logs); rerun to resume."),
+    out: Path = typer.Option(..., help="Output directory (checkpoints, aligner/, logs); rerun to resume, a finished run is kept."),
     samples: Path = typer.Option(..., help="Proposal samples jsonl from 'align sample'."),
     aligner: Optional[str] = typer.Option(None, help="Initial aligner: any model with the proposal's vocabulary."),
     proposal: str = typer.Option(DEFAULT_MODEL, help="Proposal model (for --init-from-proposal-layers)."),
     init_from_proposal_layers: Optional[int] = typer.Option(None, help="Aligner = the proposal's first K blocks."),
     data: str = typer.Option("xsum-sample", help=DATA_HELP),
     limit: Optional[int] = typer.Option(None, help="Only the first N training prompts."),
-    max_document_tokens: int = typer.Option(256, help="Cut each prompt's document to this many tokens."),
+    max_document_tokens: int = typer.Option(BUDGET, help=BUDGET_HELP),
     split_seed: int = typer.Option(0, help="Seed of the hash split."),
     chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
     loss: str = typer.Option("residual", help="residual (-log Q(y|x) + alpha log Q(y'|x)) or dpo (reference-free, y chosen, y' rejected)."),
     alpha: float = typer.Option(1e-4, help="Weight of the proposal-sample term (RAM default 1e-4); 0 = SFT."),
     beta: float = typer.Option(1.0, help="DPO beta."),
     per_token: bool = typer.Option(False, help="Average log-probs per token instead of per-sequence sums."),
-    lora: bool = typer.Option(False, "--lora/--full", help="LoRA adapters (merged at the end) or all weights."),
+    lora: bool = typer.Option(False, "--lora/--full", help="LoRA adapters (merged at the end) or all weights (default)."),
     lora_r: int = typer.Option(8), lora_alpha: int = typer.Option(16), lora_dropout: float = typer.Option(0.05),
     learning_rate: float = typer.Option(1e-4, help="AdamW peak learning rate."),
     epochs: int = typer.Option(1), max_steps: Optional[int] = typer.Option(None),
     batch_size: int = typer.Option(8, help="Prompts per micro-batch (under accelerate launch, of all processes together)."), grad_accum: int = typer.Option(1),
-    save_every: int = typer.Option(50, help="Optimizer steps between checkpoints."),
+    save_every: int = typer.Option(50, help="Optimizer steps between checkpoints (and one at the final step)."),
+    eval_fraction: float = typer.Option(0.05, help="Share of the training prompts held out (by id) for the held-out loss; 0 = none."),
+    eval_every: int = typer.Option(0, help="Also log the held-out loss every N steps (0: before training, at epoch ends and the end)."),
     seed: int = typer.Option(0), dtype: str = typer.Option("auto", help=DTYPE_HELP), device: str = typer.Option("cpu"),
 ) -> None:
     """Train the aligner Q on targets and proposal samples (Accelerate; full or LoRA)."""
@@ -107,16 +131,24 @@ def train_command(
             task=_task(data, "train", limit, max_document_tokens, split_seed, chat_template),
             loss=LossConfig(name=loss, alpha=alpha, beta=beta, per_token=per_token), lora=lora, lora_r=lora_r,
             lora_alpha=lora_alpha, lora_dropout=lora_dropout, learning_rate=learning_rate, epochs=epochs,
-            max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, save_every=save_every, seed=seed,
-            dtype=dtype, device=device,
+            max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, save_every=save_every,
+            eval_fraction=eval_fraction, eval_every=eval_every, seed=seed, dtype=dtype, device=device,
         )
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
-    summary = train_aligner(config)
+    with user_errors():
+        summary = train_aligner(config, progress=True)
     from amendlm.distributed import is_main_launched_process
 
-    if is_main_launched_process():  # under accelerate launch: one line from the main process
-        typer.echo(json.dumps({k: summary[k] for k in ("steps", "n_examples", "seconds", "aligner")}))
+    if not is_main_launched_process():  # under accelerate launch: one line from the main process
+        return
+    if summary["already_finished"]:
+        typer.echo(f"{out} is already finished ({summary['steps']} steps); the aligner is {summary['aligner']} "
+                   "(nothing trained; use a new --out to train again)")
+        return
+    heldout = summary["heldout"]
+    typer.echo(json.dumps({k: summary[k] for k in ("steps", "n_examples", "n_heldout", "seconds", "aligner")}
+                          | {"heldout_loss": heldout["loss"] if heldout else None}))
 
 
 def _decode_config(mode, candidates, kl_threshold, proposal_top_p, aligner_top_p, proposal_temperature,
@@ -128,45 +160,55 @@ def _decode_config(mode, candidates, kl_threshold, proposal_top_p, aligner_top_p
                         aligner_temperature=aligner_temperature, eos_priority=eos_priority)
 
 
+MODE_HELP = "par, par-kl, sir (seeded resampling, also with --greedy), sir-best (best of n), mds, proposal or aligner."
+
+
 @align_app.command("generate")
 def generate_command(
     prompts: List[str] = typer.Argument(None, help="Prompt texts; none = read one prompt per line from --prompts-file or stdin."),
     proposal: str = typer.Option(DEFAULT_MODEL, help="Proposal model P_M."),
-    aligner: Optional[str] = typer.Option(None, help="Aligner Q (e.g. runs/ram/aligner); not needed for --mode proposal."),
-    mode: str = typer.Option("par-kl", help="par, par-kl, sir, mds, proposal or aligner."),
+    aligner: Optional[str] = typer.Option(None, help=ALIGNER_HELP + " Not needed for --mode proposal."),
+    mode: str = typer.Option("par-kl", help=MODE_HELP),
     prompts_file: Optional[Path] = typer.Option(None, help="One prompt per line."),
     candidates: int = typer.Option(8, help="SIR: proposal draws per token."),
     kl_threshold: float = typer.Option(0.1, help="PAR-KL: switch to the proposal above this KL (nats)."),
     proposal_top_p: float = typer.Option(0.95), aligner_top_p: float = typer.Option(0.9),
     proposal_temperature: float = typer.Option(1.0), aligner_temperature: float = typer.Option(1.0),
     eos_priority: bool = typer.Option(True, "--eos-priority/--no-eos-priority"),
-    max_new_tokens: int = typer.Option(64), greedy: bool = typer.Option(False, "--greedy/--sample"),
-    seed: int = typer.Option(0), stop: List[str] = typer.Option([], help="Stop string (repeatable)."),
+    max_new_tokens: int = typer.Option(64), greedy: bool = typer.Option(True, "--greedy/--sample", help="Argmax of the rule (default) or a seeded draw."),
+    seed: int = typer.Option(0), stop: List[str] = typer.Option([], help="Stop string (repeatable; default none)."),
     batch_size: int = typer.Option(8), chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they come (one prompt) or rows as they end."),
     out: Optional[Path] = typer.Option(None, help="Also write a jsonl with every generation."),
-    dtype: str = typer.Option("fp32", help=DTYPE_HELP), device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP), device: str = typer.Option("cpu"),
 ) -> None:
     """Decode prompts with proposal x aligner, many at once, both models KV-cached."""
-    from amendlm.ram.api import ResidualAlignedLM
-    from amendlm.ram.data import encode_prompt
-    from amendlm.ram.generate import GenerateConfig, GenerationStats
-    from amendlm.report import atomic_write_text
+    from amendlm.ram.generate import GenerateConfig
 
-    texts = list(prompts or [])
-    if not texts:
-        source = prompts_file.read_text(encoding="utf-8") if prompts_file else sys.stdin.read()
-        texts = [line for line in source.splitlines() if line.strip()]
-    if not texts:
-        raise typer.BadParameter("no prompts given")
     try:
         decode = _decode_config(mode, candidates, kl_threshold, proposal_top_p, aligner_top_p, proposal_temperature,
                                 aligner_temperature, eos_priority)
-        config = GenerateConfig(max_new_tokens=max_new_tokens, greedy=greedy, seed=seed,
-                                stop=tuple(s.encode().decode("unicode_escape") for s in stop), batch_size=batch_size, dtype=dtype)
+        config = GenerateConfig(max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, stop=_stops(stop) or (),
+                                batch_size=batch_size, dtype=dtype)
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
-    ram = ResidualAlignedLM.from_pretrained(proposal, aligner if mode != "proposal" else None, decode, device=device)
+    with user_errors():
+        texts = list(prompts or [])
+        if not texts:
+            source = prompts_file.read_text(encoding="utf-8") if prompts_file else sys.stdin.read()
+            texts = [line for line in source.splitlines() if line.strip()]
+        if not texts:
+            raise ValueError("no prompts given (as arguments, --prompts-file or stdin)")
+        _generate(texts, proposal, aligner if mode != "proposal" else None, decode, config, chat_template, stream, out, device)
+
+
+def _generate(texts, proposal, aligner, decode, config, chat_template, stream, out, device) -> None:
+    from amendlm.ram.api import ResidualAlignedLM
+    from amendlm.ram.data import encode_prompt
+    from amendlm.ram.generate import GenerationStats
+    from amendlm.report import atomic_write_text
+
+    ram = ResidualAlignedLM.from_pretrained(proposal, aligner, decode, device=device)
     ids = [encode_prompt(ram.tokenizer, t, chat_template) for t in texts]
     live = stream and len(texts) == 1
     shown: list[int] = []
@@ -197,55 +239,69 @@ def generate_command(
 @align_app.command("eval")
 def eval_command(
     proposal: str = typer.Option(DEFAULT_MODEL, help="Proposal model P_M."),
-    aligner: Optional[str] = typer.Option(None, help="Trained aligner (align train's OUT/aligner)."),
+    aligner: Optional[str] = typer.Option(None, help=ALIGNER_HELP),
     finetuned: Optional[str] = typer.Option(None, help="The proposal fine-tuned directly (upper baseline)."),
-    systems: str = typer.Option("proposal,aligner,par,par-kl,sir,mds", help="Comma-separated; add finetuned with --finetuned."),
+    systems: str = typer.Option("proposal,aligner,par,par-kl,sir,mds", help="Comma-separated; also sir-best, and finetuned with --finetuned."),
     data: str = typer.Option("xsum-sample", help=DATA_HELP),
     limit: Optional[int] = typer.Option(None, help="Only the first N test prompts."),
-    max_document_tokens: int = typer.Option(256), split_seed: int = typer.Option(0),
+    max_document_tokens: int = typer.Option(BUDGET, help=BUDGET_HELP), split_seed: int = typer.Option(0),
     chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
     candidates: int = typer.Option(8), kl_threshold: float = typer.Option(0.1),
     proposal_top_p: float = typer.Option(0.95), aligner_top_p: float = typer.Option(0.9),
     proposal_temperature: float = typer.Option(1.0), aligner_temperature: float = typer.Option(1.0),
     eos_priority: bool = typer.Option(True, "--eos-priority/--no-eos-priority"),
-    max_new_tokens: int = typer.Option(64), greedy: bool = typer.Option(True, "--greedy/--sample"),
+    max_new_tokens: int = typer.Option(64), greedy: bool = typer.Option(True, "--greedy/--sample", help="Argmax of each rule (default; sir still draws) or a seeded draw."),
+    stop: Optional[List[str]] = typer.Option(None, help=STOP_HELP),
     seed: int = typer.Option(0), batch_size: int = typer.Option(8),
     out: Path = typer.Option(Path("ram_eval.json"), help="Results JSON (generations go beside it as .generations.jsonl)."),
-    dtype: str = typer.Option("fp32", help=DTYPE_HELP), device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP), device: str = typer.Option("cpu"),
 ) -> None:
     """ROUGE-1/2/L and length of proposal, aligner, RAM modes (and a direct fine-tune) on held-out prompts."""
-    from rich.console import Console
-    from rich.table import Table
-
     from amendlm.ram.evaluate import AlignEvalConfig, evaluate_systems
     from amendlm.ram.generate import GenerateConfig
     from amendlm.report import atomic_write_json, package_versions
 
     try:
         task = _task(data, "test", limit, max_document_tokens, split_seed, chat_template)
+        stops = _stops(stop)
         config = AlignEvalConfig(
             proposal=proposal, aligner=aligner, finetuned=finetuned,
             systems=[s.strip() for s in systems.split(",") if s.strip()], task=task,
             decode=_decode_config("par-kl", candidates, kl_threshold, proposal_top_p, aligner_top_p,
                                   proposal_temperature, aligner_temperature, eos_priority),
-            generate=GenerateConfig(max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, stop=task.stop,
-                                    batch_size=batch_size, dtype=dtype),
+            generate=GenerateConfig(max_new_tokens=max_new_tokens, greedy=greedy, seed=seed,
+                                    stop=task.stop if stops is None else stops, batch_size=batch_size, dtype=dtype),
             device=device,
         )
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
     began = time.perf_counter()
-    results = evaluate_systems(config, generations_path=str(out.with_suffix(".generations.jsonl")))
-    results.update(versions=package_versions(), seconds_total=time.perf_counter() - began)
-    atomic_write_json(out, results)
-    table = Table(title=f"RAM on {data} (test, {results['n_prompts']} prompts)")
-    for column in ("system", "ROUGE-1", "ROUGE-2", "ROUGE-L", "words", "tok/s"):
+    with user_errors():
+        results = evaluate_systems(config, generations_path=str(out.with_suffix(".generations.jsonl")), progress=True)
+        results.update(versions=package_versions(), seconds_total=time.perf_counter() - began)
+        atomic_write_json(out, results)
+    _print_eval_table(results, data)
+    typer.echo(f"wrote {out}")
+
+
+def _print_eval_table(results: dict, data: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    stops = results["config"]["generate"]["stop"]
+    table = Table(title=f"RAM on {data} (test, {results['n_prompts']} prompts; stop strings {stops!r})")
+    for column in ("system", "ROUGE-1", "ROUGE-2", "ROUGE-L", "words", "ended by EOS", "par-kl fallback",
+                   "= aligner argmax", "tok/s"):
         table.add_column(column, justify="left" if column == "system" else "right")
+
+    def share(value):
+        return "-" if value is None else f"{100 * value:.1f} %"
+
     for system, m in results["systems"].items():
         table.add_row(system, f"{m['rouge1']:.2f}", f"{m['rouge2']:.2f}", f"{m['rougeL']:.2f}", f"{m['mean_words']:.1f}",
-                      f"{m['tokens_per_second'] or 0:.1f}")
+                      f"{m['finish_reasons']['eos']}/{results['n_prompts']}", share(m["choices"]["fallback_rate"]),
+                      share(m["choices"]["follows_aligner_argmax"]), f"{m['tokens_per_second'] or 0:.1f}")
     Console().print(table)
-    typer.echo(f"wrote {out}")
 
 
 def register(app: typer.Typer) -> None:

@@ -68,7 +68,8 @@ class TaskConfig:
         n_test: size of the test split; ``None`` = the task's (200 for XSum, 10% of a file otherwise).
         split_seed: seed of the hash split. 0.
         max_document_tokens: the prompt field is cut to this many tokens before the instruction is
-            added (XSum documents average ~370 words). 256; 0 = no cut.
+            added (XSum documents average ~370 words). 128, the budget of every ``align`` command
+            and of ``experiments/ram_xsum.py``; 0 = no cut.
         chat_template: ``None`` = use it when the tokenizer has one; True / False to force.
         limit: keep only the first N records of the split (in split order); ``None`` = all.
     """
@@ -77,7 +78,7 @@ class TaskConfig:
     split: str = "train"
     n_test: int | None = None
     split_seed: int = 0
-    max_document_tokens: int = 256
+    max_document_tokens: int = 128
     chat_template: bool | None = None
     limit: int | None = None
 
@@ -124,10 +125,13 @@ def cut_tokens(tokenizer, text: str, max_tokens: int) -> str:
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens]).rstrip()
 
 
-def load_task(config: TaskConfig, tokenizer) -> list[AlignRecord]:
-    """Records of ``config.split``, in split order, documents cut and instruction applied.
+def task_rows(config: TaskConfig) -> list[dict]:
+    """Rows ``{"id", "prompt", "response"}`` of ``config.split``, in split order, as the file holds them
+    (no cut, no instruction): everything :func:`load_task` reads, checked without a tokenizer, so that a
+    command can refuse bad data before it loads a model.
 
     Raises:
+        FileNotFoundError: no such data file or registered task.
         amendlm.data.io.DataError: a row lacks a field (names file, row, field).
         ValueError: the split cannot be made (duplicate ids, too few rows).
     """
@@ -145,12 +149,21 @@ def load_task(config: TaskConfig, tokenizer) -> list[AlignRecord]:
     chosen = [i for i in chosen if by_id[i]["prompt"].strip() and by_id[i]["response"].strip()]
     if config.limit is not None:
         chosen = chosen[: config.limit]
+    return [by_id[i] for i in chosen]
+
+
+def load_task(config: TaskConfig, tokenizer) -> list[AlignRecord]:
+    """Records of ``config.split``, in split order, documents cut and instruction applied.
+
+    Raises:
+        see :func:`task_rows`.
+    """
+    preset = config.preset
     instruction = preset.instruction if preset else "{prompt}"
     records = []
-    for record_id in chosen:
-        row = by_id[record_id]
+    for row in task_rows(config):
         document = cut_tokens(tokenizer, row["prompt"], config.max_document_tokens)
-        records.append(AlignRecord(record_id, instruction.format(prompt=document), row["response"].strip()))
+        records.append(AlignRecord(row["id"], instruction.format(prompt=document), row["response"].strip()))
     return records
 
 
@@ -168,6 +181,8 @@ def _preset_rows(name: str, preset: TaskPreset) -> list[dict]:
         texts = {}
         for key, field_name in (("prompt", preset.prompt_field), ("response", preset.response_field)):
             value = row.get(field_name)
+            if value is None:
+                raise DataError(f"{path} row {number}: missing field '{field_name}'")
             if not isinstance(value, str):
                 raise DataError(f"{path} row {number}: field '{field_name}' must be text, got {type(value).__name__}")
             texts[key] = value

@@ -5,7 +5,10 @@ frozen *proposal* model, ``Q`` the small *aligner* sharing its vocabulary.  Deco
 ("Proposing - Aligning - Reducing") needs, at every step, one next-token distribution built from the
 two models' logits.  Each mode below is that construction and nothing else: no model, no cache, no
 loop (the loop is :mod:`amendlm.ram.generate`).  The returned logits are sampled as they are
-(softmax + multinomial) or taken greedily (argmax); tokens a rule excludes are ``-inf``.
+(softmax + multinomial) or taken greedily (argmax); tokens a rule excludes are ``-inf``.  The
+resampling modes (``sir``, ``sir-best``) make their random draws themselves and return the chosen
+token alone, so a greedy loop and a sampling loop pick the same token: they stay seeded random
+draws in a greedy evaluation.
 
 Shapes: every logits tensor is ``(batch, vocab)``, already sliced to the tokenizer's vocabulary.
 Probabilities are natural-log.  No returned row is ever all ``-inf`` (a rule whose own construction
@@ -18,8 +21,10 @@ Modes (names as in the paper and its public code):
 * ``par-kl`` per row, ``par`` unless ``KL(P_M || Q) > kl_threshold``, then the proposal's nucleus.
              Public code's default.
 * ``sir``    sampling-importance-resampling (paper): draw ``candidates`` tokens from the
-             proposal's nucleus, weight each by ``Q``, resample one.  Returned as the logits
-             ``log(count_v) + log Q(v)`` on the drawn tokens, so one softmax draw *is* the resampling.
+             proposal's nucleus, weight each by ``Q``, resample one (a random draw, also when the
+             loop is greedy).
+* ``sir-best`` "best of n", *not* the paper's SIR: the same ``candidates`` proposal draws, then the
+             candidate the aligner likes most (argmax of ``Q`` over the drawn tokens).
 * ``mds``    product of experts ``softmax(p / T_p) * softmax(a / T_a)``, normalised.
 * ``proposal`` / ``aligner``  one model alone (the baselines; the other model is not run).
 """
@@ -40,7 +45,8 @@ class DecodeConfig:
     """Parameters of a decoding rule (saved beside every generation as JSON).
 
     Attributes:
-        mode: a key of :data:`MODES` (``par``, ``par-kl``, ``sir``, ``mds``, ``proposal``, ``aligner``).
+        mode: a key of :data:`MODES` (``par``, ``par-kl``, ``sir``, ``sir-best``, ``mds``, ``proposal``,
+            ``aligner``).
             Default ``par-kl``, the public code's default.
         proposal_temperature: ``T_p`` dividing proposal logits. 1.0 (public code).
         aligner_temperature: ``T_a`` dividing aligner logits. 1.0 (public code).
@@ -49,7 +55,7 @@ class DecodeConfig:
         aligner_top_p: top-p applied to the aligner's renormalised distribution in ``par``/``aligner``.
             0.9 (public code); 1.0 = off.
         kl_threshold: ``par-kl`` switches a row to the proposal when ``KL(P_M||Q)`` (nats) exceeds it. 0.1.
-        candidates: number of proposal draws per step in ``sir`` (with replacement). 8.
+        candidates: number of proposal draws per step in ``sir`` / ``sir-best`` (with replacement). 8.
         eos_priority: in ``par``/``par-kl``, emit EOS whenever the proposal's argmax is EOS (public code).
         repetition_penalty: CTRL-style penalty (>1 discourages) applied by the loop to each model's
             logits of tokens already in the row; 1.0 = off.  Official sampling used 1.05.
@@ -185,34 +191,78 @@ def _par(proposal_logits, aligner_logits, nucleus, config, eos_token_id):
     return aligned
 
 
+def par_kl_fallback(proposal_logits: torch.Tensor, aligner_logits: torch.Tensor, config: DecodeConfig) -> torch.Tensor:
+    """Rows where PAR-KL falls back to the proposal: ``KL(P_M || Q) > kl_threshold``.
+
+    KL (nats) between the full-vocabulary distributions at temperatures ``T_p`` and ``T_a``.
+    ``(batch, vocab)`` x2 -> ``(batch,)`` bool.
+    """
+    kl = kl_divergence(proposal_logits.float() / config.proposal_temperature,
+                       aligner_logits.float() / config.aligner_temperature)
+    return kl > config.kl_threshold
+
+
 def rule_par_kl(proposal_logits, aligner_logits, config, eos_token_id=None, generator=None):
     """PAR-KL (public code's default): per row, PAR unless ``KL(P_M || Q) > kl_threshold``; then the
     proposal's nucleus (the aligner is trusted only where it stays close to the proposal).
 
-    KL is taken between the full-vocabulary distributions at temperatures ``T_p`` and ``T_a``.
+    KL is taken between the full-vocabulary distributions at temperatures ``T_p`` and ``T_a``
+    (:func:`par_kl_fallback`).
     """
-    kl = kl_divergence(proposal_logits.float() / config.proposal_temperature,
-                       aligner_logits.float() / config.aligner_temperature)
-    use_proposal = (kl > config.kl_threshold).unsqueeze(-1)
+    use_proposal = par_kl_fallback(proposal_logits, aligner_logits, config).unsqueeze(-1)
     nucleus = proposal_nucleus_logits(proposal_logits, config)
     return torch.where(use_proposal, nucleus, _par(proposal_logits, aligner_logits, nucleus, config, eos_token_id))
+
+
+def _candidates(proposal_logits, aligner_logits, config, generator):
+    """``n`` proposal draws per row: ``(counts, aligner_logps)``, both ``(batch, vocab)``; ``counts[v]`` =
+    times ``v`` was drawn from the proposal's nucleus (with replacement), ``aligner_logps`` = ``log Q`` at ``T_a``."""
+    nucleus = proposal_nucleus_logits(proposal_logits, config)
+    draws = torch.multinomial(nucleus.softmax(-1), config.candidates, replacement=True, generator=generator)
+    counts = torch.zeros_like(nucleus).scatter_add_(-1, draws, torch.ones_like(draws, dtype=nucleus.dtype))
+    return counts, (aligner_logits.float() / config.aligner_temperature).log_softmax(-1)
+
+
+def _only(token_ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Logits ``(batch, vocab)`` with ``token_ids`` ``(batch,)`` at 0 and every other token ``-inf``."""
+    return torch.full_like(like, NEG_INF).scatter_(-1, token_ids.unsqueeze(-1), 0.0)
+
+
+def sir_weights(counts: torch.Tensor, aligner_logps: torch.Tensor) -> torch.Tensor:
+    """SIR's self-normalised resampling logits: ``log c_v + log Q(v)`` on drawn tokens, ``-inf`` elsewhere.
+
+    ``softmax`` of the result is ``c_v Q(v) / sum_u c_u Q(u)`` (arXiv:2505.19700, Sec. 3.2).  A row whose
+    drawn tokens all have ``Q = 0`` falls back to the counts alone.  ``(batch, vocab)`` x2 -> ``(batch, vocab)``.
+    """
+    weighted = masked(counts.log() + aligner_logps, counts > 0)
+    return _nonempty(weighted, masked(counts.log(), counts > 0))
 
 
 def rule_sir(proposal_logits, aligner_logits, config, eos_token_id=None, generator=None):
     """SIR (paper): ``n`` proposal draws weighted by ``Q``, self-normalised, resampled once.
 
     Draws ``n = config.candidates`` tokens with replacement from the proposal's nucleus; a token drawn
-    ``c_v`` times gets weight ``c_v * Q(v)`` (``Q`` at temperature ``T_a``).  Returns logits
-    ``log c_v + log Q(v)`` on drawn tokens and ``-inf`` elsewhere, so one softmax draw from them is
-    the resampling step: ``P(v) = E[c_v Q(v) / sum_u c_u Q(u)]``.  As ``n -> inf`` this tends to
-    ``P_M Q / Z`` on the nucleus.  Stochastic: pass ``generator`` for reproducible draws.
+    ``c_v`` times gets weight ``c_v * Q(v)`` (``Q`` at temperature ``T_a``, :func:`sir_weights`), and one
+    token is resampled with probability ``c_v Q(v) / sum_u c_u Q(u)``, so
+    ``P(v) = E[c_v Q(v) / sum_u c_u Q(u)]``; as ``n -> inf`` this tends to ``P_M Q / Z`` on the nucleus.
+    Both draws use ``generator`` (pass a seeded one for reproducible runs).  Returns logits with the
+    resampled token at 0 and every other token ``-inf``: argmax and a softmax draw both give it, so SIR
+    stays a random draw in a greedy loop (the argmax of the weights would be "best of n", ``sir-best``).
     """
-    nucleus = proposal_nucleus_logits(proposal_logits, config)
-    draws = torch.multinomial(nucleus.softmax(-1), config.candidates, replacement=True, generator=generator)
-    counts = torch.zeros_like(nucleus).scatter_add_(-1, draws, torch.ones_like(draws, dtype=nucleus.dtype))
-    aligner_logps = (aligner_logits.float() / config.aligner_temperature).log_softmax(-1)
-    weighted = masked(counts.log() + aligner_logps, counts > 0)
-    return _nonempty(weighted, masked(counts.log(), counts > 0))
+    counts, aligner_logps = _candidates(proposal_logits, aligner_logits, config, generator)
+    weights = sir_weights(counts, aligner_logps)
+    chosen = torch.multinomial(weights.softmax(-1), 1, generator=generator).squeeze(-1)
+    return _only(chosen, weights)
+
+
+def rule_sir_best(proposal_logits, aligner_logits, config, eos_token_id=None, generator=None):
+    """Best of n (not the paper's SIR): the same ``n`` proposal draws as ``sir``, then the drawn token with
+    the highest ``Q(v)`` (ties: the lowest id).  Random through the draws only (``generator``).
+    Returns that token alone (0; ``-inf`` elsewhere)."""
+    counts, aligner_logps = _candidates(proposal_logits, aligner_logits, config, generator)
+    best = masked(aligner_logps, counts > 0)
+    best = _nonempty(best, masked(counts.log(), counts > 0))
+    return _only(best.argmax(-1), best)
 
 
 def rule_mds(proposal_logits, aligner_logits, config, eos_token_id=None, generator=None):
@@ -246,6 +296,7 @@ MODES: dict[str, DecodingMode] = {
         DecodingMode("par", rule_par, True, True, False, "aligner on the proposal's nucleus (public code)"),
         DecodingMode("par-kl", rule_par_kl, True, True, False, "PAR, proposal where KL(P_M||Q) > threshold"),
         DecodingMode("sir", rule_sir, True, True, True, "n proposal draws resampled by aligner weight (paper)"),
+        DecodingMode("sir-best", rule_sir_best, True, True, True, "best of n: the drawn token the aligner likes most"),
         DecodingMode("mds", rule_mds, True, True, False, "normalised product of both distributions"),
         DecodingMode("proposal", rule_proposal, True, False, False, "the proposal model alone"),
         DecodingMode("aligner", rule_aligner, False, True, False, "the aligner model alone"),
@@ -280,7 +331,7 @@ def apply_rule(
         proposal_logits: ``(batch, vocab)`` or ``None`` when the mode does not use the proposal.
         aligner_logits: ``(batch, vocab)`` or ``None`` when the mode does not use the aligner.
         eos_token_id: enables EOS priority in ``par``/``par-kl``.
-        generator: random source of stochastic modes (``sir``).
+        generator: random source of stochastic modes (``sir``, ``sir-best``).
 
     Returns:
         ``(batch, vocab)`` fp32 logits; every row has a finite entry.
@@ -319,3 +370,4 @@ def pick_tokens(logits: torch.Tensor, greedy: bool, generator: torch.Generator |
     if greedy:
         return logits.argmax(-1)
     return torch.multinomial(logits.float().softmax(-1), 1, generator=generator).squeeze(-1)
+

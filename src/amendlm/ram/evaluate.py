@@ -4,8 +4,11 @@ Systems: ``proposal`` (P_M alone), ``aligner`` (Q alone), RAM in each mode (``pa
 ``sir``, ``mds``) and optionally ``finetuned`` (the proposal fine-tuned directly, decoded alone: the
 upper baseline).  Each system decodes the same prompts with the same seed and settings.
 
-Metrics per system: ROUGE-1/2/L F1 x 100 (``rouge_score``, Porter stemmer, mean over prompts),
-mean summary length in words, tokens/s.  ``higher_is_better`` is recorded beside them.
+Metrics per system: ROUGE-1/2/L F1 x 100 (``rouge_score``, Porter stemmer, mean over prompts; the
+per-prompt ROUGE-L as ``per_prompt_rougeL``, in the order of the results' ``ids``), mean summary length in words, tokens/s, why rows ended (``finish_reasons``), and what the chosen
+tokens followed (``choices``, :class:`amendlm.ram.choices.ChoiceCounts`: the share of decoded token
+steps where ``par-kl`` fell back to the proposal, and where the token was the aligner's / the
+proposal's argmax).  ``higher_is_better`` is recorded beside them.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from amendlm.ram.generate import GenerateConfig, GenerationStats, generate, shar
 logger = logging.getLogger(__name__)
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 HIGHER_IS_BETTER = {"rouge1": True, "rouge2": True, "rougeL": True, "mean_words": None, "tokens_per_second": True}
-SYSTEMS = ("proposal", "aligner", "par", "par-kl", "sir", "mds", "finetuned")
+SYSTEMS = ("proposal", "aligner", "par", "par-kl", "sir", "sir-best", "mds", "finetuned")
 
 
 @dataclass
@@ -36,7 +39,9 @@ class AlignEvalConfig:
         systems: subset of :data:`SYSTEMS`; ``finetuned`` is skipped without ``finetuned``.
         task: prompts and references (``test`` split).
         decode: shared rule parameters (mode is set per system).
-        generate: loop parameters; greedy by default so systems differ by rule, not by luck.
+        generate: loop parameters; greedy by default so systems differ by rule, not by luck (``sir`` and
+            ``sir-best`` still draw, seeded by ``generate.seed``); ``generate.stop``: the strings that end a
+            summary (the ``align eval`` command passes the task's, a newline for ``xsum-sample``).
     """
 
     proposal: str
@@ -58,8 +63,12 @@ class AlignEvalConfig:
             raise ValueError("system 'finetuned' needs --finetuned (the directly fine-tuned proposal)")
 
 
-def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F1 x 100 (rouge_score, stemmed) and mean prediction length in words.
+def rouge_per_prompt(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """ROUGE-1/2/L F1 x 100 of each prediction against its reference (``rouge_score``, Porter stemmer).
+
+    Returns:
+        ``{"rouge1": [...], "rouge2": [...], "rougeL": [...]}``, one value per prompt, in input order
+        (the units of a paired bootstrap between two systems).
 
     Raises:
         ValueError: the two lists differ in length or are empty.
@@ -69,25 +78,66 @@ def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, flo
     if len(predictions) != len(references) or not predictions:
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    out: dict[str, list[float]] = {name: [] for name in ROUGE_TYPES}
     for prediction, reference in zip(predictions, references):
         scores = scorer.score(reference, prediction)
         for name in ROUGE_TYPES:
-            totals[name] += scores[name].fmeasure
-    result = {name: 100.0 * total / len(predictions) for name, total in totals.items()}
+            out[name].append(100.0 * scores[name].fmeasure)
+    return out
+
+
+def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 x 100 over prompts (:func:`rouge_per_prompt`) and mean prediction length in words.
+
+    Raises:
+        ValueError: the two lists differ in length or are empty.
+    """
+    return _means(rouge_per_prompt(predictions, references), predictions)
+
+
+def _means(per_prompt: dict[str, list[float]], predictions: list[str]) -> dict[str, float]:
+    result = {name: sum(values) / len(values) for name, values in per_prompt.items()}
     result["mean_words"] = sum(len(p.split()) for p in predictions) / len(predictions)
     return result
 
 
-def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = None) -> dict:
+def check_inputs(config: AlignEvalConfig) -> AlignEvalConfig:
+    """Every check that needs no model, before any loads: model names (an ``align train`` run directory
+    given as ``aligner`` or ``finetuned`` becomes its ``aligner/``) and the data rows.
+
+    Returns:
+        ``config`` with the resolved model paths.
+
+    Raises:
+        FileNotFoundError, ValueError, amendlm.data.io.DataError: one line naming the option or file, row, field.
+    """
+    from amendlm.ram.api import check_model_name, resolve_aligner
+    from amendlm.ram.data import task_rows
+
+    check_model_name(config.proposal, "--proposal")
+    config = replace(config, aligner=resolve_aligner(config.aligner),
+                     finetuned=resolve_aligner(config.finetuned, "--finetuned") if "finetuned" in config.systems else config.finetuned)
+    task_rows(config.task)
+    return config
+
+
+def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = None, progress: bool = False) -> dict:
     """Decode every system on the task's prompts and score it.  Returns a results dict (data, not text).
 
-    ``generations_path``: a jsonl written with one line per (system, prompt).
+    Args:
+        generations_path: a jsonl written with one line per (system, prompt).
+        progress: show a progress bar (tqdm, on stderr) over the prompts of each system.
+
+    Raises:
+        see :func:`check_inputs` (raised before any model loads).
     """
+    from tqdm.auto import tqdm
+
     from amendlm.modeling import load_model
     from amendlm.provenance import weights_record
     from amendlm.report import atomic_write_text
 
+    config = check_inputs(config)
     proposal, tokenizer = load_model(config.proposal, device=config.device)
     requested, dtype = config.generate.dtype, resolve_dtype(config.generate.dtype, next(proposal.parameters()).device)
     config = replace(config, generate=replace(config.generate, dtype=dtype_name(dtype)))  # "auto" decided once
@@ -113,18 +163,23 @@ def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = Non
         get_mode(mode)
         stats = GenerationStats()
         began = time.perf_counter()
+        bar = tqdm(total=len(prompts), desc=f"align eval {system}", unit="prompt", disable=not progress)
         out = generate(*models, prompts, replace(config.decode, mode=mode), config.generate, vocab_size=vocab_size,
-                       pad_token_id=pad, eos_token_ids=[tokenizer.eos_token_id], tokenizer=tokenizer, stats=stats)
+                       pad_token_id=pad, eos_token_ids=[tokenizer.eos_token_id], tokenizer=tokenizer, stats=stats,
+                       on_batch=lambda indices, generations: bar.update(len(indices)))
+        bar.close()
         predictions = [g.text.strip() for g in out]
-        metrics = rouge_scores(predictions, references)
+        per_prompt = rouge_per_prompt(predictions, references)
+        metrics = {**_means(per_prompt, predictions), "per_prompt_rougeL": per_prompt["rougeL"]}
         metrics.update(seconds=time.perf_counter() - began, new_tokens=stats.new_tokens,
                        tokens_per_second=stats.new_tokens / stats.seconds if stats.seconds else None,
-                       finish_reasons={r: sum(g.finish_reason == r for g in out) for r in ("eos", "stop", "length")})
+                       finish_reasons={r: sum(g.finish_reason == r for g in out) for r in ("eos", "stop", "length")},
+                       choices=stats.choices.rates())
         results[system] = metrics
         logger.info("%s: ROUGE-L %.2f (%.0f s)", system, metrics["rougeL"], metrics["seconds"])
         lines += [json.dumps({"system": system, "id": r.id, "prediction": p, "reference": r.response}, ensure_ascii=False)
                   for r, p in zip(records, predictions)]
     if generations_path is not None:
         atomic_write_text(generations_path, "\n".join(lines) + "\n")
-    return {"n_prompts": len(records), "systems": results, "higher_is_better": HIGHER_IS_BETTER, "weights": weights,
+    return {"n_prompts": len(records), "ids": [r.id for r in records], "systems": results, "higher_is_better": HIGHER_IS_BETTER, "weights": weights,
             "config": {**asdict(config), "generate": {**asdict(config.generate), **dtype_record(requested, dtype)}}}

@@ -16,14 +16,15 @@ First-token latency is one prefill of each model, as for ordinary decoding.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
 
-from amendlm.modeling import autocast, eval_mode, parse_dtype, resolve_dtype
+from amendlm.modeling import eval_mode, parse_dtype, resolve_dtype
+from amendlm.ram.cached import CachedLM, cache_argument, left_pad, shared_vocab_size  # noqa: F401 (re-exported)
+from amendlm.ram.choices import ChoiceCounts, choice_flags, count_flags
 from amendlm.ram.decoding import DecodeConfig, apply_rule, get_mode, pick_tokens, repetition_penalty
 
 
@@ -33,7 +34,8 @@ class GenerateConfig:
 
     Attributes:
         max_new_tokens: tokens generated per prompt at most. 64.
-        greedy: argmax of the rule's logits instead of a draw (SIR still draws its candidates).
+        greedy: argmax of the rule's logits instead of a draw.  ``sir`` (and ``sir-best``) stay seeded random
+            draws: their rule returns the resampled token alone, so argmax and a draw agree.
         seed: seeds the ``torch.Generator`` of every draw, so a run is reproducible.
         stop: strings that end a row (the returned text stops before the first one).
         batch_size: prompts decoded together (sorted by length to limit padding). 8.
@@ -70,107 +72,17 @@ class Generation:
 @dataclass
 class GenerationStats:
     """Timing of one :func:`generate` call: wall seconds, seconds to the first token of the first batch,
-    decoding steps run, and tokens emitted (all rows, until each row ended)."""
+    decoding steps run, and tokens emitted (all rows, until each row ended); ``choices``: per decoded
+    token step (EOS steps included), how often the chosen token was the aligner's / the proposal's argmax
+    and how often ``par-kl`` fell back to the proposal (:class:`amendlm.ram.choices.ChoiceCounts`;
+    :meth:`ChoiceCounts.rates` gives the shares)."""
 
     seconds: float = 0.0
     first_token_seconds: float | None = None
     steps: int = 0
     new_tokens: int = 0
     per_batch: list[dict] = field(default_factory=list)
-
-
-def shared_vocab_size(proposal_tokenizer, aligner_tokenizer, proposal_name: str, aligner_name: str,
-                      proposal_model=None, aligner_model=None) -> int:
-    """The vocabulary both models decode over: the tokenizer's length, checked on both sides.
-
-    Padded embedding matrices (e.g. 151,936 rows for a 151,665-token tokenizer) are fine: logits are
-    sliced to the tokenizer's length.  Models whose tokenizers differ cannot be combined token by token.
-
-    Raises:
-        ValueError: the tokenizers' vocabularies differ, or a model has fewer output rows than the
-            tokenizer has tokens; the message names both models.
-    """
-    proposal_vocab, aligner_vocab = proposal_tokenizer.get_vocab(), aligner_tokenizer.get_vocab()
-    if proposal_vocab != aligner_vocab:
-        differing = sorted(set(proposal_vocab.items()) ^ set(aligner_vocab.items()), key=str)[:3]
-        raise ValueError(
-            f"proposal '{proposal_name}' ({len(proposal_vocab)} tokens) and aligner '{aligner_name}' "
-            f"({len(aligner_vocab)} tokens) have different vocabularies (e.g. {differing}); RAM needs one "
-            "shared tokenizer"
-        )
-    vocab_size = len(proposal_tokenizer)
-    for name, model in ((proposal_name, proposal_model), (aligner_name, aligner_model)):
-        if model is None:
-            continue
-        rows = model.get_output_embeddings().weight.shape[0]
-        if rows < vocab_size:
-            raise ValueError(
-                f"model '{name}' has {rows} output rows but the tokenizer shared by proposal '{proposal_name}' "
-                f"and aligner '{aligner_name}' has {vocab_size} tokens"
-            )
-    return vocab_size
-
-
-def cache_argument(model) -> str:
-    """Name of the KV-cache keyword of ``model.forward``: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-class CachedLM:
-    """A causal LM stepped one token at a time over a batch, with its KV cache and attention mask.
-
-    Logits are returned for the last position only, fp32, sliced to ``vocab_size``: ``(batch, vocab)``.
-    """
-
-    def __init__(self, model, vocab_size: int, dtype: torch.dtype = torch.float32):
-        self.model, self.vocab_size, self.dtype = model, vocab_size, dtype
-        self.device = next(model.parameters()).device
-        self.cache = None
-        self.attention_mask: torch.Tensor | None = None
-        self._cache_arg = cache_argument(model)
-
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        kwargs = {self._cache_arg: self.cache} if self.cache is not None else {}
-        with autocast(self.dtype, self.device):
-            out = self.model(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=position_ids,
-                             use_cache=True, logits_to_keep=1, **kwargs)
-        cache = getattr(out, "cache", None)
-        self.cache = cache if cache is not None else out.past_key_values
-        return out.logits[:, -1, : self.vocab_size].float()
-
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Run the left-padded prompts ``(batch, seq_len)``; returns next-token logits ``(batch, vocab)``."""
-        self.cache = None
-        self.attention_mask = attention_mask.to(self.device)
-        position_ids = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return self._forward(input_ids.to(self.device), position_ids)
-
-    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row ``(batch,)``; returns next-token logits ``(batch, vocab)``."""
-        position_ids = self.attention_mask.sum(-1, keepdim=True)  # real tokens so far = next position
-        ones = torch.ones_like(self.attention_mask[:, :1])
-        self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
-        return self._forward(token_ids.to(self.device).unsqueeze(-1), position_ids)
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only ``rows`` (indices into the current batch) in the KV cache and the attention mask."""
-        rows = rows.to(self.device)
-        self.cache.batch_select_indices(rows)
-        self.attention_mask = self.attention_mask[rows]
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)``, both ``(batch, max_len)`` long, prompts right-aligned."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        if not prompt:
-            raise ValueError(f"prompt {row} has no tokens")
-        input_ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
-        attention_mask[row, width - len(prompt):] = 1
-    return input_ids, attention_mask
+    choices: ChoiceCounts = field(default_factory=ChoiceCounts)
 
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -187,8 +99,11 @@ class DecodeStep:
         active: ``(batch,)`` bool, rows that were still decoding at this step (they received ``next_ids``).
         is_eos: ``(batch,)`` bool, active rows whose token is an end-of-sequence id.
         finished: ``(batch,)`` bool, rows that have ended, EOS of this step included.  The consumer (under
-            ``torch.inference_mode``: it is an inference tensor) may set more rows to True (a stop string, a per-row length limit, a cancelled request) before resuming
-            the generator; they are then no longer decoded.
+            ``torch.inference_mode``: it is an inference tensor) may set more rows to True (a stop string, a
+            per-row length limit, a cancelled request) before resuming the generator; they are then no
+            longer decoded.
+        choices: with ``track_choices``, this step's :class:`amendlm.ram.choices.ChoiceCounts` over the
+            active rows (what the chosen tokens followed); else ``None``.
     """
 
     step: int
@@ -196,6 +111,7 @@ class DecodeStep:
     active: torch.Tensor
     is_eos: torch.Tensor
     finished: torch.Tensor
+    choices: ChoiceCounts | None = None
 
 
 @torch.inference_mode()
@@ -203,7 +119,7 @@ def decode_steps(
     proposal, aligner, prompts: Sequence[Sequence[int]], decode: DecodeConfig, max_new_tokens: int, *,
     vocab_size: int, pad_token_id: int, eos_token_ids: Sequence[int], dtype: torch.dtype = torch.float32,
     greedy: bool = False, generator: torch.Generator | None = None, choose: Chooser | None = None,
-    prune_finished: bool = False,
+    prune_finished: bool = False, track_choices: bool = False,
 ) -> Iterator[DecodeStep]:
     """The decoding loop as a generator: prefill, then one token per row and per ``next()``.
 
@@ -218,6 +134,8 @@ def decode_steps(
         prune_finished: drop ended rows from the KV caches before the next step (a served batch whose
             rows end early gets cheaper; off by default, so that a seeded batch draws the same random
             numbers as before this option existed).
+        track_choices: fill :attr:`DecodeStep.choices` (:func:`amendlm.ram.choices.choice_flags` on the
+            live rows' logits after the repetition penalty; costs two argmaxes per step, and a KL for ``par-kl``).
 
     Yields:
         :class:`DecodeStep` per token; the loop stops when every row has finished or after
@@ -252,8 +170,12 @@ def decode_steps(
         next_ids = torch.where(active, next_ids, torch.full_like(next_ids, pad_token_id))
         is_eos = torch.isin(next_ids, eos) & active
         seen.scatter_(1, next_ids.unsqueeze(-1), active.unsqueeze(-1))
+        choices = None
+        if track_choices:
+            flags = choice_flags(decode, step_logits.get("proposal"), step_logits.get("aligner"), live_ids)
+            choices = count_flags(flags, active[live])
         finished |= is_eos
-        yield DecodeStep(step, next_ids, active, is_eos, finished)
+        yield DecodeStep(step, next_ids, active, is_eos, finished, choices)
         if bool(finished.all()) or step == max_new_tokens - 1:
             return
         if prune_finished and bool(finished[live].any()):
@@ -300,8 +222,10 @@ def _generate_batch(
     steps = 0
     for state in decode_steps(proposal, aligner, prompts, decode, config.max_new_tokens, vocab_size=vocab_size,
                               pad_token_id=pad_token_id, eos_token_ids=eos_token_ids, dtype=dtype,
-                              greedy=config.greedy, generator=generator):
+                              greedy=config.greedy, generator=generator, track_choices=stats is not None):
         steps += 1
+        if state.choices is not None:
+            stats.choices.merge(state.choices)
         if first_token_seconds is None:
             first_token_seconds = time.perf_counter() - began
         for row in (state.active & ~state.is_eos).nonzero().flatten().tolist():

@@ -128,3 +128,31 @@ def get_loss(name: str) -> Loss:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise KeyError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}.{hint}")
     return LOSSES[name]
+
+
+def token_kl(teacher_logps: torch.Tensor, student_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Distillation loss: ``KL(P_teacher || Q_student)`` per next-token position, averaged over the positions
+    that ``mask`` keeps (Hinton et al. 2015 at temperature 1).
+
+    ``KL = sum_v p_t(v) (log p_t(v) - log q_s(v))``; ``0 * log 0`` counts as 0 (a teacher token of
+    probability 0 adds nothing).
+
+    Args:
+        teacher_logps, student_logps: ``(batch, seq_len, vocab)`` log-softmax outputs (natural log).
+        mask: ``(batch, seq_len)`` bool, True where a position counts (padding False).
+
+    Returns:
+        scalar, nats per position.
+
+    Raises:
+        ValueError: the shapes do not match, or ``mask`` keeps no position.
+    """
+    if teacher_logps.shape != student_logps.shape or teacher_logps.shape[:2] != mask.shape:
+        raise ValueError(f"teacher {tuple(teacher_logps.shape)}, student {tuple(student_logps.shape)} and mask "
+                         f"{tuple(mask.shape)} do not match")
+    if not mask.any():
+        raise ValueError("token_kl: the mask keeps no position")
+    teacher_probs = teacher_logps.exp()
+    per_position = torch.where(teacher_probs > 0, teacher_probs * (teacher_logps - student_logps),
+                               torch.zeros_like(teacher_probs)).sum(-1)  # (batch, seq_len)
+    return per_position[mask].mean()

@@ -2,24 +2,25 @@
 
 The proposal never runs here (RAM's point: only ``Q`` is in the graph).  Each step scores a batch of
 ``B`` prompts twice in one concatenated forward: ``x + y`` (target, or DPO's chosen) and ``x + y'``
-(the proposal sample, or DPO's rejected), takes per-sequence summed log-probs with
-:func:`amendlm.scoring.sequence_logps` and applies a loss from :mod:`amendlm.ram.losses`.
-Sequences are left-padded so every response sits in the last columns and the LM head only runs there
-(``logits_to_keep``).
+(the proposal sample, or DPO's rejected), takes per-sequence summed log-probs
+(:func:`amendlm.ram.examples.pair_logps`) and applies a loss from :mod:`amendlm.ram.losses`.
 
 The aligner starts from any same-vocabulary model (``aligner``) or from the first ``K`` layers of the
 proposal (``init_from_proposal_layers``: embeddings, first K blocks, final norm, LM head).  It is
-trained in full or with LoRA (merged into the saved model at the end).  Checkpoints (model, optimizer,
-scheduler, RNG, step) are written to a temporary directory and renamed into place; a rerun with the
-same ``out`` resumes from the latest one.
+trained in full (default) or with LoRA (merged into the saved model at the end).  A seeded share of
+the training prompts (``eval_fraction``, by id) is held out: the loss on it is logged before
+training, at the end of every epoch, at the final step (and every ``eval_every`` steps).
+
+Reruns: a run in ``OUT`` continues from its newest checkpoint with the same configuration only (a
+different one is refused, naming the fields); a finished run is not trained again (the summary says
+``already_finished``); log records past the checkpoint are dropped before they are redone.  The
+files are described in :mod:`amendlm.ram.run_dir`; ``aligner/`` is a plain transformers checkpoint +
+tokenizer, loadable by name.
 
 Under ``accelerate launch`` ``batch_size`` stays the global micro-batch: each process scores its
 share of it and the loss is computed on the gathered global batch (:mod:`amendlm.distributed`), so
 N processes take the same optimizer steps as one; only the main process writes the log, the config
 and the aligner, and every process writes its RNG state into the shared checkpoint.
-
-Outputs in ``out``: ``aligner/`` (a plain transformers checkpoint + tokenizer, loadable by name),
-``train_config.json``, ``train_log.jsonl``, ``checkpoints/step-N``.
 """
 
 from __future__ import annotations
@@ -38,12 +39,11 @@ import torch
 
 from amendlm.distributed import data_parallel_loss, gather_rows, main_process_value, split_rows, zero_anchor
 from amendlm.modeling import pad_token_id, parse_dtype
-from amendlm.ram.data import TaskConfig, encode_prompt, encode_response, load_task
+from amendlm.ram import run_dir
+from amendlm.ram.data import TaskConfig
+from amendlm.ram.examples import build_examples, heldout_ids, heldout_loss, pair_logps
 from amendlm.ram.losses import LossConfig, get_loss
-from amendlm.ram.sample import read_samples
-from amendlm.report import atomic_directory
 from amendlm.resources import DEFAULT_MODEL
-from amendlm.scoring import EncodedPair, collate, sequence_logps
 
 logger = logging.getLogger(__name__)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -62,14 +62,17 @@ class TrainConfig:
         task: the training prompts and targets (``train`` split).
         loss: :class:`LossConfig` (``residual`` with alpha 1e-4, or ``dpo`` with beta 1).
         lora: train LoRA adapters (r, alpha, dropout below; attention + MLP projections) instead of
-            all weights; merged into the saved aligner.
+            all weights (default: all weights, as RAM trains its small aligner); merged into the saved aligner.
         learning_rate: AdamW peak LR, linear warmup (``warmup_ratio``) and decay. 1e-4.
         epochs, max_steps: optimizer steps = min(max_steps, epochs * batches / grad_accum).
-        batch_size: prompts per micro-batch (2 sequences each), in all processes together (each of
-            N ``accelerate launch`` processes scores about ``batch_size / N``). 8.
-        save_every: optimizer steps between checkpoints. 50.
-        dtype: ``fp32``, ``bf16`` autocast or ``auto`` (bf16 where the device does it natively fast,
-            else fp32); ``train_config.json`` records the resolved dtype and ``dtype_auto``.
+        batch_size: prompts per micro-batch (2 sequences each). 8.
+        save_every: optimizer steps between checkpoints (one is also written at the final step). 50.
+        eval_fraction: share of the training prompts held out (by id, seeded by ``seed``) for the
+            held-out loss; 0.05; 0 = none.
+        eval_every: also log the held-out loss every N optimizer steps; 0 = only before training, at
+            the end of each epoch and at the final step.
+        dtype: ``auto`` (default: bf16 autocast where the device does bf16 natively fast, else fp32),
+            ``fp32`` or ``bf16``; ``train_config.json`` records the resolved dtype and ``dtype_auto``.
     """
 
     out: str
@@ -93,8 +96,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     save_every: int = 50
     log_every: int = 5
+    eval_fraction: float = 0.05
+    eval_every: int = 0
     seed: int = 0
-    dtype: str = "fp32"
+    dtype: str = "auto"
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -105,8 +110,14 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "epochs", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0 = at epoch ends only), got {self.eval_every}")
         parse_dtype(self.dtype)
 
 
@@ -149,64 +160,6 @@ def build_aligner(config: TrainConfig):
     return model, tokenizer
 
 
-@dataclass(frozen=True)
-class PairExample:
-    """One training prompt: ``x + y`` (positive) and ``x + y'`` (negative) as :class:`EncodedPair` s."""
-
-    id: str
-    positive: EncodedPair
-    negative: EncodedPair
-
-
-def build_examples(config: TrainConfig, tokenizer) -> list[PairExample]:
-    """Join the task's training records with their proposal samples by id.
-
-    A sample is re-tokenized from its text: ``tokens(y') + [EOS]`` when it ended (EOS or stop string),
-    ``tokens(y')`` when it hit ``max_new_tokens`` (so the aligner is not taught an ending it never saw).
-
-    Raises:
-        ValueError: no training record has a sample (names both files).
-    """
-    records = load_task(config.task, tokenizer)
-    samples = read_samples(config.samples)
-    examples = []
-    for record in records:
-        sample = samples.get(record.id)
-        if sample is None or not str(sample["sample"]).strip():
-            continue
-        prompt = encode_prompt(tokenizer, record.prompt, config.task.chat_template)
-        target = encode_response(tokenizer, record.response)
-        negative = tokenizer(sample["sample"].strip(), add_special_tokens=False)["input_ids"]
-        if sample.get("finish_reason") != "length":
-            negative.append(tokenizer.eos_token_id)
-        examples.append(PairExample(record.id, EncodedPair(prompt + target, len(target)),
-                                    EncodedPair(prompt + negative, len(negative))))
-    if not examples:
-        raise ValueError(f"no record of {config.task.data} ({config.task.split}) has a sample in {config.samples}")
-    missing = len(records) - len(examples)
-    if missing:
-        logger.warning("%d of %d training prompts have no (non-empty) sample and are skipped", missing, len(records))
-    return examples
-
-
-def pair_logps(model, batch: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """One forward over ``[x+y ...; x+y' ...]`` -> summed log-probs and token counts of each half.
-
-    Returns:
-        dict of ``(batch,)`` tensors ``positive_logps, negative_logps, positive_n, negative_n``.
-    """
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in collate([e.positive for e in batch] + [e.negative for e in batch],
-                                                 pad_id, padding_side="left").items()}
-    loss_mask = inputs.pop("loss_mask")
-    keep = int(loss_mask.sum(-1).max()) + 1  # left padding: scored tokens are in the last columns
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (2B, keep, vocab)
-    logps, n_tokens = sequence_logps(logits, inputs["input_ids"][:, -keep:], loss_mask[:, -keep:])
-    half = len(batch)
-    return {"positive_logps": logps[:half], "negative_logps": logps[half:],
-            "positive_n": n_tokens[:half], "negative_n": n_tokens[half:]}
-
-
 def _micro_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
     batches = []
     for epoch in range(epochs):
@@ -216,52 +169,79 @@ def _micro_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list
     return batches
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    done = [p for p in (out / "checkpoints").glob("step-*")
-            if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+def check_inputs(config: TrainConfig) -> TrainConfig:
+    """Every check that needs no model, run before any model loads: the initial model's name (an ``align
+    train`` run directory given as ``aligner`` becomes its ``aligner/``), the samples file exists and was
+    drawn for the prompts training builds, the data rows have their fields, and ``out`` holds no run with
+    a different configuration.
+
+    Returns:
+        ``config`` with the resolved aligner path.
+
+    Raises:
+        FileNotFoundError, ValueError, amendlm.data.io.DataError: one line naming the option, file, row,
+            field or differing options.
+    """
+    from dataclasses import replace
+
+    from amendlm.ram.api import check_model_name, resolve_aligner
+    from amendlm.ram.data import task_rows
+
+    if config.init_from_proposal_layers is not None:
+        check_model_name(config.proposal, "--proposal")
+    else:
+        config = replace(config, aligner=resolve_aligner(config.aligner))
+    run_dir.check_samples(asdict(config.task), config.samples)
+    task_rows(config.task)
+    run_dir.check_resume(asdict(config), Path(config.out))
+    return config
 
 
-def _save_checkpoint(accelerator, out: Path, step: int, micro: int) -> None:
-    """Every process calls this: the main one stages the directory, all write into it (accelerate
-    saves the weights, optimizer and scheduler from the main process and each process's RNG
-    state), then the main one renames it into place and removes the older checkpoint."""
-    root = out / "checkpoints"
-    final = root / f"step-{step:06d}"
-    main = accelerator.is_main_process
-    with atomic_directory(final) if main else contextlib.nullcontext() as staging:
-        staging = Path(main_process_value(str(staging) if main else None, accelerator))
-        accelerator.save_state(str(staging))
-        accelerator.wait_for_everyone()  # all RNG files are in before the rename
-        if main:
-            (staging / "trainer_state.json").write_text(json.dumps({"step": step, "micro_batches": micro}))
-    if main:
-        for old in root.glob("step-*"):  # keep only the newest checkpoint
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+def train_aligner(config: TrainConfig, progress: bool = False) -> dict:
+    """Train the aligner (or report that ``config.out`` already holds this finished run).
+
+    Args:
+        progress: show a progress bar (tqdm, on stderr) over the optimizer steps.
+
+    Returns:
+        a summary: steps, total steps, examples (train / held out), last logged losses, last held-out
+        loss, seconds, the aligner's path, ``already_finished`` (True when nothing was trained now).
+
+    Raises:
+        see :func:`check_inputs`; FloatingPointError: a non-finite training loss.
+    """
+    config = check_inputs(config)
+    out = Path(config.out)
+    finished = run_dir.finished_summary(out)
+    if finished is not None:
+        logger.info("%s is already finished (%d steps)", out, finished["steps"])
+        return {**finished, "already_finished": True}
+    return _train(config, out, progress)
 
 
-def train_aligner(config: TrainConfig) -> dict:
-    """Train the aligner; returns a summary (steps, final losses, seconds, output paths)."""
+def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
+    from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
     from amendlm.modeling import autocast, dtype_record, resolve_dtype
     from amendlm.report import atomic_write_json
 
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     # split_batches: batch_size is the global batch, so the prepared scheduler steps once per optimizer
     # step (by default accelerate steps it once per process, for per-process batches)
     accelerator = Accelerator(cpu=config.device == "cpu", gradient_accumulation_steps=config.grad_accum,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
-    dtype = main_process_value(resolve_dtype(config.dtype, accelerator.device), accelerator)  # "auto" times per process
+    # "auto" times a probe per process: the main process's choice holds for all
+    dtype = main_process_value(resolve_dtype(run_dir.resume_dtype(config.dtype, out), accelerator.device), accelerator)
     set_seed(config.seed)
     model, tokenizer = build_aligner(config)
-    examples = build_examples(config, tokenizer)
+    examples = build_examples(config.task, config.samples, tokenizer)
+    held = heldout_ids([e.id for e in examples], config.eval_fraction, config.seed)
+    heldout = [e for e in examples if e.id in held]
+    examples = [e for e in examples if e.id not in held]
     pad_id = pad_token_id(tokenizer)
+    per_epoch = math.ceil(len(examples) / config.batch_size)
     batches = _micro_batches(len(examples), config.batch_size, config.epochs, config.seed)
     total_steps = math.ceil(len(batches) / config.grad_accum)
     if config.max_steps is not None:
@@ -273,19 +253,43 @@ def train_aligner(config: TrainConfig) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     loss_fn = get_loss(config.loss.name)
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    out.mkdir(parents=True, exist_ok=True)
     if main:
-        atomic_write_json(out / "train_config.json", {**asdict(config), **dtype_record(config.dtype, dtype), "n_examples": len(examples),
-                                                 "total_steps": total_steps, "trainable_parameters": sum(p.numel() for p in params)})
+        atomic_write_json(out / run_dir.CONFIG_FILE, {
+            **asdict(config), **dtype_record(config.dtype, dtype), "n_examples": len(examples), "n_heldout": len(heldout),
+            "total_steps": total_steps, "steps_per_epoch": per_epoch / config.grad_accum,
+            "trainable_parameters": sum(p.numel() for p in params)})
     step, micro_start = 0, 0
-    checkpoint = _latest_checkpoint(out)
+    checkpoint = run_dir.latest_checkpoint(out)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         step, micro_start = state["step"], state["micro_batches"]
         logger.info("resumed from %s (step %d)", checkpoint, step)
+    if main:
+        run_dir.truncate_log(out / run_dir.LOG_FILE, step)
+    began, last, last_heldout = time.perf_counter(), {}, None
+    bar = tqdm(total=total_steps, initial=step, desc="align train", unit="step", disable=not (progress and main))
+
+    def write(log, record):
+        if main:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    def evaluate(log, micro_done):
+        nonlocal last_heldout
+        if not heldout:
+            return
+        values = heldout_loss(model, heldout, loss_fn, config.loss, pad_id, config.batch_size, dtype)
+        last_heldout = {"event": "heldout", "step": step, "epoch": round(micro_done / per_epoch, 4),
+                        "n_examples": len(heldout), **values, "seconds": time.perf_counter() - began}
+        write(log, last_heldout)
+        logger.info("step %d held-out loss %.4f", step, values["loss"])
+
     model.train()
-    began, last = time.perf_counter(), {}
-    with open(out / "train_log.jsonl", "a", encoding="utf-8") if main else contextlib.nullcontext() as log:
+    with open(out / run_dir.LOG_FILE, "a", encoding="utf-8") if main else contextlib.nullcontext() as log:
+        if step == 0:
+            evaluate(log, 0)
         for micro in range(micro_start, len(batches)):
             batch = [examples[i] for i in batches[micro]]
             share, placeholder = split_rows(batch, world, rank)
@@ -303,27 +307,34 @@ def train_aligner(config: TrainConfig) -> dict:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            last = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
-                    "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - began}
-            if main and (step % config.log_every == 0 or step == total_steps):
-                log.write(json.dumps(last) + "\n")
-                log.flush()
-                logger.info("step %d/%d loss %.4f", step, total_steps, last["loss"])
-            if step % config.save_every == 0 and step < total_steps:
-                _save_checkpoint(accelerator, out, step, micro + 1)
+            synced = accelerator.sync_gradients
+            if synced:
+                step += 1
+                last = {"event": "train", "step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
+                        "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - began}
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
+                if step % config.log_every == 0 or step == total_steps:
+                    write(log, last)
+                    logger.info("step %d/%d loss %.4f", step, total_steps, last["loss"])
+            epoch_end = (micro + 1) % per_epoch == 0
+            if epoch_end or (synced and (step == total_steps or (config.eval_every and step % config.eval_every == 0))):
+                evaluate(log, micro + 1)
+            if synced and (step % config.save_every == 0 or step == total_steps):
+                run_dir.save_checkpoint(accelerator, out, step, micro + 1)
+    bar.close()
     final_dir = out / "aligner"
     unwrapped = accelerator.unwrap_model(model)
     if config.lora:
         unwrapped = unwrapped.merge_and_unload()
-    if accelerator.is_main_process:
+    summary = {"steps": step, "total_steps": total_steps, "n_examples": len(examples), "n_heldout": len(heldout),
+               "last": last, "heldout": last_heldout, "seconds": time.perf_counter() - began, "aligner": str(final_dir)}
+    if main:
         staging = out / ".aligner-tmp"
         shutil.rmtree(staging, ignore_errors=True)
         unwrapped.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         shutil.rmtree(final_dir, ignore_errors=True)
         staging.rename(final_dir)
-    return {"steps": step, "total_steps": total_steps, "n_examples": len(examples), "last": last,
-            "seconds": time.perf_counter() - began, "aligner": str(final_dir)}
+        atomic_write_json(out / run_dir.SUMMARY_FILE, summary)
+    return {**summary, "already_finished": False}

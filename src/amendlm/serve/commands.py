@@ -18,7 +18,7 @@ def serve_command(
     name: Optional[str] = typer.Option(None, help="Id of the model alone in /v1/models (default: --model)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port (0 = any free port, printed at start)."),
-    mode: str = typer.Option("par-kl", help="Default RAM mode of the pairs: par, par-kl, sir, mds, proposal, aligner."),
+    mode: str = typer.Option("par-kl", help="Default RAM mode of the pairs: par, par-kl, sir, sir-best, mds, proposal, aligner."),
     candidates: int = typer.Option(8, help="SIR: proposal draws per token."),
     kl_threshold: float = typer.Option(0.1, help="PAR-KL: use the proposal above this KL (nats)."),
     proposal_top_p: float = typer.Option(0.95), aligner_top_p: float = typer.Option(0.9),

@@ -9,7 +9,8 @@ The OpenAI defaults (``temperature`` 1, ``top_p`` 1) leave the rule's distributi
 Each row draws from its own seeded generator, so batch company never consumes its random numbers;
 its text is the same as alone up to floating-point differences from batching (padding, batch
 size), which can flip near-ties.  A row with ``temperature`` 0 and no ``seed`` is seeded with 0, so
-a greedy request is deterministic in every mode (``sir`` draws its candidates even then).
+a greedy request is deterministic in every mode (``sir`` still draws its candidates and resamples
+one: its rule returns that token alone, so temperature and top-p leave it unchanged).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ class RAMFields(BaseModel):
     """RAM's rule (:class:`amendlm.ram.decoding.DecodeConfig`): ``None`` = the server's default."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    mode: Optional[str] = Field(None, description="par, par-kl, sir, mds, proposal or aligner")
+    mode: Optional[str] = Field(None, description="par, par-kl, sir, sir-best (best of n), mds, proposal or aligner")
     candidates: Optional[int] = Field(None, description="sir: proposal draws per token")
     kl_threshold: Optional[float] = Field(None, description="par-kl: KL(P_M||Q) in nats above which the proposal is used")
     proposal_top_p: Optional[float] = None
