@@ -154,17 +154,22 @@ def test_align_train_on_two_processes_matches_one_process(files, tmp_path):
     assert printed.count('"steps": 2') == 1
 
     log_one, log_two = read_jsonl(one / "train_log.jsonl"), read_jsonl(two / "train_log.jsonl")
-    assert [r["step"] for r in log_two] == [r["step"] for r in log_one] == [2]
-    for key in ("loss", "nll", "sample_logp", "lr"):
-        assert log_two[0][key] == pytest.approx(log_one[0][key], rel=1e-4, abs=1e-6), key
+    events = [(r["event"], r["step"]) for r in log_one]
+    assert [(r["event"], r["step"]) for r in log_two] == events == [("heldout", 0), ("train", 2), ("heldout", 2)]
+    for a, b in zip(log_one, log_two):  # the train record's losses, and the held-out loss before and after
+        for key in ("loss", "nll", "sample_logp", "lr"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     assert_same_weights(one / "aligner" / "model.safetensors", two / "aligner" / "model.safetensors")
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
-    checkpoint = two / "checkpoints" / "step-000001"
+    checkpoint = two / "checkpoints" / "step-000002"  # the newest only: written at the final step
+    assert [p.name for p in (two / "checkpoints").iterdir()] == [checkpoint.name]
     assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert_no_staging_left(two)
 
-    resumed = tmp_path / "resumed"  # the step-1 checkpoint of the two processes, finished in one process
+    resumed = tmp_path / "resumed"  # the two processes' checkpoint, loaded in one process, gives the same aligner
     shutil.copytree(two, resumed)
     shutil.rmtree(resumed / "aligner")
+    (resumed / "train_summary.json").unlink()
     run_in_process(align_args(files, resumed))
     assert_same_weights(one / "aligner" / "model.safetensors", resumed / "aligner" / "model.safetensors")
