@@ -1,397 +1,305 @@
-"""RAM on the embedded XSum task: ROUGE of the proposal, the aligner, each RAM mode and a direct fine-tune.
+"""RAM with a small aligner on the embedded XSum task: does it beat its aligner alone, the proposal, a fine-tune?
 
-The pipeline, each step resumable (Python API, as ``amendlm align`` calls it):
+The pipeline, each step resumable (Python API, as ``amendlm align`` calls it; a step whose recorded
+configuration matches is reused, and sampling and training resume inside a step):
 
 1. proposal samples ``y' ~ P_M`` for the training prompts (:func:`amendlm.ram.sample.sample_proposal`)
    -> ``runs/ram/samples.jsonl``;
-2. the aligner: a LoRA copy of the proposal trained with the residual loss, alpha 1e-4
-   (:func:`amendlm.ram.train.train_aligner`) -> ``runs/ram/aligner``;
-3. the upper baseline: the same LoRA training with alpha 0 (plain SFT) -> ``runs/ram/sft``;
-4. ``align eval`` (:func:`amendlm.ram.evaluate.evaluate_systems`) of proposal, aligner, par,
-   par-kl, sir, mds and finetuned on the held-out prompts: ROUGE-1/2/L, words, rows ended by EOS.
+2. optionally (``--warmup-steps``, default on) a distillation warm-up of the proposal's first K
+   blocks towards the proposal on the training documents (:func:`amendlm.ram.distill.distill_aligner`):
+   a cut decoder starts far from any language model, and the warm-up costs a few hundred steps;
+3. the small aligner: those K blocks (embeddings, final norm and head included) trained in full with
+   the residual loss, alpha 1e-4, held-out loss per epoch (:func:`amendlm.ram.train.train_aligner`);
+4. the upper baselines: the proposal itself fine-tuned directly (alpha 0, plain SFT) on the same
+   prompts, epochs and batch size, with LoRA and in full;
+5. ``align eval`` of proposal, aligner alone, ``par``, ``par-kl``, ``sir``, ``mds`` and both fine-tunes on
+   the held-out prompts, greedy and sampled (T 0.5 for both models, three seeds), with 95 %
+   paired-bootstrap intervals of each system's ROUGE-L minus the proposal's and the aligner's.
 
-A system is done when an eval JSON with the same configuration covers it (``results/ram/eval_a.json``
-and ``eval_b.json`` from two ``align eval`` runs, or this script's ``results/ram_xsum/eval_*.json``);
-only the others are decoded, into a new JSON.  Training and sampling run only when an evaluation
-needs their model (the configuration of every eval includes its models' training configuration).
-
-    python experiments/ram_xsum.py     # 799/200 prompts, 50 LoRA steps x 8, bf16 training, fp32 sampling/eval
-    python experiments/ram_xsum.py --quick --results-dir /tmp/r   # 4 train / 2 test prompts, 1 step (~60-75 s)
-
-From scratch the full run takes about 1.6 h on one CPU thread (recorded: sampling 463 of the 799
-prompts 492 s, aligner training 1,044 s, SFT 1,093 s, decoding 200 prompts 226-540 s per system,
-2,694 s for all seven); with the committed results it only renders the table (seconds).  The quick
-run trains in ``auto`` dtype (bf16 only where the CPU has bf16 units; emulated bf16 is ~8x slower).
+    python experiments/ram_xsum.py                                  # 799/200 prompts, K = 8 of 30 blocks
+    python experiments/ram_xsum.py --device cuda --train-dtype auto
+    python experiments/ram_xsum.py --quick --results-dir /tmp/r     # a few prompts and steps
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
 
-from amendlm.report import atomic_save_figure
 from amendlm.unlearn.artifacts import read_log
-from common import REPO, Experiment, config_differences, markdown_table, read_json, resolved_dtype
-
-SYSTEMS = ("proposal", "aligner", "par", "par-kl", "sir", "mds", "finetuned")
-LABELS = {"proposal": "proposal alone", "aligner": "aligner alone", "finetuned": "proposal fine-tuned directly (LoRA SFT)"}
-RAM_MODES = ("par", "par-kl", "sir", "mds")
-# the target this table is read against (amendlm's RAM acceptance criterion): a RAM mode beats the
-# proposal and the aligner alone in ROUGE-L and is within this many points of the direct fine-tune
-TARGET_ROUGE_L_GAP_TO_FINETUNED = 1.0
+from common import REPO, Experiment, resolved_dtype
+from ram_common import (
+    FINETUNES, RAM_MODES, SYSTEMS, mean_over_seeds, paired_intervals, plot_training, system_row, systems_table,
+    target_rows, targets_table,
+)
 
 
 class Budget(NamedTuple):
-    """How much of the task a run uses (the full budget is the published one)."""
+    """How much of the task a run uses."""
 
-    train_limit: int | None  # training prompts (None: all 799)
+    train_limit: int | None  # training prompts (None: all 799; 5 % of them held out)
     test_limit: int | None  # held-out prompts (None: all 200)
-    max_steps: int  # optimizer steps of each training
+    epochs: int  # of every training
     batch_size: int  # prompts per training step
     max_document_tokens: int
     max_new_tokens: int  # sampling and evaluation
     sample_batch_size: int
     eval_batch_size: int
+    warmup_steps: int  # distillation warm-up steps (0 = none)
+    warmup_tokens: int  # tokens per warm-up text
+    seeds: tuple[int, ...]  # of the sampled decoding
 
 
-FULL = Budget(None, None, 50, 8, 128, 48, 16, 8)
-QUICK = Budget(4, 2, 1, 2, 32, 4, 4, 2)
+FULL = Budget(None, None, 3, 8, 128, 48, 16, 8, 300, 128, (0, 1, 2))
+QUICK = Budget(4, 3, 1, 2, 32, 4, 4, 3, 2, 16, (0,))
+SAMPLED_TEMPERATURE = 0.5  # both models' temperature in the sampled decoding (the public code's range: 0.3-0.7)
 
 
-def project(recorded, expected):
-    """``recorded`` cut to the keys of ``expected``, recursively (what a record says beyond them is ignored)."""
-    if isinstance(recorded, dict) and isinstance(expected, dict):
-        return {k: project(recorded[k], v) for k, v in expected.items() if k in recorded}
-    return recorded
+def decodings(seeds: tuple[int, ...], which: list[str]) -> dict[str, dict]:
+    """Decoding name -> ``{"greedy", "temperature", "seeds"}``: ``greedy`` (argmax; ``sir`` still draws, seed 0)
+    and ``sampled`` (T :data:`SAMPLED_TEMPERATURE`, every seed)."""
+    known = {"greedy": {"greedy": True, "temperature": 1.0, "seeds": [0]},
+             "sampled": {"greedy": False, "temperature": SAMPLED_TEMPERATURE, "seeds": list(seeds)}}
+    return {name: known[name] for name in which}
 
 
 class Pipeline:
-    """The configurations of every step, and each step run (or reused) on demand."""
+    """The configuration of every step, and each step run (or reused) on demand."""
 
     def __init__(self, exp: Experiment, args, budget: Budget):
         from amendlm.ram.data import TaskConfig
-        from amendlm.ram.decoding import DecodeConfig
-        from amendlm.ram.evaluate import AlignEvalConfig
-        from amendlm.ram.generate import GenerateConfig
+        from amendlm.ram.distill import DistillConfig
         from amendlm.ram.losses import LossConfig
         from amendlm.ram.sample import SampleConfig
         from amendlm.ram.train import TrainConfig
 
-        self.exp, self.legacy = exp, exp.path("ram")  # results/ram: the files of the CLI run
-        self.runs = (exp.results_root / "runs" if exp.quick else REPO / "runs") / "ram"
-        b = budget
-        train_task = TaskConfig(split="train", limit=b.train_limit, max_document_tokens=b.max_document_tokens)
-        test_task = TaskConfig(split="test", limit=b.test_limit, max_document_tokens=b.max_document_tokens)
-        self.sample_config = SampleConfig(proposal=args.proposal, out=self.shown(self.runs / "samples.jsonl"), task=train_task,
-                                          max_new_tokens=b.max_new_tokens, batch_size=b.sample_batch_size,
-                                          dtype=args.dtype, device=args.device)
-        self.train_configs = {kind: TrainConfig(
-            out=self.shown(self.runs / kind), samples=self.sample_config.out, aligner=args.aligner_init, proposal=args.proposal,
-            task=train_task, loss=LossConfig(alpha=alpha), lora=True, learning_rate=args.learning_rate,
-            max_steps=b.max_steps, batch_size=b.batch_size, dtype=args.train_dtype, device=args.device)
-            for kind, alpha in (("aligner", args.alpha), ("sft", 0.0))}
-        self.eval_config = AlignEvalConfig(
-            proposal=args.proposal, aligner=self.shown(self.runs / "aligner" / "aligner"),
-            finetuned=self.shown(self.runs / "sft" / "aligner"), systems=list(args.systems), task=test_task,
-            decode=DecodeConfig(mode="par-kl"), device=args.device,
-            generate=GenerateConfig(max_new_tokens=b.max_new_tokens, greedy=True, stop=test_task.stop,
-                                    batch_size=b.eval_batch_size, dtype=args.dtype))
+        self.exp, self.args, self.budget = exp, args, budget
+        runs = (exp.results_root / "runs" if exp.quick else REPO / "runs") / "ram"
+        b, k = budget, args.aligner_layers
+        self.train_task = TaskConfig(split="train", limit=b.train_limit, max_document_tokens=b.max_document_tokens)
+        self.test_task = TaskConfig(split="test", limit=b.test_limit, max_document_tokens=b.max_document_tokens)
+        self.sample = SampleConfig(proposal=args.proposal, out=self.shown(runs / "samples.jsonl"), task=self.train_task,
+                                   max_new_tokens=b.max_new_tokens, batch_size=b.sample_batch_size, dtype=args.dtype,
+                                   device=args.device)
+        self.warmup = DistillConfig(out=self.shown(runs / f"warmup{k}"), proposal=args.proposal, layers=k, task=self.train_task,
+                                    max_tokens=b.warmup_tokens, steps=b.warmup_steps, batch_size=b.batch_size,
+                                    dtype=args.train_dtype, device=args.device) if b.warmup_steps else None
+        common = dict(samples=self.sample.out, proposal=args.proposal, task=self.train_task, epochs=b.epochs,
+                      batch_size=b.batch_size, log_every=1 if exp.quick else 5, dtype=args.train_dtype, device=args.device)
+        small = (dict(aligner=self.shown(Path(self.warmup.out) / "aligner")) if self.warmup
+                 else dict(init_from_proposal_layers=k))
+        self.trainings = {
+            f"small{k}": TrainConfig(out=self.shown(runs / f"small{k}"), loss=LossConfig(alpha=args.alpha), lora=False,
+                                     learning_rate=args.aligner_lr, **small, **common),
+            "sft-lora": TrainConfig(out=self.shown(runs / "sft-lora"), aligner=args.proposal, loss=LossConfig(alpha=0.0),
+                                    lora=True, learning_rate=args.lora_lr, **common),
+            "sft-full": TrainConfig(out=self.shown(runs / "sft-full"), aligner=args.proposal, loss=LossConfig(alpha=0.0),
+                                    lora=False, learning_rate=args.full_lr, **common)}
+        self.small = f"small{k}"
 
     @staticmethod
     def shown(path: Path) -> str:
         """A path as configurations record it: relative to the repository when inside it."""
-        return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+        path = Path(path)
+        return str(path.relative_to(REPO)) if path.is_absolute() and path.is_relative_to(REPO) else str(path)
 
-    # ------------------------------------------------------------------ configurations
+    def _dtype(self, config) -> str:
+        return resolved_dtype(config.dtype, config.device)
+
+    # ------------------------------------------------------------------ configurations (what each step depends on)
     def sample_expected(self) -> dict:
-        return {**asdict(self.sample_config), "dtype": resolved_dtype(self.sample_config.dtype, self.sample_config.device)}
+        return {**asdict(self.sample), "dtype": self._dtype(self.sample)}
 
-    def train_expected(self, kind: str) -> dict:
-        config = self.train_configs[kind]
-        return {**asdict(config), "dtype": resolved_dtype(config.dtype, config.device), "samples_config": self.sample_expected()}
+    def warmup_expected(self) -> dict | None:
+        return {**asdict(self.warmup), "dtype": self._dtype(self.warmup)} if self.warmup else None
 
-    def eval_expected(self, group: list[str]) -> dict:
-        c = self.eval_config
-        expected = {"proposal": c.proposal, "aligner": c.aligner, "task": asdict(c.task), "decode": asdict(c.decode),
-                    "generate": {**asdict(c.generate), "dtype": resolved_dtype(c.generate.dtype, c.device)},
-                    "device": c.device, "aligner_train": self.train_expected("aligner"), "systems_covered": sorted(group)}
-        if "finetuned" in group:
-            expected.update(finetuned=c.finetuned, finetuned_train=self.train_expected("sft"))
-        return expected
+    def train_expected(self, name: str) -> dict:
+        config = self.trainings[name]
+        upstream = {"warmup": self.warmup_expected()} if name == self.small else {}
+        return {**asdict(config), "dtype": self._dtype(config), "samples": self.sample_expected(), **upstream}
 
-    # ------------------------------------------------------------------ what files record
-    def legacy_train(self, kind: str) -> dict:
-        """A training configuration as the CLI run's copies record it (with its samples' configuration)."""
-        record = read_json(self.legacy / f"{kind}_train_config.json")
-        return {**record, "samples_config": read_json(self.legacy / "samples.jsonl.config.json").get("config")} if record else {}
+    def eval_config(self, group: str, decoding: dict, seed: int):
+        from amendlm.ram.decoding import DecodeConfig
+        from amendlm.ram.evaluate import AlignEvalConfig
+        from amendlm.ram.generate import GenerateConfig
 
-    def eval_recorded(self, data: dict, group: list[str]) -> dict:
-        if "step_config" in data:
-            have = dict(data["step_config"])
-        else:  # an `align eval` JSON of the CLI run: its models' training is recorded beside it
-            have = {**data["config"], "aligner_train": self.legacy_train("aligner"), "finetuned_train": self.legacy_train("sft")}
-        have["systems_covered"] = sorted(set(data["systems"]) & set(group))
-        return project(have, self.eval_expected(group))
+        t = decoding["temperature"]
+        generate = GenerateConfig(max_new_tokens=self.budget.max_new_tokens, greedy=decoding["greedy"], seed=seed,
+                                  stop=self.test_task.stop, batch_size=self.budget.eval_batch_size,
+                                  dtype=resolved_dtype(self.args.dtype, self.args.device))
+        decode = DecodeConfig(mode="par-kl", proposal_temperature=t, aligner_temperature=t)
+        if group == "ram":
+            return AlignEvalConfig(proposal=self.args.proposal, aligner=f"{self.trainings[self.small].out}/aligner",
+                                   systems=["proposal", "aligner", *RAM_MODES], task=self.test_task, decode=decode,
+                                   generate=generate, device=self.args.device)
+        return AlignEvalConfig(proposal=self.args.proposal, aligner=None, finetuned=f"{self.trainings[group].out}/aligner",
+                               systems=["finetuned"], task=self.test_task, decode=decode, generate=generate,
+                               device=self.args.device)
 
-    def train_record(self, kind: str) -> tuple[Path | None, dict]:
-        """The record of a training with this configuration (this script's, or the CLI run's copy), if any."""
-        return self.matching_record(self.train_expected(kind), [
-            (self.exp.results / f"{kind}_train.json", lambda d: d.get("step_config")),
-            (self.legacy / f"{kind}_train_config.json", lambda d: self.legacy_train(kind))])
-
-    def sample_record(self) -> tuple[Path | None, dict]:
-        """The record of proposal samples with this configuration (this script's, or the CLI run's copy), if any."""
-        return self.matching_record(self.sample_expected(), [(self.exp.results / "samples.json", lambda d: d.get("step_config")),
-                                                             (self.legacy / "samples.jsonl.config.json", lambda d: d.get("config"))])
-
-    @staticmethod
-    def matching_record(expected: dict, candidates) -> tuple[Path | None, dict]:
-        for path, stated in candidates:
-            data = read_json(path)
-            if data and not config_differences(expected, project(stated(data) or {}, expected)):
-                return path, data
-        return None, {}
+    def eval_expected(self, group: str, decoding: dict, seed: int) -> dict:
+        trained = self.small if group == "ram" else group
+        return {**asdict(self.eval_config(group, decoding, seed)), "trained": self.train_expected(trained)}
 
     # ------------------------------------------------------------------ steps
     def samples(self) -> dict:
-        """Step 1: the proposal samples (reused while the samples file exists)."""
+        """Step 1 (a samples file drawn before with the same configuration is resumed, so reused)."""
         from amendlm.ram.sample import sample_proposal
 
-        out = REPO / self.sample_config.out
-        expected = {**self.sample_expected(), "samples_file": self.sample_config.out}
+        with _in_repo():
+            return self.exp.step(self.exp.results / "samples.json", self.sample_expected(), lambda: sample_proposal(self.sample))
 
-        def recorded(data):
-            have = data.get("step_config") or {**data.get("config", {}), "samples_file": self.sample_config.out}
-            return {**project(have, expected), "samples_file": self.sample_config.out if out.is_file() else None}
+    def warmed(self) -> dict | None:
+        """Step 2: the distillation warm-up of the cut aligner (None when ``--warmup-steps 0``)."""
+        from amendlm.ram.distill import distill_aligner
+
+        if self.warmup is None:
+            return None
 
         def compute():
-            beside = read_json(out.with_name(out.name + ".config.json")).get("config", {})
-            if out.is_file() and config_differences(self.sample_expected(), project(beside, self.sample_expected())):
-                raise ValueError(f"{out} holds samples drawn with another configuration; move it away to sample anew")
-            return sample_proposal(self.sample_config)
+            summary = distill_aligner(self.warmup)
+            return {"summary": summary, "log": read_log(Path(self.warmup.out) / "distill_log.jsonl")}
 
-        path = self.first_match([self.exp.results / "samples.json", self.legacy / "samples.jsonl.config.json"], expected, recorded)
-        return self.exp.step(path, expected, compute, recorded)
+        with _in_repo():
+            return self.exp.step(self.exp.results / f"warmup{self.args.aligner_layers}.json", self.warmup_expected(), compute)
 
-    def trained(self, kind: str) -> str:
-        """Steps 2-3: the trained aligner (``aligner``) or direct fine-tune (``sft``); returns its model path."""
+    def trained(self, name: str) -> dict:
+        """Steps 3-4: one training (the small aligner or a direct fine-tune), with its log."""
         from amendlm.ram.train import train_aligner
 
-        config, out = self.train_configs[kind], REPO / self.train_configs[kind].out
-        model = self.shown(out / "aligner")
-        expected = {**self.train_expected(kind), "saved_model": model}
+        def compute():
+            self.samples()
+            if name == self.small:
+                self.warmed()
+            summary = train_aligner(self.trainings[name])
+            out = Path(self.trainings[name].out)
+            return {"summary": summary, "train_config": _read(out / "train_config.json"), "log": read_log(out / "train_log.jsonl")}
 
-        def recorded(data):
-            have = data.get("step_config") or {**data, "samples_config": self.legacy_train(kind).get("samples_config")}
-            return {**project(have, expected), "saved_model": model if (out / "aligner" / "config.json").is_file() else None}
+        with _in_repo():
+            return self.exp.step(self.exp.results / f"train_{name}.json", self.train_expected(name), compute)
+
+    def evaluated(self, group: str, decoding_name: str, decoding: dict, seed: int) -> dict:
+        """Step 5: one ``align eval`` (the RAM group, or one fine-tune) for one decoding and seed."""
+        from amendlm.ram.evaluate import evaluate_systems
+
+        path = self.exp.results / f"eval_{decoding_name}_s{seed}_{group}.json"
 
         def compute():
-            beside, fields = read_json(out / "train_config.json"), self.train_expected(kind)
-            fields = {k: v for k, v in fields.items() if k != "samples_config"}  # what OUT/train_config.json records
-            if beside and config_differences(fields, project(beside, fields)):
-                raise ValueError(f"{out} holds a training with another configuration; move it away to train anew")
-            self.samples()
-            summary = train_aligner(config)
-            return {"summary": summary, "train_config": read_json(out / "train_config.json"), "log": read_log(out / "train_log.jsonl")}
+            self.trained(self.small if group == "ram" else group)
+            return evaluate_systems(self.eval_config(group, decoding, seed), generations_path=str(path.with_suffix(".generations.jsonl")))
 
-        path = self.first_match([self.exp.results / f"{kind}_train.json", self.legacy / f"{kind}_train_config.json"], expected, recorded)
-        self.exp.step(path, expected, compute, recorded)
-        return model
-
-    def evaluations(self) -> dict[str, tuple[Path, dict]]:
-        """Step 4: every system's results, from the first eval JSON that covers it, else decoded anew."""
-        from amendlm.ram.evaluate import evaluate_systems
-        from amendlm.report import package_versions
-
-        systems, groups = list(self.eval_config.systems), []
-        candidates = sorted(self.legacy.glob("eval_*.json")) + sorted(self.exp.results.glob("eval_*.json"))
-        for path in candidates:
-            data, covers = read_json(path), []
-            for system in [s for s in systems if s in data.get("systems", {})]:
-                differs = config_differences(self.eval_expected([system]), self.eval_recorded(data, [system]))
-                if differs:
-                    print(f"[{self.exp.name}] {path.relative_to(self.exp.results_root)} does not cover {system}: "
-                          f"configuration differs in {differs}", flush=True)
-                else:
-                    covers.append(system)
-            if covers:
-                groups.append((path, covers))
-                systems = [s for s in systems if s not in covers]
-        if systems:
-            groups.append((self.exp.results / f"eval_{'_'.join(systems)}.json", systems))
-
-        def compute(group, path):
-            from dataclasses import replace
-
-            self.trained("aligner")
-            if "finetuned" in group:
-                self.trained("sft")
-            config = replace(self.eval_config, systems=group)
-            config = replace(config, generate=replace(config.generate, dtype=resolved_dtype(config.generate.dtype, config.device)))
-            results = evaluate_systems(config, generations_path=str(path.with_suffix(".generations.jsonl")))
-            return {**results, "versions": package_versions()}
-
-        found = {}
-        for path, group in groups:
-            with contextlib.chdir(REPO):  # model paths in the configurations are the repository's
-                data = self.exp.step(path, self.eval_expected(group), lambda g=group, p=path: compute(g, p),
-                                     lambda d, g=group: self.eval_recorded(d, g))
-            found.update({s: (path, data) for s in group})
-        return found
-
-    def first_match(self, candidates: list[Path], expected: dict, recorded) -> Path:
-        """The first file whose record matches ``expected``; else the first candidate (computed there)."""
-        for path in [p for p in candidates if p.is_file()]:
-            differs = config_differences(expected, recorded(read_json(path)))
-            if not differs:
-                return path
-            print(f"[{self.exp.name}] {path.relative_to(self.exp.results_root)}: configuration differs in {differs}", flush=True)
-        return candidates[0]
+        with _in_repo():
+            return self.exp.step(path, self.eval_expected(group, decoding, seed), compute)
 
 
-# ---------------------------------------------------------------------------- the table
-def plot_training(records: dict[str, dict], path: Path) -> Path | None:
-    """Per logged step (one batch each, so noisy): -log Q(y|x) of the targets and log Q(y'|x) of the
-    proposal samples, for the aligner and the direct fine-tune (from their training logs)."""
-    import matplotlib
+def _in_repo():
+    import contextlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not any(r.get("log") for r in records.values()):
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for kind, record in records.items():
-        log, alpha = record.get("log") or [], record["config"]["loss"]["alpha"]
-        steps = [row["step"] for row in log]
-        for ax, key in zip(axes, ("nll", "sample_logp")):
-            ax.plot(steps, [row[key] for row in log], marker="o", label=f"{kind} (α = {alpha:g})")
-    for ax, title in zip(axes, ("targets: -log Q(y|x)", "proposal samples: log Q(y'|x)")):
-        ax.set_xlabel("optimizer step (logged batch)")
-        ax.set_title(title + ", summed per sequence", fontsize=10)
-        ax.legend()
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=110)
-    return path
+    return contextlib.chdir(REPO)  # model and run paths in the configurations are the repository's
 
 
-def describe_setup(eval_config: dict, records: dict[str, dict]) -> str:
-    """The setting, in words, from what the eval JSON and the training records state."""
-    task, generate = eval_config["task"], eval_config["generate"]
-    text = (f"Task `{task['data']}`, held-out `{task['split']}` split; documents cut to {task['max_document_tokens']} tokens; "
-            f"{'greedy' if generate['greedy'] else 'sampled'} decoding of at most {generate['max_new_tokens']} new tokens in "
-            f"{generate['dtype']}; proposal `{eval_config['proposal']}`.")
-    aligner, sft = records.get("aligner", {}).get("config"), records.get("sft", {}).get("config")
-    if aligner:
-        text += (f"  Aligner: {'a LoRA (r ' + str(aligner['lora_r']) + ') copy' if aligner['lora'] else 'a full copy'} of "
-                 f"`{aligner['aligner']}` trained with the {aligner['loss']['name']} loss (α = {aligner['loss']['alpha']:g}) on "
-                 f"{aligner['n_examples']} training prompts (steps × prompts: {aligner['total_steps']} × {aligner['batch_size']}), "
-                 f"lr {aligner['learning_rate']:g}, {aligner['dtype']} training.")
-    if sft:
-        text += (f"  Direct fine-tune (upper baseline): the same training with α = {sft['loss']['alpha']:g} "
-                 f"({sft['total_steps']} × {sft['batch_size']}).")
-    text += (f"  RAM modes share: proposal top-p {eval_config['decode']['proposal_top_p']:g}, aligner top-p "
-             f"{eval_config['decode']['aligner_top_p']:g}, PAR-KL threshold {eval_config['decode']['kl_threshold']:g} nats, "
-             f"SIR {eval_config['decode']['candidates']} candidates, EOS priority {eval_config['decode']['eos_priority']}.")
-    return text
+def _read(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def training_records(pipeline: Pipeline) -> tuple[dict[str, dict], list[Path]]:
-    """Each training's configuration and log, from the record that matches (this script's or the CLI run's)."""
-    records, paths = {}, []
-    for kind in pipeline.train_configs:
-        path, data = pipeline.train_record(kind)
-        if path is None:
-            continue
-        paths.append(path)
-        if "step_config" in data:
-            records[kind] = {"config": data["train_config"], "log": data["log"]}
-        else:
-            records[kind] = {"config": data, "log": read_log(path.with_name(f"{kind}_train_log.jsonl"))}
-    return records, paths
+def rows_of(pipeline: Pipeline, decoding_name: str, decoding: dict) -> tuple[dict[str, dict], list[Path], int]:
+    """Every system's row for one decoding (the mean over its seeds), the eval files read, the prompts."""
+    per_seed: dict[str, list[dict]] = {}
+    paths, n_prompts = [], set()
+    for seed in decoding["seeds"]:
+        for group in ("ram", *FINETUNES):
+            data = pipeline.evaluated(group, decoding_name, decoding, seed)
+            paths.append(pipeline.exp.results / f"eval_{decoding_name}_s{seed}_{group}.json")
+            n_prompts.add(data["n_prompts"])
+            for system, metrics in data["systems"].items():
+                name = group if system == "finetuned" else system
+                per_seed.setdefault(name, []).append(system_row(metrics, data["n_prompts"]))
+    if len(n_prompts) != 1:
+        raise ValueError(f"{decoding_name}: evaluations over different numbers of prompts {sorted(n_prompts)}")
+    rows = {s: mean_over_seeds(per_seed[s]) for s in SYSTEMS if s in per_seed}
+    return rows, paths, n_prompts.pop()
+
+
+def describe(pipeline: Pipeline, trainings: dict[str, dict]) -> str:
+    """The setting in words, from the configurations and the training records."""
+    small = trainings[pipeline.small]["train_config"]
+    lines = [f"Proposal `{pipeline.args.proposal}`; task `{pipeline.test_task.data}` ({pipeline.test_task.split} split), "
+             f"documents cut to {pipeline.test_task.max_document_tokens} tokens, at most {pipeline.budget.max_new_tokens} new "
+             f"tokens, stop strings {list(pipeline.test_task.stop)!r}."]
+    warm = pipeline.warmup
+    start = (f"a {warm.steps}-step distillation warm-up (KL to the proposal on the training documents, {warm.max_tokens} "
+             f"tokens each, batch {warm.batch_size})" if warm else "no warm-up")
+    lines.append(f"Small aligner: the proposal's first {pipeline.args.aligner_layers} blocks (+ embeddings, final norm, head; "
+                 f"{small.get('trainable_parameters', 0):,} parameters, all trained), after {start}, trained with the "
+                 f"residual loss (α = {small['loss']['alpha']:g}) for {small['epochs']} epochs on {small['n_examples']} prompts "
+                 f"({small['n_heldout']} held out), batch {small['batch_size']}, lr {small['learning_rate']:g}, {small['dtype']}.")
+    for name in FINETUNES:
+        c = trainings[name]["train_config"]
+        lines.append(f"Direct fine-tune `{name}`: the proposal, {'LoRA r ' + str(c['lora_r']) if c['lora'] else 'all weights'}, "
+                     f"α = 0 (SFT), same prompts, epochs and batch, lr {c['learning_rate']:g}.")
+    lines.append("RAM modes: proposal top-p 0.95, aligner top-p 0.9, PAR-KL threshold 0.1 nats, SIR 8 candidates "
+                 "(seeded resampling, also in the greedy decoding), EOS priority.  The best RAM mode is chosen on these "
+                 "held-out prompts (a mild selection effect).  Intervals: 95 % paired bootstrap over prompts "
+                 "(2,000 draws); sampled rows average each prompt's ROUGE-L over the seeds first.")
+    return "  \n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     def options(parser):
         parser.add_argument("--proposal", default="smollm2-135m-instruct", help="Proposal model P_M.")
-        parser.add_argument("--aligner-init", default="smollm2-135m-instruct", help="Initial aligner (LoRA-trained copy).")
-        parser.add_argument("--systems", default=",".join(SYSTEMS), help="Comma-separated systems to evaluate.")
+        parser.add_argument("--aligner-layers", type=int, default=8, help="K: the small aligner's blocks (of the proposal's 30).")
+        parser.add_argument("--warmup-steps", type=int, default=None, help="Distillation warm-up steps (0 = none; default 300, quick 2).")
+        parser.add_argument("--epochs", type=int, default=None, help="Epochs of every training (default 3, quick 1).")
         parser.add_argument("--alpha", type=float, default=1e-4, help="Weight of the proposal-sample term (RAM default).")
-        parser.add_argument("--learning-rate", type=float, default=3e-4)
-        parser.add_argument("--train-dtype", default="bf16", help="Training dtype (bf16 autocast, as published).")
-        parser.add_argument("--dtype", default="fp32", help="Sampling and evaluation dtype (fp32, as published).")
+        parser.add_argument("--aligner-lr", type=float, default=1e-4, help="AdamW LR of the small aligner (all weights).")
+        parser.add_argument("--lora-lr", type=float, default=3e-4, help="AdamW LR of the LoRA fine-tune of the proposal.")
+        parser.add_argument("--full-lr", type=float, default=2e-5, help="AdamW LR of the full fine-tune of the proposal.")
+        parser.add_argument("--decodings", default="greedy,sampled", help="greedy and/or sampled (T 0.5, three seeds).")
+        parser.add_argument("--train-dtype", default="auto", help="Training dtype (auto: bf16 where native).")
+        parser.add_argument("--dtype", default="fp32", help="Sampling and evaluation dtype.")
         parser.add_argument("--device", default="cpu")
 
-    exp, args = Experiment.start("ram_xsum", "RAM on the embedded XSum task: proposal, aligner, RAM modes, direct fine-tune", argv, options)
-    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in args.systems if s not in SYSTEMS]
-    if unknown:
-        raise SystemExit(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
-    if args.quick:  # bf16 is emulated (~8x slower) on CPUs without bf16 units: quick trains in bf16 only where it is fast
-        args.train_dtype = "auto"
-    pipeline = Pipeline(exp, args, QUICK if args.quick else FULL)
-    found = pipeline.evaluations()
-
-    results = {s: found[s][1]["systems"][s] for s in args.systems}
-    n_prompts = {found[s][1]["n_prompts"] for s in args.systems}
-    best = {m: max(r[m] for r in results.values()) for m in ("rouge1", "rouge2", "rougeL")}
-    decode = pipeline.eval_config.decode
-
-    def label(system):
-        if system in LABELS:
-            return LABELS[system]
-        return f"RAM `{system}`" + (f" (n = {decode.candidates})" if system == "sir" else "")
-
-    def cell(system, metric):
-        value = f"{results[system][metric]:.2f}"
-        unique = sum(r[metric] == best[metric] for r in results.values()) == 1
-        return f"**{value}**" if len(results) > 1 and unique and results[system][metric] == best[metric] else value
-
-    rows = [[label(s), cell(s, "rouge1"), cell(s, "rouge2"), cell(s, "rougeL"), f"{r['mean_words']:.1f}",
-             f"{r['finish_reasons']['eos']} / {found[s][1]['n_prompts']}"] for s, r in results.items()]
-    markdown = markdown_table(["system", "ROUGE-1", "ROUGE-2", "ROUGE-L", "words", "ended by EOS"], rows, "lrrrrr")
-
-    gaps = []
-    if {"proposal", "aligner", "finetuned"} <= set(results):
-        for mode in [m for m in RAM_MODES if m in results]:
-            d = {other: results[mode]["rougeL"] - results[other]["rougeL"] for other in ("proposal", "aligner", "finetuned")}
-            met = d["proposal"] > 0 and d["aligner"] > 0 and d["finetuned"] >= -TARGET_ROUGE_L_GAP_TO_FINETUNED
-            gaps.append({"mode": mode, **d, "target_met": met})
-        markdown += "\n\n" + markdown_table(
-            ["RAM mode", "ROUGE-L − proposal", "− aligner alone", "− direct fine-tune",
-             f"target: > 0, > 0, ≥ −{TARGET_ROUGE_L_GAP_TO_FINETUNED:g}"],
-            [[f"`{g['mode']}`", f"{g['proposal']:+.2f}", f"{g['aligner']:+.2f}", f"{g['finetuned']:+.2f}",
-              "met" if g["target_met"] else "missed"] for g in gaps], "lrrrl")
-
-    records, train_paths = training_records(pipeline)
-    notes = [describe_setup(found[args.systems[0]][1]["config"], records)]
-    seconds = {s: r["seconds"] for s, r in results.items()}
-    times = [f"decoding {'/'.join(map(str, sorted(n_prompts)))} prompts {min(seconds.values()):,.0f}-{max(seconds.values()):,.0f} s per system"]
-    samples_path, samples = pipeline.sample_record()
-    if samples:
-        earlier = f" (the other {samples['already_done']:,} in an earlier run)" if samples.get("already_done") else ""
-        times.insert(0, f"sampling {samples['sampled']:,} prompts {samples['seconds']:,.0f} s{earlier}")
-    for kind, record in records.items():
-        if record["log"]:
-            name = "aligner" if kind == "aligner" else "direct fine-tune (SFT)"
-            times.insert(len(times) - 1, f"{name} training {record['log'][-1]['seconds']:,.0f} s")
-    notes.append("Wall time (as recorded): " + ", ".join(times) + ".")
-    pngs = [p for p in [plot_training(records, exp.results / "training.png")] if p]
-    sources = sorted({found[s][0] for s in args.systems}) + train_paths + ([samples_path] if samples_path else [])
-    summary = {"systems": results, "n_prompts": sorted(n_prompts), "rouge_l_gaps": gaps,
-               "targets": {"rougeL_gap_to_finetuned": TARGET_ROUGE_L_GAP_TO_FINETUNED},
-               "eval_files": {s: str(found[s][0].relative_to(exp.results_root)) for s in args.systems},
-               "config": pipeline.eval_expected(args.systems)}
-    headline = []
-    if "par" in results and {"proposal", "aligner", "finetuned"} <= set(results):
-        headline.append((f"RAM `par` on XSum ({'/'.join(map(str, sorted(n_prompts)))} held-out prompts): "
-                         "ROUGE-L vs proposal / aligner alone / direct fine-tune",
-                         f"{results['par']['rougeL']:.2f} vs {results['proposal']['rougeL']:.2f} / "
-                         f"{results['aligner']['rougeL']:.2f} / {results['finetuned']['rougeL']:.2f}"))
-    exp.finish(summary, markdown, notes="\n\n".join(notes), pngs=pngs, sources=sources, headline=headline)
+    exp, args = Experiment.start("ram_xsum", "RAM with a small aligner on XSum: proposal, aligner alone, RAM modes, direct fine-tunes",
+                                 argv, options)
+    budget = QUICK if args.quick else FULL
+    budget = budget._replace(**{k: v for k, v in (("warmup_steps", args.warmup_steps), ("epochs", args.epochs)) if v is not None})
+    chosen = decodings(budget.seeds, [d.strip() for d in args.decodings.split(",") if d.strip()])
+    pipeline = Pipeline(exp, args, budget)
+    labels = {"proposal": "proposal alone", "aligner": f"small aligner alone ({args.aligner_layers} blocks)",
+              "sft-lora": "proposal fine-tuned (LoRA SFT)", "sft-full": "proposal fine-tuned (full SFT)",
+              **{m: f"RAM `{m}`" for m in RAM_MODES}}
+    tables, summary, sources, headline = [], {"decodings": {}}, [], []
+    for name, decoding in chosen.items():
+        rows, paths, n_prompts = rows_of(pipeline, name, decoding)
+        intervals = paired_intervals(rows)
+        targets = target_rows(rows, intervals)
+        title = ("Greedy decoding" if decoding["greedy"] else
+                 f"Sampled decoding (T {decoding['temperature']:g}, mean of seeds {', '.join(map(str, decoding['seeds']))})")
+        tables.append(f"**{title}**, {n_prompts} held-out prompts\n\n{systems_table(rows, intervals, labels)}\n\n"
+                      f"{targets_table(targets, labels)}")
+        summary["decodings"][name] = {**decoding, "n_prompts": n_prompts, "intervals": intervals, "targets": targets,
+                                      "systems": {s: {k: v for k, v in r.items() if k != "per_prompt_rougeL"} for s, r in rows.items()}}
+        sources += paths
+        if decoding["greedy"] and targets:
+            by = {t["against"]: t for t in targets}
+            headline.append((f"RAM with a {args.aligner_layers}-block aligner on XSum (greedy, best mode `{targets[0]['mode']}`): "
+                             "ROUGE-L − aligner alone / − proposal / − full SFT",
+                             " / ".join(f"{by[b]['difference']:+.2f} [{by[b]['low']:+.2f}, {by[b]['high']:+.2f}]"
+                                        for b in ("aligner", "proposal", "sft-full") if b in by)))
+    trainings = {name: pipeline.trained(name) for name in pipeline.trainings}
+    logs = {name: t["log"] for name, t in trainings.items()}
+    warm = pipeline.warmed()
+    if warm:
+        logs = {f"warmup{args.aligner_layers}": warm["log"], **logs}
+    summary["heldout_per_epoch"] = {name: [r for r in t["log"] if r.get("event") == "heldout"] for name, t in trainings.items()}
+    summary["config"] = {"budget": budget._asdict(), "eval": pipeline.eval_expected("ram", chosen[next(iter(chosen))], 0)}
+    pngs = [p for p in [plot_training(logs, exp.results / "training.png")] if p]
+    sources += [exp.results / f"train_{name}.json" for name in trainings] + [exp.results / "samples.json"]
+    exp.finish(summary, "\n\n".join(tables), notes=describe(pipeline, trainings), pngs=pngs, sources=sources,
+               headline=headline)
     return summary
 
 

@@ -82,6 +82,9 @@ def test_sampling_appends_and_resumes(workspace):
     assert len(samples) == 9 and len(out.read_text().splitlines()) == 9
     assert all(len(s["sample_ids"]) <= 5 for s in samples.values())
     assert json.loads((root / "samples.jsonl.config.json").read_text())["config"]["decode"]["proposal_top_k"] == 10
+    with pytest.raises(ValueError, match=r"another configuration \(max_new_tokens, temperature;"):
+        sample_proposal(SampleConfig(proposal=str(root / "proposal"), out=str(out), task=task(root), max_new_tokens=6,
+                                     temperature=0.7, batch_size=2, seed=5))  # batch size and seed may change
 
 
 def _weights(path):

@@ -1,8 +1,8 @@
 """``align eval``: ROUGE of every system on the held-out prompts (XSum ``test`` split by default).
 
 Systems: ``proposal`` (P_M alone), ``aligner`` (Q alone), RAM in each mode (``par``, ``par-kl``,
-``sir``, ``mds``) and optionally ``finetuned`` (the proposal fine-tuned directly, decoded alone: the
-upper baseline).  Each system decodes the same prompts with the same seed and settings.
+``sir``, ``mds``) and optionally ``finetuned`` (the proposal fine-tuned directly, decoded alone with the
+proposal's settings: the upper baseline).  Each system decodes the same prompts with the same seed and settings.
 
 Metrics per system: ROUGE-1/2/L F1 x 100 (``rouge_score``, Porter stemmer, mean over prompts; the
 per-prompt ROUGE-L as ``per_prompt_rougeL``, in the order of the results' ``ids``), mean summary length in words, tokens/s, why rows ended (``finish_reasons``), and what the chosen
@@ -159,7 +159,7 @@ def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = Non
             finetuned, finetuned_tokenizer = load_model(config.finetuned, device=config.device)
             weights["finetuned"] = weights_record(finetuned)
             shared_vocab_size(tokenizer, finetuned_tokenizer, config.proposal, config.finetuned, proposal, finetuned)
-            models, mode = (None, finetuned), "aligner"
+            models, mode = (finetuned, None), "proposal"  # the fine-tuned proposal, decoded as the proposal is
         get_mode(mode)
         stats = GenerationStats()
         began = time.perf_counter()

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from amendlm.modeling import dtype_name, dtype_record, pad_token_id, resolve_dtype
-from amendlm.ram.data import TaskConfig, encode_prompt, load_task
+from amendlm.ram.data import TASKS, TaskConfig, encode_prompt, load_task
 from amendlm.ram.decoding import DecodeConfig
 from amendlm.ram.generate import GenerateConfig, GenerationStats, generate
 from amendlm.report import atomic_write_json
@@ -114,8 +114,9 @@ def check_inputs(config: SampleConfig, check_model: bool = True) -> None:
         return
     recorded = json.loads(beside.read_text()).get("config") or {}
     current = {**asdict(config), "stop": list(config.stop_strings)}
-    recorded = {**recorded, "stop": recorded.get("stop") if recorded.get("stop") is not None
-                else list(TaskConfig(**recorded["task"]).stop if "task" in recorded else ())}
+    if recorded.get("stop") is None:  # written before the stop strings were recorded: the task's
+        preset = TASKS.get((recorded.get("task") or {}).get("data"))
+        recorded = {**recorded, "stop": list(preset.stop) if preset else []}
     differs = config_differences({k: v for k, v in current.items() if k not in MAY_CHANGE},
                                  {k: v for k, v in recorded.items() if k not in MAY_CHANGE})
     differs = [d for d in differs if d.split(".")[-1] not in MAY_CHANGE]

@@ -1,0 +1,169 @@
+"""The RAM XSum table as data: seeds averaged, paired-bootstrap intervals, targets, tables, the loss plot.
+
+Pure functions over ``align eval`` results (:func:`amendlm.ram.evaluate.evaluate_systems`), so the
+numbers of ``experiments/ram_xsum.py`` are tested without a model:
+
+* :func:`mean_over_seeds`: one system's sampled runs (same prompts) -> their mean, per prompt too;
+* :func:`paired_intervals`: each system's ROUGE-L minus a baseline's, paired over prompts, with a 95 %
+  percentile-bootstrap interval (:func:`amendlm.bias.bootstrap.paired_difference`: 2,000 draws of the
+  prompts, the same draws for both systems);
+* :func:`target_rows`: the table's targets read against the best RAM mode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from amendlm.bias.bootstrap import paired_difference
+from amendlm.report import atomic_save_figure
+from common import markdown_table
+
+RAM_MODES = ("par", "par-kl", "sir", "mds")
+FINETUNES = ("sft-lora", "sft-full")
+SYSTEMS = ("proposal", "aligner", *RAM_MODES, *FINETUNES)
+BASELINES = ("proposal", "aligner", *FINETUNES)  # ROUGE-L differences are taken against each
+# the targets (ROUGE-L points) the table is read against: best RAM mode minus ...
+TARGET_OVER_ALIGNER = 1.5  # ... the small aligner alone, with its interval above 0
+TARGET_OVER_PROPOSAL = 2.0  # ... the proposal alone
+TARGET_UNDER_FINETUNE = 1.0  # ... a direct fine-tune of the proposal: at least minus this
+SCALARS = ("rouge1", "rouge2", "rougeL", "mean_words", "eos_share")
+CHOICES = ("fallback_rate", "follows_aligner_argmax", "follows_proposal_argmax")
+
+
+def system_row(metrics: dict, n_prompts: int) -> dict:
+    """The fields of one system's ``align eval`` metrics the table uses, with ``eos_share`` (rows ended by EOS / prompts)."""
+    row = {name: metrics[name] for name in ("rouge1", "rouge2", "rougeL", "mean_words")}
+    row["eos_share"] = metrics["finish_reasons"]["eos"] / n_prompts
+    row.update({name: metrics["choices"][name] for name in CHOICES})
+    row["per_prompt_rougeL"] = list(metrics["per_prompt_rougeL"])
+    return row
+
+
+def mean_over_seeds(runs: list[dict]) -> dict:
+    """The mean of one system's rows (:func:`system_row`) over seeds: each scalar, each choice share
+    (``None`` stays ``None``) and each prompt's ROUGE-L (the unit of the paired bootstrap).
+
+    Raises:
+        ValueError: no runs, or runs over different numbers of prompts.
+    """
+    if not runs:
+        raise ValueError("mean_over_seeds: no runs")
+    lengths = {len(r["per_prompt_rougeL"]) for r in runs}
+    if len(lengths) != 1:
+        raise ValueError(f"mean_over_seeds: runs over different numbers of prompts {sorted(lengths)}")
+    out = {name: sum(r[name] for r in runs) / len(runs) for name in SCALARS}
+    for name in CHOICES:
+        values = [r[name] for r in runs if r[name] is not None]
+        out[name] = sum(values) / len(values) if values else None
+    out["per_prompt_rougeL"] = [sum(values) / len(runs) for values in zip(*(r["per_prompt_rougeL"] for r in runs))]
+    out["seeds"] = len(runs)
+    return out
+
+
+def paired_intervals(rows: dict[str, dict], baselines=BASELINES) -> dict[str, dict[str, dict | None]]:
+    """``{system: {baseline: {value, low, high, p, n_units}}}``: mean per-prompt ROUGE-L of ``system`` minus
+    ``baseline`` with its 95 % paired-bootstrap interval; ``None`` for a system against itself or a
+    baseline that is not in ``rows``.
+
+    Raises:
+        ValueError: two systems scored on different numbers of prompts.
+    """
+    out: dict[str, dict[str, dict | None]] = {}
+    for system, row in rows.items():
+        out[system] = {}
+        for baseline in baselines:
+            if baseline == system or baseline not in rows:
+                out[system][baseline] = None
+                continue
+            diff = paired_difference(rows[baseline]["per_prompt_rougeL"], row["per_prompt_rougeL"])
+            out[system][baseline] = diff.to_dict()
+    return out
+
+
+def best_ram_mode(rows: dict[str, dict]) -> str | None:
+    """The RAM mode with the highest mean ROUGE-L (the first in :data:`RAM_MODES` order on a tie), or None."""
+    modes = [m for m in RAM_MODES if m in rows]
+    return max(modes, key=lambda m: (rows[m]["rougeL"], -modes.index(m))) if modes else None
+
+
+def target_rows(rows: dict[str, dict], intervals: dict[str, dict]) -> list[dict]:
+    """The targets, each read against the best RAM mode (:func:`best_ram_mode`):
+
+    * best RAM − aligner alone ≥ :data:`TARGET_OVER_ALIGNER` with the interval's low end above 0;
+    * best RAM − proposal ≥ :data:`TARGET_OVER_PROPOSAL`;
+    * best RAM − each direct fine-tune ≥ −:data:`TARGET_UNDER_FINETUNE`.
+
+    Returns:
+        rows ``{"against", "mode", "difference", "low", "high", "target", "met"}`` for the baselines present.
+    """
+    mode = best_ram_mode(rows)
+    if mode is None:
+        return []
+    wanted = [("aligner", TARGET_OVER_ALIGNER, True), ("proposal", TARGET_OVER_PROPOSAL, False)]
+    wanted += [(f, -TARGET_UNDER_FINETUNE, False) for f in FINETUNES]
+    out = []
+    for baseline, target, needs_interval in wanted:
+        diff = intervals[mode].get(baseline)
+        if diff is None:
+            continue
+        met = diff["value"] >= target and (diff["low"] > 0 if needs_interval else True)
+        out.append({"against": baseline, "mode": mode, "difference": diff["value"], "low": diff["low"],
+                    "high": diff["high"], "target": target, "interval_above_zero": needs_interval, "met": met})
+    return out
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def _diff(interval: dict | None) -> str:
+    return "" if interval is None else f"{interval['value']:+.2f} [{interval['low']:+.2f}, {interval['high']:+.2f}]"
+
+
+def systems_table(rows: dict[str, dict], intervals: dict[str, dict], labels: dict[str, str]) -> str:
+    """The systems as a markdown table: ROUGE, differences with intervals, length, EOS, what tokens followed."""
+    header = ["system", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-L − proposal [95 % CI]", "− aligner alone [95 % CI]",
+              "words", "ended by EOS", "par-kl fallback", "= aligner argmax", "= proposal argmax"]
+    table = [[labels.get(s, s), f"{r['rouge1']:.2f}", f"{r['rouge2']:.2f}", f"{r['rougeL']:.2f}",
+              _diff(intervals[s].get("proposal")), _diff(intervals[s].get("aligner")), f"{r['mean_words']:.1f}",
+              _share(r["eos_share"]), _share(r["fallback_rate"]), _share(r["follows_aligner_argmax"]),
+              _share(r["follows_proposal_argmax"])] for s, r in rows.items()]
+    return markdown_table(header, table, "l" + "r" * (len(header) - 1))
+
+
+def targets_table(targets: list[dict], labels: dict[str, str]) -> str:
+    """The targets as a markdown table (difference with its interval, the target, met or missed)."""
+    rows = [[f"best RAM mode (`{t['mode']}`) − {labels.get(t['against'], t['against'])}",
+             f"{t['difference']:+.2f} [{t['low']:+.2f}, {t['high']:+.2f}]",
+             f"≥ {t['target']:+g}" + (", interval above 0" if t["interval_above_zero"] else ""),
+             "met" if t["met"] else "missed"] for t in targets]
+    return markdown_table(["target (ROUGE-L)", "difference [95 % CI]", "target", ""], rows, "lrll")
+
+
+def plot_training(logs: dict[str, list[dict]], path: Path) -> Path | None:
+    """Held-out −log Q(y|x) per epoch of each training (the same held-out prompts), the training loss per
+    logged step of each, and the warm-up's KL per step (if any).  ``logs``: name -> log records
+    (``event`` ``heldout`` / ``train`` / ``distill``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(logs.values()):
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for name, log in logs.items():
+        for ax, event, x, y in ((axes[0], "heldout", "epoch", "nll"), (axes[1], "train", "step", "loss"),
+                                (axes[2], "distill", "step", "kl")):
+            records = [r for r in log if r.get("event") == event]
+            if records:
+                ax.plot([r[x] for r in records], [r[y] for r in records], marker="o", markersize=3, label=name)
+    axes[0].set(xlabel="epoch", title="held-out −log Q(y|x) (nats per summary)")
+    axes[1].set(xlabel="optimizer step (logged)", title="training loss (per batch)")
+    axes[2].set(xlabel="step", title="warm-up: KL(P_M ‖ Q) per token (nats)")
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_save_figure(fig, path, dpi=110)
+    return path
