@@ -294,3 +294,18 @@ def test_distillation_warm_up_moves_the_cut_aligner_towards_the_proposal(workspa
         before = token_kl(teacher, cut(ids).logits.log_softmax(-1), mask).item()
         after = token_kl(teacher, warmed(ids).logits.log_softmax(-1), mask).item()
     assert after < before  # KL(P_M || Q) per position on the training documents, nats
+
+
+def test_truncate_log_keeps_records_up_to_the_checkpoint_and_nothing_without_one(tmp_path):
+    import json as _json
+
+    from amendlm.ram import run_dir
+
+    log = tmp_path / "train_log.jsonl"
+    lines = [_json.dumps({"event": "heldout", "step": 0}), _json.dumps({"event": "train", "step": 1}),
+             _json.dumps({"event": "train", "step": 2})]
+    log.write_text("\n".join(lines) + '\n{"event": "tra')  # a half-written last line
+    run_dir.truncate_log(log, 1)
+    assert log.read_text().splitlines() == lines[:2]
+    run_dir.truncate_log(log, None)  # no checkpoint: a fresh run, perhaps configured otherwise, keeps nothing
+    assert log.read_text() == ""

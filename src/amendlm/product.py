@@ -42,7 +42,10 @@ def product_logits(proposal_logits: torch.Tensor, aligner_logits: torch.Tensor, 
 
     Returns:
         ``(..., V)`` fp32 logits; ``log_softmax`` of them is ``log p`` of eq. (1) (natural log), the
-        same distribution as ``rule_mds`` (which adds per-row constants only).
+        same distribution as ``rule_mds`` (which adds per-row constants only).  Normalised over the
+        ``V`` shared tokens only: a proposal whose output matrix is padded wider than its tokenizer
+        (e.g. Qwen2.5, 151,936 rows for 151,665 tokens) is scored alone over all its rows, so there a
+        constant aligner gives the proposal's scores up to the (tiny) mass of the padding rows.
 
     Raises:
         ValueError: either tensor has fewer than ``V`` columns, or a temperature is not > 0.

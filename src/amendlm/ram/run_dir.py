@@ -125,8 +125,9 @@ def resume_dtype(config_dtype: str, out: Path) -> str:
     return config_dtype
 
 
-def truncate_log(path: Path, last_step: int) -> None:
-    """Keep only the log records up to ``last_step`` (the checkpoint a run resumes from; 0 = none), so a
+def truncate_log(path: Path, last_step: int | None) -> None:
+    """Keep only the log records up to ``last_step`` (the checkpoint a run resumes from; None = no
+    checkpoint: keep nothing, the run starts afresh, perhaps with another configuration), so a
     resumed run does not log the steps it redoes twice.  A half-written last line is dropped too."""
     from amendlm.report import atomic_write_text
 
@@ -139,7 +140,7 @@ def truncate_log(path: Path, last_step: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+        if last_step is not None and isinstance(record, dict) and record.get("step", 0) <= last_step:
             kept.append(line + "\n")
     atomic_write_text(path, "".join(kept))
 

@@ -267,7 +267,7 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
         step, micro_start = state["step"], state["micro_batches"]
         logger.info("resumed from %s (step %d)", checkpoint, step)
     if main:
-        run_dir.truncate_log(out / run_dir.LOG_FILE, step)
+        run_dir.truncate_log(out / run_dir.LOG_FILE, step if checkpoint is not None else None)
     began, last, last_heldout = time.perf_counter(), {}, None
     bar = tqdm(total=total_steps, initial=step, desc="align train", unit="step", disable=not (progress and main))
 

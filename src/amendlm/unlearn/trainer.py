@@ -161,6 +161,9 @@ class UnlearnTrainer:
         ``max_steps`` and resumed with a larger budget follows the uninterrupted run exactly.
         """
         scores = val_scores(self.accelerator.unwrap_model(self.model), self.tokenizer, self.val_clusters, self.config)
+        # the main process's scores in every process, so that stop / focus / swap decisions agree (scores
+        # computed on different devices could differ in the last bit near a threshold)
+        scores = main_process_value(scores, self.accelerator)
         record = eval_record(self.state.step, scores)
         types = {name: ss for name, ss in record["ss"].items() if name != "overall"}
         s, c = self.state, self.config
