@@ -187,3 +187,15 @@ def test_debias_with_a_missing_model_is_one_line(tmp_path):
                                       "--no-progress"])
     assert result.exit_code == 1
     assert "no such model directory" in result.output and "Traceback" not in result.output
+
+
+def test_the_help_states_the_pairwise_recipe_values_a_plain_run_uses():
+    from amendlm.unlearn.commands import debias as command
+    from amendlm.unlearn.recipes import PAIRWISE
+
+    doc = " ".join(command.__doc__.split())
+    weights = " / ".join(f"{PAIRWISE[k]:g}".replace("1", "1.0", 1) if PAIRWISE[k] == 1 else f"{PAIRWISE[k]:g}"
+                         for k in ("alpha_forget", "alpha_retain", "alpha_kl"))
+    assert f"method {PAIRWISE['method']}, {PAIRWISE['max_steps']} steps" in doc
+    assert f"{PAIRWISE['warmup_steps']} warm-up steps" in doc and f"loss weights {weights}" in doc
+    assert float(doc.split("lr ")[1].split()[0]) == PAIRWISE["lr"]

@@ -104,7 +104,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.aligner is None and self.init_from_proposal_layers is None:
-            raise ValueError("give an aligner model or init_from_proposal_layers K")
+            raise ValueError("give the initial aligner: --aligner MODEL, or --init-from-proposal-layers K for the "
+                             "proposal's first K blocks (TrainConfig.aligner / init_from_proposal_layers)")
         if self.init_from_proposal_layers is not None and self.init_from_proposal_layers < 1:
             raise ValueError(f"init_from_proposal_layers must be >= 1, got {self.init_from_proposal_layers}")
         for name in ("batch_size", "grad_accum", "epochs", "save_every", "log_every"):
