@@ -40,7 +40,7 @@ def recipe_run() -> Run:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from amendlm.bias.compare import comparison_rows, markdown_table as compare_table
+    from amendlm.bias.compare import comparison_rows, format_cell, markdown_table as compare_table
 
     def options(parser):
         parser.add_argument("--dtype", default="fp32", help="fp32 (exact, default), bf16 or auto.")
@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
          f"{o['ss']:.2f} / {o['lms']:.2f} / {o['icat']:.2f}; "
          f"{full['benchmarks']['crows-pairs']['scores']['overall']['metric']:.2f}; "
          f"{full['benchmarks']['perplexity']['perplexity']:.2f}"),
-        (f"`{MODEL}` + unlearning (recipe {RECIPE}, {config.max_steps} steps) vs base, held-out test targets ({dtype}): SS / LMS / CrowS / perplexity",
-         " / ".join(f"{before[k]:.2f} → {after_row[k]:.2f}" for k in ("ss", "lms", "crows", "ppl"))
+        (f"`{MODEL}` + unlearning (recipe {RECIPE}, {config.max_steps} steps) vs base, held-out test targets ({dtype}): SS / LMS / CrowS [95 % CI] / perplexity",
+         " / ".join(f"{before[k]:.2f} → {format_cell(after_row, k)}" for k in ("ss", "lms", "crows"))
+         + f" / {before['ppl']:.2f} → {after_row['ppl']:.2f}"
          + f"; {met} of {len(checks[label])} targets met"),
     ]
     sources = [full_path, base_path, *([] if kept_base else [after_path]), record_dir / "summary.json"]

@@ -102,9 +102,15 @@ def main(argv: list[str] | None = None) -> dict:
                "configs": {"variant": variant.to_dict(), "transferred": transferred[1].to_dict(), "own": own[1].to_dict()}}
     sources = [*paths.values(), variant_record(exp, variant), records(exp, own[0]) / "summary.json",
                base_path, original_path]
-    headline = [(f"Transfer: SS change of the default recipe's adapter on a fine-tuned variant / on the model it was trained on ({dtype})",
-                 " / ".join("n/a" if change[k] is None else f"{change[k]:+.2f}"
-                            for k in ("variant, transferred adapter", "embedded model, the same adapter")))]
+    def with_interval(value: float | None, row: dict) -> str:  # the paired bootstrap of the row against its first
+        test = (row.get("vs_first") or {}).get("ss")
+        text = "n/a" if value is None else f"{value:+.2f}"
+        return f"{text} [{test['low']:+.1f}, {test['high']:+.1f}]" if test and value is not None else text
+
+    headline = [(f"Transfer: SS change [95 % CI] of the default recipe's adapter on a fine-tuned variant / on the model "
+                 f"it was trained on ({dtype})",
+                 with_interval(change["variant, transferred adapter"], rows[1]) + " / "
+                 + with_interval(change["embedded model, the same adapter"], original_rows[1]))]
     exp.finish(summary, markdown, notes=notes, sources=sources, headline=headline)
     return summary
 
