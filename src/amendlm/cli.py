@@ -70,6 +70,11 @@ def eval_command(
         pair = None if aligner is None else AlignerConfig(aligner, proposal_temperature, aligner_temperature)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    if pair is not None:
+        from amendlm.product import check_aligner
+
+        with user_errors():  # a wrong --aligner: one line naming it, before the warning below and any model load
+            check_aligner(pair)
     if (adapter is not None or aligner is not None) and split == "all" and "stereoset" in config.benchmarks:
         typer.secho("warning: --split all includes the StereoSet target terms adapters and aligners are trained on "
                     "(train) and selected on (val); report held-out numbers with --split test", fg=typer.colors.YELLOW, err=True)
