@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from amendlm.data.splits import DEFAULT_SEED
-from amendlm.errors import user_errors
+from amendlm.errors import OneLineUsageErrors, user_errors
 from amendlm.resources import DEFAULT_MODEL
 
 # defaults shown by --help; EvalConfig (amendlm.bias.evaluate) validates the values
@@ -19,6 +19,7 @@ app = typer.Typer(
     help="Change what a pretrained causal LM says after pre-training, and measure it.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    cls=OneLineUsageErrors,  # usage errors: one plain line on stderr, not click's usage text in a rich panel
 )
 
 

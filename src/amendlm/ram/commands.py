@@ -39,6 +39,8 @@ BUDGET_HELP = "Cut each prompt's document to this many tokens (0 = no cut); samp
 STOP_HELP = ("Stop string, repeatable, escapes like \\n understood; default: the task's (xsum-sample: a newline, "
              "summaries are one sentence; a data file: none); --stop '' for none.")
 ALIGNER_HELP = "Aligner Q: a model, or an 'align train' output directory (its aligner/ is used)."
+CHAT_HELP = "Wrap prompts in the tokenizer's chat template; default: when the tokenizer has one."
+DEVICE_HELP = "cpu, or an accelerator such as cuda (under accelerate launch each process takes its own)."
 
 
 def _task(data: str, split: str, limit: Optional[int], max_document_tokens: int, split_seed: int,
@@ -56,6 +58,12 @@ def _stops(stop: Optional[List[str]]) -> tuple[str, ...] | None:
 
 def _bad(err: Exception):
     return typer.BadParameter(str(err).strip("'\""))
+
+
+def _require_inputs(missing: List[str]) -> None:
+    """One usage error naming every missing input at once (not one per attempt)."""
+    if missing:
+        raise typer.BadParameter("missing " + (", ".join(missing[:-1]) + " and " if len(missing) > 1 else "") + missing[-1])
 
 
 @align_app.command("sample")
@@ -96,34 +104,44 @@ def sample_command(
 
 @align_app.command("train")
 def train_command(
-    out: Path = typer.Option(..., help="Output directory (checkpoints, aligner/, logs); rerun to resume, a finished run is kept."),
-    samples: Path = typer.Option(..., help="Proposal samples jsonl from 'align sample'."),
-    aligner: Optional[str] = typer.Option(None, help="Initial aligner: any model with the proposal's vocabulary."),
+    out: Optional[Path] = typer.Option(None, show_default=False, help="Output directory (checkpoints, aligner/, logs); rerun to resume, a finished run is kept. Required."),
+    samples: Optional[Path] = typer.Option(None, show_default=False, help="Proposal samples jsonl from 'align sample'. Required."),
+    aligner: Optional[str] = typer.Option(None, help="Initial aligner: any model with the proposal's vocabulary (or give --init-from-proposal-layers)."),
     proposal: str = typer.Option(DEFAULT_MODEL, help="Proposal model (for --init-from-proposal-layers)."),
     init_from_proposal_layers: Optional[int] = typer.Option(None, help="Aligner = the proposal's first K blocks."),
     data: str = typer.Option("xsum-sample", help=DATA_HELP),
     limit: Optional[int] = typer.Option(None, help="Only the first N training prompts."),
     max_document_tokens: int = typer.Option(BUDGET, help=BUDGET_HELP),
     split_seed: int = typer.Option(0, help="Seed of the hash split."),
-    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help=CHAT_HELP),
     loss: str = typer.Option("residual", help="residual (-log Q(y|x) + alpha log Q(y'|x)) or dpo (reference-free, y chosen, y' rejected)."),
     alpha: float = typer.Option(1e-4, help="Weight of the proposal-sample term (RAM default 1e-4); 0 = SFT."),
     beta: float = typer.Option(1.0, help="DPO beta."),
     per_token: bool = typer.Option(False, help="Average log-probs per token instead of per-sequence sums."),
     lora: bool = typer.Option(False, "--lora/--full", help="LoRA adapters (merged at the end) or all weights (default)."),
-    lora_r: int = typer.Option(8), lora_alpha: int = typer.Option(16), lora_dropout: float = typer.Option(0.05),
+    lora_r: int = typer.Option(8, help="LoRA rank (with --lora)."),
+    lora_alpha: int = typer.Option(16, help="LoRA alpha, scale alpha / r (with --lora)."),
+    lora_dropout: float = typer.Option(0.05, help="LoRA dropout (with --lora)."),
     learning_rate: float = typer.Option(1e-4, help="AdamW peak learning rate."),
-    epochs: int = typer.Option(1), max_steps: Optional[int] = typer.Option(None),
-    batch_size: int = typer.Option(8, help="Prompts per micro-batch (under accelerate launch, of all processes together)."), grad_accum: int = typer.Option(1),
+    epochs: int = typer.Option(1, help="Passes over the training prompts."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (default: all --epochs)."),
+    batch_size: int = typer.Option(8, help="Prompts per micro-batch (under accelerate launch, of all processes together)."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
     save_every: int = typer.Option(50, help="Optimizer steps between checkpoints (and one at the final step)."),
     eval_fraction: float = typer.Option(0.05, help="Share of the training prompts held out (by id) for the held-out loss; 0 = none."),
     eval_every: int = typer.Option(0, help="Also log the held-out loss every N steps (0: before training, at epoch ends and the end)."),
-    seed: int = typer.Option(0), dtype: str = typer.Option("auto", help=DTYPE_HELP), device: str = typer.Option("cpu"),
+    seed: int = typer.Option(0, help="Seed of the batch order, the held-out share and initialisation."),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Train the aligner Q on targets and proposal samples (Accelerate; full or LoRA)."""
     from amendlm.ram.losses import LossConfig
     from amendlm.ram.train import TrainConfig, train_aligner
 
+    _require_inputs([name for name, given in (
+        ("--out DIR", out is not None), ("--samples FILE (from 'align sample')", samples is not None),
+        ("the initial aligner (--aligner MODEL or --init-from-proposal-layers K)",
+         aligner is not None or init_from_proposal_layers is not None)) if not given])
     try:
         config = TrainConfig(
             out=str(out), samples=str(samples), aligner=aligner, proposal=proposal,
@@ -257,16 +275,20 @@ def eval_command(
     dtype: str = typer.Option("auto", help=DTYPE_HELP), device: str = typer.Option("cpu"),
 ) -> None:
     """ROUGE-1/2/L and length of proposal, aligner, RAM modes (and a direct fine-tune) on held-out prompts."""
-    from amendlm.ram.evaluate import AlignEvalConfig, evaluate_systems
+    from amendlm.ram.evaluate import SYSTEMS, AlignEvalConfig, evaluate_systems
     from amendlm.ram.generate import GenerateConfig
     from amendlm.report import atomic_write_json, package_versions
 
+    chosen = [s.strip() for s in systems.split(",") if s.strip()]
+    need_aligner = [s for s in chosen if s in SYSTEMS and s not in ("proposal", "finetuned")]
+    _require_inputs(([f"--aligner (for {', '.join(need_aligner)})"] if need_aligner and aligner is None else [])
+                    + (["--finetuned (for finetuned)"] if "finetuned" in chosen and finetuned is None else []))
     try:
         task = _task(data, "test", limit, max_document_tokens, split_seed, chat_template)
         stops = _stops(stop)
         config = AlignEvalConfig(
             proposal=proposal, aligner=aligner, finetuned=finetuned,
-            systems=[s.strip() for s in systems.split(",") if s.strip()], task=task,
+            systems=chosen, task=task,
             decode=_decode_config("par-kl", candidates, kl_threshold, proposal_top_p, aligner_top_p,
                                   proposal_temperature, aligner_temperature, eos_priority),
             generate=GenerateConfig(max_new_tokens=max_new_tokens, greedy=greedy, seed=seed,
