@@ -163,6 +163,21 @@ def test_bad_values_name_the_valid_ones(tmp_path, captured):
     assert result.exit_code != 0 and "valid: all, differing" in result.output
 
 
+def test_device_is_an_option_recorded_in_the_config_and_checked_before_training(tmp_path, captured, monkeypatch):
+    import torch
+
+    assert debias(tmp_path / "a", "--device", "cpu").exit_code == 0
+    assert captured[0].to_dict()["device"] == "cpu" and captured[0].recipe_overrides == {"device": "cpu"}
+    assert debias(tmp_path / "b").exit_code == 0 and captured[1].device == "auto"  # as before: an accelerator if any
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for args, code, says in ((("--device", "cuda:1"), 2, "without an index"), (("--cpu", "--device", "cuda"), 2, "disagree"),
+                             (("--device", "cuda"), 1, "error: --device cuda: no such accelerator on this machine"),
+                             (("--device", "gpu"), 1, "--device gpu: not a device")):
+        result = debias(tmp_path / "c", *args)
+        assert result.exit_code == code and says in result.stderr and len(result.stderr.splitlines()) == 1, result.output
+    assert len(captured) == 2 and not (tmp_path / "c").exists()
+
+
 def test_progress_lines_for_steps_and_evaluations():
     from rich.console import Console
 

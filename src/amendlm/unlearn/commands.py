@@ -62,7 +62,8 @@ def debias(
     selection: str = typer.Option("gap", help="gap (smallest worst val SS gap) or gap_within_lms (the same among evaluations whose val LMS fell at most --max-lms-drop from step 0)."),
     max_lms_drop: float = typer.Option(2.0, help="LMS points an evaluation may lose and still be kept by --selection gap_within_lms."),
     dtype: str = typer.Option("auto", help="fp32, bf16 autocast (fast only with bf16 hardware) or auto (bf16 where the device does it natively fast, else fp32; unlearn_config.json records which)."),
-    cpu: bool = typer.Option(False, help="Use the CPU even if an accelerator is present."),
+    device: str = typer.Option("auto", help="auto (an accelerator when Accelerate finds one, else the CPU), cpu, or an accelerator type such as cuda (no index: choose the card with CUDA_VISIBLE_DEVICES or accelerate launch)."),
+    cpu: bool = typer.Option(False, help="The same as --device cpu."),
     progress: bool = typer.Option(True, help="Show a progress bar (step, losses, lr, time left) and one line per evaluation."),
 ) -> None:
     """Debias a causal LM by unlearning: the pairwise recipe (default), BiasUnlearn (arXiv:2509.25673) or a baseline method.
@@ -78,7 +79,10 @@ def debias(
     from amendlm.errors import user_errors
     from amendlm.unlearn.resume import check_resume_config, check_run_directory
 
+    from amendlm.distributed import check_device
+
     with user_errors():  # an existing run without --resume, --resume with another configuration: one line, exit 1
+        check_device(run_config.device)
         check_run_directory(out, resume)
         check_resume_config(run_config, resume)
     from amendlm.distributed import is_main_launched_process

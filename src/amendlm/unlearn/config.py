@@ -34,7 +34,7 @@ FIELDS_ADDED: dict[str, object] = {
     "initial_all_types_steps": 0, "initial_scheduler_steps": None, "fresh_optimizer_per_phase": False,
     "val_clusters_per_type": None, "val_task": None, "selection": "gap", "max_lms_drop": 2.0,
     "loss_tokens": "all", "recipe": "default", "recipe_overrides": {}, "swap_batch_sizes": False,
-    "kl_unrelated": True, "initial_eval_every": 0, "type_focus": "worst",
+    "kl_unrelated": True, "initial_eval_every": 0, "type_focus": "worst", "device": "auto",
 }
 
 
@@ -132,7 +132,10 @@ class UnlearnConfig:
         dtype: ``fp32``, ``bf16`` autocast (fast only on hardware with bf16 units) or ``auto`` (bf16
             where the device does it natively fast, else fp32).  The trainer resolves ``auto`` and
             ``unlearn_config.json`` records the resolved dtype, with ``dtype_auto: true``.
-        cpu: force the CPU even when an accelerator is present.
+        cpu: force the CPU even when an accelerator is present (the same as ``device="cpu"``).
+        device: ``auto`` (an accelerator when Accelerate finds one, else the CPU), ``cpu`` or an
+            accelerator type (``cuda``, ``mps``, ...; no index: Accelerate assigns the card).  Where
+            the run trains, not what: a resumed run may change it.
         stereoset: StereoSet name or file.
     """
 
@@ -194,6 +197,7 @@ class UnlearnConfig:
     split_seed: int = DEFAULT_SEED
     dtype: str = "fp32"
     cpu: bool = False
+    device: str = "auto"
     stereoset: str = "stereoset"
     recipe: str = "default"
     recipe_overrides: dict = field(default_factory=dict)
@@ -242,6 +246,10 @@ class UnlearnConfig:
             if value not in valid:
                 raise ValueError(f"unknown {name} '{value}'; valid: {', '.join(valid)}")
         recipe_fields(self.recipe)  # raises for an unknown recipe
+        if ":" in self.device or not self.device.strip():
+            raise ValueError(f"device '{self.device}': give auto, cpu or an accelerator type (cuda, ...) without an index")
+        if self.cpu and self.device not in ("auto", "cpu"):
+            raise ValueError(f"cpu=True (--cpu) and device '{self.device}' disagree: give one of them")
         if self.val_clusters is not None and self.val_clusters < 1:
             raise ValueError(f"val_clusters must be >= 1 or None, got {self.val_clusters}")
         if self.kl_text_limit is not None and self.kl_text_limit < 0:

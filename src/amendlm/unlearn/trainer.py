@@ -67,7 +67,7 @@ class UnlearnTrainer:
 
         self.tokenizer = tokenizer
         self.method: Method = get_method(config.method)
-        self.accelerator = Accelerator(cpu=config.cpu)
+        self.accelerator = Accelerator(cpu=config.cpu or config.device == "cpu")
         # "auto" times bf16 in each process; the main process's choice holds for all
         self.dtype = main_process_value(resolve_dtype(config.dtype, self.accelerator.device), self.accelerator)
         # "auto" is decided here once; the config (saved, compared on --resume, used by val_scores) holds the decision
