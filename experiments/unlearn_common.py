@@ -68,8 +68,9 @@ BIASUNLEARN_50 = Run("biasunlearn", {"method": "biasunlearn", "max_steps": 50})
 def pairwise_run() -> Run:
     """The default recipe of ``amendlm debias`` (``pairwise``, 100 steps): the very run of
     ``unlearn_ablation.py``'s ``dpo-swap`` row (``ablation_dpo-swap_s100``), shared with it.  Its
-    ``UnlearnConfig`` holds the recipe's fields under the label ``recipe="default"`` (the row was
-    trained through the Python API); a test keeps the recipe and the row equal."""
+    ``UnlearnConfig`` holds the recipe's fields under the label ``recipe="biasunlearn"`` (recorded as
+    ``"default"``, its former name; the row was trained through the Python API); a test keeps the
+    recipe and the row equal."""
     from amendlm.unlearn.recipes import recipe_fields
 
     return Run("ablation_dpo-swap", {"method": "biasunlearn", **recipe_fields("pairwise")})
@@ -140,11 +141,21 @@ def _training_record(config: dict) -> dict:
     * A field the record lacks was added to ``UnlearnConfig`` after the record was written; it
       counts as the value it had when it was added (``amendlm.unlearn.config.FIELDS_ADDED``, the
       convention of the trainer's resume check), not as whatever its default is today.
+    * A former recipe name counts as the current one (``default`` -> ``biasunlearn``).
     """
     from amendlm.unlearn.config import with_added_fields
 
     record = {k: v for k, v in config.items() if k != "dtype_auto"}
     return with_added_fields(record) if record else record
+
+
+def _current_recipe_name(step_config: dict) -> dict:
+    """A step's recorded configuration with ``training.recipe`` under its current name (``default``, the
+    former name of ``biasunlearn``, recorded before the rename: the same run, reused)."""
+    from amendlm.unlearn.recipes import RECIPE_ALIASES
+
+    recipe = step_config.get("training.recipe")
+    return {**step_config, "training.recipe": RECIPE_ALIASES[recipe]} if recipe in RECIPE_ALIASES else step_config
 
 
 def _finished(run_dir: Path) -> bool:
@@ -281,7 +292,7 @@ def eval_step(exp: Experiment, path: Path, model: str, dtype: str, adapter: tupl
 
     def recorded(data: dict) -> dict:
         if "step_config" in data:  # made by a script: it records what it evaluated (training.* / variant.*)
-            return data["step_config"]
+            return _current_recipe_name(data["step_config"])
         have = eval_recorded(data)  # a CLI-made file: its adapter's record sits under results/unlearn/runs
         if adapter:
             have.update(_prefixed("training", _training_record(read_json(records(exp, adapter[0]) / "unlearn_config.json"))))

@@ -102,3 +102,28 @@ def test_the_pairwise_recipe_is_the_ablation_row_it_was_chosen_as():
     from amendlm.unlearn.recipes import recipe_fields
 
     assert recipe_fields("pairwise") == unlearn_ablation.LEVERS["dpo-swap"]
+
+
+def test_recorded_unlearning_rows_stay_reused_under_the_recipes_current_name(monkeypatch):
+    """The rows in results/ were recorded with ``recipe: "default"`` (the former name of ``biasunlearn``)
+    and before ``device`` existed: the scripts' configurations still match them, so nothing is retrained
+    (``ensure_adapter``'s check on the run's record) or re-evaluated (``eval_step``)."""
+    import unlearn_common
+    import unlearn_methods
+
+    import amendlm.bias.evaluate
+
+    monkeypatch.setattr(unlearn_common, "ensure_adapter", lambda *a, **k: pytest.fail("a recorded run would be retrained"))
+    monkeypatch.setattr(amendlm.bias.evaluate, "evaluate_model", lambda *a, **k: pytest.fail("a row would be re-evaluated"))
+    monkeypatch.chdir(common.REPO)
+    exp, _ = common.Experiment.start("unlearn_methods", "reuse check", [])
+    names = []
+    for run in unlearn_methods.RUNS:
+        name, config = unlearn_common.unlearn_config(exp, run, "fp32")
+        record = common.read_json(unlearn_common.records(exp, name) / "unlearn_config.json")
+        names.append(record["recipe"])
+        assert config.recipe == "biasunlearn" and "device" not in record
+        assert common.config_differences(config.to_dict(), unlearn_common._training_record(record)) == []
+        unlearn_common.eval_step(exp, exp.path(f"unlearn/{name}_test.json"), unlearn_common.BASE_MODEL, "fp32",
+                                 adapter=(name, config))
+    assert exp.steps_reused == len(unlearn_methods.RUNS) and set(names) == {"default"}

@@ -20,7 +20,7 @@ METHOD_NAMES = "biasunlearn, npo, gradascent, graddiff, dpo, sft-anti, dpo-swap"
 def debias(
     ctx: typer.Context,
     out: Path = typer.Option(..., help="Output directory: adapter, unlearn_config.json, log.jsonl, summary.json, ss_per_type.png, best/, checkpoint/."),
-    recipe: Optional[str] = typer.Option(None, show_default="pairwise, or default with --method", help="Preset of the options below: pairwise (DPO pairs under BiasUnlearn's val-driven control, chosen on val: see the README), default (the option defaults shown below: BiasUnlearn's NPO/CE/KL losses) or official (the public BiasUnlearn code's settings and control flow). Without --recipe: pairwise, unless --method names another method (then default). Options given explicitly override it; unlearn_config.json records both."),
+    recipe: Optional[str] = typer.Option(None, show_default="pairwise, or biasunlearn with --method", help="Preset of the options below: pairwise (DPO pairs under BiasUnlearn's val-driven control, chosen on val: see the README), biasunlearn (the option defaults shown below: the paper's NPO/CE/KL losses with amendlm's settings; 'default' is its former name, still accepted) or official (the public BiasUnlearn code's settings and control flow). Without --recipe: pairwise, unless --method names another method (then biasunlearn). Options given explicitly override it; unlearn_config.json records both."),
     config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Start from a saved unlearn_config.json, or from a JSON object of some of its fields (applied over the recipe it names; without one, as --recipe's default); options given explicitly override it (recorded in recipe_overrides)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local directory, local .gguf file or Hugging Face id."),
     method: str = typer.Option("biasunlearn", help=f"One of: {METHOD_NAMES}."),
@@ -68,7 +68,7 @@ def debias(
 ) -> None:
     """Debias a causal LM by unlearning: the pairwise recipe (default), BiasUnlearn (arXiv:2509.25673) or a baseline method.
 
-    Without --recipe and --method, the pairwise recipe's values replace the defaults shown below (method dpo-swap, 100 steps, lr 5e-4 with 5 warm-up steps, loss weights 1.0 / 0.1 / 0.2, type focus all, all val clusters, LMS-aware selection); the defaults shown are --recipe default's (BiasUnlearn's losses), used with --method M.  Options given explicitly win over either.
+    Without --recipe and --method, the pairwise recipe's values replace the defaults shown below (method dpo-swap, 100 steps, lr 5e-4 with 5 warm-up steps, loss weights 1.0 / 0.1 / 0.2, type focus all, all val clusters, LMS-aware selection); the defaults shown are --recipe biasunlearn's (the paper's losses with amendlm's settings), used with --method M.  Options given explicitly win over either.
     """
     from amendlm.unlearn.trainer import train
 
@@ -148,7 +148,7 @@ def debias_config(out: Path, given: dict, recipe: str | None = None, config_file
     """The :class:`~amendlm.unlearn.config.UnlearnConfig` of one ``debias`` call.
 
     Without ``config_file``: preset ``recipe`` (when None, :func:`~amendlm.unlearn.recipes.cli_recipe`:
-    ``pairwise``, or ``default`` when ``given`` names another method) with ``given`` overriding it
+    ``pairwise``, or ``biasunlearn`` when ``given`` names another method) with ``given`` overriding it
     (:meth:`UnlearnConfig.from_recipe`).  With ``config_file``, either
 
     * a saved ``unlearn_config.json`` (it has ``out`` and every field a run has ever recorded):
