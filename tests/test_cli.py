@@ -55,6 +55,7 @@ def test_usage_errors_are_one_plain_line_on_stderr_and_help_stays_rich():
         ("align", "train"): "missing --out DIR, --samples FILE (from 'align sample') and the initial aligner "
                             "(--aligner MODEL or --init-from-proposal-layers K) (see 'root align train --help')",
         ("align", "eval", "--systems", "proposal,par,finetuned"): "missing --aligner (for par) and --finetuned (for finetuned)",
+        ("align", "generate", "hi", "--mode", "sir"): "missing --aligner (for --mode sir)",
     }
     for args, said in cases.items():
         result = runner.invoke(app, list(args), prog_name="root")

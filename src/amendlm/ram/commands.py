@@ -210,6 +210,7 @@ def generate_command(
                                 batch_size=batch_size, dtype=dtype)
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
+    _require_inputs([f"--aligner (for --mode {mode})"] if aligner is None and mode != "proposal" else [])
     with user_errors():
         texts = list(prompts or [])
         if not texts:
