@@ -63,6 +63,7 @@ def debias(
     max_lms_drop: float = typer.Option(2.0, help="LMS points an evaluation may lose and still be kept by --selection gap_within_lms."),
     dtype: str = typer.Option("auto", help="fp32, bf16 autocast (fast only with bf16 hardware) or auto (bf16 where the device does it natively fast, else fp32; unlearn_config.json records which)."),
     cpu: bool = typer.Option(False, help="Use the CPU even if an accelerator is present."),
+    packing: bool = typer.Option(False, help="Faster steps: pack each step's sequences into long rows with block attention masks and compute the reference log-probs of NPO / DPO once per example (the same losses up to float rounding; recorded in unlearn_config.json). Falls back to padded batches, saying why, where the attention kernel takes no custom mask."),
     progress: bool = typer.Option(True, help="Show a progress bar (step, losses, lr, time left) and one line per evaluation."),
 ) -> None:
     """Debias a causal LM by unlearning: the pairwise recipe (default), BiasUnlearn (arXiv:2509.25673) or a baseline method.

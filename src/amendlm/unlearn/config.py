@@ -34,7 +34,7 @@ FIELDS_ADDED: dict[str, object] = {
     "initial_all_types_steps": 0, "initial_scheduler_steps": None, "fresh_optimizer_per_phase": False,
     "val_clusters_per_type": None, "val_task": None, "selection": "gap", "max_lms_drop": 2.0,
     "loss_tokens": "all", "recipe": "default", "recipe_overrides": {}, "swap_batch_sizes": False,
-    "kl_unrelated": True, "initial_eval_every": 0, "type_focus": "worst",
+    "kl_unrelated": True, "initial_eval_every": 0, "type_focus": "worst", "packing": False,
 }
 
 
@@ -133,6 +133,10 @@ class UnlearnConfig:
             where the device does it natively fast, else fp32).  The trainer resolves ``auto`` and
             ``unlearn_config.json`` records the resolved dtype, with ``dtype_auto: true``.
         cpu: force the CPU even when an accelerator is present.
+        packing: the fast training step (:mod:`amendlm.unlearn.forward`): each step's examples
+            in packed rows with block attention masks, and NPO's / DPO's reference log-probs
+            computed once per example; the same losses up to float rounding.  Off (default)
+            reproduces the padded passes of every run recorded before it existed.
         stereoset: StereoSet name or file.
     """
 
@@ -194,6 +198,7 @@ class UnlearnConfig:
     split_seed: int = DEFAULT_SEED
     dtype: str = "fp32"
     cpu: bool = False
+    packing: bool = False
     stereoset: str = "stereoset"
     recipe: str = "default"
     recipe_overrides: dict = field(default_factory=dict)
