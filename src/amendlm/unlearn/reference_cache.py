@@ -58,13 +58,17 @@ class ReferenceCache:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self._values: OrderedDict[str, float] = OrderedDict()
+        self.lookups = self.hits = 0  # counted since construction (not saved): the benchmark's hit rate
 
     def __len__(self) -> int:
         return len(self._values)
 
     def lookup(self, items: Sequence[EncodedPair]) -> list[float | None]:
-        """The cached value of each item, or None where it is not cached (lookups change nothing)."""
-        return [self._values.get(example_key(item)) for item in items]
+        """The cached value of each item, or None where it is not cached (the order of the entries is not changed)."""
+        found = [self._values.get(example_key(item)) for item in items]
+        self.lookups += len(found)
+        self.hits += sum(value is not None for value in found)
+        return found
 
     def store(self, items: Sequence[EncodedPair], values: Sequence[float]) -> None:
         """Store ``values[i]`` for ``items[i]`` (as the most recent), dropping the oldest beyond ``capacity``.
