@@ -132,6 +132,27 @@ def test_packed_and_padded_steps_give_the_same_losses_and_gradients(tmp_path, me
         assert grads.keys() == packed_grads.keys() and any(g.abs().max() > 0 for g in grads.values())
         for name in grads:
             torch.testing.assert_close(packed_grads[name], grads[name], rtol=1e-5, atol=1e-6)
+    assert packed.passes.head_only  # the output head ran on the scored positions only
+
+
+def test_a_head_not_called_as_expected_gets_the_full_logits(tmp_path):
+    _, packed = trainer_pair(tmp_path, method="sft-anti")
+    owner = torch.nn.Module()
+    owner.head = torch.nn.Linear(4, 6)
+    owner.get_output_embeddings = lambda: owner.head
+    examples = [EncodedPair([1, 5, 6], 2), EncodedPair([1, 7, 8, 9], 2), EncodedPair([1, 5, 9], 2)]
+    layout = pack_examples(examples, 0, [[0, 2], [1]])
+    hidden = torch.randn(*layout.inputs["input_ids"].shape, 4)
+    expected = layout.scored(owner.head(hidden))
+    torch.testing.assert_close(packed.passes.scored_logits(lambda inputs: owner.head(hidden), layout, owner), expected)
+    assert packed.passes.head_only
+    doubled = packed.passes.scored_logits(lambda inputs: torch.cat([owner.head(hidden)] * 2), layout, owner)
+    torch.testing.assert_close(doubled, expected)  # an unexpected head output: run again with the full head
+    assert not packed.passes.head_only
+    packed.passes.head_only = True
+    full = owner.head(hidden).detach()
+    torch.testing.assert_close(packed.passes.scored_logits(lambda inputs: full, layout, owner), expected)  # never called
+    assert not packed.passes.head_only
 
 
 @pytest.mark.parametrize("method", ["biasunlearn", "dpo-swap"])
@@ -142,6 +163,7 @@ def test_gpt2_packed_losses_and_gradients_agree(tmp_path, method):
     torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=1e-6)
     for name in grads:
         torch.testing.assert_close(packed_grads[name], grads[name], rtol=1e-5, atol=1e-6)
+    assert packed.passes.head_only
 
 
 def test_cached_reference_log_probs_equal_fresh_ones_and_skip_the_pass(tmp_path):
