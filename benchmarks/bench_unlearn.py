@@ -3,7 +3,8 @@
 One run measures, each configuration in a fresh process (so peak memory is its own):
 
 * seconds per BiasUnlearn optimizer step (forget + retain + KL batches, reference passes included),
-  median over ``--steps`` after one warm-up step;
+  median over ``--steps`` after one warm-up step, wall clock and CPU time of the process (all its
+  threads; on a machine shared with other jobs the CPU time is the steadier of the two);
 * peak memory: ``torch.cuda.max_memory_allocated`` on a GPU, else the process's peak RSS;
 * achieved GFLOP/s and its fraction of the fp32 (or bf16) matmul peak measured at the start of
   the same run (:func:`benchlib.matmul_peak_gflops`).  FLOPs are *nominal*: 6 x params per
@@ -83,14 +84,15 @@ def _measure(spec: tuple, model_name: str, steps: int, batch_size: int, queue) -
             return batches
 
         trainer._next_batches = recording
-        seconds = []
+        seconds, cpu_seconds = [], []
         for index in range(steps + 1):
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), time.process_time()
             trainer.train_step(log)
             if cuda:
                 torch.cuda.synchronize()
             if index:  # the first step warms up allocators and kernels
                 seconds.append(time.perf_counter() - began)
+                cpu_seconds.append(time.process_time() - began_cpu)
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     timed = drawn[1:]
     reference_streams = trainer.method.reference_streams
@@ -105,7 +107,7 @@ def _measure(spec: tuple, model_name: str, steps: int, batch_size: int, queue) -
     cache = trainer.passes.cache
     queue.put({"recipe": recipe, "packing": packing, "reference": reference, "dtype": dtype,
                "label": config_label(*spec), "batch_sizes": {name: config.stream_batch_size(name) for name in trainer.method.streams},
-               "seconds_per_step": step, "peak_memory_mib": peak,
+               "seconds_per_step": step, "cpu_seconds_per_step": statistics.median(cpu_seconds), "peak_memory_mib": peak,
                "memory_kind": "cuda_max_allocated" if cuda else "process_peak_rss", "gflops_per_s": flops / step / 1e9,
                "params": n_params, "policy_tokens_per_step": policy_tokens, "reference_tokens_per_step": reference_tokens,
                "padded_tokens_per_step": padded_tokens, "packed_tokens_per_step": packed_tokens,
