@@ -219,6 +219,8 @@ def test_a_packed_run_resumed_after_an_interrupt_ends_in_the_same_weights(tmp_pa
     resumed = make_trainer(tmp_path / "b", **common)
     assert resumed.train(resume=True).steps == 4
     assert resumed.passes.cache.hits > 0  # the resumed steps did use values cached before the interrupt
+    summary = json.loads((tmp_path / "b" / "run" / "summary.json").read_text())
+    assert summary["packing"] == {"packed_rows": True, "fallback": None}
     weights = load_file(str(tmp_path / "b" / "run" / "adapter_model.safetensors"))
     for name in reference:
         torch.testing.assert_close(weights[name], reference[name], rtol=0, atol=1e-7)

@@ -169,7 +169,6 @@ class StepPasses:
             begin = end
         return outputs
 
-
     def _policy_logits(self, inputs: dict) -> torch.Tensor:
         with autocast(self.dtype, self.accelerator.device):
             return self.model(**inputs, use_cache=False).logits

@@ -346,6 +346,7 @@ class UnlearnTrainer:
                                                "lms_drop": s.gap_best_lms_drop}},
                 "data_sizes": self.sizes, "train_clusters": len(self.train_clusters),
                 "val_clusters": len(self.val_clusters), "versions": package_versions(),
+                **({"packing": {"packed_rows": self.passes.packed, "fallback": self.passes.fallback}} if c.packing else {}),
             })
             return result
         return TrainResult(s.status, s.step, str(self.out), s.best_step, last_val, seconds)
