@@ -53,10 +53,11 @@ def shape_table(rows: list[dict], memory: str) -> str:
         run = row.get("packed_tokens_per_step" if row["packing"] else "padded_tokens_per_step")
         lines.append([f"{RECIPES.get(row['recipe'], row['recipe'])} ({shape})", "packed" if row["packing"] else "padded",
                       DTYPES.get(row["dtype"], row["dtype"]), f"{row['seconds_per_step']:.2f}",
+                      fmt(row.get("cpu_seconds_per_step"), 2),
                       f"{row['speedup_vs_padded']:.2f}x" if "speedup_vs_padded" in row else "",
                       _peak(row), f"{run / real:.2f}" if real and run else "n/a", fmt(row["peak_memory_mib"], 0, " MiB")])
-    return markdown_table(["step (forget / retain / KL)", "rows", "dtype", "s / step", "speed-up vs padded", "GFLOP/s",
-                           "model tokens per real token", memory], lines, "lllrrrrr")
+    return markdown_table(["step (forget / retain / KL)", "rows", "dtype", "s / step", "CPU s / step", "speed-up vs padded",
+                           "GFLOP/s", "model tokens per real token", memory], lines, "lllrrrrrr")
 
 
 def reference_table(rows: list[dict], memory: str) -> str:
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     memory = " / ".join(MEMORY.get(k, k) for k in sorted({r["memory_kind"] for r in measured_rows})) or "peak memory"
     markdown = shape_table(rows, memory) + "\n\n" + reference_table(rows, memory)
     notes = (measurement_notes(data, path, exp, unrecorded, data.get("torch_threads", "not recorded"))
-             + f"  Median of {data['steps']} optimizer steps after a warm-up step, each configuration in a fresh process; "
+             + f"  Median of {data['steps']} optimizer steps after a warm-up step, each configuration in a fresh process "
+             "(s / step: wall clock; CPU s / step: the process's CPU time, all threads); "
              f"the default recipe runs {data['batch_size']} examples per stream, the official recipe 4 / 28 / 28 "
              "(and attention-only LoRA, no general text in the KL set).  Packed: each step's sequences in rows of at most "
              "256 tokens with block-diagonal attention masks, one policy and one reference pass a step, NPO's reference "
