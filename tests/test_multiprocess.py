@@ -9,7 +9,9 @@ depends on how the batch is split (dropout masks are drawn per process and canno
 process's).  Checked: the logged losses, gradient norms and val scores agree, the saved adapter /
 aligner weights agree, exactly one set of outputs and one log (no record twice) is written, the
 summary line is printed once, and a checkpoint the two processes wrote resumes in one process to
-the same weights as the one-process run's checkpoint.
+the same weights as the one-process run's checkpoint.  Once with padded batches, once with
+``--packing`` (each process packs its own share; the reference cache is filled from the gathered
+global batch, so it is the same in both processes and in the checkpoint).
 
 About 2 x 20 s of process start-up (torch and transformers imported twice per launch) on a
 2-core CPU; marked ``integration`` (``make test`` runs it, ``make test-unit`` skips it).
@@ -121,10 +123,11 @@ def assert_no_staging_left(out: Path) -> None:
     assert not [p.name for p in out.rglob(".*")], "a temporary directory or file was left behind"
 
 
-def test_debias_on_two_processes_matches_one_process(files, tmp_path):
+@pytest.mark.parametrize("packing", [[], ["--packing"]], ids=["padded", "packed"])
+def test_debias_on_two_processes_matches_one_process(files, tmp_path, packing):
     one, two = tmp_path / "one", tmp_path / "two"
-    run_in_process(debias_args(files, one))
-    printed = launch_two_processes(debias_args(files, two)).stdout
+    run_in_process(debias_args(files, one) + packing)
+    printed = launch_two_processes(debias_args(files, two) + packing).stdout
     assert printed.count("completed after 2 steps") == 1  # the summary comes from the main process only
 
     log_one, log_two = read_jsonl(one / "log.jsonl"), read_jsonl(two / "log.jsonl")
@@ -143,7 +146,7 @@ def test_debias_on_two_processes_matches_one_process(files, tmp_path):
     assert len(rng["processes"]) == 2  # each process's RNG state, for --resume
 
     for out in (one, two):  # the two-process checkpoint continues in one process as the one-process one does
-        run_in_process(debias_args(files, out, max_steps=3) + ["--resume"])
+        run_in_process(debias_args(files, out, max_steps=3) + packing + ["--resume"])
     assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
 
 

@@ -47,7 +47,7 @@ def test_every_loss_and_lora_option_reaches_the_config(tmp_path, captured):
             "--forget-batch-size", "2", "--retain-batch-size", "6", "--selection", "gap_within_lms",
             "--max-lms-drop", "1.5", "--loss-tokens", "differing", "--npo-reduction", "token_mean",
             "--lora-scope", "attention", "--val-clusters", "0", "--kl-texts", "none", "--ce-reduction", "sequence",
-            "--max-grad-norm", "0"]
+            "--max-grad-norm", "0", "--packing"]
     assert debias(tmp_path, *args).exit_code == 0
     c = captured[0]
     assert (c.alpha_forget, c.alpha_retain, c.alpha_kl, c.npo_beta, c.warmup_steps) == (0.4, 0.5, 0.1, 0.2, 7)
@@ -55,6 +55,7 @@ def test_every_loss_and_lora_option_reaches_the_config(tmp_path, captured):
     assert (c.forget_batch_size, c.retain_batch_size, c.kl_batch_size) == (2, 6, None)
     assert (c.selection, c.max_lms_drop, c.loss_tokens, c.npo_reduction) == ("gap_within_lms", 1.5, "differing", "token_mean")
     assert (c.val_clusters, c.kl_texts, c.recipe, c.ce_reduction, c.max_grad_norm) == (None, None, "pairwise", "sequence", None)
+    assert c.packing is True
     assert set(c.recipe_overrides) == {a[2:].replace("-", "_") for a in args if a.startswith("--")}
     assert debias(tmp_path / "b", "--no-kl-unrelated").exit_code == 0
     assert captured[1].kl_unrelated is False and captured[1].recipe_overrides == {"kl_unrelated": False}

@@ -75,7 +75,7 @@ def test_a_differing_tokens_run_scores_fewer_forget_tokens(tmp_path):
     for setting in ("all", "differing"):
         trainer = make_trainer(tmp_path / setting, loss_tokens=setting, max_steps=1)
         batches = trainer._next_batches()
-        out = {name: trainer._stream_output(name, batch) for name, batch in batches.items()}
+        out = {name: trainer.passes.stream_output(name, batch) for name, batch in batches.items()}
         counts[setting] = {name: int(o.n_tokens.sum()) for name, o in out.items()}
     # toy continuations " kind." vs " rude." (one token per character): the space and "." are shared
     assert counts["differing"]["forget"] < counts["all"]["forget"]

@@ -113,7 +113,7 @@ def test_the_trainer_reference_pass_is_free_of_dropout(tmp_path):
     inputs = collate(trainer._next_batches()["kl"], trainer.pad_id)
     inputs.pop("loss_mask")
     assert trainer.model.training
-    assert torch.equal(trainer._reference_logits(inputs), trainer._reference_logits(inputs))
+    assert torch.equal(trainer.passes.reference_logits(inputs), trainer.passes.reference_logits(inputs))
     assert all(module.training for module in trainer.model.modules())  # the policy still trains
 
 

@@ -64,6 +64,7 @@ def debias(
     dtype: str = typer.Option("auto", help="fp32, bf16 autocast (fast only with bf16 hardware) or auto (bf16 where the device does it natively fast, else fp32; unlearn_config.json records which)."),
     device: str = typer.Option("auto", help="auto (an accelerator when Accelerate finds one, else the CPU), cpu, or an accelerator type such as cuda (no index: choose the card with CUDA_VISIBLE_DEVICES or accelerate launch)."),
     cpu: bool = typer.Option(False, help="The same as --device cpu."),
+    packing: bool = typer.Option(False, help="Faster steps: pack each step's sequences into long rows with block attention masks and compute the reference log-probs of NPO / DPO once per example (the same losses up to float rounding; recorded in unlearn_config.json). Falls back to padded batches, saying why, where the attention kernel takes no custom mask."),
     progress: bool = typer.Option(True, help="Show a progress bar (step, losses, lr, time left) and one line per evaluation."),
 ) -> None:
     """Debias a causal LM by unlearning: the pairwise recipe (default), BiasUnlearn (arXiv:2509.25673) or a baseline method.

@@ -34,7 +34,7 @@ FIELDS_ADDED: dict[str, object] = {
     "initial_all_types_steps": 0, "initial_scheduler_steps": None, "fresh_optimizer_per_phase": False,
     "val_clusters_per_type": None, "val_task": None, "selection": "gap", "max_lms_drop": 2.0,
     "loss_tokens": "all", "recipe": "biasunlearn", "recipe_overrides": {}, "swap_batch_sizes": False,
-    "kl_unrelated": True, "initial_eval_every": 0, "type_focus": "worst", "device": "auto",
+    "kl_unrelated": True, "initial_eval_every": 0, "type_focus": "worst", "device": "auto", "packing": False,
 }
 
 
@@ -141,6 +141,10 @@ class UnlearnConfig:
         device: ``auto`` (an accelerator when Accelerate finds one, else the CPU), ``cpu`` or an
             accelerator type (``cuda``, ``mps``, ...; no index: Accelerate assigns the card).  Where
             the run trains, not what: a resumed run may change it.
+        packing: the fast training step (:mod:`amendlm.unlearn.forward`): each step's examples
+            in packed rows with block attention masks, and NPO's / DPO's reference log-probs
+            computed once per example; the same losses up to float rounding.  Off (default)
+            reproduces the padded passes of every run recorded before it existed.
         stereoset: StereoSet name or file.
     """
 
@@ -203,6 +207,7 @@ class UnlearnConfig:
     dtype: str = "fp32"
     cpu: bool = False
     device: str = "auto"
+    packing: bool = False
     stereoset: str = "stereoset"
     recipe: str = "biasunlearn"
     recipe_overrides: dict = field(default_factory=dict)

@@ -165,11 +165,27 @@ def kl_sums(
     if loss_mask.shape != policy_logits.shape[:2]:
         raise ValueError(f"loss_mask {tuple(loss_mask.shape)} does not match logits {tuple(policy_logits.shape)}")
     mask = loss_mask[:, 1:].bool()  # (batch, seq_len - 1): logits[:, t] predicts token t + 1
-    policy = F.log_softmax(policy_logits[:, :-1][mask].float(), dim=-1)  # (n_scored, vocab)
-    reference = F.log_softmax(reference_logits[:, :-1][mask].float(), dim=-1)
     per_token = torch.zeros(mask.shape, dtype=torch.float32, device=policy_logits.device)
-    per_token[mask] = (reference.exp() * (reference - policy)).sum(-1)  # (n_scored,) into (batch, seq_len - 1)
+    # (n_scored,) into (batch, seq_len - 1)
+    per_token[mask] = token_kl(policy_logits[:, :-1][mask], reference_logits[:, :-1][mask])
     return per_token.sum(-1)
+
+
+def token_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_ref || p_theta) of each position's next-token distribution, in fp32.
+
+    ``KL_t = sum_v p_ref(v) * (log p_ref(v) - log p_theta(v))`` with ``p = softmax(logits)``.
+
+    Args:
+        policy_logits: ``(n, vocab)`` policy logits of the scored positions.
+        reference_logits: ``(n, vocab)`` reference logits of the same positions.
+
+    Returns:
+        ``(n,)`` fp32 tensor (nats), 0 where the two distributions agree.
+    """
+    policy = F.log_softmax(policy_logits.float(), dim=-1)  # (n, vocab)
+    reference = F.log_softmax(reference_logits.float(), dim=-1)
+    return (reference.exp() * (reference - policy)).sum(-1)
 
 
 def kl_mean(kl_per_sequence: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:

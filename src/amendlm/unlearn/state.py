@@ -35,6 +35,7 @@ class TrainState:
     base_lms: float | None = None  # overall val LMS of the first evaluation (step 0)
     status: str = "running"
     samplers: dict = field(default_factory=dict)  # StreamSamplers.state_dict(): every (stream, focus, swap) visited
+    reference_cache: list = field(default_factory=list)  # ReferenceCache.state_dict() (packing): [[key, logp], ...]
 
     @property
     def swapped(self) -> bool:

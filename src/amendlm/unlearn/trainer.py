@@ -11,7 +11,8 @@ on its share of it and the loss is computed on the gathered global batch, so N p
 same steps as one (:mod:`amendlm.distributed`); only the main process writes files.
 
 The pieces it drives live beside it: :mod:`~amendlm.unlearn.models` (LoRA, the reference
-pass), :mod:`~amendlm.unlearn.streams` (tokenized streams and their samplers),
+pass), :mod:`~amendlm.unlearn.forward` (the policy and reference passes of a step, padded or
+packed), :mod:`~amendlm.unlearn.streams` (tokenized streams and their samplers),
 :mod:`~amendlm.unlearn.evaluation` (val scores), :mod:`~amendlm.unlearn.resume` (run-directory
 and resume checks, SIGTERM) and :mod:`~amendlm.unlearn.artifacts` (the files of a run).
 """
@@ -28,21 +29,21 @@ import torch
 
 from amendlm.data.splits import select_split
 from amendlm.data.stereoset import StereoSetCluster, load_stereoset
-from amendlm.distributed import data_parallel_loss, every_process_value, gather_rows, main_process_value, split_rows, zero_anchor
-from amendlm.modeling import autocast, dtype_name, pad_token_id, resolve_dtype
+from amendlm.distributed import data_parallel_loss, every_process_value, main_process_value
+from amendlm.modeling import dtype_name, pad_token_id, resolve_dtype
 from amendlm.report import atomic_write_json, package_versions
-from amendlm.scoring import EncodedPair, sequence_logps
-from amendlm.unlearn import artifacts, losses, models
+from amendlm.scoring import EncodedPair
+from amendlm.unlearn import artifacts
 from amendlm.unlearn.config import UnlearnConfig
 from amendlm.unlearn.data import build_sets, text_chunks
 from amendlm.unlearn.evaluation import eval_record, lms_qualifies, stratified_sample, val_sample, val_scores
-from amendlm.unlearn.methods import Method, StreamOutput, get_method
+from amendlm.unlearn.forward import StepPasses
+from amendlm.unlearn.methods import Method, get_method
 from amendlm.unlearn.models import attach_lora, frozen_copy, lora_target_modules
 from amendlm.unlearn.resume import check_resume_config, check_run_directory, resume_dtype, sigterm_as_interrupt
 from amendlm.unlearn.schedule import decide, types_to_train
 from amendlm.unlearn.state import TrainResult, TrainState, learning_rate
-from amendlm.unlearn.streams import (StreamSampler, StreamSamplers, collate_stream, encode_examples, encode_streams,
-                                     sampler_key, sampler_tag)
+from amendlm.unlearn.streams import StreamSampler, StreamSamplers, encode_examples, encode_streams, sampler_key, sampler_tag
 
 __all__ = [  # the streams, evaluation and resume helpers are re-exported for existing imports
     "TrainResult", "TrainState", "UnlearnTrainer", "learning_rate", "lora_target_modules", "train",
@@ -94,6 +95,10 @@ class UnlearnTrainer:
             self.reference_model.to(self.accelerator.device)
         self.state = TrainState(phase_steps=config.initial_scheduler_steps or config.max_steps)
         self.sampler_pool = StreamSamplers(config.seed)
+        self.passes = StepPasses(self.accelerator, self.model, self.reference_model, self.dtype, self.pad_id, self.method,
+                                 config.packing)
+        if self.passes.fallback:
+            logger.warning("packing off: %s; padded batches instead (reference log-probs still cached)", self.passes.fallback)
         self._build_streams()
 
     # ------------------------------------------------------------------ data
@@ -120,38 +125,6 @@ class UnlearnTrainer:
                 drawn[key] = self.samplers[name].take(self.config.stream_batch_size(name, self.state.swapped))
             batches[name] = [self.streams[name][i] for i in drawn[key]]
         return batches
-
-    # ------------------------------------------------------------------ model passes
-    def _reference_logits(self, inputs: dict) -> torch.Tensor:
-        return models.reference_logits(self.accelerator.unwrap_model(self.model), inputs, self.dtype, self.reference_model)
-
-    def _stream_output(self, name: str, batch: list[EncodedPair]) -> StreamOutput:
-        inputs = {k: v.to(self.accelerator.device) for k, v in collate_stream(batch, self.pad_id).items()}
-        loss_mask = inputs.pop("loss_mask")
-        reference_logits = self._reference_logits(inputs) if name in self.method.reference_streams else None
-        with autocast(self.dtype, self.accelerator.device):
-            policy_logits = self.model(**inputs, use_cache=False).logits
-        policy_logps, n_tokens = sequence_logps(policy_logits, inputs["input_ids"], loss_mask)
-        reference_logps = None if reference_logits is None else sequence_logps(reference_logits, inputs["input_ids"], loss_mask)[0]
-        kl_sums = losses.kl_sums(policy_logits, reference_logits, loss_mask) if name == "kl" else None
-        return StreamOutput(policy_logps, n_tokens, reference_logps, kl_sums)
-
-    def _global_outputs(self, batches: dict[str, list[EncodedPair]]) -> tuple[dict[str, StreamOutput], torch.Tensor | float]:
-        """Run this process's share of every global batch and gather the global ``(batch,)`` outputs.
-
-        Returns the outputs and a zero term to add to the loss (it keeps a placeholder share, run
-        when the global batch has fewer rows than processes, in the backward pass).
-        """
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        outputs, anchor = {}, 0.0
-        for name, batch in batches.items():
-            share, placeholder = split_rows(batch, world, rank)
-            local = self._stream_output(name, share)
-            if placeholder:
-                anchor = anchor + zero_anchor([local.policy_logps, local.kl_sums])
-                local = local.map(lambda t: t[:0])
-            outputs[name] = local.map(lambda t: gather_rows(t, len(batch), self.accelerator))
-        return outputs, anchor
 
     # ------------------------------------------------------------------ evaluation and swapping
     def _evaluate(self, log: artifacts.StepLog, apply_schedule: bool = True) -> dict:
@@ -226,6 +199,7 @@ class UnlearnTrainer:
         from it).
         """
         self.state.samplers = self.sampler_pool.state_dict()
+        self.state.reference_cache = self.passes.cache.state_dict() if self.passes.cache is not None else []
         together = not interrupted and self.accelerator.num_processes > 1
         rng_states = every_process_value(artifacts.rng_state(), self.accelerator) if together else [artifacts.rng_state()]
         if self.accelerator.is_main_process:
@@ -246,6 +220,8 @@ class UnlearnTrainer:
         s = self.state
         self.sampler_pool.load_state_dict({(tag if ":" in tag else sampler_tag(tag, s.focus, s.swap)): state
                                            for tag, state in s.samplers.items()})
+        if self.passes.cache is not None:
+            self.passes.cache.load_state_dict(self.state.reference_cache)
         self._build_streams()
 
     def train(self, resume: bool = False, on_record: Callable[[dict], None] | None = None) -> TrainResult:
@@ -312,7 +288,7 @@ class UnlearnTrainer:
         lr = learning_rate(c, s, s.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        outputs, anchor = self._global_outputs(self._next_batches())
+        outputs, anchor = self.passes.global_outputs(self._next_batches())
         loss, parts = self.method.loss(outputs, c.loss_weights())  # the global batch's loss, the same in every process
         if not torch.isfinite(loss):
             self._stop_nan(log, "loss")
@@ -370,6 +346,7 @@ class UnlearnTrainer:
                                                "lms_drop": s.gap_best_lms_drop}},
                 "data_sizes": self.sizes, "train_clusters": len(self.train_clusters),
                 "val_clusters": len(self.val_clusters), "versions": package_versions(),
+                **({"packing": {"packed_rows": self.passes.packed, "fallback": self.passes.fallback}} if c.packing else {}),
             })
             return result
         return TrainResult(s.status, s.step, str(self.out), s.best_step, last_val, seconds)
