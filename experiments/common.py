@@ -50,6 +50,7 @@ EXPERIMENTS = (
     "transfer",
     "gemma3",
     "ram_xsum",
+    "ram_debias",
     "bench_scoring",
     "bench_decode",
     "bench_unlearn",

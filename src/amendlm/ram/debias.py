@@ -23,6 +23,7 @@ finds the one its checkpoint names), and ``event: val`` records in ``train_log.j
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -98,12 +99,13 @@ class DebiasControl:
 
         Returns:
             the log record: ``{"event": "val", "step", "ss": {type: SS}, "lms": {type: LMS}, "worst_gap",
-            "lms_drop", "kept"}`` (percent; ``worst_gap`` over the bias types, ``lms_drop`` from step 0).
+            "lms_drop", "kept", "seconds"}`` (percent; ``worst_gap`` over the bias types, ``lms_drop`` from step 0).
         """
         from amendlm.modeling import dtype_name
         from amendlm.product import ProductLM
         from amendlm.unlearn.evaluation import eval_record, lms_qualifies, stereoset_type_scores
 
+        began = time.perf_counter()
         pair = ProductLM(self.proposal, model, self.vocab_size)
         scores = stereoset_type_scores(pair, self.tokenizer, self.clusters, dtype_name(self.dtype), self.split_seed)
         record = {**eval_record(step, scores), "event": "val"}
@@ -114,6 +116,7 @@ class DebiasControl:
         kept = lms_qualifies(drop, SELECTION, self.pairs.max_lms_drop) and (
             self.best is None or record["worst_gap"] < self.best["worst_gap"])
         record["kept"] = kept
+        record["seconds"] = time.perf_counter() - began
         if kept:
             self.best = {"step": step, "worst_gap": record["worst_gap"], "lms_drop": drop}
             if save:
