@@ -76,7 +76,8 @@ def train_config(exp: Experiment, row: str, args, budget: Budget):
     from amendlm.ram.train import TrainConfig
 
     loss, lora = RUNS[row]
-    pairs = PairsConfig(limit=budget.pair_limit, kl_weight=args.kl_weight, kl_batch_size=budget.kl_batch_size,
+    pairs = PairsConfig(limit=budget.pair_limit, kl_weight=args.kl_weight, kl_unrelated=not args.no_kl_unrelated,
+                        kl_batch_size=budget.kl_batch_size,
                         kl_text_limit=budget.kl_text_limit, val_every=budget.val_every, val_clusters=budget.val_clusters)
     size = dict(aligner=args.model, lora=True, learning_rate=args.lora_lr) if lora else \
         dict(init_from_proposal_layers=budget.layers, learning_rate=args.small_lr)
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.add_argument("--beta", type=float, default=1.0, help="DPO beta (RAM's preference variant: 1).")
         parser.add_argument("--alpha", type=float, default=0.1, help="Residual loss: weight of the stereotype term.")
         parser.add_argument("--kl-weight", type=float, default=1.0, help="Weight of KL(model || pair) on neutral text.")
+        parser.add_argument("--no-kl-unrelated", action="store_true",
+                            help="Neutral text without StereoSet's unrelated sentences (general text only).")
 
     exp, args = Experiment.start("ram_debias", "Debiasing at inference time with a RAM aligner vs BiasUnlearn (held-out test targets)",
                                  argv, options)
@@ -190,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
             return generate_check(args.model, aligners[chosen], contexts, budget.generation_tokens, 0)
 
         gen_expected = {"model": args.model, "training": train_expected(configs[chosen]), "contexts": contexts,
-                        "max_new_tokens": budget.generation_tokens, "seed": 0}
+                        "max_new_tokens": budget.generation_tokens, "seed": 0, "full_distribution": ["proposal", "mds"],
+                        "stop": []}
         generation = exp.step(exp.results / "generations.json", gen_expected, generated)
     sources += [exp.results / "cost.json"] + ([exp.results / "generations.json"] if generation else [])
 
@@ -220,9 +224,11 @@ def main(argv: list[str] | None = None) -> dict:
         val_table(trajectories, {labels[r]: kept[r]["step"] for r in ram_rows}),
     ])
     if generation:
-        markdown += ("\n\n" + f"Generation check: seeded continuations (T 1, seed 0, at most {budget.generation_tokens} tokens, "
-                     f"raw text) of StereoSet test contexts, the model alone and the pair with `{labels[chosen]}` "
-                     "(the RAM run with the smallest kept val gap):\n\n" + generation_markdown(generation, "pair"))
+        markdown += ("\n\n" + f"Generation check: seeded continuations (T 1, seed 0, {budget.generation_tokens} tokens, raw "
+                     f"text, line breaks shown as spaces) of StereoSet test contexts, the model alone and the pair with "
+                     f"`{labels[chosen]}` (the RAM run with the smallest kept val gap); the model alone and `mds` draw from "
+                     "their full distributions (those the table scores), `par-kl` keeps its nucleus rules:\n\n"
+                     + generation_markdown(generation, "pair"))
     notes = describe(configs, trainings, args, budget, base, cost)
     summary = {"dtype": dtype, "rows": rows, "targets": checks, "cost": cost, "budget": budget._asdict(),
                "trainings": {r: {"config": train_expected(configs[r]), "selection": trainings[r]["summary"].get("selection"),
@@ -257,9 +263,9 @@ def describe(configs: dict, trainings: dict, args, budget: Budget, base: dict, c
             + (f"β {config.loss.beta:g}" if config.loss.name == "dpo" else f"α {config.loss.alpha:g}")
             + f") on {record.get('n_examples')} StereoSet train-target pairs ({record.get('n_heldout')} held out for the "
             f"held-out loss), batch {config.batch_size}, {config.max_steps} steps, lr {config.learning_rate:g}, "
-            f"{record.get('dtype')}; + {pairs.kl_weight:g} × KL(model ‖ pair) per position on neutral text (StereoSet "
-            f"unrelated sentences of the train targets + {pairs.kl_text_limit} XSum documents in {pairs.kl_chunk_tokens}-token "
-            f"chunks, batch {pairs.kl_batch_size}); val evaluation every {pairs.val_every} steps on "
+            f"{record.get('dtype')}; + {pairs.kl_weight:g} × KL(model ‖ pair) per position on neutral text ("
+            + ("StereoSet unrelated sentences of the train targets + " if pairs.kl_unrelated else "")
+            + f"{pairs.kl_text_limit} XSum documents in {pairs.kl_chunk_tokens}-token chunks, batch {pairs.kl_batch_size}); val evaluation every {pairs.val_every} steps on "
             f"{trainings[row]['summary']['selection']['val_clusters']} val clusters.")
     lines.append(f"Inference cost: the scoring seconds of the pair over the model alone on the same {cost['n_clusters']} "
                  "test clusters (both models run once per batch); `parameters run` counts the weights both models apply.")

@@ -15,6 +15,7 @@ import time
 from common import markdown_table
 
 GENERATION_MODES = ("proposal", "par-kl", "mds")
+FULL_DISTRIBUTION = 1.0  # proposal_top_p of the proposal-alone and mds draws
 
 
 def generation_contexts(n_per_type: int = 1, seed: int = 0) -> list[dict]:
@@ -90,8 +91,11 @@ def measure_cost(model: str, aligners: dict[str, str], n_clusters: int, repeats:
 
 
 def generate_check(model: str, aligner: str, contexts: list[dict], max_new_tokens: int, seed: int) -> dict:
-    """Seeded continuations (T 1, no nucleus beyond each rule's own) of ``contexts`` from the proposal alone and from
-    the pair, per mode of :data:`GENERATION_MODES`; raw text prompts (``[start] + tokens``, no chat template).
+    """Seeded continuations (T 1) of ``contexts`` from the proposal alone and from the pair, per mode of
+    :data:`GENERATION_MODES`; raw text prompts (``[start] + tokens``, no chat template), no stop string.
+    ``proposal`` and ``mds`` draw from their full distributions (no nucleus: the distributions the
+    benchmarks score, so a pair that is the proposal draws the proposal's tokens); ``par-kl`` keeps its
+    public-code nucleus (proposal top-p 0.95, aligner top-p 0.9, KL threshold 0.1).
 
     Returns:
         ``{"modes": {mode: {"texts": [...], "fallback_rate", "follows_aligner_argmax", "follows_proposal_argmax"}},
@@ -103,11 +107,12 @@ def generate_check(model: str, aligner: str, contexts: list[dict], max_new_token
 
     ram = ResidualAlignedLM.from_pretrained(model, aligner)
     ids = [encode_prompt(ram.tokenizer, c["prompt"], chat_template=False) for c in contexts]
-    config = GenerateConfig(max_new_tokens=max_new_tokens, greedy=False, seed=seed, stop=("\n",), batch_size=len(ids))
+    config = GenerateConfig(max_new_tokens=max_new_tokens, greedy=False, seed=seed, batch_size=len(ids))
     modes = {}
     for mode in GENERATION_MODES:
         stats = GenerationStats()
-        generations = ram.generate_ids(ids, mode=mode, config=config, stats=stats)
+        full = {} if mode == "par-kl" else {"proposal_top_p": FULL_DISTRIBUTION}
+        generations = ram.generate_ids(ids, mode=mode, config=config, stats=stats, **full)
         rates = stats.choices.rates()
         modes[mode] = {"texts": [g.text for g in generations],
                        **{k: rates[k] for k in ("fallback_rate", "follows_aligner_argmax", "follows_proposal_argmax")}}
@@ -124,7 +129,7 @@ def generation_markdown(check: dict, label: str) -> str:
     rows = []
     for index, context in enumerate(check["contexts"]):
         cells = [f"{context['bias_type']} ({context['task'][:5]})", f"`{context['prompt']}`"]
-        cells += [f"`{(modes[m]['texts'][index] or '').strip()}`".replace("|", "\\|") for m in GENERATION_MODES]
+        cells += [f"`{' '.join((modes[m]['texts'][index] or '').split())}`".replace("|", "\\|") for m in GENERATION_MODES]
         rows.append(cells)
     header = ["type", "context", "proposal alone", f"{label} `par-kl`", f"{label} `mds`"]
     shares = "; ".join(f"`{m}`: {_share(modes[m]['follows_proposal_argmax'])} of the tokens were the proposal's argmax"

@@ -90,6 +90,19 @@ def test_a_preference_file_and_its_errors(workspace, tmp_path):
         preference_records(PairsConfig(source=str(bad)))
 
 
+def test_the_neutral_set_is_biasunlearns_unless_told_otherwise(workspace, tmp_path):
+    from amendlm.ram.preference import check_pairs, neutral_examples
+
+    root, tokenizer = workspace
+    chunks = len(neutral_examples(pairs_config(root, kl_unrelated=False), tokenizer))
+    assert chunks == 4 * 3  # 36 or 37 byte tokens per text: three chunks of at most 16
+    assert len(neutral_examples(pairs_config(root), tokenizer)) == chunks + 12  # + the 12 train clusters' unrelated sentences
+    good = tmp_path / "p.jsonl"
+    good.write_text(json.dumps({"prompt": "The nurse", "chosen": " helped.", "rejected": " cried."}) + "\n")
+    with pytest.raises(ValueError, match="no neutral text"):
+        check_pairs(PairsConfig(source=str(good), kl_texts=None))
+
+
 def test_a_zero_head_is_untied_saved_and_gives_exactly_the_proposals_scores(workspace, tmp_path):
     from transformers import AutoModelForCausalLM
 

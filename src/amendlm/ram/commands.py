@@ -125,6 +125,7 @@ def train_command(
     zero_head: Optional[bool] = typer.Option(None, "--zero-head/--no-zero-head", help="Start from an all-zero aligner head "
                                              "(the pair = the proposal at step 0). Default: on with --pairs."),
     kl_weight: float = typer.Option(1.0, help="--pairs: weight of KL(proposal || pair) per position on neutral text; 0 = none."),
+    kl_unrelated: bool = typer.Option(True, "--kl-unrelated/--no-kl-unrelated", help="--pairs: StereoSet's unrelated sentences of the train targets in the neutral set."),
     kl_texts: Optional[str] = typer.Option("xsum-sample", help="--pairs: general text of the neutral set ('' = StereoSet's unrelated sentences only)."),
     kl_batch_size: int = typer.Option(8, help="--pairs: neutral examples per step."),
     val_every: int = typer.Option(20, help="--pairs: score the pair on StereoSet val targets every N steps (and at 0 and the end), keep the best; 0 = keep the last."),
@@ -138,7 +139,8 @@ def train_command(
 
     try:
         pairs_config = None if pairs is None else PairsConfig(
-            source=pairs, split_seed=split_seed, limit=limit, kl_weight=kl_weight, kl_texts=kl_texts or None,
+            source=pairs, split_seed=split_seed, limit=limit, kl_weight=kl_weight, kl_unrelated=kl_unrelated,
+            kl_texts=kl_texts or None,
             kl_batch_size=kl_batch_size, val_every=val_every, val_clusters=val_clusters, max_lms_drop=max_lms_drop)
         config = TrainConfig(
             out=str(out), samples=None if samples is None else str(samples), pairs=pairs_config,

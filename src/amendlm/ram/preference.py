@@ -45,6 +45,9 @@ class PairsConfig:
         limit: only the first N pairs (None: all; 2,520 for the embedded StereoSet's train targets).
         kl_weight: weight of the regulariser ``KL(P_M || pair)`` on neutral text, per scored position
             (:func:`amendlm.ram.losses.product_kl_sums`); 0 = none.  1.0.
+        kl_unrelated: the unrelated sentences of the train clusters are in the neutral set (True, as in
+            BiasUnlearn).  Their prefixes are the pairs' own contexts, so the regulariser there also
+            holds back the change at the very position the pairs move; False keeps the general text only.
         kl_texts, kl_text_field, kl_text_limit, kl_chunk_tokens: the general text of the neutral set
             and how it is cut (BiasUnlearn's defaults: the first 50 XSum documents in 64-token chunks);
             ``kl_texts=None``: StereoSet's unrelated sentences only.
@@ -65,6 +68,7 @@ class PairsConfig:
     split_seed: int = 0
     limit: int | None = None
     kl_weight: float = 1.0
+    kl_unrelated: bool = True
     kl_texts: str | None = "xsum-sample"
     kl_text_field: str = "document"
     kl_text_limit: int | None = 50
@@ -212,7 +216,7 @@ def neutral_examples(config: PairsConfig, tokenizer) -> list:
     texts = load_texts(config.kl_texts, field=config.kl_text_field) if config.kl_texts else []
     texts = texts[: config.kl_text_limit] if config.kl_text_limit is not None else texts
     general = text_chunks(texts, tokenizer, config.kl_chunk_tokens)
-    clusters = train_clusters(config) if config.stereoset_source else []
+    clusters = train_clusters(config) if config.stereoset_source and config.kl_unrelated else []
     neutral = build_sets(clusters, 0.0, general_texts=general).kl if clusters else general
     if not neutral:
         raise ValueError("the neutral set of the KL regulariser is empty: give kl_texts (or kl_weight 0)")
@@ -248,8 +252,8 @@ def check_pairs(config: PairsConfig) -> None:
     preference_records(config)
     if config.kl_weight > 0 and config.kl_texts:
         load_texts(config.kl_texts, field=config.kl_text_field)
-    if config.kl_weight > 0 and not config.kl_texts and not config.stereoset_source:
-        raise ValueError("the KL regulariser has no neutral text: a preference file has no unrelated sentences; "
-                         "give kl_texts (--kl-texts) or kl_weight 0 (--kl-weight 0)")
+    if config.kl_weight > 0 and not config.kl_texts and not (config.stereoset_source and config.kl_unrelated):
+        raise ValueError("the KL regulariser has no neutral text (no --kl-texts, and no StereoSet unrelated sentences: "
+                         "a preference file or --no-kl-unrelated); give --kl-texts or --kl-weight 0")
     if config.val_every:
         val_clusters(config)
