@@ -26,7 +26,7 @@ def eval_expected(model: str, adapter: str | Path | None, config, aligner=None) 
     the :class:`amendlm.product.AlignerConfig` of a scored pair (its resolved path and both temperatures)."""
     from dataclasses import asdict
 
-    from amendlm.product import resolve_aligner
+    from amendlm.ram.api import resolve_aligner
 
     fields = {k: v for k, v in asdict(config).items() if k not in _EVAL_IGNORED}
     fields["dtype"] = resolved_dtype(config.dtype)

@@ -52,7 +52,7 @@ def test_usage_errors_are_one_plain_line_on_stderr_and_help_stays_rich():
         ("nosuch",): "No such command 'nosuch'",
         ("merge", "--adapter", "a"): "Missing option '--out' (see 'root merge --help')",
         # every missing input of align train / align eval at once, not one per attempt
-        ("align", "train"): "missing --out DIR, --samples FILE (from 'align sample') and the initial aligner "
+        ("align", "train"): "missing --out DIR, --samples FILE (from 'align sample') or --pairs SOURCE and the initial aligner "
                             "(--aligner MODEL or --init-from-proposal-layers K) (see 'root align train --help')",
         ("align", "eval", "--systems", "proposal,par,finetuned"): "missing --aligner (for par) and --finetuned (for finetuned)",
         ("align", "generate", "hi", "--mode", "sir"): "missing --aligner (for --mode sir)",

@@ -152,7 +152,7 @@ def train_command(
     from amendlm.ram.train import TrainConfig, train_aligner
 
     _require_inputs([name for name, given in (
-        ("--out DIR", out is not None), ("--samples FILE (from 'align sample') or --pairs", samples is not None or pairs is not None),
+        ("--out DIR", out is not None), ("--samples FILE (from 'align sample') or --pairs SOURCE", samples is not None or pairs is not None),
         ("the initial aligner (--aligner MODEL or --init-from-proposal-layers K)",
          aligner is not None or init_from_proposal_layers is not None)) if not given])
     try:
