@@ -19,8 +19,13 @@ seconds, measured in one process), the BiasUnlearn targets of every row, each RA
 trajectory, and a generation check (seeded continuations of a few test contexts from the model alone
 and from the pair with ``par-kl`` and ``mds``).
 
-    python experiments/ram_debias.py                                   # fp32 evaluations, --train-dtype auto
-    python experiments/ram_debias.py --quick --results-dir /tmp/rd      # tiny budgets, about 2 minutes
+    python experiments/ram_debias.py                                   # fp32; about 2 hours on 2 idle cores
+    python experiments/ram_debias.py --quick --results-dir /tmp/rd      # tiny budgets, about 2 minutes (idle)
+
+The estimate: one training step of the small aligner (16 pairs + 8 neutral examples) took about 7
+CPU-seconds on one thread, one of the LoRA copy about 15; scoring one val cluster with the pair about
+0.17 / 0.26 CPU-seconds (863 val clusters per evaluation, 7 evaluations per run); plus each pair's
+test evaluation (about 1.5x / 2x the model's own).
 
 Resumable: every training, evaluation, the cost measurement and the generation check are steps reused
 when their recorded configuration matches; trainings resume from their checkpoints.
@@ -58,12 +63,13 @@ class Budget(NamedTuple):
 
 FULL = Budget(8, 150, 16, 25, None, 8, None, 50, 200, 2, 16, 1)
 QUICK = Budget(1, 2, 2, 1, 4, 2, 8, 2, 3, 1, 4, 1)
-# the aligner runs: (loss, beta or alpha, LoRA on a full copy?); quick runs only the two DPO rows
+# the aligner runs: (loss, LoRA on a full-size copy?); quick runs only the two DPO rows
 RUNS = {"small-dpo": ("dpo", False), "small-residual": ("residual", False), "lora-dpo": ("dpo", True)}
 QUICK_RUNS = ("small-dpo", "lora-dpo")
 
 
 def label_of(row: str, budget: Budget) -> str:
+    """The table's name of a RAM row, e.g. ``RAM-debias small (8 blocks), DPO``."""
     loss, lora = RUNS[row]
     size = "full-size copy, LoRA" if lora else f"small ({budget.layers} blocks)"
     return f"RAM-debias {size}, {'DPO' if loss == 'dpo' else 'residual'}"
@@ -79,16 +85,17 @@ def train_config(exp: Experiment, row: str, args, budget: Budget):
     pairs = PairsConfig(limit=budget.pair_limit, kl_weight=args.kl_weight, kl_unrelated=not args.no_kl_unrelated,
                         kl_batch_size=budget.kl_batch_size,
                         kl_text_limit=budget.kl_text_limit, val_every=budget.val_every, val_clusters=budget.val_clusters)
-    size = dict(aligner=args.model, lora=True, learning_rate=args.lora_lr) if lora else \
+    size = dict(aligner=BASE_MODEL, lora=True, learning_rate=args.lora_lr) if lora else \
         dict(init_from_proposal_layers=budget.layers, learning_rate=args.small_lr)
-    return TrainConfig(out=f"{runs_root(exp)}/ram_debias/{row}{'' if args.train_dtype == 'auto' else '_' + args.train_dtype}",
-                       pairs=pairs, zero_head=True, proposal=args.model,
+    return TrainConfig(out=f"{runs_root(exp)}/ram_debias/{row}_{args.train_dtype}",
+                       pairs=pairs, zero_head=True, proposal=BASE_MODEL,
                        loss=LossConfig(name=loss, beta=args.beta, alpha=args.alpha, per_token=True),
                        max_steps=budget.max_steps, batch_size=budget.batch_size, save_every=budget.val_every,
                        log_every=1 if exp.quick else 5, dtype=args.train_dtype, **size)
 
 
 def train_expected(config) -> dict:
+    """What defines a training step: its ``TrainConfig`` with the dtype resolved on this machine."""
     return {**asdict(config), "dtype": resolved_dtype(config.dtype, config.device)}
 
 
@@ -129,9 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
     from amendlm.ram.train import train_aligner
 
     def options(parser):
-        parser.add_argument("--model", default=BASE_MODEL, help="The model debiased (the proposal).")
         parser.add_argument("--dtype", default="fp32", help="Evaluation dtype (fp32: as the other tables' rows).")
-        parser.add_argument("--train-dtype", default="auto", help="Training and val dtype (auto: bf16 where native).")
+        parser.add_argument("--train-dtype", default="fp32",
+                            help="Training and val dtype: fp32 (exact; bf16 autocast was not faster at these short sequences), bf16 or auto.")
         parser.add_argument("--rows", default=",".join(RUNS), help=f"RAM rows among {', '.join(RUNS)}.")
         parser.add_argument("--small-lr", type=float, default=1e-4, help="AdamW LR of the small aligner (all weights).")
         parser.add_argument("--lora-lr", type=float, default=5e-4, help="AdamW LR of the LoRA aligner (the pairwise recipe's).")
@@ -177,9 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     def measured_cost() -> dict:
         for row in ram_rows:
             train_aligner(configs[row])  # nothing to do for a finished run
-        return measure_cost(args.model, aligners, budget.cost_clusters, budget.cost_repeats, dtype, bu_config)
+        return measure_cost(BASE_MODEL, aligners, budget.cost_clusters, budget.cost_repeats, dtype, bu_config)
 
-    cost_expected = {"model": args.model, "dtype": dtype, "clusters": budget.cost_clusters, "repeats": budget.cost_repeats,
+    cost_expected = {"model": BASE_MODEL, "dtype": dtype, "clusters": budget.cost_clusters, "repeats": budget.cost_repeats,
                      "aligners": {row: train_expected(configs[row]) for row in ram_rows}, "biasunlearn": bu_config.to_dict()}
     cost = exp.step(exp.results / "cost.json", cost_expected, measured_cost)
     # the generation check uses the RAM run whose kept val evaluation has the smallest worst type gap (val, not test)
@@ -190,9 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
     if chosen is not None:
         def generated() -> dict:
             train_aligner(configs[chosen])
-            return generate_check(args.model, aligners[chosen], contexts, budget.generation_tokens, 0)
+            return generate_check(BASE_MODEL, aligners[chosen], contexts, budget.generation_tokens, 0)
 
-        gen_expected = {"model": args.model, "training": train_expected(configs[chosen]), "contexts": contexts,
+        gen_expected = {"model": BASE_MODEL, "training": train_expected(configs[chosen]), "contexts": contexts,
                         "max_new_tokens": budget.generation_tokens, "seed": 0, "full_distribution": ["proposal", "mds"],
                         "stop": []}
         generation = exp.step(exp.results / "generations.json", gen_expected, generated)
@@ -255,8 +262,8 @@ def describe(configs: dict, trainings: dict, args, budget: Budget, base: dict, c
     for row, config in configs.items():
         record = trainings[row]["train_config"]
         pairs = config.pairs
-        what = (f"a full-size copy of `{args.model}` with LoRA r {config.lora_r} on every projection and the head"
-                if config.lora else f"the first {config.init_from_proposal_layers} blocks of `{args.model}` (+ embeddings, "
+        what = (f"a full-size copy of `{BASE_MODEL}` with LoRA r {config.lora_r} on every projection and the head"
+                if config.lora else f"the first {config.init_from_proposal_layers} blocks of `{BASE_MODEL}` (+ embeddings, "
                 "final norm, its own head), all weights")
         lines.append(
             f"`{row}`: {what}, head started at zero; {config.loss.name} loss (per-token log-probs, "
