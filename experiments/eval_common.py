@@ -26,11 +26,11 @@ def eval_expected(model: str, adapter: str | Path | None, config, aligner=None) 
     the :class:`amendlm.product.AlignerConfig` of a scored pair (its resolved path and both temperatures)."""
     from dataclasses import asdict
 
-    from amendlm.ram.api import resolve_aligner
+    from amendlm.ram.api import aligner_path  # unchecked: a recorded row is compared before its aligner is made
 
     fields = {k: v for k, v in asdict(config).items() if k not in _EVAL_IGNORED}
     fields["dtype"] = resolved_dtype(config.dtype)
-    pair = None if aligner is None else {"aligner": resolve_aligner(aligner.aligner), "proposal_temperature":
+    pair = None if aligner is None else {"aligner": aligner_path(aligner.aligner), "proposal_temperature":
                                          aligner.proposal_temperature, "aligner_temperature": aligner.aligner_temperature}
     return {"model": model, "adapter": str(adapter) if adapter else None, "aligner": pair, **fields}
 
@@ -72,3 +72,34 @@ def eval_defaults() -> dict:
 # EvalConfig fields and the value each had when it was added; every eval JSON in results/ was written
 # after all fields that exist today (2026-12-01), so this is empty until a field is added
 EVAL_FIELDS_ADDED: dict[str, Any] = {}
+
+
+# ---------------------------------------------------------------------------- unlearning records
+def prefixed(prefix: str, config: dict) -> dict:
+    """``{"prefix.key": value}``, so that a step's differences name the key that differs."""
+    return {f"{prefix}.{k}": v for k, v in config.items()}
+
+
+def training_record(config: dict) -> dict:
+    """An ``unlearn_config.json`` as compared with ``UnlearnConfig.to_dict()`` (``{}`` stays ``{}``: no record).
+
+    * ``dtype_auto`` (whether ``auto`` chose the recorded, resolved dtype) is left out: it changes
+      no number, and the scripts pass the resolved dtype.
+    * A field the record lacks was added to ``UnlearnConfig`` after the record was written; it
+      counts as the value it had when it was added (``amendlm.unlearn.config.FIELDS_ADDED``, the
+      convention of the trainer's resume check), not as whatever its default is today.
+    * A former recipe name counts as the current one (``default`` -> ``biasunlearn``).
+    """
+    from amendlm.unlearn.config import with_added_fields
+
+    record = {k: v for k, v in config.items() if k != "dtype_auto"}
+    return with_added_fields(record) if record else record
+
+
+def current_recipe_name(step_config: dict) -> dict:
+    """A step's recorded configuration with ``training.recipe`` under its current name (``default``, the
+    former name of ``biasunlearn``, recorded before the rename: the same run, reused)."""
+    from amendlm.unlearn.recipes import RECIPE_ALIASES
+
+    recipe = step_config.get("training.recipe")
+    return {**step_config, "training.recipe": RECIPE_ALIASES[recipe]} if recipe in RECIPE_ALIASES else step_config

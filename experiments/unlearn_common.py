@@ -32,6 +32,8 @@ from pathlib import Path
 
 from amendlm.report import atomic_save_figure, atomic_write_json
 from common import REPO, RESULTS, Experiment, config_differences, eval_defaults, eval_expected, eval_recorded, read_json
+from eval_common import current_recipe_name as _current_recipe_name  # noqa: F401
+from eval_common import prefixed as _prefixed, training_record as _training_record  # noqa: F401
 
 BASE_MODEL = "smollm2-135m-instruct"  # amendlm.resources.DEFAULT_MODEL, the model of every recorded row
 
@@ -128,36 +130,6 @@ def eval_log(records_dir: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- training
-def _prefixed(prefix: str, config: dict) -> dict:
-    """``{"prefix.key": value}``, so that a step's differences name the key that differs."""
-    return {f"{prefix}.{k}": v for k, v in config.items()}
-
-
-def _training_record(config: dict) -> dict:
-    """An ``unlearn_config.json`` as compared with ``UnlearnConfig.to_dict()`` (``{}`` stays ``{}``: no record).
-
-    * ``dtype_auto`` (whether ``auto`` chose the recorded, resolved dtype) is left out: it changes
-      no number, and the scripts pass the resolved dtype.
-    * A field the record lacks was added to ``UnlearnConfig`` after the record was written; it
-      counts as the value it had when it was added (``amendlm.unlearn.config.FIELDS_ADDED``, the
-      convention of the trainer's resume check), not as whatever its default is today.
-    * A former recipe name counts as the current one (``default`` -> ``biasunlearn``).
-    """
-    from amendlm.unlearn.config import with_added_fields
-
-    record = {k: v for k, v in config.items() if k != "dtype_auto"}
-    return with_added_fields(record) if record else record
-
-
-def _current_recipe_name(step_config: dict) -> dict:
-    """A step's recorded configuration with ``training.recipe`` under its current name (``default``, the
-    former name of ``biasunlearn``, recorded before the rename: the same run, reused)."""
-    from amendlm.unlearn.recipes import RECIPE_ALIASES
-
-    recipe = step_config.get("training.recipe")
-    return {**step_config, "training.recipe": RECIPE_ALIASES[recipe]} if recipe in RECIPE_ALIASES else step_config
-
-
 def _finished(run_dir: Path) -> bool:
     """The run saved its weights and was not interrupted."""
     status = read_json(run_dir / "summary.json").get("status")

@@ -82,10 +82,22 @@ def resolve_aligner(name: str | Path | None, option: str = "--aligner") -> str |
     """
     if name is None:
         return None
+    mapped = aligner_path(name)
+    if mapped != str(name):
+        return mapped
+    check_model_name(str(name), option)
+    return str(name)
+
+
+def aligner_path(name: str | Path) -> str:
+    """Where an aligner's weights are, without checking that they exist: an ``align train`` run
+    directory (no ``config.json`` of its own, its trained model in ``aligner/``) becomes
+    ``RUN/aligner``; anything else is returned as given.  For records that must be compared before
+    the aligner is (re)made; :func:`resolve_aligner` is the checked form.
+    """
     path = Path(name).expanduser()
     if path.is_dir() and not (path / "config.json").is_file() and (path / "aligner" / "config.json").is_file():
         return str(Path(name) / "aligner")
-    check_model_name(str(name), option)
     return str(name)
 
 

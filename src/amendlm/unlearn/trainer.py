@@ -96,7 +96,7 @@ class UnlearnTrainer:
         self.state = TrainState(phase_steps=config.initial_scheduler_steps or config.max_steps)
         self.sampler_pool = StreamSamplers(config.seed)
         self.passes = StepPasses(self.accelerator, self.model, self.reference_model, self.dtype, self.pad_id, self.method,
-                                 config.packing)
+                                 config.packing, max_tokens=config.max_length)
         if self.passes.fallback:
             logger.warning("packing off: %s; padded batches instead (reference log-probs still cached)", self.passes.fallback)
         self._build_streams()
