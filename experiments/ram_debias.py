@@ -275,7 +275,7 @@ def describe(configs: dict, trainings: dict, args, budget: Budget, base: dict, c
             + f"{pairs.kl_text_limit} XSum documents in {pairs.kl_chunk_tokens}-token chunks, batch {pairs.kl_batch_size}); val evaluation every {pairs.val_every} steps on "
             f"{trainings[row]['summary']['selection']['val_clusters']} val clusters.")
     lines.append(f"Inference cost: the scoring seconds of the pair over the model alone on the same {cost['n_clusters']} "
-                 "test clusters (both models run once per batch); `parameters run` counts the weights both models apply.")
+                 "test clusters (both models run once per batch); the parameter ratio counts both models' weights, embeddings included.")
     return "  \n".join(lines)
 
 

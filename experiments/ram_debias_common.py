@@ -146,7 +146,7 @@ def cost_table(rows: dict[str, dict]) -> str:
     table = [[label, fmt(r["trainable"], "{:,}"), fmt(r["train_seconds"], "{:.0f}"), r["cost"], r["cost_params"], r["kept"]]
              for label, r in rows.items()]
     return markdown_table(["run", "trainable parameters", "training s", "inference cost (× proposal, measured)",
-                           "parameters run (× proposal)", "kept (val)"], table, "lrrrrl")
+                           "parameters, model + aligner (× model)", "kept (val)"], table, "lrrrrl")
 
 
 def val_table(trajectories: dict[str, list[dict]], kept: dict[str, int | None]) -> str:
