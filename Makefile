@@ -84,7 +84,7 @@ RESULTS_COMMANDS := \
 	"unlearn_methods.py --dtype fp32" \
 	"unlearn_ablation.py --rows default,differing,low-lr,token-mean,attention,kl-general,dpo-pairwise,dpo-swap --dtype fp32" \
 	"transfer.py --dtype fp32" "gemma3.py" \
-	"ram_xsum.py" "bench_scoring.py" "bench_decode.py" "bench_unlearn.py" "bench_serve.py"
+	"ram_xsum.py" "ram_debias.py" "bench_scoring.py" "bench_decode.py" "bench_unlearn.py" "bench_serve.py"
 .PHONY: results
 results: install
 	@for command in $(RESULTS_COMMANDS); do \

@@ -50,6 +50,7 @@ EXPERIMENTS = (
     "transfer",
     "gemma3",
     "ram_xsum",
+    "ram_debias",
     "bench_scoring",
     "bench_decode",
     "bench_unlearn",
@@ -349,52 +350,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: 
 
 
 # ---------------------------------------------------------------------------- evaluation steps
-_EVAL_IGNORED = ("progress", "dtype_auto")  # do not change a number
-
-
-def resolved_dtype(dtype: str, device: str = "cpu") -> str:
-    """``auto`` decided for this machine (``bf16`` or ``fp32``); other names unchanged."""
-    import torch
-
-    from amendlm.modeling import dtype_name, resolve_dtype
-
-    return dtype_name(resolve_dtype(dtype, torch.device(device)))
-
-
-def eval_expected(model: str, adapter: str | Path | None, config) -> dict:
-    """The configuration that defines one ``amendlm eval`` result (dtype resolved on this machine)."""
-    from dataclasses import asdict
-
-    fields = {k: v for k, v in asdict(config).items() if k not in _EVAL_IGNORED}
-    fields["dtype"] = resolved_dtype(config.dtype)
-    return {"model": model, "adapter": str(adapter) if adapter else None, **fields}
-
-
-def eval_recorded(data: dict) -> dict:
-    """The configuration an eval JSON (from ``amendlm eval`` or :func:`run_eval`) records of itself."""
-    return {"model": data.get("model"), "adapter": data.get("adapter"), **data.get("config", {})}
-
-
-def run_eval(exp: Experiment, path: Path, model: str, adapter: str | Path | None = None, **options) -> dict:
-    """One evaluation as a resumable step: :func:`amendlm.bias.evaluate.evaluate_model` with
-    ``EvalConfig(**options)``, reused when ``path`` already holds the same configuration."""
-    from dataclasses import replace
-
-    from amendlm.bias.evaluate import EvalConfig, evaluate_model
-
-    config = EvalConfig(**{"progress": False, **options})
-    expected = eval_expected(model, adapter, config)
-    # evaluate with the resolved dtype, so that the JSON and the expectation agree
-    return exp.step(path, expected, lambda: evaluate_model(model, replace(config, dtype=expected["dtype"]), adapter=adapter),
-                    recorded=eval_recorded, defaults=eval_defaults())
-
-
-def eval_defaults() -> dict:
-    """Values of :class:`EvalConfig` fields an older eval JSON does not record: the value each had
-    when it was added (a frozen record, not today's defaults, which may change)."""
-    return dict(EVAL_FIELDS_ADDED)
-
-
-# EvalConfig fields and the value each had when it was added; every eval JSON in results/ was written
-# after all fields that exist today (2026-12-01), so this is empty until a field is added
-EVAL_FIELDS_ADDED: dict[str, Any] = {}
+# (in eval_common.py, re-exported here for the scripts that import them from common)
+from eval_common import (EVAL_FIELDS_ADDED, eval_defaults, eval_expected, eval_recorded, resolved_dtype,  # noqa: E402,F401
+                         run_eval)

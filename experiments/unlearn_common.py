@@ -32,6 +32,8 @@ from pathlib import Path
 
 from amendlm.report import atomic_save_figure, atomic_write_json
 from common import REPO, RESULTS, Experiment, config_differences, eval_defaults, eval_expected, eval_recorded, read_json
+from eval_common import current_recipe_name as _current_recipe_name  # noqa: F401
+from eval_common import prefixed as _prefixed, training_record as _training_record  # noqa: F401
 
 BASE_MODEL = "smollm2-135m-instruct"  # amendlm.resources.DEFAULT_MODEL, the model of every recorded row
 
@@ -68,8 +70,9 @@ BIASUNLEARN_50 = Run("biasunlearn", {"method": "biasunlearn", "max_steps": 50})
 def pairwise_run() -> Run:
     """The default recipe of ``amendlm debias`` (``pairwise``, 100 steps): the very run of
     ``unlearn_ablation.py``'s ``dpo-swap`` row (``ablation_dpo-swap_s100``), shared with it.  Its
-    ``UnlearnConfig`` holds the recipe's fields under the label ``recipe="default"`` (the row was
-    trained through the Python API); a test keeps the recipe and the row equal."""
+    ``UnlearnConfig`` holds the recipe's fields under the label ``recipe="biasunlearn"`` (recorded as
+    ``"default"``, its former name; the row was trained through the Python API); a test keeps the
+    recipe and the row equal."""
     from amendlm.unlearn.recipes import recipe_fields
 
     return Run("ablation_dpo-swap", {"method": "biasunlearn", **recipe_fields("pairwise")})
@@ -127,26 +130,6 @@ def eval_log(records_dir: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- training
-def _prefixed(prefix: str, config: dict) -> dict:
-    """``{"prefix.key": value}``, so that a step's differences name the key that differs."""
-    return {f"{prefix}.{k}": v for k, v in config.items()}
-
-
-def _training_record(config: dict) -> dict:
-    """An ``unlearn_config.json`` as compared with ``UnlearnConfig.to_dict()`` (``{}`` stays ``{}``: no record).
-
-    * ``dtype_auto`` (whether ``auto`` chose the recorded, resolved dtype) is left out: it changes
-      no number, and the scripts pass the resolved dtype.
-    * A field the record lacks was added to ``UnlearnConfig`` after the record was written; it
-      counts as the value it had when it was added (``amendlm.unlearn.config.FIELDS_ADDED``, the
-      convention of the trainer's resume check), not as whatever its default is today.
-    """
-    from amendlm.unlearn.config import with_added_fields
-
-    record = {k: v for k, v in config.items() if k != "dtype_auto"}
-    return with_added_fields(record) if record else record
-
-
 def _finished(run_dir: Path) -> bool:
     """The run saved its weights and was not interrupted."""
     status = read_json(run_dir / "summary.json").get("status")
@@ -281,7 +264,7 @@ def eval_step(exp: Experiment, path: Path, model: str, dtype: str, adapter: tupl
 
     def recorded(data: dict) -> dict:
         if "step_config" in data:  # made by a script: it records what it evaluated (training.* / variant.*)
-            return data["step_config"]
+            return _current_recipe_name(data["step_config"])
         have = eval_recorded(data)  # a CLI-made file: its adapter's record sits under results/unlearn/runs
         if adapter:
             have.update(_prefixed("training", _training_record(read_json(records(exp, adapter[0]) / "unlearn_config.json"))))

@@ -41,3 +41,35 @@ def test_eval_of_an_adapter_on_all_targets_warns_that_training_targets_are_inclu
     assert "--split all includes the StereoSet target terms" in warned.output and warned.exit_code == 1
     held_out = CliRunner().invoke(app, ["eval", "--adapter", str(tmp_path), "--split", "test", "--benchmarks", "stereoset"])
     assert "includes the StereoSet target terms" not in held_out.output
+
+
+def test_usage_errors_are_one_plain_line_on_stderr_and_help_stays_rich():
+    runner = CliRunner()
+    cases = {  # arguments -> what the one line must say
+        ("eval", "--benchmarks", "stereoset,glue"): "unknown benchmark",
+        ("eval", "--batch-size", "x"): "Invalid value for '--batch-size'",
+        ("debias", "--nope"): "No such option: --nope",
+        ("nosuch",): "No such command 'nosuch'",
+        ("merge", "--adapter", "a"): "Missing option '--out' (see 'root merge --help')",
+        # every missing input of align train / align eval at once, not one per attempt
+        ("align", "train"): "missing --out DIR, --samples FILE (from 'align sample') or --pairs SOURCE and the initial aligner "
+                            "(--aligner MODEL or --init-from-proposal-layers K) (see 'root align train --help')",
+        ("align", "eval", "--systems", "proposal,par,finetuned"): "missing --aligner (for par) and --finetuned (for finetuned)",
+        ("align", "generate", "hi", "--mode", "sir"): "missing --aligner (for --mode sir)",
+    }
+    for args, said in cases.items():
+        result = runner.invoke(app, list(args), prog_name="root")
+        assert result.exit_code == 2, (args, result.output)
+        assert result.stdout == "" and len(result.stderr.splitlines()) == 1, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and said in result.stderr, (args, result.stderr)
+    shown = runner.invoke(app, ["align", "train", "--help"], prog_name="root")
+    assert shown.exit_code == 0 and "Usage: root align train" in shown.stdout and "--samples" in shown.stdout
+    assert "Options ─" in shown.stdout  # still rich's help panels
+
+
+def test_every_align_train_option_has_help_text():
+    import typer.main
+
+    train = typer.main.get_command(app).commands["align"].commands["train"]
+    assert len(train.params) > 20
+    assert [p.name for p in train.params if not (getattr(p, "help", None) or "").strip()] == []

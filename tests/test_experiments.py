@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -102,3 +103,60 @@ def test_the_pairwise_recipe_is_the_ablation_row_it_was_chosen_as():
     from amendlm.unlearn.recipes import recipe_fields
 
     assert recipe_fields("pairwise") == unlearn_ablation.LEVERS["dpo-swap"]
+
+
+def test_recorded_unlearning_rows_stay_reused_under_the_recipes_current_name(monkeypatch):
+    """The rows in results/ were recorded with ``recipe: "default"`` (the former name of ``biasunlearn``)
+    and before ``device`` existed: the scripts' configurations still match them, so nothing is retrained
+    (``ensure_adapter``'s check on the run's record) or re-evaluated (``eval_step``)."""
+    import unlearn_common
+    import unlearn_methods
+
+    import amendlm.bias.evaluate
+
+    monkeypatch.setattr(unlearn_common, "ensure_adapter", lambda *a, **k: pytest.fail("a recorded run would be retrained"))
+    monkeypatch.setattr(amendlm.bias.evaluate, "evaluate_model", lambda *a, **k: pytest.fail("a row would be re-evaluated"))
+    monkeypatch.chdir(common.REPO)
+    exp, _ = common.Experiment.start("unlearn_methods", "reuse check", [])
+    names = []
+    for run in unlearn_methods.RUNS:
+        name, config = unlearn_common.unlearn_config(exp, run, "fp32")
+        record = common.read_json(unlearn_common.records(exp, name) / "unlearn_config.json")
+        names.append(record["recipe"])
+        assert config.recipe == "biasunlearn" and "device" not in record
+        assert common.config_differences(config.to_dict(), unlearn_common._training_record(record)) == []
+        unlearn_common.eval_step(exp, exp.path(f"unlearn/{name}_test.json"), unlearn_common.BASE_MODEL, "fp32",
+                                 adapter=(name, config))
+    assert exp.steps_reused == len(unlearn_methods.RUNS) and set(names) == {"default"}
+
+
+def test_run_eval_reuses_an_evaluation_only_of_the_same_aligner(tmp_path, monkeypatch):
+    """A cached evaluation of one aligner (or of the model alone) is never reused for another."""
+    from amendlm.bias import evaluate
+    from amendlm.product import AlignerConfig
+
+    calls = []
+
+    def fake_evaluate_model(model, config, adapter=None, aligner=None):
+        calls.append(aligner)
+        record = None if aligner is None else {"aligner": aligner.aligner, "proposal_temperature": aligner.proposal_temperature,
+                                               "aligner_temperature": aligner.aligner_temperature}
+        return {"model": model, "adapter": adapter, "aligner": record, "config": dataclasses.asdict(config)}
+
+    monkeypatch.setattr(evaluate, "evaluate_model", fake_evaluate_model)
+    exp, _ = common.Experiment.start("demo", "Demo", ["--quick", "--results-dir", str(tmp_path)])
+    path = exp.path("demo/eval.json")
+    common.run_eval(exp, path, "m", dtype="fp32")
+    legacy = json.loads(path.read_text())
+    del legacy["step_config"]["aligner"]  # written before pairs were scored: a single model's
+    path.write_text(json.dumps(legacy))
+    common.run_eval(exp, path, "m", dtype="fp32")
+    assert len(calls) == 1  # reused
+    # a1 and a2 do not exist: a recorded pair's evaluation is compared (and reused) before its aligner is made
+    first = AlignerConfig(str(tmp_path / "a1"))
+    common.run_eval(exp, path, "m", aligner=first, dtype="fp32")
+    common.run_eval(exp, path, "m", aligner=AlignerConfig(str(tmp_path / "a1")), dtype="fp32")
+    assert calls == [None, first]  # the model alone is not the pair; the same pair again is reused
+    common.run_eval(exp, path, "m", aligner=AlignerConfig(str(tmp_path / "a2")), dtype="fp32")
+    common.run_eval(exp, path, "m", aligner=AlignerConfig(str(tmp_path / "a2"), aligner_temperature=2.0), dtype="fp32")
+    assert len(calls) == 4 and calls[-1].aligner_temperature == 2.0

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from amendlm.bias.evaluate import perplexity_windows
-from amendlm.product import AlignerConfig, ProductLM, product_logits, resolve_aligner
+from amendlm.product import AlignerConfig, ProductLM, check_aligner, product_logits
+from amendlm.ram.api import resolve_aligner
 from amendlm.ram.decoding import DecodeConfig, rule_mds
 from amendlm.scoring import EncodedPair, encode_pairs, score_encoded, score_grouped, score_pairs
 
@@ -162,6 +163,15 @@ def test_aligner_config_and_run_directories(tmp_path):
     assert resolve_aligner(tmp_path / "run") == str(tmp_path / "run" / "aligner")
     assert resolve_aligner(str(tmp_path / "run" / "aligner")) == str(tmp_path / "run" / "aligner")
     assert resolve_aligner("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    assert resolve_aligner(None) is None
+    # eval --aligner takes the same resolver as align: a run directory, and one line naming the option
+    assert check_aligner(AlignerConfig(str(tmp_path / "run"))) == str(tmp_path / "run" / "aligner")
+    with pytest.raises(FileNotFoundError, match=r"^--aligner \S+nope: no such model directory"):
+        check_aligner(AlignerConfig(str(tmp_path / "nope")))
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "train_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="--finetuned .*unfinished: rerun 'align train'"):
+        resolve_aligner(tmp_path / "unfinished", "--finetuned")
 
 
 @pytest.fixture()
@@ -253,6 +263,11 @@ def test_cli_eval_aligner_input_errors_are_one_line(saved_pair, monkeypatch):
     missing = runner.invoke(app, ["eval", "--model", str(root / "proposal"), "--aligner", str(root / "nope"),
                                   "--benchmarks", "perplexity", *data])
     assert missing.exit_code == 1 and "nope: no such model directory" in missing.output
+    # with StereoSet on --split all: the wrong --aligner (named) is the one line, before the split warning
+    warned = runner.invoke(app, ["eval", "--aligner", str(root / "nope"), *data])
+    assert warned.exit_code == 1 and warned.stdout == ""
+    lines = warned.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --aligner {root / 'nope'}: no such model directory")
 
 
 def test_an_adapter_applies_to_the_proposal_of_a_pair(saved_pair):

@@ -140,10 +140,10 @@ def test_training_from_proposal_layers_changes_weights_and_resumes_exactly(works
     # a run killed while saving step 3 (its checkpoint at step 2 kept, step 3 already logged) resumes exactly
     save = run_dir.save_checkpoint
 
-    def killed_at_3(accelerator, out, step, micro):
+    def killed_at_3(accelerator, out, step, micro, extra=None):
         if step == 3:
             raise Killed()
-        save(accelerator, out, step, micro)
+        save(accelerator, out, step, micro, extra)
 
     monkeypatch.setattr(run_dir, "save_checkpoint", killed_at_3)
     with pytest.raises(Killed):

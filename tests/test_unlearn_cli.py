@@ -90,23 +90,30 @@ def test_a_hand_written_config_file_holds_some_fields_over_its_recipe(tmp_path, 
     assert (captured[1].recipe, captured[1].lr, captured[1].max_steps) == ("pairwise", 1e-4, 100)
     path.write_text(json.dumps({"method": "npo"}))  # another method: the field defaults, as on the command line
     assert debias(tmp_path, "--config", str(path)).exit_code == 0
-    assert (captured[2].recipe, captured[2].method, captured[2].lr, captured[2].max_steps) == ("default", "npo", 2e-4, 200)
+    assert (captured[2].recipe, captured[2].method, captured[2].lr, captured[2].max_steps) == ("biasunlearn", "npo", 2e-4, 200)
 
 
 def test_without_a_recipe_debias_runs_pairwise_unless_another_method_is_named(tmp_path, captured):
     from amendlm.unlearn.recipes import PAIRWISE, cli_recipe
 
     assert [cli_recipe(None, None), cli_recipe(None, "dpo-swap"), cli_recipe(None, "npo"), cli_recipe(None, "biasunlearn"),
-            cli_recipe("official", "npo")] == ["pairwise", "pairwise", "default", "default", "official"]
+            cli_recipe("official", "npo"), cli_recipe("default", None)] == ["pairwise", "pairwise", "biasunlearn",
+                                                                           "biasunlearn", "official", "biasunlearn"]
     assert debias(tmp_path / "a").exit_code == 0
     c = captured[0]
     assert (c.recipe, c.recipe_overrides, c.dtype) == ("pairwise", {}, "auto")
     assert {k: getattr(c, k) for k in PAIRWISE} == dict(PAIRWISE)
     assert debias(tmp_path / "b", "--method", "biasunlearn", "--max-steps", "50").exit_code == 0
     c = captured[1]
-    assert (c.recipe, c.method, c.max_steps, c.lr, c.type_focus) == ("default", "biasunlearn", 50, 2e-4, "worst")
+    assert (c.recipe, c.method, c.max_steps, c.lr, c.type_focus) == ("biasunlearn", "biasunlearn", 50, 2e-4, "worst")
+    assert debias(tmp_path / "c", "--recipe", "biasunlearn").exit_code == 0
+    assert (captured[2].recipe, captured[2].method) == ("biasunlearn", "biasunlearn")
+    # "default", the former name, is the same recipe (old commands and saved configs mean the same run)
     assert debias(tmp_path / "c", "--recipe", "default").exit_code == 0
-    assert (captured[2].recipe, captured[2].method) == ("default", "biasunlearn")
+    assert captured[3] == captured[2]
+    saved = tmp_path / "old.json"
+    saved.write_text(json.dumps({**captured[2].to_dict(), "recipe": "default"}))
+    assert debias(tmp_path / "c", "--config", str(saved)).exit_code == 0 and captured[4] == captured[2]
 
 
 @pytest.mark.parametrize("text, says", [("[1, 2]", "expected a JSON object"), ("{lr: 1", "not valid JSON"),
@@ -159,9 +166,24 @@ def test_config_file_with_a_recipe_is_refused(tmp_path, captured):
 
 def test_bad_values_name_the_valid_ones(tmp_path, captured):
     result = debias(tmp_path, "--recipe", "fastest")
-    assert result.exit_code != 0 and "valid: default, official" in result.output
+    assert result.exit_code != 0 and "valid: biasunlearn, official, pairwise (former names: default = biasunlearn)" in result.output
     result = debias(tmp_path, "--loss-tokens", "some")
     assert result.exit_code != 0 and "valid: all, differing" in result.output
+
+
+def test_device_is_an_option_recorded_in_the_config_and_checked_before_training(tmp_path, captured, monkeypatch):
+    import torch
+
+    assert debias(tmp_path / "a", "--device", "cpu").exit_code == 0
+    assert captured[0].to_dict()["device"] == "cpu" and captured[0].recipe_overrides == {"device": "cpu"}
+    assert debias(tmp_path / "b").exit_code == 0 and captured[1].device == "auto"  # as before: an accelerator if any
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for args, code, says in ((("--device", "cuda:1"), 2, "without an index"), (("--cpu", "--device", "cuda"), 2, "disagree"),
+                             (("--device", "cuda"), 1, "error: --device cuda: no such accelerator on this machine"),
+                             (("--device", "gpu"), 1, "--device gpu: not a device")):
+        result = debias(tmp_path / "c", *args)
+        assert result.exit_code == code and says in result.stderr and len(result.stderr.splitlines()) == 1, result.output
+    assert len(captured) == 2 and not (tmp_path / "c").exists()
 
 
 def test_progress_lines_for_steps_and_evaluations():

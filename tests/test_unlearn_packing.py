@@ -242,3 +242,22 @@ def test_a_kernel_without_custom_masks_falls_back_to_padding_and_says_why(tmp_pa
     torch.testing.assert_close(fallback_loss, loss, rtol=1e-5, atol=1e-6)
     for name in grads:
         torch.testing.assert_close(fallback_grads[name], grads[name], rtol=1e-5, atol=1e-6)
+
+
+def test_packing_is_refused_where_an_example_exceeds_a_sliding_window():
+    """Sliding-window layers take the block mask as given (no window): packed rows are refused when the
+    longest example exceeds the window, and allowed where it cannot (or the model has no window)."""
+    from types import SimpleNamespace
+
+    from amendlm.unlearn.packing import packing_unsupported
+
+    def model(**config):
+        return SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa", **config))
+
+    gemma = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    assert "sliding window (4)" in packing_unsupported(model(**gemma), max_tokens=128)
+    assert packing_unsupported(model(**gemma), max_tokens=None) is not None  # unknown length: refused
+    assert packing_unsupported(model(**{**gemma, "sliding_window": 512}), max_tokens=128) is None
+    assert packing_unsupported(model(sliding_window=8, use_sliding_window=False), max_tokens=128) is None
+    assert packing_unsupported(model(sliding_window=None), max_tokens=128) is None
+    assert packing_unsupported(model(), max_tokens=None) is None  # no window (Llama, SmolLM2)

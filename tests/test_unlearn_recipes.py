@@ -44,8 +44,21 @@ def test_options_override_the_recipe_and_both_are_recorded(tmp_path):
     assert config.recipe_overrides == {"lr": 1e-4, "kl_batch_size": 8}
     saved = UnlearnConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert saved == config  # recipe and overrides survive unlearn_config.json
-    default = UnlearnConfig.from_recipe("default", str(tmp_path))
-    assert default == UnlearnConfig(out=str(tmp_path))  # --recipe default = today's defaults
+    plain = UnlearnConfig.from_recipe("biasunlearn", str(tmp_path))
+    assert plain == UnlearnConfig(out=str(tmp_path)) and plain.recipe == "biasunlearn"  # the field defaults
+    assert UnlearnConfig.from_recipe("default", str(tmp_path)) == plain  # its former name, recorded as the current one
+
+
+def test_a_run_recorded_under_the_former_recipe_name_resumes_and_reloads_as_the_same_config(tmp_path):
+    from amendlm.unlearn.config import with_added_fields
+    from amendlm.unlearn.resume import check_resume_config
+
+    old = {**UnlearnConfig(out=str(tmp_path)).to_dict(), "recipe": "default"}
+    old.pop("device")  # recorded before the field existed
+    (tmp_path / "unlearn_config.json").write_text(json.dumps(old))
+    check_resume_config(UnlearnConfig(out=str(tmp_path)), resume=True)  # no "different configuration"
+    assert UnlearnConfig.from_dict(old) == UnlearnConfig(out=str(tmp_path))
+    assert with_added_fields(old) == UnlearnConfig(out=str(tmp_path)).to_dict()
 
 
 def test_an_explicit_general_option_is_not_hidden_by_the_recipes_finer_ones(tmp_path):
@@ -55,9 +68,9 @@ def test_an_explicit_general_option_is_not_hidden_by_the_recipes_finer_ones(tmp_
 
 
 def test_unknown_recipes_and_choices_list_the_valid_ones(tmp_path):
-    with pytest.raises(ValueError, match="valid: default, official"):
+    with pytest.raises(ValueError, match=r"valid: biasunlearn, official, pairwise \(former names: default = biasunlearn\)"):
         recipe_fields("fastest")
-    with pytest.raises(ValueError, match="valid: default, official"):
+    with pytest.raises(ValueError, match="valid: biasunlearn, official"):
         UnlearnConfig(out=str(tmp_path), recipe="fastest")
     with pytest.raises(ValueError, match="valid: all, attention"):
         UnlearnConfig(out=str(tmp_path), lora_scope="mlp")

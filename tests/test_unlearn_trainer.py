@@ -151,6 +151,9 @@ def test_check_resume_config_names_the_differing_options(tmp_path):
     (tmp_path / "unlearn_config.json").write_text(json.dumps({**saved, "dtype_auto": True}))
     check_resume_config(UnlearnConfig(out=str(tmp_path), lr=1e-4, dtype="auto", max_steps=999), resume=True)
     check_resume_config(UnlearnConfig(out=str(tmp_path), lr=5e-4), resume=False)  # not resuming: no check
+    # where it trains is not what it trains: another device (or --cpu) may resume the run
+    check_resume_config(UnlearnConfig(out=str(tmp_path), lr=1e-4, dtype="bf16", device="cpu"), resume=True)
+    check_resume_config(UnlearnConfig(out=str(tmp_path), lr=1e-4, dtype="bf16", cpu=True), resume=True)
     with pytest.raises(ValueError, match=r"\['lr'\]"):
         check_resume_config(UnlearnConfig(out=str(tmp_path), lr=5e-4, dtype="bf16"), resume=True)
     with pytest.raises(ValueError, match="dtype"):

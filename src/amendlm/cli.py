@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from amendlm.data.splits import DEFAULT_SEED
-from amendlm.errors import user_errors
+from amendlm.errors import OneLineUsageErrors, user_errors
 from amendlm.resources import DEFAULT_MODEL
 
 # defaults shown by --help; EvalConfig (amendlm.bias.evaluate) validates the values
@@ -19,6 +19,7 @@ app = typer.Typer(
     help="Change what a pretrained causal LM says after pre-training, and measure it.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    cls=OneLineUsageErrors,  # usage errors: one plain line on stderr, not click's usage text in a rich panel
 )
 
 
@@ -70,6 +71,11 @@ def eval_command(
         pair = None if aligner is None else AlignerConfig(aligner, proposal_temperature, aligner_temperature)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    if pair is not None:
+        from amendlm.product import check_aligner
+
+        with user_errors():  # a wrong --aligner: one line naming it, before the warning below and any model load
+            check_aligner(pair)
     if (adapter is not None or aligner is not None) and split == "all" and "stereoset" in config.benchmarks:
         typer.secho("warning: --split all includes the StereoSet target terms adapters and aligners are trained on "
                     "(train) and selected on (val); report held-out numbers with --split test", fg=typer.colors.YELLOW, err=True)

@@ -53,6 +53,32 @@ def is_main_launched_process() -> bool:
     return launched_rank() == 0
 
 
+def check_device(device: str, option: str = "--device") -> None:
+    """Refuse, before any model loads, a device that Accelerate would silently replace by the CPU.
+
+    ``auto`` (an accelerator when Accelerate finds one, else the CPU) and ``cpu`` always pass; an
+    accelerator type (``cuda``, ``mps``, ``xpu``, ...) passes when torch reports one present.  The
+    training commands take the type only: Accelerate gives each process its own card (choose cards
+    with ``CUDA_VISIBLE_DEVICES`` or ``accelerate launch``).
+
+    Raises:
+        ValueError: one line naming ``option`` and the value: an index (``cuda:1``), a name torch
+            does not know, or an accelerator this machine does not have.
+    """
+    if device in ("auto", "cpu"):
+        return
+    if ":" in device:
+        raise ValueError(f"{option} {device}: give the device type only ({device.split(':')[0]}); choose the card "
+                         "with CUDA_VISIBLE_DEVICES or accelerate launch")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{option} {device}: not a device (auto, cpu, cuda, mps, ...)") from None
+    backend = torch.backends.mps if device == "mps" else getattr(torch, device, None)
+    if not (callable(getattr(backend, "is_available", None)) and backend.is_available()):
+        raise ValueError(f"{option} {device}: no such accelerator on this machine (use auto or cpu)")
+
+
 def split_rows(rows: Sequence[T], world: int, rank: int) -> tuple[list[T], bool]:
     """Process ``rank``'s share of a global batch: ``rows[rank::world]``.
 

@@ -1,16 +1,27 @@
-"""How the command line reports input errors: one clear line and exit status 1.
+"""How the command line reports input errors: one clear line on stderr.
 
-Command modules import :func:`user_errors` from here (never from :mod:`amendlm.cli`, which
-imports them to register their commands), so the package has no import circle.
+* :func:`user_errors`: a bad file, row, adapter or model path -> ``error: ...``, exit status 1;
+* :class:`OneLineUsageErrors`: a usage error (unknown or missing option, invalid value,
+  ``typer.BadParameter`` raised by a command) -> ``error: ... (see 'amendlm CMD --help')``, exit
+  status 2, instead of click's usage lines and rich's boxed panel; ``--help`` is untouched.
+
+Command modules import from here (never from :mod:`amendlm.cli`, which imports them to register
+their commands), so the package has no import circle.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 from typing import Iterator
 
 import typer
+from typer.core import TyperGroup
+
+# the click exceptions typer raises: those of the click it bundles (typer >= 0.16: typer._click), found
+# from a public name so that an unbundled click works too
+_click_exceptions = importlib.import_module(typer.BadParameter.__module__)
 
 
 @contextlib.contextmanager
@@ -32,3 +43,45 @@ def user_errors() -> Iterator[None]:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1) from None
+
+
+def usage_error_line(err) -> str:
+    """The one line a usage error is reported as: ``error: <message> (see '<command> --help')``.
+
+    A ``BadParameter`` without a parameter (raised by a command body from a config's
+    ``ValueError``) is its message alone; others are click's message ("Missing option '--out'.",
+    "No such option: --nope", "Invalid value for '--max-steps': ...").  Line breaks are folded.
+    """
+    if isinstance(err, _click_exceptions.BadParameter) and err.param is None and err.param_hint is None:
+        message = err.message
+    else:
+        message = err.format_message()
+    message = " ".join(str(message).split()).rstrip(".") or type(err).__name__
+    ctx = getattr(err, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None and isinstance(err, _click_exceptions.UsageError) else ""
+    return f"error: {message}{hint}"
+
+
+@contextlib.contextmanager
+def _one_line() -> Iterator[None]:
+    try:
+        yield
+    except _click_exceptions.ClickException as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # `amendlm` / `amendlm align` alone: the help, as typer shows it
+            raise
+        typer.secho(usage_error_line(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=err.exit_code) from None
+
+
+class OneLineUsageErrors(TyperGroup):
+    """The root command group (``typer.Typer(cls=OneLineUsageErrors)``): click exceptions raised
+    while parsing or running any command below it are reported by :func:`usage_error_line` and
+    exit with click's status (2 for usage errors) instead of click's usage text and rich's panel."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _one_line():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        with _one_line():
+            return super().invoke(ctx)

@@ -137,7 +137,7 @@ class AlignerConfig:
 
     Attributes:
         aligner: an aligner directory, a run directory of ``amendlm align train`` holding
-            ``aligner/`` (:func:`resolve_aligner`), an embedded model name or a hub id.
+            ``aligner/`` (:func:`amendlm.ram.api.resolve_aligner`), an embedded model name or a hub id.
         proposal_temperature: ``T_b`` of eq. (1). 1.0 (the plain product ``P_M * Q``).
         aligner_temperature: ``T_e`` of eq. (1). 1.0.
     """
@@ -157,30 +157,19 @@ class AlignerConfig:
         return asdict(self)
 
 
-def resolve_aligner(name_or_path: str | Path) -> str:
-    """Where an aligner's weights are: a run directory of ``align train`` (no ``config.json``, an
-    ``aligner/`` inside it) becomes ``RUN/aligner``; anything else is returned unchanged (an
-    aligner directory, an embedded name or a hub id, resolved by :func:`amendlm.resources.resolve_model`)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "aligner" / "config.json").is_file():
-        return str(path / "aligner")
-    return str(name_or_path)
-
-
 def check_aligner(config: AlignerConfig) -> str:
     """Resolve the aligner's path without loading it (a wrong local path fails before any model loads).
 
     Returns:
-        The aligner as :func:`amendlm.modeling.load_model` should be given it.
+        The aligner as :func:`amendlm.modeling.load_model` should be given it (an ``align train`` run
+        directory becomes its ``aligner/``; :func:`amendlm.ram.api.resolve_aligner`).
 
     Raises:
-        FileNotFoundError, ValueError: as :func:`amendlm.resources.resolve_model` (names the path).
+        FileNotFoundError, ValueError: one line naming ``--aligner`` and the path.
     """
-    from amendlm.resources import resolve_model
+    from amendlm.ram.api import resolve_aligner
 
-    aligner = resolve_aligner(config.aligner)
-    resolve_model(aligner)
-    return aligner
+    return resolve_aligner(config.aligner, "--aligner")
 
 
 def load_product(proposal, tokenizer, config: AlignerConfig, proposal_name: str = "proposal", device: str = "cpu",

@@ -60,20 +60,45 @@ def check_model_name(name: str, option: str = "--model") -> None:
         raise FileNotFoundError(f"{option} {name}: no such local directory, and not in the Hugging Face cache (offline)")
 
 
-def resolve_aligner(name: str | None, option: str = "--aligner") -> str | None:
-    """An aligner as given, or ``RUN/aligner`` when ``name`` is an ``align train`` run directory that holds
-    its trained aligner; checked with :func:`check_model_name` (nothing loads).  ``None`` stays ``None``.
+def resolve_aligner(name: str | Path | None, option: str = "--aligner") -> str | None:
+    """Where an aligner's weights are, checked without loading anything: the one resolver of every
+    command that takes an aligner (``align train``/``eval``/``generate``, ``eval --aligner``, the
+    Python API).
+
+    An ``align train`` run directory (no ``config.json`` of its own, its trained model in
+    ``aligner/``) becomes ``RUN/aligner``; anything else (an aligner directory, a ``.gguf`` file, an
+    embedded name, a hub id) is returned as given, after :func:`check_model_name`.
+
+    Args:
+        name: as the user gave it (``str`` or ``Path``); ``None`` stays ``None`` (no aligner).
+        option: the command-line option named in an error (``--aligner``, ``--finetuned``).
+
+    Returns:
+        The path or name :func:`amendlm.modeling.load_model` should be given, as ``str``.
 
     Raises:
-        FileNotFoundError / ValueError: see :func:`check_model_name`.
+        FileNotFoundError / ValueError: one line naming ``option`` and the value (a missing path, a
+            directory that holds no model, an unfinished run; see :func:`check_model_name`).
     """
     if name is None:
         return None
+    mapped = aligner_path(name)
+    if mapped != str(name):
+        return mapped
+    check_model_name(str(name), option)
+    return str(name)
+
+
+def aligner_path(name: str | Path) -> str:
+    """Where an aligner's weights are, without checking that they exist: an ``align train`` run
+    directory (no ``config.json`` of its own, its trained model in ``aligner/``) becomes
+    ``RUN/aligner``; anything else is returned as given.  For records that must be compared before
+    the aligner is (re)made; :func:`resolve_aligner` is the checked form.
+    """
     path = Path(name).expanduser()
     if path.is_dir() and not (path / "config.json").is_file() and (path / "aligner" / "config.json").is_file():
         return str(Path(name) / "aligner")
-    check_model_name(name, option)
-    return name
+    return str(name)
 
 
 class ResidualAlignedLM:

@@ -38,7 +38,11 @@ BUDGET = 128  # document tokens; TaskConfig's default
 BUDGET_HELP = "Cut each prompt's document to this many tokens (0 = no cut); sample, train and eval must agree."
 STOP_HELP = ("Stop string, repeatable, escapes like \\n understood; default: the task's (xsum-sample: a newline, "
              "summaries are one sentence; a data file: none); --stop '' for none.")
+PAIRS_HELP = ("Preference pairs instead of --samples: 'stereoset' (its train target terms; chosen = anti-stereotype, "
+              "rejected = stereotype) or a jsonl/json/csv with prompt, chosen, rejected fields (raw text).")
 ALIGNER_HELP = "Aligner Q: a model, or an 'align train' output directory (its aligner/ is used)."
+CHAT_HELP = "Wrap prompts in the tokenizer's chat template; default: when the tokenizer has one."
+DEVICE_HELP = "cpu, or an accelerator such as cuda (under accelerate launch each process takes its own)."
 
 
 def _task(data: str, split: str, limit: Optional[int], max_document_tokens: int, split_seed: int,
@@ -56,6 +60,12 @@ def _stops(stop: Optional[List[str]]) -> tuple[str, ...] | None:
 
 def _bad(err: Exception):
     return typer.BadParameter(str(err).strip("'\""))
+
+
+def _require_inputs(missing: List[str]) -> None:
+    """One usage error naming every missing input at once (not one per attempt)."""
+    if missing:
+        raise typer.BadParameter("missing " + (", ".join(missing[:-1]) + " and " if len(missing) > 1 else "") + missing[-1])
 
 
 @align_app.command("sample")
@@ -96,39 +106,66 @@ def sample_command(
 
 @align_app.command("train")
 def train_command(
-    out: Path = typer.Option(..., help="Output directory (checkpoints, aligner/, logs); rerun to resume, a finished run is kept."),
-    samples: Path = typer.Option(..., help="Proposal samples jsonl from 'align sample'."),
-    aligner: Optional[str] = typer.Option(None, help="Initial aligner: any model with the proposal's vocabulary."),
-    proposal: str = typer.Option(DEFAULT_MODEL, help="Proposal model (for --init-from-proposal-layers)."),
+    out: Optional[Path] = typer.Option(None, show_default=False, help="Output directory (checkpoints, aligner/, logs); rerun to resume, a finished run is kept. Required."),
+    samples: Optional[Path] = typer.Option(None, show_default=False, help="Proposal samples jsonl from 'align sample' (with --data). Required unless --pairs."),
+    pairs: Optional[str] = typer.Option(None, help=PAIRS_HELP),
+    aligner: Optional[str] = typer.Option(None, help="Initial aligner: any model with the proposal's vocabulary (or give --init-from-proposal-layers)."),
+    proposal: str = typer.Option(DEFAULT_MODEL, help="Proposal model (for --init-from-proposal-layers; run beside the aligner with --pairs)."),
     init_from_proposal_layers: Optional[int] = typer.Option(None, help="Aligner = the proposal's first K blocks."),
     data: str = typer.Option("xsum-sample", help=DATA_HELP),
-    limit: Optional[int] = typer.Option(None, help="Only the first N training prompts."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N training prompts (or pairs)."),
     max_document_tokens: int = typer.Option(BUDGET, help=BUDGET_HELP),
-    split_seed: int = typer.Option(0, help="Seed of the hash split."),
-    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
+    split_seed: int = typer.Option(0, help="Seed of the hash split (with --pairs stereoset: of the target-term split)."),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help=CHAT_HELP),
     loss: str = typer.Option("residual", help="residual (-log Q(y|x) + alpha log Q(y'|x)) or dpo (reference-free, y chosen, y' rejected)."),
     alpha: float = typer.Option(1e-4, help="Weight of the proposal-sample term (RAM default 1e-4); 0 = SFT."),
     beta: float = typer.Option(1.0, help="DPO beta."),
     per_token: bool = typer.Option(False, help="Average log-probs per token instead of per-sequence sums."),
     lora: bool = typer.Option(False, "--lora/--full", help="LoRA adapters (merged at the end) or all weights (default)."),
-    lora_r: int = typer.Option(8), lora_alpha: int = typer.Option(16), lora_dropout: float = typer.Option(0.05),
+    lora_r: int = typer.Option(8, help="LoRA rank (with --lora)."),
+    lora_alpha: int = typer.Option(16, help="LoRA alpha, scale alpha / r (with --lora)."),
+    lora_dropout: float = typer.Option(0.05, help="LoRA dropout (with --lora)."),
     learning_rate: float = typer.Option(1e-4, help="AdamW peak learning rate."),
-    epochs: int = typer.Option(1), max_steps: Optional[int] = typer.Option(None),
-    batch_size: int = typer.Option(8, help="Prompts per micro-batch (under accelerate launch, of all processes together)."), grad_accum: int = typer.Option(1),
+    epochs: int = typer.Option(1, help="Passes over the training prompts."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (default: all --epochs)."),
+    batch_size: int = typer.Option(8, help="Prompts per micro-batch (under accelerate launch, of all processes together)."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
     save_every: int = typer.Option(50, help="Optimizer steps between checkpoints (and one at the final step)."),
     eval_fraction: float = typer.Option(0.05, help="Share of the training prompts held out (by id) for the held-out loss; 0 = none."),
     eval_every: int = typer.Option(0, help="Also log the held-out loss every N steps (0: before training, at epoch ends and the end)."),
-    seed: int = typer.Option(0), dtype: str = typer.Option("auto", help=DTYPE_HELP), device: str = typer.Option("cpu"),
+    seed: int = typer.Option(0, help="Seed of the batch order, the held-out share and initialisation."),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    zero_head: Optional[bool] = typer.Option(None, "--zero-head/--no-zero-head", help="Start from an all-zero aligner head "
+                                             "(the pair = the proposal at step 0). Default: on with --pairs."),
+    kl_weight: float = typer.Option(1.0, help="--pairs: weight of KL(proposal || pair) per position on neutral text; 0 = none."),
+    kl_unrelated: bool = typer.Option(True, "--kl-unrelated/--no-kl-unrelated", help="--pairs: StereoSet's unrelated sentences of the train targets in the neutral set."),
+    kl_texts: Optional[str] = typer.Option("xsum-sample", help="--pairs: general text of the neutral set ('' = StereoSet's unrelated sentences only)."),
+    kl_batch_size: int = typer.Option(8, help="--pairs: neutral examples per step."),
+    val_every: int = typer.Option(20, help="--pairs: score the pair on StereoSet val targets every N steps (and at 0 and the end), keep the best; 0 = keep the last."),
+    val_clusters: Optional[int] = typer.Option(None, help="--pairs: val clusters per evaluation (stratified; default all)."),
+    max_lms_drop: float = typer.Option(2.0, help="--pairs: keep the smallest worst val |SS-50| among evaluations whose val LMS fell at most this."),
 ) -> None:
-    """Train the aligner Q on targets and proposal samples (Accelerate; full or LoRA)."""
+    """Train the aligner Q on targets and proposal samples, or on preference pairs (--pairs; Accelerate; full or LoRA)."""
     from amendlm.ram.losses import LossConfig
+    from amendlm.ram.preference import PairsConfig
     from amendlm.ram.train import TrainConfig, train_aligner
 
+    _require_inputs([name for name, given in (
+        ("--out DIR", out is not None), ("--samples FILE (from 'align sample') or --pairs SOURCE", samples is not None or pairs is not None),
+        ("the initial aligner (--aligner MODEL or --init-from-proposal-layers K)",
+         aligner is not None or init_from_proposal_layers is not None)) if not given])
     try:
+        pairs_config = None if pairs is None else PairsConfig(
+            source=pairs, split_seed=split_seed, limit=limit, kl_weight=kl_weight, kl_unrelated=kl_unrelated,
+            kl_texts=kl_texts or None,
+            kl_batch_size=kl_batch_size, val_every=val_every, val_clusters=val_clusters, max_lms_drop=max_lms_drop)
         config = TrainConfig(
-            out=str(out), samples=str(samples), aligner=aligner, proposal=proposal,
+            out=str(out), samples=None if samples is None else str(samples), pairs=pairs_config,
+            zero_head=pairs is not None if zero_head is None else zero_head, aligner=aligner, proposal=proposal,
             init_from_proposal_layers=init_from_proposal_layers,
-            task=_task(data, "train", limit, max_document_tokens, split_seed, chat_template),
+            task=_task(data if pairs is None else "xsum-sample", "train", None if pairs else limit, max_document_tokens,
+                       split_seed, chat_template),  # unused with --pairs: the defaults are recorded
             loss=LossConfig(name=loss, alpha=alpha, beta=beta, per_token=per_token), lora=lora, lora_r=lora_r,
             lora_alpha=lora_alpha, lora_dropout=lora_dropout, learning_rate=learning_rate, epochs=epochs,
             max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, save_every=save_every,
@@ -148,7 +185,8 @@ def train_command(
         return
     heldout = summary["heldout"]
     typer.echo(json.dumps({k: summary[k] for k in ("steps", "n_examples", "n_heldout", "seconds", "aligner")}
-                          | {"heldout_loss": heldout["loss"] if heldout else None}))
+                          | {"heldout_loss": heldout["loss"] if heldout else None}
+                          | ({"kept_val": summary["selection"]["kept"]} if summary.get("selection") else {})))
 
 
 def _decode_config(mode, candidates, kl_threshold, proposal_top_p, aligner_top_p, proposal_temperature,
@@ -192,6 +230,7 @@ def generate_command(
                                 batch_size=batch_size, dtype=dtype)
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
+    _require_inputs([f"--aligner (for --mode {mode})"] if aligner is None and mode != "proposal" else [])
     with user_errors():
         texts = list(prompts or [])
         if not texts:
@@ -257,16 +296,20 @@ def eval_command(
     dtype: str = typer.Option("auto", help=DTYPE_HELP), device: str = typer.Option("cpu"),
 ) -> None:
     """ROUGE-1/2/L and length of proposal, aligner, RAM modes (and a direct fine-tune) on held-out prompts."""
-    from amendlm.ram.evaluate import AlignEvalConfig, evaluate_systems
+    from amendlm.ram.evaluate import SYSTEMS, AlignEvalConfig, evaluate_systems
     from amendlm.ram.generate import GenerateConfig
     from amendlm.report import atomic_write_json, package_versions
 
+    chosen = [s.strip() for s in systems.split(",") if s.strip()]
+    need_aligner = [s for s in chosen if s in SYSTEMS and s not in ("proposal", "finetuned")]
+    _require_inputs(([f"--aligner (for {', '.join(need_aligner)})"] if need_aligner and aligner is None else [])
+                    + (["--finetuned (for finetuned)"] if "finetuned" in chosen and finetuned is None else []))
     try:
         task = _task(data, "test", limit, max_document_tokens, split_seed, chat_template)
         stops = _stops(stop)
         config = AlignEvalConfig(
             proposal=proposal, aligner=aligner, finetuned=finetuned,
-            systems=[s.strip() for s in systems.split(",") if s.strip()], task=task,
+            systems=chosen, task=task,
             decode=_decode_config("par-kl", candidates, kl_threshold, proposal_top_p, aligner_top_p,
                                   proposal_temperature, aligner_temperature, eos_priority),
             generate=GenerateConfig(max_new_tokens=max_new_tokens, greedy=greedy, seed=seed,

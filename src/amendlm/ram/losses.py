@@ -156,3 +156,36 @@ def token_kl(teacher_logps: torch.Tensor, student_logps: torch.Tensor, mask: tor
     per_position = torch.where(teacher_probs > 0, teacher_probs * (teacher_logps - student_logps),
                                torch.zeros_like(teacher_probs)).sum(-1)  # (batch, seq_len)
     return per_position[mask].mean()
+
+
+def product_kl_sums(proposal_logits: torch.Tensor, aligner_logits: torch.Tensor, loss_mask: torch.Tensor,
+                    vocab_size: int) -> torch.Tensor:
+    """The regulariser of a debiasing aligner: ``KL(P_M || pair)`` per sequence, summed over its scored positions.
+
+    ``pair = softmax(b + a)`` over the ``V`` shared tokens (:func:`amendlm.product.product_logits` at
+    ``T_b = T_e = 1``, the distribution the pair is scored and decoded with) and ``P_M = softmax(b)``
+    over the same tokens; per position ``sum_v P_M(v) (log P_M(v) - log pair(v))``, nats.  It is 0
+    exactly when the aligner's logits are constant over the vocabulary (e.g. an all-zero head,
+    :func:`amendlm.ram.aligner_init.zero_output_head`), and it is the increase of the pair's
+    cross-entropy over the proposal's on text the proposal predicts well, so keeping it small on
+    neutral text keeps the pair's perplexity near the proposal's.  The proposal's logits carry no
+    gradient (run it under ``no_grad``); the shift and the mask are as in
+    :func:`amendlm.unlearn.losses.kl_sums`.
+
+    Args:
+        proposal_logits: ``(batch, seq_len, >= V)`` ``b``.
+        aligner_logits: ``(batch, seq_len, >= V)`` ``a``.
+        loss_mask: ``(batch, seq_len)``, 1 where ``input_ids[:, t]`` is a scored token.
+        vocab_size: ``V``.
+
+    Returns:
+        ``(batch,)`` fp32 sums (divide by the number of scored positions for the per-position mean).
+
+    Raises:
+        ValueError: a tensor has fewer than ``V`` columns or the shapes do not match.
+    """
+    from amendlm.product import product_logits
+    from amendlm.unlearn.losses import kl_sums
+
+    pair = product_logits(proposal_logits, aligner_logits, vocab_size)
+    return kl_sums(pair, proposal_logits[..., :vocab_size].float(), loss_mask)

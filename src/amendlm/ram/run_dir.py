@@ -23,7 +23,7 @@ CONFIG_FILE, LOG_FILE, SUMMARY_FILE = "train_config.json", "train_log.jsonl", "t
 # TrainConfig fields that do not change what is trained (where and how often things are written)
 NOT_COMPARED = ("out", "save_every", "log_every", "device")
 # TrainConfig fields added after runs were saved, with the value that reproduces those runs
-FIELDS_ADDED = {"eval_fraction": 0.0, "eval_every": 0}
+FIELDS_ADDED = {"eval_fraction": 0.0, "eval_every": 0, "pairs": None, "zero_head": False}
 # TaskConfig fields that decide the prompt text a sample was drawn for (samples are joined by id)
 PROMPT_FIELDS = ("data", "max_document_tokens", "chat_template")
 
@@ -53,13 +53,14 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def save_checkpoint(accelerator, out: Path, step: int, micro: int) -> None:
+def save_checkpoint(accelerator, out: Path, step: int, micro: int, extra: dict | None = None) -> None:
     """Model, optimizer, scheduler and RNG state at ``step`` (after ``micro`` micro-batches), written to a
     temporary directory and renamed into place; older checkpoints are then removed.
 
     Every process calls this: the main one stages the directory, all write into it (accelerate
     saves the weights, optimizer and scheduler from the main process and each process's RNG
-    state), then the main one renames it into place."""
+    state), then the main one renames it into place.  ``extra`` (JSON-able) is stored beside the
+    step in ``trainer_state.json``."""
     import contextlib
 
     from amendlm.distributed import main_process_value
@@ -73,7 +74,7 @@ def save_checkpoint(accelerator, out: Path, step: int, micro: int) -> None:
         accelerator.save_state(str(staging))
         accelerator.wait_for_everyone()  # all RNG files are in before the rename
         if main:
-            (staging / "trainer_state.json").write_text(json.dumps({"step": step, "micro_batches": micro}))
+            (staging / "trainer_state.json").write_text(json.dumps({"step": step, "micro_batches": micro, **(extra or {})}))
     if main:
         for old in root.glob("step-*"):  # keep only the newest checkpoint
             if old != final:

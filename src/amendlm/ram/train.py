@@ -17,6 +17,13 @@ different one is refused, naming the fields); a finished run is not trained agai
 files are described in :mod:`amendlm.ram.run_dir`; ``aligner/`` is a plain transformers checkpoint +
 tokenizer, loadable by name.
 
+Preference pairs instead of a task (``pairs``, :mod:`amendlm.ram.preference`): e.g. StereoSet's train
+targets, chosen = anti-stereotype, rejected = stereotype, encoded as raw text as the scorer encodes
+them.  Such a run loads the proposal too (:class:`amendlm.ram.debias.DebiasControl`): a KL regulariser
+on neutral text keeps the pair ``P_M * Q / Z`` near the proposal, and val-target evaluations of the
+pair choose the aligner kept; ``zero_head`` starts the pair exactly at the proposal.  It runs in one
+process.
+
 Under ``accelerate launch`` ``batch_size`` stays the global micro-batch: each process scores its
 share of it and the loss is computed on the gathered global batch (:mod:`amendlm.distributed`), so
 N processes take the same optimizer steps as one; only the main process writes the log, the config
@@ -40,13 +47,14 @@ import torch
 from amendlm.distributed import data_parallel_loss, gather_rows, main_process_value, split_rows, zero_anchor
 from amendlm.modeling import pad_token_id, parse_dtype
 from amendlm.ram import run_dir
+from amendlm.ram.aligner_init import LORA_TARGETS, build_aligner, truncate_to_layers  # noqa: F401 (re-exported)
 from amendlm.ram.data import TaskConfig
 from amendlm.ram.examples import build_examples, heldout_ids, heldout_loss, pair_logps
 from amendlm.ram.losses import LossConfig, get_loss
+from amendlm.ram.preference import PairsConfig
 from amendlm.resources import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -56,6 +64,10 @@ class TrainConfig:
     Attributes:
         out: output directory (checkpoints, final ``aligner/``, logs).
         samples: the proposal samples jsonl of :mod:`amendlm.ram.sample` (``y'``; DPO's rejected).
+        pairs: instead of ``task`` + ``samples``, preference pairs (:class:`amendlm.ram.preference.PairsConfig`:
+            StereoSet train targets, the KL regulariser and the val selection).  Exactly one of the two.
+        zero_head: give the aligner an all-zero output head of its own (:func:`amendlm.ram.aligner_init.zero_output_head`),
+            so that the pair starts as the proposal.  False.
         aligner: initial aligner (name/path/hub id); ignored when ``init_from_proposal_layers`` is set.
         proposal: the proposal, for ``init_from_proposal_layers``.
         init_from_proposal_layers: ``K``: the aligner is the proposal's first K blocks.
@@ -76,7 +88,9 @@ class TrainConfig:
     """
 
     out: str
-    samples: str
+    samples: str | None = None
+    pairs: PairsConfig | None = None
+    zero_head: bool = False
     aligner: str | None = None
     proposal: str = DEFAULT_MODEL
     init_from_proposal_layers: int | None = None
@@ -103,6 +117,9 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if (self.samples is None) == (self.pairs is None):
+            raise ValueError("give either proposal samples (--samples FILE, with --data) or preference pairs "
+                             "(--pairs stereoset|FILE), not both and not neither")
         if self.aligner is None and self.init_from_proposal_layers is None:
             raise ValueError("give the initial aligner: --aligner MODEL, or --init-from-proposal-layers K for the "
                              "proposal's first K blocks (TrainConfig.aligner / init_from_proposal_layers)")
@@ -120,45 +137,6 @@ class TrainConfig:
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0 (0 = at epoch ends only), got {self.eval_every}")
         parse_dtype(self.dtype)
-
-
-def truncate_to_layers(model, k: int):
-    """Keep the first ``k`` decoder blocks of a decoder-only model in place (embeddings, final norm and
-    LM head kept); returns the model.
-
-    Raises:
-        ValueError: the model has no ``model.layers`` list, or fewer than ``k`` blocks.
-    """
-    base = getattr(model, "model", None)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: cannot find decoder blocks at model.layers to truncate")
-    if k > len(layers):
-        raise ValueError(f"cannot keep {k} layers of a model with {len(layers)}")
-    base.layers = torch.nn.ModuleList(list(layers)[:k])
-    model.config.num_hidden_layers = k
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = model.config.layer_types[:k]
-    return model
-
-
-def build_aligner(config: TrainConfig):
-    """``(model, tokenizer)`` of the initial aligner (full weights trainable, or LoRA-wrapped)."""
-    from amendlm.modeling import load_model
-
-    if config.init_from_proposal_layers is not None:
-        model, tokenizer = load_model(config.proposal, device=config.device)
-        truncate_to_layers(model, config.init_from_proposal_layers)
-    else:
-        model, tokenizer = load_model(config.aligner, device=config.device)
-    if config.lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = [t for t in LORA_TARGETS if any(name.endswith(t) for name, _ in model.named_modules())]
-        model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                                                 lora_dropout=config.lora_dropout, target_modules=targets,
-                                                 task_type="CAUSAL_LM"))
-    return model, tokenizer
 
 
 def _micro_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
@@ -187,15 +165,28 @@ def check_inputs(config: TrainConfig) -> TrainConfig:
 
     from amendlm.ram.api import check_model_name, resolve_aligner
     from amendlm.ram.data import task_rows
+    from amendlm.ram.preference import check_pairs
 
-    if config.init_from_proposal_layers is not None:
+    if config.init_from_proposal_layers is not None or config.pairs is not None:
         check_model_name(config.proposal, "--proposal")
-    else:
+    if config.init_from_proposal_layers is None:
         config = replace(config, aligner=resolve_aligner(config.aligner))
-    run_dir.check_samples(asdict(config.task), config.samples)
-    task_rows(config.task)
+    if config.pairs is not None:
+        check_pairs(config.pairs)
+    else:
+        run_dir.check_samples(asdict(config.task), config.samples)
+        task_rows(config.task)
     run_dir.check_resume(asdict(config), Path(config.out))
     return config
+
+
+def training_examples(config: TrainConfig, tokenizer) -> list:
+    """The :class:`amendlm.ram.examples.PairExample` s a run trains on: preference pairs, or task + samples."""
+    if config.pairs is not None:
+        from amendlm.ram.preference import encode_records, preference_records
+
+        return encode_records(tokenizer, preference_records(config.pairs))
+    return build_examples(config.task, config.samples, tokenizer)
 
 
 def train_aligner(config: TrainConfig, progress: bool = False) -> dict:
@@ -237,7 +228,7 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
     dtype = main_process_value(resolve_dtype(run_dir.resume_dtype(config.dtype, out), accelerator.device), accelerator)
     set_seed(config.seed)
     model, tokenizer = build_aligner(config)
-    examples = build_examples(config.task, config.samples, tokenizer)
+    examples = training_examples(config, tokenizer)
     held = heldout_ids([e.id for e in examples], config.eval_fraction, config.seed)
     heldout = [e for e in examples if e.id in held]
     examples = [e for e in examples if e.id not in held]
@@ -254,6 +245,14 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     loss_fn = get_loss(config.loss.name)
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    control = None
+    if config.pairs is not None:
+        if world > 1:
+            raise ValueError("align train --pairs runs in one process (it also runs the proposal); launch it without "
+                             "accelerate launch")
+        from amendlm.ram.debias import DebiasControl
+
+        control = DebiasControl(config, accelerator.unwrap_model(model), tokenizer, dtype, out)
     out.mkdir(parents=True, exist_ok=True)
     if main:
         atomic_write_json(out / run_dir.CONFIG_FILE, {
@@ -266,6 +265,8 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
         accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         step, micro_start = state["step"], state["micro_batches"]
+        if control is not None:
+            control.load_state_dict(state.get("debias"))
         logger.info("resumed from %s (step %d)", checkpoint, step)
     if main:
         run_dir.truncate_log(out / run_dir.LOG_FILE, step if checkpoint is not None else None)
@@ -287,10 +288,15 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
         write(log, last_heldout)
         logger.info("step %d held-out loss %.4f", step, values["loss"])
 
+    def validate(log):
+        if control is not None and control.due(step, total_steps):
+            write(log, control.validate(accelerator.unwrap_model(model), step, save=main))
+
     model.train()
     with open(out / run_dir.LOG_FILE, "a", encoding="utf-8") if main else contextlib.nullcontext() as log:
         if step == 0:
             evaluate(log, 0)
+            validate(log)
         for micro in range(micro_start, len(batches)):
             batch = [examples[i] for i in batches[micro]]
             share, placeholder = split_rows(batch, world, rank)
@@ -300,6 +306,10 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
                 scores = {k: gather_rows(v[:0] if placeholder else v, len(batch), accelerator) for k, v in local.items()}
                 loss, parts = loss_fn(scores["positive_logps"], scores["negative_logps"], config.loss,
                                       scores["positive_n"], scores["negative_n"])  # the global batch's, in every process
+                kl = control.regulariser(model) if control is not None else None
+                if kl is not None:  # + kl_weight * KL(P_M || pair) on neutral text
+                    parts = {**parts, "pair_loss": loss.detach(), "kl": kl.detach()}
+                    loss = loss + config.pairs.kl_weight * kl
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss at step {step} (micro-batch {micro}); lower the LR")
                 accelerator.backward(data_parallel_loss(loss, accelerator) + anchor)
@@ -321,15 +331,23 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
             epoch_end = (micro + 1) % per_epoch == 0
             if epoch_end or (synced and (step == total_steps or (config.eval_every and step % config.eval_every == 0))):
                 evaluate(log, micro + 1)
+            if synced:
+                validate(log)
             if synced and (step % config.save_every == 0 or step == total_steps):
-                run_dir.save_checkpoint(accelerator, out, step, micro + 1)
+                run_dir.save_checkpoint(accelerator, out, step, micro + 1,
+                                        {"debias": control.state_dict()} if control is not None else None)
+                if control is not None and main:
+                    control.prune()
     bar.close()
     final_dir = out / "aligner"
     unwrapped = accelerator.unwrap_model(model)
+    if control is not None:
+        control.restore_best(unwrapped)  # the kept val evaluation's weights (the last step's without val)
     if config.lora:
         unwrapped = unwrapped.merge_and_unload()
     summary = {"steps": step, "total_steps": total_steps, "n_examples": len(examples), "n_heldout": len(heldout),
-               "last": last, "heldout": last_heldout, "seconds": time.perf_counter() - began, "aligner": str(final_dir)}
+               "last": last, "heldout": last_heldout, "seconds": time.perf_counter() - began, "aligner": str(final_dir),
+               **({"selection": control.summary()} if control is not None else {})}
     if main:
         staging = out / ".aligner-tmp"
         shutil.rmtree(staging, ignore_errors=True)

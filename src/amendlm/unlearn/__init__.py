@@ -5,7 +5,7 @@
 * :mod:`amendlm.unlearn.schedule` — dynamic dataset swapping and the stop rule;
 * :mod:`amendlm.unlearn.methods` — the method registry;
 * :mod:`amendlm.unlearn.config` and :mod:`amendlm.unlearn.trainer` — ``UnlearnConfig`` and ``train``;
-* :mod:`amendlm.unlearn.recipes` — named presets of the config (``default``, ``official``);
+* :mod:`amendlm.unlearn.recipes` — named presets of the config (``biasunlearn``, formerly ``default``; ``official``; ``pairwise``);
 * :mod:`amendlm.unlearn.state` — the resumable run state, the result and the learning rate;
 * :mod:`amendlm.unlearn.progress` — the progress bar and evaluation lines of ``amendlm debias``;
 * :mod:`amendlm.unlearn.models`, :mod:`amendlm.unlearn.streams`, :mod:`amendlm.unlearn.evaluation`,

@@ -20,7 +20,7 @@ METHOD_NAMES = "biasunlearn, npo, gradascent, graddiff, dpo, sft-anti, dpo-swap"
 def debias(
     ctx: typer.Context,
     out: Path = typer.Option(..., help="Output directory: adapter, unlearn_config.json, log.jsonl, summary.json, ss_per_type.png, best/, checkpoint/."),
-    recipe: Optional[str] = typer.Option(None, show_default="pairwise, or default with --method", help="Preset of the options below: pairwise (DPO pairs under BiasUnlearn's val-driven control, chosen on val: see the README), default (the option defaults shown below: BiasUnlearn's NPO/CE/KL losses) or official (the public BiasUnlearn code's settings and control flow). Without --recipe: pairwise, unless --method names another method (then default). Options given explicitly override it; unlearn_config.json records both."),
+    recipe: Optional[str] = typer.Option(None, show_default="pairwise, or biasunlearn with --method", help="Preset of the options below: pairwise (DPO pairs under BiasUnlearn's val-driven control, chosen on val: see the README), biasunlearn (the option defaults shown below: the paper's NPO/CE/KL losses with amendlm's settings; 'default' is its former name, still accepted) or official (the public BiasUnlearn code's settings and control flow). Without --recipe: pairwise, unless --method names another method (then biasunlearn). Options given explicitly override it; unlearn_config.json records both."),
     config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Start from a saved unlearn_config.json, or from a JSON object of some of its fields (applied over the recipe it names; without one, as --recipe's default); options given explicitly override it (recorded in recipe_overrides)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local directory, local .gguf file or Hugging Face id."),
     method: str = typer.Option("biasunlearn", help=f"One of: {METHOD_NAMES}."),
@@ -62,13 +62,14 @@ def debias(
     selection: str = typer.Option("gap", help="gap (smallest worst val SS gap) or gap_within_lms (the same among evaluations whose val LMS fell at most --max-lms-drop from step 0)."),
     max_lms_drop: float = typer.Option(2.0, help="LMS points an evaluation may lose and still be kept by --selection gap_within_lms."),
     dtype: str = typer.Option("auto", help="fp32, bf16 autocast (fast only with bf16 hardware) or auto (bf16 where the device does it natively fast, else fp32; unlearn_config.json records which)."),
-    cpu: bool = typer.Option(False, help="Use the CPU even if an accelerator is present."),
+    device: str = typer.Option("auto", help="auto (an accelerator when Accelerate finds one, else the CPU), cpu, or an accelerator type such as cuda (no index: choose the card with CUDA_VISIBLE_DEVICES or accelerate launch)."),
+    cpu: bool = typer.Option(False, help="The same as --device cpu."),
     packing: bool = typer.Option(False, help="Faster steps: pack each step's sequences into long rows with block attention masks and compute the reference log-probs of NPO / DPO once per example (the same losses up to float rounding; recorded in unlearn_config.json). Falls back to padded batches, saying why, where the attention kernel takes no custom mask."),
     progress: bool = typer.Option(True, help="Show a progress bar (step, losses, lr, time left) and one line per evaluation."),
 ) -> None:
     """Debias a causal LM by unlearning: the pairwise recipe (default), BiasUnlearn (arXiv:2509.25673) or a baseline method.
 
-    Without --recipe and --method, the pairwise recipe's values replace the defaults shown below (method dpo-swap, 100 steps, lr 5e-4 with 5 warm-up steps, loss weights 1.0 / 0.1 / 0.2, type focus all, all val clusters, LMS-aware selection); the defaults shown are --recipe default's (BiasUnlearn's losses), used with --method M.  Options given explicitly win over either.
+    Without --recipe and --method, the pairwise recipe's values replace the defaults shown below (method dpo-swap, 100 steps, lr 5e-4 with 5 warm-up steps, loss weights 1.0 / 0.1 / 0.2, type focus all, all val clusters, LMS-aware selection); the defaults shown are --recipe biasunlearn's (the paper's losses with amendlm's settings), used with --method M.  Options given explicitly win over either.
     """
     from amendlm.unlearn.trainer import train
 
@@ -79,7 +80,10 @@ def debias(
     from amendlm.errors import user_errors
     from amendlm.unlearn.resume import check_resume_config, check_run_directory
 
+    from amendlm.distributed import check_device
+
     with user_errors():  # an existing run without --resume, --resume with another configuration: one line, exit 1
+        check_device(run_config.device)
         check_run_directory(out, resume)
         check_resume_config(run_config, resume)
     from amendlm.distributed import is_main_launched_process
@@ -145,7 +149,7 @@ def debias_config(out: Path, given: dict, recipe: str | None = None, config_file
     """The :class:`~amendlm.unlearn.config.UnlearnConfig` of one ``debias`` call.
 
     Without ``config_file``: preset ``recipe`` (when None, :func:`~amendlm.unlearn.recipes.cli_recipe`:
-    ``pairwise``, or ``default`` when ``given`` names another method) with ``given`` overriding it
+    ``pairwise``, or ``biasunlearn`` when ``given`` names another method) with ``given`` overriding it
     (:meth:`UnlearnConfig.from_recipe`).  With ``config_file``, either
 
     * a saved ``unlearn_config.json`` (it has ``out`` and every field a run has ever recorded):

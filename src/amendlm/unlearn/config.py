@@ -11,7 +11,7 @@ from amendlm.data.splits import DEFAULT_SEED
 from amendlm.modeling import parse_dtype
 from amendlm.resources import DEFAULT_MODEL
 from amendlm.unlearn.losses import CE_REDUCTIONS, NPO_REDUCTIONS
-from amendlm.unlearn.recipes import recipe_fields
+from amendlm.unlearn.recipes import RECIPE_ALIASES, canonical_recipe, recipe_fields
 from amendlm.unlearn.methods import LossWeights, get_method
 from amendlm.unlearn.schedule import OFFICIAL_PHASES, Phase, scaled_phases
 
@@ -33,14 +33,18 @@ FIELDS_ADDED: dict[str, object] = {
     "ce_reduction": "token", "lora_scope": "all", "early_scheduler_steps": None, "early_until_step": 0,
     "initial_all_types_steps": 0, "initial_scheduler_steps": None, "fresh_optimizer_per_phase": False,
     "val_clusters_per_type": None, "val_task": None, "selection": "gap", "max_lms_drop": 2.0,
-    "loss_tokens": "all", "recipe": "default", "recipe_overrides": {}, "swap_batch_sizes": False,
-    "kl_unrelated": True, "initial_eval_every": 0, "type_focus": "worst", "packing": False,
+    "loss_tokens": "all", "recipe": "biasunlearn", "recipe_overrides": {}, "swap_batch_sizes": False,
+    "kl_unrelated": True, "initial_eval_every": 0, "type_focus": "worst", "device": "auto", "packing": False,
 }
 
 
 def with_added_fields(saved: dict) -> dict:
-    """A saved ``unlearn_config.json`` completed with :data:`FIELDS_ADDED` for the fields it predates."""
-    return {**{k: v for k, v in FIELDS_ADDED.items() if k not in saved}, **saved}
+    """A saved ``unlearn_config.json`` completed with :data:`FIELDS_ADDED` for the fields it predates,
+    its recipe under its current name (``default`` -> ``biasunlearn``: :func:`canonical_recipe`)."""
+    completed = {**{k: v for k, v in FIELDS_ADDED.items() if k not in saved}, **saved}
+    if isinstance(completed.get("recipe"), str) and completed["recipe"] in RECIPE_ALIASES:
+        completed["recipe"] = RECIPE_ALIASES[completed["recipe"]]
+    return completed
 
 
 @dataclass
@@ -127,12 +131,16 @@ class UnlearnConfig:
         selection: ``gap`` (smallest worst val SS gap) or ``gap_within_lms`` (the same among the
             evaluations whose overall val LMS fell at most ``max_lms_drop`` points from step 0).
         recipe / recipe_overrides: the preset the config was built from and the options that
-            overrode it (records written by :meth:`from_recipe`; ``recipe`` is checked to exist).
+            overrode it (records written by :meth:`from_recipe`; ``recipe`` is checked to exist, and
+            a former name is recorded as the current one: ``default`` -> ``biasunlearn``).
         seed / split_seed: training seed and target-term split seed.
         dtype: ``fp32``, ``bf16`` autocast (fast only on hardware with bf16 units) or ``auto`` (bf16
             where the device does it natively fast, else fp32).  The trainer resolves ``auto`` and
             ``unlearn_config.json`` records the resolved dtype, with ``dtype_auto: true``.
-        cpu: force the CPU even when an accelerator is present.
+        cpu: force the CPU even when an accelerator is present (the same as ``device="cpu"``).
+        device: ``auto`` (an accelerator when Accelerate finds one, else the CPU), ``cpu`` or an
+            accelerator type (``cuda``, ``mps``, ...; no index: Accelerate assigns the card).  Where
+            the run trains, not what: a resumed run may change it.
         packing: the fast training step (:mod:`amendlm.unlearn.forward`): each step's examples
             in packed rows with block attention masks, and NPO's / DPO's reference log-probs
             computed once per example; the same losses up to float rounding.  Off (default)
@@ -198,9 +206,10 @@ class UnlearnConfig:
     split_seed: int = DEFAULT_SEED
     dtype: str = "fp32"
     cpu: bool = False
+    device: str = "auto"
     packing: bool = False
     stereoset: str = "stereoset"
-    recipe: str = "default"
+    recipe: str = "biasunlearn"
     recipe_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -246,7 +255,11 @@ class UnlearnConfig:
         for name, (value, valid) in choices.items():
             if value not in valid:
                 raise ValueError(f"unknown {name} '{value}'; valid: {', '.join(valid)}")
-        recipe_fields(self.recipe)  # raises for an unknown recipe
+        self.recipe = canonical_recipe(self.recipe)  # "default" is recorded as "biasunlearn"; raises for an unknown one
+        if ":" in self.device or not self.device.strip():
+            raise ValueError(f"device '{self.device}': give auto, cpu or an accelerator type (cuda, ...) without an index")
+        if self.cpu and self.device not in ("auto", "cpu"):
+            raise ValueError(f"cpu=True (--cpu) and device '{self.device}' disagree: give one of them")
         if self.val_clusters is not None and self.val_clusters < 1:
             raise ValueError(f"val_clusters must be >= 1 or None, got {self.val_clusters}")
         if self.kl_text_limit is not None and self.kl_text_limit < 0:

@@ -85,8 +85,15 @@ def val_scores(model, tokenizer, clusters: Sequence[StereoSetCluster], config: U
     fields), names sorted.  The model is scored in eval mode (dropout off) and left in the
     mode it was in, also on an exception.
     """
-    eval_config = EvalConfig(benchmarks=["stereoset"], split="val", split_seed=config.split_seed,
-                             dtype=config.dtype, batch_size=32, progress=False)
+    return stereoset_type_scores(model, tokenizer, clusters, config.dtype, config.split_seed)
+
+
+def stereoset_type_scores(model, tokenizer, clusters: Sequence[StereoSetCluster], dtype: str,
+                          split_seed: int = 0) -> dict[str, dict]:
+    """:func:`val_scores` for any scorable model (a causal LM, or a proposal x aligner pair,
+    :class:`amendlm.product.ProductLM`) at ``dtype`` (``fp32`` / ``bf16``); ``split_seed`` is only recorded."""
+    eval_config = EvalConfig(benchmarks=["stereoset"], split="val", split_seed=split_seed,
+                             dtype=dtype, batch_size=32, progress=False)
     with eval_mode(model):
         scored = stereoset_outcomes(model, tokenizer, list(clusters), eval_config)
     groups: dict[str, list] = {"overall": [o for _, o in scored]}

@@ -48,14 +48,15 @@ class StepPasses:
         method: the method, whose ``streams`` / ``reference_streams`` are run.
         packing: packed rows and cached reference log-probs (see the module docstring).
         row_tokens: packed row budget (:data:`~amendlm.unlearn.packing.ROW_TOKENS`).
+        max_tokens: the longest example (``UnlearnConfig.max_length``), checked against a sliding window.
     """
 
     def __init__(self, accelerator, model, reference_model, dtype: torch.dtype, pad_id: int, method: Method,
-                 packing: bool = False, row_tokens: int = ROW_TOKENS):
+                 packing: bool = False, row_tokens: int = ROW_TOKENS, max_tokens: int | None = None):
         self.accelerator, self.model, self.reference_model = accelerator, model, reference_model
         self.dtype, self.pad_id, self.method, self.row_tokens = dtype, pad_id, method, row_tokens
         unwrapped = accelerator.unwrap_model(model)
-        reasons = [packing_unsupported(m) for m in (unwrapped, reference_model) if m is not None] if packing else []
+        reasons = [packing_unsupported(m, max_tokens) for m in (unwrapped, reference_model) if m is not None] if packing else []
         self.fallback: str | None = next((r for r in reasons if r), None)
         self.packed = packing and self.fallback is None
         self.cache = ReferenceCache() if packing else None

@@ -238,16 +238,25 @@ def _layout(inputs: dict, rows: list[int], cols: list[int], targets: list[int], 
     return PackedLayout(inputs, long(rows), long(cols), long(targets), long(owner), n)
 
 
-def packing_unsupported(model) -> str | None:
+def packing_unsupported(model, max_tokens: int | None = None) -> str | None:
     """Why ``model`` cannot run packed rows, or None when it can.
 
     Packed rows need an attention kernel that applies a custom 4-D additive mask (transformers'
     ``eager`` or ``sdpa``; flash-attention and others build their own causal mask and would let
-    the examples of a row see each other).
+    the examples of a row see each other).  Sliding-window layers (Gemma 3, Mistral-style configs)
+    take the 4-D block mask as given, without their window, so an example longer than the window
+    would attend further back packed than padded: refused when ``max_tokens`` (the longest example,
+    ``UnlearnConfig.max_length``) exceeds ``config.sliding_window``, or is unknown.
     """
     config = getattr(model, "config", None)
     implementation = getattr(config, "_attn_implementation", None)
     if implementation is not None and implementation not in PACKING_ATTENTION:
         return (f"attention '{implementation}' cannot take the block mask of packed rows (needs "
                 f"{' or '.join(PACKING_ATTENTION)})")
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    sliding = isinstance(window, int) and (layer_types is None or "sliding_attention" in layer_types)
+    if sliding and getattr(config, "use_sliding_window", True) is not False and (max_tokens is None or max_tokens > window):
+        return (f"examples of up to {max_tokens} tokens exceed the model's sliding window ({window}), which the "
+                f"block mask of packed rows would not apply")
     return None

@@ -4,9 +4,12 @@ A recipe is plain data: the field values it sets.  :meth:`UnlearnConfig.from_rec
 config from one and lets explicitly given options override it; ``unlearn_config.json`` records
 the recipe's name (``recipe``) and the overriding options (``recipe_overrides``).
 
-* ``default`` sets nothing: :class:`UnlearnConfig`'s field defaults (BiasUnlearn's NPO / CE / KL
-  losses with amendlm's own settings; the recipe of the Python API and of ``--method M``).  The
-  ``debias`` command's default is :data:`CLI_DEFAULT_RECIPE`, ``pairwise`` (see :func:`cli_recipe`).
+* ``biasunlearn`` sets nothing: :class:`UnlearnConfig`'s field defaults (BiasUnlearn's NPO / CE / KL
+  losses and val-driven swapping with amendlm's own settings; the recipe of the Python API and of
+  ``--method M``).  ``default``, its name until the ``debias`` command's default became
+  :data:`CLI_DEFAULT_RECIPE` (``pairwise``, see :func:`cli_recipe`), is kept as an alias
+  (:data:`RECIPE_ALIASES`): an ``unlearn_config.json`` or command that says ``default`` means the
+  same run, and :func:`canonical_recipe` maps it to ``biasunlearn`` wherever names are compared.
 * ``official`` follows the public BiasUnlearn code (github a101269/BiasUnlearn: train.py,
   loss.py, run.sh; DESIGN.md §4, end):
 
@@ -125,38 +128,54 @@ PAIRWISE: Mapping[str, object] = MappingProxyType({
 })
 
 RECIPES: Mapping[str, Mapping[str, object]] = MappingProxyType({
-    "default": MappingProxyType({}),
+    "biasunlearn": MappingProxyType({}),
     "official": OFFICIAL,
     "pairwise": PAIRWISE,
 })
+
+# former names still accepted (and found in saved configs), with the recipe each names now
+RECIPE_ALIASES: Mapping[str, str] = MappingProxyType({"default": "biasunlearn"})
 
 
 CLI_DEFAULT_RECIPE = "pairwise"
 
 
+def canonical_recipe(name: str) -> str:
+    """The current name of recipe ``name`` (an alias in :data:`RECIPE_ALIASES` -> its recipe).
+
+    Raises:
+        ValueError: unknown name (lists the valid ones and the aliases).
+    """
+    name = RECIPE_ALIASES.get(name, name)
+    if name not in RECIPES:
+        aliases = ", ".join(f"{alias} = {target}" for alias, target in RECIPE_ALIASES.items())
+        raise ValueError(f"unknown recipe '{name}'; valid: {', '.join(RECIPES)} (former names: {aliases})")
+    return name
+
+
 def cli_recipe(recipe: str | None, method: str | None) -> str:
-    """The recipe of a ``debias`` call: ``recipe`` when given; else ``pairwise`` (:data:`CLI_DEFAULT_RECIPE`,
-    the recipe the ablation recommends on val) unless ``method`` names another method, whose run then
-    takes the field defaults (``default``) — so ``--method npo`` is NPO as documented, not NPO with the
-    pairwise recipe's weights and learning rate.
+    """The recipe of a ``debias`` call: ``recipe`` when given (its current name); else ``pairwise``
+    (:data:`CLI_DEFAULT_RECIPE`, the recipe the ablation recommends on val) unless ``method`` names
+    another method, whose run then takes the field defaults (``biasunlearn``) — so ``--method npo``
+    is NPO as documented, not NPO with the pairwise recipe's weights and learning rate.
 
     Args:
         recipe: ``--recipe`` as given, or None.
         method: ``--method`` as given, or None.
+
+    Raises:
+        ValueError: unknown recipe (:func:`canonical_recipe`).
     """
     if recipe is not None:
-        return recipe
-    return CLI_DEFAULT_RECIPE if method in (None, PAIRWISE["method"]) else "default"
+        return canonical_recipe(recipe)
+    return CLI_DEFAULT_RECIPE if method in (None, PAIRWISE["method"]) else "biasunlearn"
 
 
 def recipe_fields(name: str) -> dict[str, object]:
-    """The field values preset ``name`` sets (a fresh dict; lists copied).
+    """The field values preset ``name`` (or an alias of it) sets (a fresh dict; lists copied).
 
     Raises:
         ValueError: unknown name (lists the valid ones).
     """
-    try:
-        preset = RECIPES[name]
-    except KeyError:
-        raise ValueError(f"unknown recipe '{name}'; valid: {', '.join(RECIPES)}") from None
+    preset = RECIPES[canonical_recipe(name)]
     return {key: [list(row) for row in value] if key == "phases" else value for key, value in preset.items()}

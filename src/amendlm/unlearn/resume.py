@@ -65,7 +65,8 @@ def check_run_directory(out: str | Path, resume: bool) -> None:
 
 
 def check_resume_config(config: UnlearnConfig, resume: bool) -> None:
-    """On ``resume``, refuse a configuration that differs from the saved one (``max_steps`` may grow).
+    """On ``resume``, refuse a configuration that differs from the saved one (``max_steps`` may grow, and
+    ``device`` / ``cpu`` may change: where the run trains, not what).
 
     ``dtype="auto"`` matches a saved run that was started with ``auto``.
 
@@ -77,7 +78,7 @@ def check_resume_config(config: UnlearnConfig, resume: bool) -> None:
         return
     saved = with_added_fields(json.loads(config_file.read_text()))
     current = config.to_dict()
-    skip = {"max_steps", "recipe_overrides"} | ({"dtype"} if config.dtype == "auto" and saved.get("dtype_auto") else set())
+    skip = {"max_steps", "recipe_overrides", "device", "cpu"} | ({"dtype"} if config.dtype == "auto" and saved.get("dtype_auto") else set())
     differs = sorted(k for k, v in current.items() if k not in skip and saved.get(k, v) != v)
     if differs:
         raise ValueError(f"--resume with a different configuration ({differs}); use a new --out, or resume with "

@@ -68,7 +68,7 @@ class UnlearnTrainer:
 
         self.tokenizer = tokenizer
         self.method: Method = get_method(config.method)
-        self.accelerator = Accelerator(cpu=config.cpu)
+        self.accelerator = Accelerator(cpu=config.cpu or config.device == "cpu")
         # "auto" times bf16 in each process; the main process's choice holds for all
         self.dtype = main_process_value(resolve_dtype(config.dtype, self.accelerator.device), self.accelerator)
         # "auto" is decided here once; the config (saved, compared on --resume, used by val_scores) holds the decision
@@ -96,7 +96,7 @@ class UnlearnTrainer:
         self.state = TrainState(phase_steps=config.initial_scheduler_steps or config.max_steps)
         self.sampler_pool = StreamSamplers(config.seed)
         self.passes = StepPasses(self.accelerator, self.model, self.reference_model, self.dtype, self.pad_id, self.method,
-                                 config.packing)
+                                 config.packing, max_tokens=config.max_length)
         if self.passes.fallback:
             logger.warning("packing off: %s; padded batches instead (reference log-probs still cached)", self.passes.fallback)
         self._build_streams()
