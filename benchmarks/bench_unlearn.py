@@ -3,8 +3,8 @@
 One run measures, each configuration in a fresh process (so peak memory is its own):
 
 * seconds per BiasUnlearn optimizer step (forget + retain + KL batches, reference passes included),
-  median over ``--steps`` after one warm-up step, wall clock and CPU time of the process (all its
-  threads; on a machine shared with other jobs the CPU time is the steadier of the two);
+  median over ``--steps`` after one warm-up step (and the fastest step), wall clock and CPU time of
+  the process (all its threads; on a machine shared with other jobs the CPU time is the steadier);
 * peak memory: ``torch.cuda.max_memory_allocated`` on a GPU, else the process's peak RSS;
 * achieved GFLOP/s and its fraction of the fp32 (or bf16) matmul peak measured at the start of
   the same run (:func:`benchlib.matmul_peak_gflops`).  FLOPs are *nominal*: 6 x params per
@@ -107,7 +107,8 @@ def _measure(spec: tuple, model_name: str, steps: int, batch_size: int, queue) -
     cache = trainer.passes.cache
     queue.put({"recipe": recipe, "packing": packing, "reference": reference, "dtype": dtype,
                "label": config_label(*spec), "batch_sizes": {name: config.stream_batch_size(name) for name in trainer.method.streams},
-               "seconds_per_step": step, "cpu_seconds_per_step": statistics.median(cpu_seconds), "peak_memory_mib": peak,
+               "seconds_per_step": step, "best_seconds_per_step": min(seconds),
+               "cpu_seconds_per_step": statistics.median(cpu_seconds), "peak_memory_mib": peak,
                "memory_kind": "cuda_max_allocated" if cuda else "process_peak_rss", "gflops_per_s": flops / step / 1e9,
                "params": n_params, "policy_tokens_per_step": policy_tokens, "reference_tokens_per_step": reference_tokens,
                "padded_tokens_per_step": padded_tokens, "packed_tokens_per_step": packed_tokens,
