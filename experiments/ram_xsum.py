@@ -65,6 +65,11 @@ def decodings(seeds: tuple[int, ...], which: list[str]) -> dict[str, dict]:
     return {name: known[name] for name in which}
 
 
+# Training fields added after results were recorded, with the defaults that keep earlier behaviour (the
+# debiasing aligner's pair data and zero head): left out of a step's configuration at these values, so
+# the recorded trainings and the evaluations that depend on them stay reusable.
+TRAIN_FIELDS_ADDED = {"pairs": None, "zero_head": False}
+
 class Pipeline:
     """The configuration of every step, and each step run (or reused) on demand."""
 
@@ -118,7 +123,8 @@ class Pipeline:
     def train_expected(self, name: str) -> dict:
         config = self.trainings[name]
         upstream = {"warmup": self.warmup_expected()} if name == self.small else {}
-        return {**asdict(config), "dtype": self._dtype(config), "samples": self.sample_expected(), **upstream}
+        fields = {k: v for k, v in asdict(config).items() if k not in TRAIN_FIELDS_ADDED or v != TRAIN_FIELDS_ADDED[k]}
+        return {**fields, "dtype": self._dtype(config), "samples": self.sample_expected(), **upstream}
 
     def eval_config(self, group: str, decoding: dict, seed: int):
         from amendlm.ram.decoding import DecodeConfig
