@@ -217,6 +217,16 @@ class Experiment:
         print(f"[{self.name}] {label}: wrote it ({time.perf_counter() - began:.0f} s)", flush=True)
         return data
 
+    def recorded_step(self, path: Path, expected: dict, recorded: Callable[[dict], dict] | None = None,
+                      defaults: dict | None = None) -> dict | None:
+        """The JSON result of a step when it exists and its recorded configuration matches, else None
+        (computes nothing; for rendering what is done so far)."""
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        have = recorded(data) if recorded is not None else data.get("step_config", {})
+        return None if config_differences(expected, have, defaults) else data
+
     def provenance(self, seconds: float | None = None) -> dict:
         """Machine, date, command, package versions (and seconds) of something made now."""
         record = {"machine": machine_info(), "date": _dt.date.today().isoformat(), "command": self.command,

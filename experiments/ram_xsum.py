@@ -70,6 +70,7 @@ def decodings(seeds: tuple[int, ...], which: list[str]) -> dict[str, dict]:
 # the recorded trainings and the evaluations that depend on them stay reusable.
 TRAIN_FIELDS_ADDED = {"pairs": None, "zero_head": False}
 
+
 class Pipeline:
     """The configuration of every step, and each step run (or reused) on demand."""
 
@@ -167,11 +168,15 @@ class Pipeline:
             summary = distill_aligner(self.warmup)
             return {"summary": summary, "log": read_log(Path(self.warmup.out) / "distill_log.jsonl")}
 
+        path = self.exp.results / f"warmup{self.args.aligner_layers}.json"
+        if self.args.render_available:
+            return self.exp.recorded_step(path, self.warmup_expected())
         with _in_repo():
-            return self.exp.step(self.exp.results / f"warmup{self.args.aligner_layers}.json", self.warmup_expected(), compute)
+            return self.exp.step(path, self.warmup_expected(), compute)
 
-    def trained(self, name: str) -> dict:
-        """Steps 3-4: one training (the small aligner or a direct fine-tune), with its log."""
+    def trained(self, name: str) -> dict | None:
+        """Steps 3-4: one training (the small aligner or a direct fine-tune), with its log (with
+        ``--render-available``: the recorded one, None when it is not done)."""
         from amendlm.ram.train import train_aligner
 
         def compute():
@@ -182,11 +187,15 @@ class Pipeline:
             out = Path(self.trainings[name].out)
             return {"summary": summary, "train_config": _read(out / "train_config.json"), "log": read_log(out / "train_log.jsonl")}
 
+        path = self.exp.results / f"train_{name}.json"
+        if self.args.render_available:
+            return self.exp.recorded_step(path, self.train_expected(name))
         with _in_repo():
-            return self.exp.step(self.exp.results / f"train_{name}.json", self.train_expected(name), compute)
+            return self.exp.step(path, self.train_expected(name), compute)
 
-    def evaluated(self, group: str, decoding_name: str, decoding: dict, seed: int) -> dict:
-        """Step 5: one ``align eval`` (the RAM group, or one fine-tune) for one decoding and seed."""
+    def evaluated(self, group: str, decoding_name: str, decoding: dict, seed: int) -> dict | None:
+        """Step 5: one ``align eval`` (the RAM group, or one fine-tune) for one decoding and seed (with
+        ``--render-available``: the recorded one, None when it is not done)."""
         from amendlm.ram.evaluate import evaluate_systems
 
         path = self.exp.results / f"eval_{decoding_name}_s{seed}_{group}.json"
@@ -195,6 +204,8 @@ class Pipeline:
             self.trained(self.small if group == "ram" else group)
             return evaluate_systems(self.eval_config(group, decoding, seed), generations_path=str(path.with_suffix(".generations.jsonl")))
 
+        if self.args.render_available:
+            return self.exp.recorded_step(path, self.eval_expected(group, decoding, seed))
         with _in_repo():
             return self.exp.step(path, self.eval_expected(group, decoding, seed), compute)
 
@@ -211,22 +222,28 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def rows_of(pipeline: Pipeline, decoding_name: str, decoding: dict) -> tuple[dict[str, dict], list[Path], int]:
-    """Every system's row for one decoding (the mean over its seeds), the eval files read, the prompts."""
+def rows_of(pipeline: Pipeline, decoding_name: str, decoding: dict) -> tuple[dict[str, dict], list[Path], int, list[str]]:
+    """Every system's row for one decoding (the mean over its seeds), the eval files read, the prompts,
+    and the evaluations not done yet (only with ``--render-available``, which skips a group missing
+    any seed)."""
     per_seed: dict[str, list[dict]] = {}
-    paths, n_prompts = [], set()
-    for seed in decoding["seeds"]:
-        for group in ("ram", *FINETUNES):
-            data = pipeline.evaluated(group, decoding_name, decoding, seed)
+    paths, n_prompts, missing = [], set(), []
+    for group in ("ram", *FINETUNES):
+        found = {seed: pipeline.evaluated(group, decoding_name, decoding, seed) for seed in decoding["seeds"]}
+        if any(data is None for data in found.values()):
+            missing += [f"eval_{decoding_name}_s{seed}_{group}" for seed, data in found.items() if data is None]
+            continue
+        for seed, data in found.items():
             paths.append(pipeline.exp.results / f"eval_{decoding_name}_s{seed}_{group}.json")
             n_prompts.add(data["n_prompts"])
             for system, metrics in data["systems"].items():
                 name = group if system == "finetuned" else system
                 per_seed.setdefault(name, []).append(system_row(metrics, data["n_prompts"]))
     if len(n_prompts) != 1:
-        raise ValueError(f"{decoding_name}: evaluations over different numbers of prompts {sorted(n_prompts)}")
+        raise ValueError(f"{decoding_name}: evaluations over {sorted(n_prompts) or 'no'} numbers of prompts "
+                         "(none recorded yet, or over different prompts)")
     rows = {s: mean_over_seeds(per_seed[s]) for s in SYSTEMS if s in per_seed}
-    return rows, paths, n_prompts.pop()
+    return rows, paths, n_prompts.pop(), missing
 
 
 def describe(pipeline: Pipeline, trainings: dict[str, dict]) -> str:
@@ -243,6 +260,9 @@ def describe(pipeline: Pipeline, trainings: dict[str, dict]) -> str:
                  f"residual loss (α = {small['loss']['alpha']:g}) for {small['epochs']} epochs on {small['n_examples']} prompts "
                  f"({small['n_heldout']} held out), batch {small['batch_size']}, lr {small['learning_rate']:g}, {small['dtype']}.")
     for name in FINETUNES:
+        if trainings.get(name) is None:
+            lines.append(f"Direct fine-tune `{name}`: not trained yet.")
+            continue
         c = trainings[name]["train_config"]
         lines.append(f"Direct fine-tune `{name}`: the proposal, {'LoRA r ' + str(c['lora_r']) if c['lora'] else 'all weights'}, "
                      f"α = 0 (SFT), same prompts, epochs and batch, lr {c['learning_rate']:g}.")
@@ -267,6 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.add_argument("--train-dtype", default="auto", help="Training dtype (auto: bf16 where native).")
         parser.add_argument("--dtype", default="fp32", help="Sampling and evaluation dtype.")
         parser.add_argument("--device", default="cpu")
+        parser.add_argument("--render-available", action="store_true",
+                            help="Compute nothing: render the tables from the steps already recorded, listing those not done.")
 
     exp, args = Experiment.start("ram_xsum", "RAM with a small aligner on XSum: proposal, aligner alone, RAM modes, direct fine-tunes",
                                  argv, options)
@@ -277,9 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
     labels = {"proposal": "proposal alone", "aligner": f"small aligner alone ({args.aligner_layers} blocks)",
               "sft-lora": "proposal fine-tuned (LoRA SFT)", "sft-full": "proposal fine-tuned (full SFT)",
               **{m: f"RAM `{m}`" for m in RAM_MODES}}
-    tables, summary, sources, headline = [], {"decodings": {}}, [], []
+    tables, summary, sources, headline, missing = [], {"decodings": {}}, [], [], []
     for name, decoding in chosen.items():
-        rows, paths, n_prompts = rows_of(pipeline, name, decoding)
+        rows, paths, n_prompts, not_done = rows_of(pipeline, name, decoding)
+        missing += not_done
         intervals = paired_intervals(rows)
         targets = target_rows(rows, intervals)
         title = ("Greedy decoding" if decoding["greedy"] else
@@ -291,11 +314,19 @@ def main(argv: list[str] | None = None) -> dict:
         sources += paths
         if decoding["greedy"] and targets:
             by = {t["against"]: t for t in targets}
-            headline.append((f"RAM with a {args.aligner_layers}-block aligner on XSum (greedy, best mode `{targets[0]['mode']}`): "
-                             "ROUGE-L − aligner alone / − proposal / − full SFT",
+            present = [b for b in ("aligner", "proposal", "sft-full") if b in by]
+            names = {"aligner": "aligner alone", "proposal": "proposal", "sft-full": "full SFT"}
+            headline.append((f"RAM with an aligner of {args.aligner_layers} blocks on XSum (greedy, best mode `{targets[0]['mode']}`): "
+                             "ROUGE-L − " + " / − ".join(names[b] for b in present)
+                             + (" (partial: " + ", ".join(not_done) + " not run yet)" if not_done else ""),
                              " / ".join(f"{by[b]['difference']:+.2f} [{by[b]['low']:+.2f}, {by[b]['high']:+.2f}]"
-                                        for b in ("aligner", "proposal", "sft-full") if b in by)))
+                                        for b in present)))
     trainings = {name: pipeline.trained(name) for name in pipeline.trainings}
+    missing += [f"train_{name}" for name, t in trainings.items() if t is None]
+    trainings = {name: t for name, t in trainings.items() if t is not None}
+    if pipeline.small not in trainings:
+        raise SystemExit(f"ram_xsum: the small aligner's training (train_{pipeline.small}.json) is not recorded; nothing to render")
+    summary["not_done"] = missing
     logs = {name: t["log"] for name, t in trainings.items()}
     warm = pipeline.warmed()
     if warm:
@@ -304,7 +335,20 @@ def main(argv: list[str] | None = None) -> dict:
     summary["config"] = {"budget": budget._asdict(), "eval": pipeline.eval_expected("ram", chosen[next(iter(chosen))], 0)}
     pngs = [p for p in [plot_training(logs, exp.results / "training.png")] if p]
     sources += [exp.results / f"train_{name}.json" for name in trainings] + [exp.results / "samples.json"]
-    exp.finish(summary, "\n\n".join(tables), notes=describe(pipeline, trainings), pngs=pngs, sources=sources,
+    notes = describe(pipeline, trainings)
+    for name, entry in summary["decodings"].items():
+        best = entry["targets"][0]["mode"] if entry["targets"] else None
+        fallback = entry["systems"].get(best, {}).get("fallback_rate") if best else None
+        if fallback is not None and fallback >= 0.9:
+            notes += (f"  \n{name}: the best mode `{best}` fell back to the proposal for {100 * fallback:.0f} % of its tokens, "
+                      "so it is nearly the proposal itself; its lead over the aligner alone is the proposal's.")
+    if args.render_available:  # the page names the command that computes everything, not this rendering
+        exp.command = " ".join(part for part in exp.command.split() if part != "--render-available")
+    if missing:
+        full = "python experiments/ram_xsum.py" + (f" --decodings {args.decodings}" if args.decodings != "greedy,sampled" else "")
+        notes = (f"**Partial: not run yet: {', '.join(missing)}.** Every row shown is complete; `{full}` computes "
+                 f"the rest (resumable).  \n{notes}")
+    exp.finish(summary, "\n\n".join(tables), notes=notes, pngs=pngs, sources=sources,
                headline=headline)
     return summary
 

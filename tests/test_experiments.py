@@ -86,6 +86,15 @@ def test_script_runs_in_quick_mode(name, tmp_path):
     # a second run computes nothing (resumable)
     load_script(name).main(["--quick", "--results-dir", str(tmp_path)])
     assert json.loads((out / "results.json").read_text())["steps"]["computed"] == 0
+    if name == "ram_xsum":  # with a fine-tune's evaluation missing, --render-available renders the rest
+        for path in out.glob("eval_*_sft-full.json"):
+            path.unlink()
+        load_script(name).main(["--quick", "--results-dir", str(tmp_path), "--render-available"])
+        partial = json.loads((out / "results.json").read_text())
+        assert partial["steps"]["computed"] == 0 and not list(out.glob("eval_*_sft-full.json"))
+        assert partial["not_done"] and all("sft-full" in step for step in partial["not_done"])
+        assert all("sft-full" not in d["systems"] and "sft-lora" in d["systems"] for d in partial["decodings"].values())
+        assert "Partial: not run yet" in (out / "section.md").read_text()
 
 
 def test_the_ablation_lms_cost_is_lms_lost_per_ss_point_moved_towards_50():
