@@ -7,13 +7,34 @@ One run measures, each configuration in a fresh process (so peak memory is its o
   the process (all its threads; on a machine shared with other jobs the CPU time is the steadier);
 * peak memory: ``torch.cuda.max_memory_allocated`` on a GPU, else the process's peak RSS;
 * achieved GFLOP/s and its fraction of the fp32 (or bf16) matmul peak measured at the start of
-  the same run (:func:`benchlib.matmul_peak_gflops`).  FLOPs are *nominal*: 6 x params per
-  policy token (forward + backward) and 2 x params per reference token of the examples drawn
-  in the timed steps (DESIGN.md §6), padding excluded and the same count whether the rows are
-  packed or padded and whether a reference log-prob came from the cache, so the fraction of
-  peak of a packed row is its speed-up times the padded row's.  (With LoRA the frozen base
-  weights get no gradient, so a real backward pass is nearer 2 x params than 4 x: the fraction
-  is a speed figure, not a hardware counter.)
+  the same run (:func:`benchlib.matmul_peak_gflops`), from two FLOP counts per step:
+
+  - *nominal* (the column the first baselines were measured in; :func:`nominal_flops`):
+    ``6 N T_policy + 2 N T_reference`` with ``N`` all parameters, ``T_policy`` the tokens of the
+    examples drawn in the step and ``T_reference`` those of the streams with a reference pass
+    (DESIGN.md §6), padding excluded and the same count whether the rows are packed or padded and
+    whether a reference log-prob came from the cache, so the fraction of peak of a packed row is
+    its speed-up times the padded row's: a speed figure, not a hardware counter;
+  - *executed* (an estimate of the matmul work the passes really ran; :func:`executed_flops`)::
+
+        policy:    (2 + 2) (B P_body + H P_head) + 6 L P_body
+        reference:  2      (B R_body + H R_head)
+
+    ``B`` the parameters of the transformer body (embedding tables, a lookup, and the LM head
+    excluded), ``H`` those of the LM head (vocab x d_model, tied or not), ``L`` the LoRA
+    parameters.  A policy position costs a forward (2 per parameter) and activation gradients
+    (2) through the frozen base, which gets no weight gradients, plus forward, activation and
+    weight gradients (6) through the adapters; a reference position a forward of the base.
+    ``P_body`` / ``R_body`` are the positions the body ran in the policy / reference passes
+    (padding included: a padded row computes it), ``P_head`` / ``R_head`` the positions the head
+    ran on: all of them in padded rows, the scored ones only with packing
+    (:meth:`amendlm.unlearn.forward.StepPasses.scored_logits`).  Reference log-probs served from
+    the cache cost nothing (only the examples missing from it, and the ``kl`` stream, run the
+    reference).  The positions are counted by forward hooks on the input embeddings and the head
+    of every model (:class:`PassPositions`), so they are what ran, not a model of it.  Left out,
+    as in the nominal count: attention scores and values (``4 width d_model`` per position and
+    layer; about 8 % at 256-token rows), norms, softmax, the optimizer; and the first layer's
+    input projections need no activation gradient (under ``1 / layers`` of the body).
 
 The configurations (:data:`CONFIGS`): the default recipe's BiasUnlearn at 8 / 8 / 8 examples per
 stream (``--batch-size``) and the ``official`` recipe's 4 / 28 / 28, each padded
@@ -39,6 +60,91 @@ from typing import Sequence
 import torch
 
 from benchlib import matmul_peak_gflops  # noqa: E402  (benchmarks/ is the script's directory)
+
+POSITION_KINDS = ("policy_body", "policy_head", "reference_body", "reference_head")
+
+
+def nominal_flops(params: int, policy_tokens: float, reference_tokens: float) -> float:
+    """Nominal FLOPs of one step, ``6 N T_policy + 2 N T_reference`` (see the module docstring).
+
+    Args:
+        params: ``N``, every parameter of the model (LoRA excluded).
+        policy_tokens: tokens of the examples drawn in the step, padding excluded.
+        reference_tokens: tokens of the examples of the streams with a reference pass.
+    """
+    return 6 * params * policy_tokens + 2 * params * reference_tokens
+
+
+def executed_flops(body_params: int, head_params: int, lora_params: int, policy_body: float, policy_head: float,
+                   reference_body: float, reference_head: float, base_trained: bool = False) -> float:
+    """Estimated matmul FLOPs one step ran (see the module docstring for what is left out):
+    ``4 (B P_body + H P_head) + 6 L P_body + 2 (B R_body + H R_head)``.
+
+    Args:
+        body_params: ``B``, parameters of the transformer body (no embedding table, no LM head).
+        head_params: ``H``, the LM head's weight (vocab x d_model; counted even when tied to the
+            embedding: the head is a matmul, the embedding a lookup).
+        lora_params: ``L``, the adapters' parameters (0 without LoRA).
+        policy_body, policy_head: positions the body / the head ran on in the policy passes.
+        reference_body, reference_head: the same for the reference passes (0 for cached log-probs).
+        base_trained: full fine-tuning: the base also gets weight gradients (2 more per parameter
+            and policy position).
+
+    Returns:
+        FLOPs (a multiply-add is 2).
+    """
+    base = body_params * policy_body + head_params * policy_head
+    return ((6 if base_trained else 4) * base + 6 * lora_params * policy_body
+            + 2 * (body_params * reference_body + head_params * reference_head))
+
+
+def parameter_split(model) -> dict[str, int]:
+    """``{"body", "head", "lora"}`` parameter counts of ``model`` (a causal LM, PEFT-wrapped or not) for
+    :func:`executed_flops`: the LoRA parameters (names containing ``lora_``), the LM head's weight,
+    and the rest without the embedding tables (``nn.Embedding`` weights: lookups, no matmul)."""
+    head = model.get_output_embeddings()
+    lookups = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    skipped = lookups | {id(head.weight)}
+    body = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and id(p) not in skipped)
+    return {"body": body, "head": head.weight.numel(), "lora": lora}
+
+
+class PassPositions:
+    """Positions the model passes of each step run, counted by forward hooks.
+
+    The input embeddings of each model count the body's positions (``input_ids.numel()``,
+    padding included), the output head those it runs on (its output's leading dimensions, after
+    :meth:`~amendlm.unlearn.forward.StepPasses.scored_logits` narrowed it to the scored positions);
+    a pass under ``no_grad`` is a reference pass, else a policy pass.  :meth:`step` starts a step.
+
+    Args:
+        models: the policy (unwrapped) and, with ``reference="copy"``, the frozen copy.
+    """
+
+    def __init__(self, models):
+        self.steps: list[dict[str, int]] = []
+        self.handles = []
+        for model in models:
+            self.handles.append(model.get_input_embeddings().register_forward_hook(self._counter("body")))
+            self.handles.append(model.get_output_embeddings().register_forward_hook(self._counter("head")))
+
+    def _counter(self, part: str):
+        def count(module, args, output):
+            if self.steps:
+                kind = "policy" if torch.is_grad_enabled() else "reference"
+                self.steps[-1][f"{kind}_{part}"] += output.shape[:-1].numel()
+        return count
+
+    def step(self) -> None:
+        """Count what follows as a new step."""
+        self.steps.append(dict.fromkeys(POSITION_KINDS, 0))
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for handle in self.handles:
+            handle.remove()
+
 
 # (recipe, packing, reference, dtype); the default recipe runs --batch-size per stream, official 4 / 28 / 28
 CONFIGS = [
@@ -84,8 +190,12 @@ def _measure(spec: tuple, model_name: str, steps: int, batch_size: int, queue) -
             return batches
 
         trainer._next_batches = recording
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        split = parameter_split(policy)
+        positions = PassPositions([policy] + ([trainer.reference_model] if trainer.reference_model is not None else []))
         seconds, cpu_seconds = [], []
         for index in range(steps + 1):
+            positions.step()
             began, began_cpu = time.perf_counter(), time.process_time()
             trainer.train_step(log)
             if cuda:
@@ -93,6 +203,7 @@ def _measure(spec: tuple, model_name: str, steps: int, batch_size: int, queue) -
             if index:  # the first step warms up allocators and kernels
                 seconds.append(time.perf_counter() - began)
                 cpu_seconds.append(time.process_time() - began_cpu)
+        positions.close()
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     timed = drawn[1:]
     reference_streams = trainer.method.reference_streams
@@ -102,7 +213,9 @@ def _measure(spec: tuple, model_name: str, steps: int, batch_size: int, queue) -
     padded_tokens = statistics.mean(sum(len(b) * max(len(e.ids) for e in b) for b in batches.values()) for batches in timed)
     packed_tokens = statistics.mean(
         pack_examples([e for b in batches.values() for e in b], 0).inputs["input_ids"].numel() for batches in timed)
-    flops = 6 * n_params * policy_tokens + 2 * n_params * reference_tokens
+    flops = nominal_flops(n_params, policy_tokens, reference_tokens)
+    ran = {kind: statistics.mean(counts[kind] for counts in positions.steps[1:]) for kind in POSITION_KINDS}
+    executed = executed_flops(split["body"], split["head"], split["lora"], **ran, base_trained=config.finetune == "full")
     step = statistics.median(seconds)
     cache = trainer.passes.cache
     queue.put({"recipe": recipe, "packing": packing, "reference": reference, "dtype": dtype,
@@ -110,6 +223,8 @@ def _measure(spec: tuple, model_name: str, steps: int, batch_size: int, queue) -
                "seconds_per_step": step, "best_seconds_per_step": min(seconds),
                "cpu_seconds_per_step": statistics.median(cpu_seconds), "peak_memory_mib": peak,
                "memory_kind": "cuda_max_allocated" if cuda else "process_peak_rss", "gflops_per_s": flops / step / 1e9,
+               "nominal_flops_per_step": flops, "executed_flops_per_step": executed,
+               "executed_gflops_per_s": executed / step / 1e9, "parameter_split": split, "positions_per_step": ran,
                "params": n_params, "policy_tokens_per_step": policy_tokens, "reference_tokens_per_step": reference_tokens,
                "padded_tokens_per_step": padded_tokens, "packed_tokens_per_step": packed_tokens,
                "packing_fallback": trainer.passes.fallback,
@@ -139,7 +254,9 @@ def measure(model_name: str = "smollm2-135m-instruct", steps: int = 3, batch_siz
 
     Returns:
         ``{"options", "matmul_gflops": {"fp32", "bf16"}, "batch_size", "steps", "torch_threads",
-        "rows": [...], "versions"}``; each row has ``seconds_per_step``, ``fraction_of_matmul_peak``,
+        "rows": [...], "versions"}``; each row has ``seconds_per_step``, ``gflops_per_s`` and
+        ``fraction_of_matmul_peak`` (nominal FLOPs), ``executed_gflops_per_s`` and
+        ``executed_fraction_of_matmul_peak`` (executed FLOPs, from ``positions_per_step`` and ``parameter_split``),
         ``time_vs_baseline`` (against :data:`BASELINE`), ``speedup_vs_padded`` (packed rows:
         against the padded row of the same recipe, reference and dtype), or ``skipped`` with the reason.
     """
@@ -167,19 +284,23 @@ def measure(model_name: str = "smollm2-135m-instruct", steps: int = 3, batch_siz
             continue
         row["time_vs_baseline"] = row["seconds_per_step"] / base["seconds_per_step"]
         row["memory_vs_baseline"] = row["peak_memory_mib"] / base["peak_memory_mib"]
-        row["fraction_of_matmul_peak"] = row["gflops_per_s"] / (bf16 if row["dtype"] == "bf16" else fp32)
+        peak = bf16 if row["dtype"] == "bf16" else fp32
+        row["fraction_of_matmul_peak"] = row["gflops_per_s"] / peak  # nominal FLOPs
+        row["executed_fraction_of_matmul_peak"] = row["executed_gflops_per_s"] / peak
         padded = by_label.get(config_label(row["recipe"], False, row["reference"], row["dtype"]), {})
         if row["packing"] and "seconds_per_step" in padded:
             row["speedup_vs_padded"] = padded["seconds_per_step"] / row["seconds_per_step"]
     print(f"matmul peak: fp32 {fp32:.1f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s; {torch.get_num_threads()} threads")
-    print(f"{'configuration':<32} {'batches':<9} {'s/step':>7} {'x time':>7} {'peak MiB':>9} {'GFLOP/s':>8} {'% peak':>7}")
+    print(f"{'configuration':<32} {'batches':<9} {'s/step':>7} {'x time':>7} {'peak MiB':>9} {'GFLOP/s':>8} {'% peak':>7} "
+          f"{'exec GFLOP/s':>13} {'% peak':>7}")
     for row in rows:
         if "skipped" in row:
             print(f"{row['label']:<32} skipped: {row['skipped']}")
             continue
         shape = "/".join(str(v) for v in row["batch_sizes"].values())
         print(f"{row['label']:<32} {shape:<9} {row['seconds_per_step']:7.2f} {row['time_vs_baseline']:7.2f} "
-              f"{row['peak_memory_mib']:9.0f} {row['gflops_per_s']:8.1f} {100 * row['fraction_of_matmul_peak']:6.0f} %")
+              f"{row['peak_memory_mib']:9.0f} {row['gflops_per_s']:8.1f} {100 * row['fraction_of_matmul_peak']:6.0f} % "
+              f"{row['executed_gflops_per_s']:13.1f} {100 * row['executed_fraction_of_matmul_peak']:6.0f} %")
     return {"options": options, "matmul_gflops": {"fp32": fp32, "bf16": bf16}, "batch_size": batch_size,
             "steps": steps, "torch_threads": torch.get_num_threads(), "rows": rows, "versions": package_versions()}
 

@@ -3,7 +3,8 @@
 Runs ``benchmarks/bench_unlearn.py`` (its :func:`measure`; each configuration in a fresh process,
 so that peak memory is its own) and renders two tables: the default 8 / 8 / 8 and the official
 4 / 28 / 28 step, padded and packed (s / step and the fraction of the fp32 matmul peak measured
-in the same run); and the reference model (disabled adapter vs a second copy) and dtype.
+in the same run, from nominal and from executed FLOPs: see the benchmark's docstring); and the
+reference model (disabled adapter vs a second copy) and dtype.
 
     python experiments/bench_unlearn.py            # 3 timed steps, batch 8 per stream (default recipe), as published
                                                    # (~10 min on a quiet 2-core CPU: 7 configurations of 4 steps + model loads)
@@ -42,6 +43,13 @@ def _peak(row: dict) -> str:
     return f"{row['gflops_per_s']:.1f} ({100 * row['fraction_of_matmul_peak']:.0f} % of peak)"
 
 
+def _executed(row: dict) -> str:
+    """Executed GFLOP/s and fraction of peak; n/a for a measurement from before they were counted."""
+    if "executed_gflops_per_s" not in row:
+        return "n/a"
+    return f"{row['executed_gflops_per_s']:.1f} ({100 * row['executed_fraction_of_matmul_peak']:.0f} % of peak)"
+
+
 def shape_table(rows: list[dict], memory: str) -> str:
     """Default and official step, padded and packed: one line per measured configuration."""
     lines = []
@@ -55,9 +63,11 @@ def shape_table(rows: list[dict], memory: str) -> str:
                       DTYPES.get(row["dtype"], row["dtype"]), f"{row['seconds_per_step']:.2f}",
                       fmt(row.get("cpu_seconds_per_step"), 2),
                       f"{row['speedup_vs_padded']:.2f}x" if "speedup_vs_padded" in row else "",
-                      _peak(row), f"{run / real:.2f}" if real and run else "n/a", fmt(row["peak_memory_mib"], 0, " MiB")])
+                      _peak(row), _executed(row), f"{run / real:.2f}" if real and run else "n/a",
+                      fmt(row["peak_memory_mib"], 0, " MiB")])
     return markdown_table(["step (forget / retain / KL)", "rows", "dtype", "s / step", "CPU s / step", "speed-up vs padded",
-                           "GFLOP/s", "model tokens per real token", memory], lines, "lllrrrrrr")
+                           "GFLOP/s (nominal)", "GFLOP/s (executed)", "model tokens per real token", memory], lines,
+                          "lllrrrrrrr")
 
 
 def reference_table(rows: list[dict], memory: str) -> str:
@@ -70,14 +80,14 @@ def reference_table(rows: list[dict], memory: str) -> str:
         label = REFERENCES.get(row["reference"], row["reference"]) + (" (default)" if default else "")
         dtype = DTYPES.get(row["dtype"], row["dtype"])
         if "skipped" in row:
-            lines.append([label, dtype, f"skipped: {row['skipped']}", "", "", "", ""])
+            lines.append([label, dtype, f"skipped: {row['skipped']}", "", "", "", "", ""])
             continue
         time_ratio = row.get("time_vs_baseline", row.get("time_vs_adapter_fp32"))
         memory_ratio = row.get("memory_vs_baseline", row.get("memory_vs_adapter_fp32"))
         lines.append([label, dtype, f"{row['seconds_per_step']:.2f}", f"{time_ratio:.2f}",
-                      fmt(row["peak_memory_mib"], 0, " MiB"), f"{memory_ratio:.2f}", _peak(row)])
+                      fmt(row["peak_memory_mib"], 0, " MiB"), f"{memory_ratio:.2f}", _peak(row), _executed(row)])
     return markdown_table(["reference model", "dtype", "s / step", "time vs adapter fp32", memory,
-                           "memory vs adapter fp32", "GFLOP/s"], lines, "llrrrrr")
+                           "memory vs adapter fp32", "GFLOP/s (nominal)", "GFLOP/s (executed)"], lines, "llrrrrrr")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,9 +115,14 @@ def main(argv: list[str] | None = None) -> dict:
              f"the default recipe runs {data['batch_size']} examples per stream, the official recipe 4 / 28 / 28 "
              "(and attention-only LoRA, no general text in the KL set).  Packed: each step's sequences in rows of at most "
              "256 tokens with block-diagonal attention masks, one policy and one reference pass a step, NPO's reference "
-             "log-probs cached per example (amendlm.unlearn.forward).  FLOPs are nominal, the same for padded and packed "
+             "log-probs cached per example (amendlm.unlearn.forward).  Nominal FLOPs are the same for padded and packed "
              "rows: 6 x parameters per policy token (forward + backward) and 2 x parameters per reference token of the "
              "examples drawn, padding excluded; so a packed row's fraction of peak is its speed-up times the padded row's.  "
+             "Executed FLOPs estimate the matmul work the passes ran (benchmarks/bench_unlearn.py): per policy position "
+             "4 x the frozen base's matmul parameters (embedding lookups aside; forward + activation gradients, no weight "
+             "gradients) plus 6 x the LoRA parameters, per reference position 2 x the base's, positions counted as they ran (padding included; the "
+             "LM head on the scored positions only when packed; cached reference log-probs cost nothing); n/a for a "
+             "measurement from before they were counted.  "
              "Model tokens per real token: the tokens the forward passes run (padding included) per example token.")
     summary = {"options": opts, "unrecorded_options": unrecorded, "matmul_gflops": data["matmul_gflops"], "rows": data["rows"]}
     headline = []

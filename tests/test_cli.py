@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from amendlm.cli import app
@@ -73,3 +74,47 @@ def test_every_align_train_option_has_help_text():
     train = typer.main.get_command(app).commands["align"].commands["train"]
     assert len(train.params) > 20
     assert [p.name for p in train.params if not (getattr(p, "help", None) or "").strip()] == []
+
+
+DEVICE_COMMANDS = {  # command -> arguments that are otherwise valid (a run would load a model next)
+    "align sample": ["align", "sample", "--proposal", "{model}", "--out", "{tmp}/s2.jsonl", "--limit", "1"],
+    "align train": ["align", "train", "--out", "{tmp}/run", "--samples", "{tmp}/s.jsonl", "--proposal", "{model}",
+                    "--init-from-proposal-layers", "1", "--max-steps", "1"],
+    "align generate": ["align", "generate", "hi", "--proposal", "{model}", "--mode", "proposal"],
+    "align eval": ["align", "eval", "--proposal", "{model}", "--systems", "proposal", "--limit", "1", "--out", "{tmp}/e.json"],
+    "eval": ["eval", "--model", "{model}", "--benchmarks", "perplexity", "--limit", "1"],
+    "serve": ["serve", "--model", "{model}", "--port", "0"],
+    "merge": ["merge", "--model", "{model}", "--adapter", "{tmp}/adapter", "--out", "{tmp}/merged"],
+}
+
+
+@pytest.mark.parametrize("command", list(DEVICE_COMMANDS))
+def test_an_unavailable_or_malformed_device_is_one_line_naming_the_flag_before_any_model_loads(command, tmp_path, monkeypatch):
+    import torch
+
+    import amendlm.modeling
+    from tests.conftest import make_byte_tokenizer, make_tiny_llama
+
+    tokenizer = make_byte_tokenizer()
+    make_tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "s.jsonl").write_text("")  # proposal samples (none; no .config.json beside: accepted as they are)
+    loaded = []
+
+    def no_model(*args, **kwargs):
+        loaded.append(args)
+        raise RuntimeError("a model loaded")
+
+    monkeypatch.setattr(amendlm.modeling, "load_model", no_model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine, wherever the test runs
+    args = [a.format(model=tmp_path / "tiny", tmp=tmp_path) for a in DEVICE_COMMANDS[command]]
+    cases = [("cuda", "--device cuda: no such accelerator on this machine"), ("gpu", "--device gpu: not a device")]
+    if command == "align train":  # Accelerate places the model: a device type only, and not auto
+        cases += [("cuda:0", "--device cuda:0: give the device type only"), ("auto", "--device auto: align train takes")]
+    else:  # the model goes to the device as given, index and all; auto is no torch device
+        cases += [("cuda:1", "--device cuda:1: no such accelerator"), ("auto", "--device auto: not a device")]
+    for device, said in cases:
+        result = CliRunner().invoke(app, [*args, "--device", device])
+        assert result.exit_code != 0 and isinstance(result.exception, SystemExit), (device, result.output)
+        assert len(result.stderr.splitlines()) == 1 and said in result.stderr, (device, result.stderr)
+    assert loaded == [] and not (tmp_path / "run").exists() and not (tmp_path / "merged").exists()

@@ -124,3 +124,27 @@ def test_a_checkpoint_gives_each_process_its_own_rng_state(tmp_path):
     for process_index, seed in ((0, 1), (1, 2), (2, 1)):
         torch.manual_seed(seed)
         assert draws[process_index] == torch.rand(1).item()
+
+
+def test_check_device_takes_what_the_command_can_place_and_this_machine_has(monkeypatch):
+    import re
+
+    from amendlm.distributed import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one CUDA card
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for device in ("cpu", "auto", "cuda"):
+        check_device(device)  # training commands: Accelerate places the model
+    for device in ("cpu", "cpu:0", "cuda", "cuda:0"):
+        check_device(device, index=True)  # commands that call model.to(device)
+    refused = {("cuda:0", False): "--device cuda:0: give the device type only (cuda)",
+               ("auto", True): "--device auto: not a device (cpu, cuda, cuda:1, mps, ...)",
+               ("cuda:1", True): "--device cuda:1: this machine has 1 cuda device(s), cuda:0 to cuda:0",
+               ("gpu", False): "--device gpu: not a device (auto, cpu, cuda, mps, ...)",
+               ("cuda:x", True): "--device cuda:x: not a device"}
+    for (device, index), said in refused.items():
+        with pytest.raises(ValueError, match="^" + re.escape(said)):
+            check_device(device, index=index)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--opt cuda: no such accelerator on this machine [(]use auto or cpu[)]"):
+        check_device("cuda", "--opt")

@@ -157,6 +157,62 @@ def test_training_from_proposal_layers_changes_weights_and_resumes_exactly(works
         torch.testing.assert_close(tensor, trained[name])
 
 
+
+def test_training_seconds_add_up_across_resumes_and_old_checkpoints_still_resume(workspace, tmp_path, monkeypatch):
+    from amendlm.ram import run_dir
+
+    root, _ = workspace
+    samples = _samples(root)
+
+    def run(out):
+        return train_aligner(TrainConfig(out=str(out), samples=str(samples), proposal=str(root / "proposal"),
+                                         init_from_proposal_layers=1, task=task(root), batch_size=3, max_steps=3,
+                                         save_every=2, log_every=1, eval_fraction=0.0, dtype="fp32"))
+
+    save = run_dir.save_checkpoint
+
+    def killed_at_3(accelerator, out, step, micro, extra=None):
+        if step == 3:
+            raise Killed()
+        save(accelerator, out, step, micro, extra)
+
+    def interrupted(out):  # a run killed after its step-2 checkpoint; returns that checkpoint's state file
+        monkeypatch.setattr(run_dir, "save_checkpoint", killed_at_3)
+        with pytest.raises(Killed):
+            run(out)
+        monkeypatch.setattr(run_dir, "save_checkpoint", save)
+        return out / "checkpoints" / "step-000002" / "trainer_state.json"
+
+    state_file = interrupted(tmp_path / "a")
+    state = json.loads(state_file.read_text())
+    assert state["seconds"] > 0 and state["seconds_complete"] is True
+    state_file.write_text(json.dumps({**state, "seconds": 1000.0}))  # as if the first part had trained 1000 s
+    resumed = run(tmp_path / "a")
+    assert resumed["steps"] == 3 and resumed["seconds_complete"] is True and 0 < resumed["seconds_this_run"] < 1000
+    assert resumed["seconds"] == pytest.approx(1000.0 + resumed["seconds_this_run"])
+    assert json.loads((tmp_path / "a" / "train_summary.json").read_text())["seconds"] == resumed["seconds"]
+    final = json.loads((tmp_path / "a" / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
+    assert 1000.0 < final["seconds"] <= resumed["seconds"]
+    assert [r["seconds"] > 1000.0 for r in _log(tmp_path / "a") if r["event"] == "train"] == [False, False, True]
+
+    state_file = interrupted(tmp_path / "b")  # a checkpoint written before checkpoints recorded seconds
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({k: v for k, v in state.items() if not k.startswith("seconds")}))
+    resumed = run(tmp_path / "b")
+    assert resumed["steps"] == 3 and resumed["seconds_complete"] is False
+    assert resumed["seconds"] == pytest.approx(resumed["seconds_this_run"])  # the earlier part counts 0
+    final = json.loads((tmp_path / "b" / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
+    assert final["seconds_complete"] is False
+
+
+def test_seconds_before_a_resume_come_from_the_checkpoint_state():
+    from amendlm.ram.run_dir import seconds_before
+
+    assert seconds_before(None) == (0.0, True)  # no checkpoint: the run starts now
+    assert seconds_before({"step": 2, "seconds": 12.5, "seconds_complete": True}) == (12.5, True)
+    assert seconds_before({"step": 2, "seconds": 12.5, "seconds_complete": False}) == (12.5, False)
+    assert seconds_before({"step": 2, "micro_batches": 2}) == (0.0, False)  # an older checkpoint
+
 def test_train_refuses_bad_inputs_before_any_model_loads(workspace, tmp_path, monkeypatch):
     from amendlm.data.io import DataError
     from amendlm.ram import train

@@ -121,6 +121,51 @@ def test_interrupt_then_resume_ends_in_the_same_weights(tmp_path, method):
     assert steps == [1, 2, 3]
 
 
+
+def _interrupted_at_step_2(tmp_path, **common):
+    first = make_trainer(tmp_path, **common)
+    step = first.train_step
+
+    def interrupted(log):
+        if first.state.step == 2:
+            raise KeyboardInterrupt
+        step(log)
+
+    first.train_step = interrupted
+    result = first.train()
+    assert result.status == "interrupted" and result.seconds_complete
+    assert result.seconds == pytest.approx(result.seconds_this_run)  # a first part is the whole run so far
+    return result, tmp_path / "run" / "checkpoint" / "state.json"
+
+
+def test_training_seconds_add_up_across_a_resume(tmp_path):
+    common = dict(method="sft-anti", keep_best=False, eval_every=0, max_steps=3)
+    first, state_file = _interrupted_at_step_2(tmp_path, **common)
+    state = json.loads(state_file.read_text())
+    assert 0 < state["seconds"] <= first.seconds and state["seconds_complete"] is True
+    state["seconds"] = 1000.0  # as if the first part had trained for 1000 s: the resumed total must carry it
+    state_file.write_text(json.dumps(state))
+    resumed = make_trainer(tmp_path, **common).train(resume=True)
+    assert resumed.steps == 3 and resumed.seconds_complete
+    assert 0 < resumed.seconds_this_run < 1000
+    assert resumed.seconds == pytest.approx(1000.0 + resumed.seconds_this_run)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["seconds"] == resumed.seconds and summary["seconds_this_run"] == resumed.seconds_this_run
+    assert json.loads(state_file.read_text())["seconds"] >= 1000.0  # the final checkpoint's running total
+
+
+def test_a_checkpoint_without_seconds_resumes_and_says_the_total_is_incomplete(tmp_path):
+    common = dict(method="sft-anti", keep_best=False, eval_every=0, max_steps=3)
+    _, state_file = _interrupted_at_step_2(tmp_path, **common)
+    state = json.loads(state_file.read_text())
+    del state["seconds"], state["seconds_complete"]  # as written before checkpoints recorded seconds
+    state_file.write_text(json.dumps(state))
+    resumed = make_trainer(tmp_path, **common).train(resume=True)
+    assert resumed.steps == 3 and resumed.seconds_complete is False
+    assert resumed.seconds == pytest.approx(resumed.seconds_this_run)  # the earlier part counts 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["seconds_complete"] is False
+    assert json.loads(state_file.read_text())["seconds_complete"] is False  # and stays so in later checkpoints
+
 def test_an_existing_run_is_not_overwritten_without_resume(tmp_path):
     make_trainer(tmp_path, max_steps=1).train()
     run = next(p for p in tmp_path.rglob("unlearn_config.json")).parent

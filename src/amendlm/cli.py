@@ -51,7 +51,7 @@ def eval_command(
     crows_pairs: str = typer.Option("crows-pairs", help="CrowS-Pairs name or local csv."),
     wikitext: str = typer.Option("wikitext-sample", help="Perplexity text: name or local jsonl with a 'text' field."),
     share_prefix: bool = typer.Option(True, help="Compute the shared prefix of StereoSet's three candidates once (needs 4-D attention-mask support)."),
-    device: str = typer.Option("cpu", help="Device, e.g. cpu or cuda."),
+    device: str = typer.Option("cpu", help="Device: cpu, or an accelerator present here (cuda, cuda:1, mps, ...)."),
     out: Optional[Path] = typer.Option(None, help="Write the results JSON here (atomically)."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off by default)."),
 ) -> None:
@@ -71,6 +71,10 @@ def eval_command(
         pair = None if aligner is None else AlignerConfig(aligner, proposal_temperature, aligner_temperature)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    from amendlm.distributed import check_device
+
+    with user_errors():  # an unavailable or malformed --device: one line, before any model loads
+        check_device(device, index=True)
     if pair is not None:
         from amendlm.product import check_aligner
 

@@ -53,30 +53,43 @@ def is_main_launched_process() -> bool:
     return launched_rank() == 0
 
 
-def check_device(device: str, option: str = "--device") -> None:
-    """Refuse, before any model loads, a device that Accelerate would silently replace by the CPU.
+def check_device(device: str, option: str = "--device", index: bool = False) -> None:
+    """Refuse, before any model loads, a device that Accelerate would silently replace by the CPU, or
+    that ``model.to`` would fail on only after the weights were read.
 
-    ``auto`` (an accelerator when Accelerate finds one, else the CPU) and ``cpu`` always pass; an
-    accelerator type (``cuda``, ``mps``, ``xpu``, ...) passes when torch reports one present.  The
-    training commands take the type only: Accelerate gives each process its own card (choose cards
-    with ``CUDA_VISIBLE_DEVICES`` or ``accelerate launch``).
+    ``cpu`` always passes; an accelerator type (``cuda``, ``mps``, ``xpu``, ...) passes when torch
+    reports one present.  The training commands (``index=False``) take ``auto`` (an accelerator when
+    Accelerate finds one, else the CPU) and the type only: Accelerate gives each process its own card
+    (choose cards with ``CUDA_VISIBLE_DEVICES`` or ``accelerate launch``).  The commands that put the
+    model on the device themselves (``index=True``: ``align sample / generate / eval``, ``eval``,
+    ``serve``, ``merge``) take a torch device string, a card index included (``cuda:1``, checked
+    against the cards present), and not ``auto``.
 
     Raises:
-        ValueError: one line naming ``option`` and the value: an index (``cuda:1``), a name torch
-            does not know, or an accelerator this machine does not have.
+        ValueError: one line naming ``option`` and the value: an index where the type only is taken,
+            a name torch does not know, an accelerator this machine does not have, or a card index
+            beyond those present.
     """
-    if device in ("auto", "cpu"):
+    if device == "cpu" or (device == "auto" and not index):
         return
-    if ":" in device:
+    if ":" in device and not index:
         raise ValueError(f"{option} {device}: give the device type only ({device.split(':')[0]}); choose the card "
                          "with CUDA_VISIBLE_DEVICES or accelerate launch")
     try:
-        torch.device(device)
+        parsed = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"{option} {device}: not a device (auto, cpu, cuda, mps, ...)") from None
-    backend = torch.backends.mps if device == "mps" else getattr(torch, device, None)
+        valid = "cpu, cuda, cuda:1, mps, ..." if index else "auto, cpu, cuda, mps, ..."
+        raise ValueError(f"{option} {device}: not a device ({valid})") from None
+    if parsed.type == "cpu":
+        return
+    backend = torch.backends.mps if parsed.type == "mps" else getattr(torch, parsed.type, None)
     if not (callable(getattr(backend, "is_available", None)) and backend.is_available()):
-        raise ValueError(f"{option} {device}: no such accelerator on this machine (use auto or cpu)")
+        raise ValueError(f"{option} {device}: no such accelerator on this machine (use {'cpu' if index else 'auto or cpu'})")
+    counter = getattr(torch.mps if parsed.type == "mps" else backend, "device_count", None)
+    count = counter() if callable(counter) else None
+    if parsed.index is not None and count is not None and parsed.index >= count:
+        raise ValueError(f"{option} {device}: this machine has {count} {parsed.type} device(s), "
+                         f"{parsed.type}:0 to {parsed.type}:{count - 1}")
 
 
 def split_rows(rows: Sequence[T], world: int, rank: int) -> tuple[list[T], bool]:

@@ -42,7 +42,22 @@ PAIRS_HELP = ("Preference pairs instead of --samples: 'stereoset' (its train tar
               "rejected = stereotype) or a jsonl/json/csv with prompt, chosen, rejected fields (raw text).")
 ALIGNER_HELP = "Aligner Q: a model, or an 'align train' output directory (its aligner/ is used)."
 CHAT_HELP = "Wrap prompts in the tokenizer's chat template; default: when the tokenizer has one."
-DEVICE_HELP = "cpu, or an accelerator such as cuda (under accelerate launch each process takes its own)."
+DEVICE_HELP = ("cpu, or an accelerator type present here such as cuda (no index: under accelerate launch each process "
+               "takes its own; choose cards with CUDA_VISIBLE_DEVICES).")
+MODEL_DEVICE_HELP = "cpu, or an accelerator present here: cuda, cuda:1, mps, ..."
+
+
+def _check_device(device: str, accelerate: bool = False) -> None:
+    """An unavailable or malformed ``--device``: one line (``error: --device ...``), exit 1, before any model loads.
+
+    ``accelerate``: ``align train`` (Accelerate places the model): a device type only, and not ``auto``
+    (the initial aligner is loaded onto ``--device`` before Accelerate takes it)."""
+    from amendlm.distributed import check_device
+
+    with user_errors():
+        if accelerate and device == "auto":
+            raise ValueError("--device auto: align train takes cpu or an accelerator type (cuda, mps, ...)")
+        check_device(device, index=not accelerate)
 
 
 def _task(data: str, split: str, limit: Optional[int], max_document_tokens: int, split_seed: int,
@@ -87,7 +102,7 @@ def sample_command(
     batch_size: int = typer.Option(8, help="Prompts decoded together."),
     seed: int = typer.Option(0, help="One generator seeded with SEED + (samples already in --out) draws the whole run."),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+    device: str = typer.Option("cpu", help=MODEL_DEVICE_HELP),
 ) -> None:
     """Draw one proposal sample y' ~ P_M(.|x) per training prompt (resumable)."""
     from amendlm.ram.sample import SampleConfig, sample_proposal
@@ -99,6 +114,7 @@ def sample_command(
                               dtype=dtype, device=device)
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
+    _check_device(device)
     with user_errors():
         summary = sample_proposal(config, progress=True)
     typer.echo(f"{summary['sampled']} new samples ({summary['already_done']} already done) in {summary['seconds']:.0f} s -> {out}")
@@ -173,6 +189,7 @@ def train_command(
         )
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
+    _check_device(device, accelerate=True)
     with user_errors():
         summary = train_aligner(config, progress=True)
     from amendlm.distributed import is_main_launched_process
@@ -218,7 +235,7 @@ def generate_command(
     batch_size: int = typer.Option(8), chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they come (one prompt) or rows as they end."),
     out: Optional[Path] = typer.Option(None, help="Also write a jsonl with every generation."),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP), device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP), device: str = typer.Option("cpu", help=MODEL_DEVICE_HELP),
 ) -> None:
     """Decode prompts with proposal x aligner, many at once, both models KV-cached."""
     from amendlm.ram.generate import GenerateConfig
@@ -231,6 +248,7 @@ def generate_command(
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
     _require_inputs([f"--aligner (for --mode {mode})"] if aligner is None and mode != "proposal" else [])
+    _check_device(device)
     with user_errors():
         texts = list(prompts or [])
         if not texts:
@@ -293,7 +311,7 @@ def eval_command(
     stop: Optional[List[str]] = typer.Option(None, help=STOP_HELP),
     seed: int = typer.Option(0), batch_size: int = typer.Option(8),
     out: Path = typer.Option(Path("ram_eval.json"), help="Results JSON (generations go beside it as .generations.jsonl)."),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP), device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP), device: str = typer.Option("cpu", help=MODEL_DEVICE_HELP),
 ) -> None:
     """ROUGE-1/2/L and length of proposal, aligner, RAM modes (and a direct fine-tune) on held-out prompts."""
     from amendlm.ram.evaluate import SYSTEMS, AlignEvalConfig, evaluate_systems
@@ -318,6 +336,7 @@ def eval_command(
         )
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
+    _check_device(device)
     began = time.perf_counter()
     with user_errors():
         results = evaluate_systems(config, generations_path=str(out.with_suffix(".generations.jsonl")), progress=True)

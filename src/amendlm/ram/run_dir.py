@@ -2,13 +2,15 @@
 
 Files in ``OUT``: ``train_config.json`` (the configuration, resolved dtype, sizes), ``train_log.jsonl``
 (``event: train`` records every ``log_every`` steps, ``event: heldout`` records of the held-out loss),
-``checkpoints/step-N`` (the newest only; the last one is written at the final step), ``aligner/`` (the
-trained model) and ``train_summary.json`` (written last: the run is finished).
+``checkpoints/step-N`` (the newest only; the last one is written at the final step; its
+``trainer_state.json`` holds the step, the micro-batches done and the training ``seconds`` so far),
+``aligner/`` (the trained model) and ``train_summary.json`` (written last: the run is finished).
 
 * :func:`check_resume` refuses to continue a run whose configuration differs (one line naming the
   fields), as ``amendlm debias --resume`` does;
 * :func:`finished_summary` lets a rerun of a finished run say so instead of training again;
 * :func:`truncate_log` drops log records past the checkpoint a run resumes from, so no step is logged twice;
+* :func:`seconds_before` reads the training seconds of the parts before a resume from its checkpoint;
 * :func:`check_samples` refuses proposal samples drawn for other prompts (another document budget,
   data file or chat template) than training builds.
 """
@@ -80,6 +82,24 @@ def save_checkpoint(accelerator, out: Path, step: int, micro: int, extra: dict |
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def seconds_before(state: dict | None) -> tuple[float, bool]:
+    """The training seconds of a run's parts before a resume, from its checkpoint's ``trainer_state.json``.
+
+    Args:
+        state: the checkpoint's trainer state (None: no checkpoint, the run starts now).
+
+    Returns:
+        ``(seconds, complete)``: wall-clock seconds the earlier parts trained (summed over every resume),
+        and whether that sum is whole.  A checkpoint written before checkpoints recorded seconds gives
+        ``(0.0, False)``; ``complete`` stays False for the rest of the run.
+    """
+    if state is None:
+        return 0.0, True
+    if "seconds" not in state:
+        return 0.0, False
+    return float(state["seconds"]), bool(state.get("seconds_complete", True))
 
 
 def finished_summary(out: Path) -> dict | None:

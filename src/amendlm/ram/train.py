@@ -13,7 +13,9 @@ training, at the end of every epoch, at the final step (and every ``eval_every``
 
 Reruns: a run in ``OUT`` continues from its newest checkpoint with the same configuration only (a
 different one is refused, naming the fields); a finished run is not trained again (the summary says
-``already_finished``); log records past the checkpoint are dropped before they are redone.  The
+``already_finished``); log records past the checkpoint are dropped before they are redone.  Training
+seconds (the summary's and the log's) add up across the resumed parts (each checkpoint records them);
+time spent after the last checkpoint by a process that then died is not counted.  The
 files are described in :mod:`amendlm.ram.run_dir`; ``aligner/`` is a plain transformers checkpoint +
 tokenizer, loadable by name.
 
@@ -197,7 +199,10 @@ def train_aligner(config: TrainConfig, progress: bool = False) -> dict:
 
     Returns:
         a summary: steps, total steps, examples (train / held out), last logged losses, last held-out
-        loss, seconds, the aligner's path, ``already_finished`` (True when nothing was trained now).
+        loss, the aligner's path, ``already_finished`` (True when nothing was trained now), and wall-clock
+        training seconds: ``seconds`` of the whole run (summed over its resumed parts, as each checkpoint
+        records them), ``seconds_this_run`` of this process's part, ``seconds_complete`` (False when the run
+        resumed from a checkpoint written before checkpoints recorded seconds: its earlier parts count 0).
 
     Raises:
         see :func:`check_inputs`; FloatingPointError: a non-finite training loss.
@@ -259,7 +264,7 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
             **asdict(config), **dtype_record(config.dtype, dtype), "n_examples": len(examples), "n_heldout": len(heldout),
             "total_steps": total_steps, "steps_per_epoch": per_epoch / config.grad_accum,
             "trainable_parameters": sum(p.numel() for p in params)})
-    step, micro_start = 0, 0
+    step, micro_start, state = 0, 0, None
     checkpoint = run_dir.latest_checkpoint(out)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
@@ -270,7 +275,11 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
         logger.info("resumed from %s (step %d)", checkpoint, step)
     if main:
         run_dir.truncate_log(out / run_dir.LOG_FILE, step if checkpoint is not None else None)
+    seconds_before, seconds_complete = run_dir.seconds_before(state)
     began, last, last_heldout = time.perf_counter(), {}, None
+
+    def seconds():  # training seconds of the whole run: its earlier parts (from the checkpoint) + this process's
+        return seconds_before + time.perf_counter() - began
     bar = tqdm(total=total_steps, initial=step, desc="align train", unit="step", disable=not (progress and main))
 
     def write(log, record):
@@ -284,7 +293,7 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
             return
         values = heldout_loss(model, heldout, loss_fn, config.loss, pad_id, config.batch_size, dtype)
         last_heldout = {"event": "heldout", "step": step, "epoch": round(micro_done / per_epoch, 4),
-                        "n_examples": len(heldout), **values, "seconds": time.perf_counter() - began}
+                        "n_examples": len(heldout), **values, "seconds": seconds()}
         write(log, last_heldout)
         logger.info("step %d held-out loss %.4f", step, values["loss"])
 
@@ -322,7 +331,7 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
             if synced:
                 step += 1
                 last = {"event": "train", "step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
-                        "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - began}
+                        "lr": scheduler.get_last_lr()[0], "seconds": seconds()}
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
                 if step % config.log_every == 0 or step == total_steps:
@@ -335,7 +344,8 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
                 validate(log)
             if synced and (step % config.save_every == 0 or step == total_steps):
                 run_dir.save_checkpoint(accelerator, out, step, micro + 1,
-                                        {"debias": control.state_dict()} if control is not None else None)
+                                        {"seconds": seconds(), "seconds_complete": seconds_complete,
+                                         **({"debias": control.state_dict()} if control is not None else {})})
                 if control is not None and main:
                     control.prune()
     bar.close()
@@ -345,8 +355,10 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
         control.restore_best(unwrapped)  # the kept val evaluation's weights (the last step's without val)
     if config.lora:
         unwrapped = unwrapped.merge_and_unload()
+    this_run = time.perf_counter() - began
     summary = {"steps": step, "total_steps": total_steps, "n_examples": len(examples), "n_heldout": len(heldout),
-               "last": last, "heldout": last_heldout, "seconds": time.perf_counter() - began, "aligner": str(final_dir),
+               "last": last, "heldout": last_heldout, "seconds": seconds_before + this_run, "seconds_this_run": this_run,
+               "seconds_complete": seconds_complete, "aligner": str(final_dir),
                **({"selection": control.summary()} if control is not None else {})}
     if main:
         staging = out / ".aligner-tmp"

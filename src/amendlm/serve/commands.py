@@ -28,7 +28,7 @@ def serve_command(
     default_max_tokens: int = typer.Option(128, help="Completion length when a request sets no max_tokens."),
     shutdown_timeout: float = typer.Option(30.0, help="Seconds in-flight requests get to finish after SIGTERM."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 autocast or auto."),
-    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+    device: str = typer.Option("cpu", help="cpu, or an accelerator present here (cuda, cuda:1, mps, ...)."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off by default)."),
 ) -> None:
     """Serve the model (and MODEL+NAME pairs with aligners) over an OpenAI-compatible HTTP API."""
@@ -50,7 +50,10 @@ def serve_command(
     def ready(bound_host, bound_port):
         typer.echo(f"amendlm serve: listening on http://{bound_host}:{bound_port} (models: /v1/models)", err=True)
 
+    from amendlm.distributed import check_device
+
     with user_errors():
+        check_device(device, index=True)  # before any model loads
         serve(config, on_ready=ready)
 
 

@@ -233,12 +233,14 @@ def merge(
     adapter: Path = typer.Option(..., help="PEFT adapter directory (e.g. the --out of amendlm debias)."),
     out: Path = typer.Option(..., help="Where to write the merged model (must not exist or be empty)."),
     model: str = typer.Option(DEFAULT_MODEL, help="The base model the adapter was trained on."),
-    device: str = typer.Option("cpu", help="Device used for merging."),
+    device: str = typer.Option("cpu", help="Device used for merging: cpu, or an accelerator present here (cuda, cuda:1, ...)."),
 ) -> None:
     """Fold a LoRA adapter into its base model and save a plain safetensors model."""
+    from amendlm.distributed import check_device
     from amendlm.unlearn.artifacts import merge_adapter
 
     try:
+        check_device(device, index=True)  # before any model loads
         path = merge_adapter(model, adapter, out, device=device)
     except (FileExistsError, FileNotFoundError, ValueError) as err:
         raise typer.BadParameter(str(err)) from None

@@ -36,6 +36,10 @@ class TrainState:
     status: str = "running"
     samplers: dict = field(default_factory=dict)  # StreamSamplers.state_dict(): every (stream, focus, swap) visited
     reference_cache: list = field(default_factory=list)  # ReferenceCache.state_dict() (packing): [[key, logp], ...]
+    # wall-clock training seconds up to this checkpoint, summed over the run's resumed parts; False when a part
+    # resumed from a checkpoint that predates this field (its earlier parts then count 0)
+    seconds: float = 0.0
+    seconds_complete: bool = True
 
     @property
     def swapped(self) -> bool:
@@ -77,4 +81,6 @@ class TrainResult:
     out: str
     best_step: int | None
     last_val: dict | None  # val scores per bias type of the last evaluation
-    seconds: float  # wall-clock seconds of this invocation (a resumed run counts only its own)
+    seconds: float  # wall-clock training seconds of the whole run, summed over its resumed parts
+    seconds_this_run: float | None = None  # those of this invocation alone (None: not recorded)
+    seconds_complete: bool = True  # False: a part resumed from a checkpoint without seconds, counted as 0

@@ -94,6 +94,7 @@ class UnlearnTrainer:
         if self.reference_model is not None:
             self.reference_model.to(self.accelerator.device)
         self.state = TrainState(phase_steps=config.initial_scheduler_steps or config.max_steps)
+        self._began, self._seconds_before = time.perf_counter(), 0.0  # set again by train()
         self.sampler_pool = StreamSamplers(config.seed)
         self.passes = StepPasses(self.accelerator, self.model, self.reference_model, self.dtype, self.pad_id, self.method,
                                  config.packing, max_tokens=config.max_length)
@@ -199,6 +200,7 @@ class UnlearnTrainer:
         from it).
         """
         self.state.samplers = self.sampler_pool.state_dict()
+        self.state.seconds = self._seconds_before + time.perf_counter() - self._began
         self.state.reference_cache = self.passes.cache.state_dict() if self.passes.cache is not None else []
         together = not interrupted and self.accelerator.num_processes > 1
         rng_states = every_process_value(artifacts.rng_state(), self.accelerator) if together else [artifacts.rng_state()]
@@ -212,6 +214,9 @@ class UnlearnTrainer:
         saved = artifacts.load_checkpoint(self.out / "checkpoint", self.accelerator.unwrap_model(self.model), self.optimizer,
                                           self.accelerator.process_index)
         self.state = TrainState(**saved)
+        if "seconds" not in saved:  # a checkpoint written before checkpoints recorded the seconds
+            self.state.seconds_complete = False
+        self._seconds_before = self.state.seconds
         if self.state.status != "stopped":  # a run ended by the stop rule stays ended
             self.state.status = "running"
         if not self.method.dynamic_swap:  # a larger --max-steps stretches the linear decay
@@ -231,7 +236,8 @@ class UnlearnTrainer:
         :class:`amendlm.unlearn.progress.RunProgress` shows them).
 
         Ctrl-C (SIGINT) and SIGTERM save a checkpoint and the current weights, then return with
-        status ``interrupted``.  (Jobs started in the background by a non-interactive shell
+        status ``interrupted``.  The result's ``seconds`` sum the run's parts (each checkpoint records
+        them); ``seconds_this_run`` are this invocation's.  (Jobs started in the background by a non-interactive shell
         ignore SIGINT; stop those with ``kill -TERM``.)
 
         Raises:
@@ -240,6 +246,7 @@ class UnlearnTrainer:
             ValueError: ``resume`` with a different saved configuration.
         """
         c, began = self.config, time.perf_counter()
+        self._began, self._seconds_before = began, 0.0  # _resume adds the seconds of the run's earlier parts
         config_file = self.out / "unlearn_config.json"
         main = self.accelerator.is_main_process
         check_run_directory(self.out, resume)
@@ -316,8 +323,9 @@ class UnlearnTrainer:
         if checkpoint is not None:  # the weights in memory may be the cause; fall back to the last good ones
             artifacts.load_weights(checkpoint, self.accelerator.unwrap_model(self.model))
 
-    def _finish(self, log: artifacts.StepLog, last_val: dict | None, seconds: float) -> TrainResult:
+    def _finish(self, log: artifacts.StepLog, last_val: dict | None, this_run: float) -> TrainResult:
         s, c = self.state, self.config
+        seconds = (self._seconds_before + this_run, this_run, s.seconds_complete)  # the whole run's, this invocation's
         model = self.accelerator.unwrap_model(self.model)
         best = self.out / "best"
         if c.keep_best and s.best_step is None and s.gap_best_step is not None:
@@ -337,7 +345,7 @@ class UnlearnTrainer:
             evals = [r for r in records if r.get("event") == "eval"]
             if last_val is None and evals:  # e.g. a resumed run that evaluated before the checkpoint
                 last_val = {name: {"ss": ss, "lms": evals[-1]["lms"][name]} for name, ss in evals[-1]["ss"].items()}
-            result = TrainResult(s.status, s.step, str(self.out), s.best_step, last_val, seconds)
+            result = TrainResult(s.status, s.step, str(self.out), s.best_step, last_val, *seconds)
             atomic_write_json(self.out / "summary.json", {
                 **result.__dict__, "weights_saved": f"best (step {s.best_step})" if use_best else f"last (step {s.step})",
                 "selection": {"rule": c.selection, "max_lms_drop": c.max_lms_drop, "base_lms": s.base_lms,
@@ -349,7 +357,7 @@ class UnlearnTrainer:
                 **({"packing": {"packed_rows": self.passes.packed, "fallback": self.passes.fallback}} if c.packing else {}),
             })
             return result
-        return TrainResult(s.status, s.step, str(self.out), s.best_step, last_val, seconds)
+        return TrainResult(s.status, s.step, str(self.out), s.best_step, last_val, *seconds)
 
 
 def train(config: UnlearnConfig, resume: bool = False, on_record: Callable[[dict], None] | None = None) -> TrainResult:
