@@ -280,6 +280,35 @@ def test_held_out_loss_is_the_mean_over_examples_whatever_the_batch_size(workspa
     assert whole["loss"] == pytest.approx(whole["nll"] + 0.5 * whole["sample_logp"], rel=1e-5)
 
 
+def test_sft_skips_the_proposal_samples_with_the_same_gradients(workspace, tmp_path):
+    """Residual loss at alpha 0 (SFT): the y' half of the forward is skipped, the gradients are unchanged."""
+    from amendlm.ram.examples import build_examples, pair_logps
+    from amendlm.ram.losses import get_loss
+
+    root, tokenizer = workspace
+    examples = build_examples(task(root), str(_samples(root)), tokenizer)[:4]
+    model = make_tiny_llama(len(tokenizer), seed=4)
+    rows = []
+    model.register_forward_hook(lambda module, args, kwargs, output: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    grads = []
+    for negatives in (True, False):
+        model.zero_grad()
+        scores = pair_logps(model, examples, 2, negatives=negatives)
+        loss, _ = get_loss("residual")(scores["positive_logps"], scores["negative_logps"], LossConfig(alpha=0.0),
+                                      scores["positive_n"], scores["negative_n"])
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert rows == [8, 4]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6)
+    config = TrainConfig(out=str(tmp_path / "sft"), samples=str(_samples(root)), aligner=str(root / "proposal"), task=task(root),
+                         loss=LossConfig(alpha=0.0), batch_size=4, max_steps=1)
+    train_aligner(config)
+    records = _log(tmp_path / "sft")
+    assert any(r["event"] == "train" for r in records)
+    assert all("sample_logp" not in r for r in records if r["event"] == "train")  # not computed, so not logged
+
+
 def test_lora_training_is_merged_and_base_untouched(workspace, tmp_path):
     root, _ = workspace
     samples = root / "samples.jsonl"

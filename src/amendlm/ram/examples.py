@@ -87,26 +87,40 @@ def heldout_ids(ids: list[str], fraction: float, seed: int = 0) -> set[str]:
     return set(ranked[:n])
 
 
-def pair_logps(model, batch: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
+def pair_logps(model, batch: list[PairExample], pad_id: int, negatives: bool = True) -> dict[str, torch.Tensor]:
     """One forward over ``[x+y ...; x+y' ...]`` -> summed log-probs and token counts of each half.
 
     Sequences are left-padded so every response sits in the last columns and the LM head runs only
     there (``logits_to_keep``).
+
+    Args:
+        negatives: False runs only ``x+y`` (a loss that ignores ``y'``, e.g. the residual loss at
+            alpha 0, which is SFT): ``negative_logps`` are then zeros without a graph and
+            ``negative_n`` ones, so the loss's ``alpha * 0`` term stays finite.
 
     Returns:
         dict of ``(batch,)`` tensors ``positive_logps, negative_logps, positive_n, negative_n`` (natural
         log, summed over each response's tokens; prompt and padding excluded).
     """
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in collate([e.positive for e in batch] + [e.negative for e in batch],
-                                                 pad_id, padding_side="left").items()}
-    loss_mask = inputs.pop("loss_mask")
-    keep = int(loss_mask.sum(-1).max()) + 1  # left padding: scored tokens are in the last columns
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (2B, keep, vocab)
-    logps, n_tokens = sequence_logps(logits, inputs["input_ids"][:, -keep:], loss_mask[:, -keep:])
     half = len(batch)
+    if not negatives:
+        logps, n_tokens = response_logps(model, [e.positive for e in batch], pad_id, device)
+        return {"positive_logps": logps, "negative_logps": torch.zeros_like(logps).detach(),
+                "positive_n": n_tokens, "negative_n": torch.ones_like(n_tokens)}
+    logps, n_tokens = response_logps(model, [e.positive for e in batch] + [e.negative for e in batch], pad_id, device)
     return {"positive_logps": logps[:half], "negative_logps": logps[half:],
             "positive_n": n_tokens[:half], "negative_n": n_tokens[half:]}
+
+
+def response_logps(model, pairs: list[EncodedPair], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One left-padded forward over ``pairs`` -> ``(n,)`` summed response log-probs and ``(n,)`` token counts,
+    the LM head run only on the last columns that hold responses (``logits_to_keep``)."""
+    inputs = {k: v.to(device) for k, v in collate(pairs, pad_id, padding_side="left").items()}
+    loss_mask = inputs.pop("loss_mask")
+    keep = int(loss_mask.sum(-1).max()) + 1  # left padding: scored tokens are in the last columns
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (n, keep, vocab)
+    return sequence_logps(logits, inputs["input_ids"][:, -keep:], loss_mask[:, -keep:])
 
 
 @torch.no_grad()

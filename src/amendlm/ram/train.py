@@ -301,6 +301,8 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
         if control is not None and control.due(step, total_steps):
             write(log, control.validate(accelerator.unwrap_model(model), step, save=main))
 
+    # the residual loss at alpha 0 (SFT) ignores the proposal samples: their half of each forward is skipped
+    needs_negatives = not (config.loss.name == "residual" and config.loss.alpha == 0)
     model.train()
     with open(out / run_dir.LOG_FILE, "a", encoding="utf-8") if main else contextlib.nullcontext() as log:
         if step == 0:
@@ -310,11 +312,13 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
             batch = [examples[i] for i in batches[micro]]
             share, placeholder = split_rows(batch, world, rank)
             with accelerator.accumulate(model), autocast(dtype, accelerator.device):
-                local = pair_logps(model, share, pad_id)
+                local = pair_logps(model, share, pad_id, negatives=needs_negatives)
                 anchor = zero_anchor(local.values()) if placeholder else 0.0
                 scores = {k: gather_rows(v[:0] if placeholder else v, len(batch), accelerator) for k, v in local.items()}
                 loss, parts = loss_fn(scores["positive_logps"], scores["negative_logps"], config.loss,
                                       scores["positive_n"], scores["negative_n"])  # the global batch's, in every process
+                if not needs_negatives:
+                    parts = {k: v for k, v in parts.items() if k != "sample_logp"}  # not computed (see above)
                 kl = control.regulariser(model) if control is not None else None
                 if kl is not None:  # + kl_weight * KL(P_M || pair) on neutral text
                     parts = {**parts, "pair_loss": loss.detach(), "kl": kl.detach()}
