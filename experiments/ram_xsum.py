@@ -112,6 +112,19 @@ class Pipeline:
         return str(path.relative_to(REPO)) if path.is_absolute() and path.is_relative_to(REPO) else str(path)
 
     def _dtype(self, config) -> str:
+        """The dtype a step runs in: ``auto`` resolved on this machine, unless the step's run directory
+        already resolved it (a training resumes, and a finished run stays, in the dtype its start chose;
+        a finished warm-up likewise), so recorded steps stay reusable on a machine that resolves otherwise."""
+        from amendlm.ram import run_dir
+
+        out = Path(getattr(config, "out", "") or ".")
+        out = out if out.is_absolute() else REPO / out
+        if config.dtype == "auto" and (out / "distill_summary.json").is_file():
+            saved = _read(out / "distill_config.json")
+            if saved.get("dtype_auto"):
+                return saved["dtype"]
+        if config.dtype == "auto" and (out / run_dir.CONFIG_FILE).is_file():
+            return resolved_dtype(run_dir.resume_dtype(config.dtype, out), config.device)
         return resolved_dtype(config.dtype, config.device)
 
     # ------------------------------------------------------------------ configurations (what each step depends on)
@@ -265,7 +278,7 @@ def describe(pipeline: Pipeline, trainings: dict[str, dict]) -> str:
             continue
         c = trainings[name]["train_config"]
         lines.append(f"Direct fine-tune `{name}`: the proposal, {'LoRA r ' + str(c['lora_r']) if c['lora'] else 'all weights'}, "
-                     f"α = 0 (SFT), same prompts, epochs and batch, lr {c['learning_rate']:g}.")
+                     f"α = 0 (SFT), same prompts, epochs and batch, lr {c['learning_rate']:g}, {c['dtype']}.")
     lines.append("RAM modes: proposal top-p 0.95, aligner top-p 0.9, PAR-KL threshold 0.1 nats, SIR 8 candidates "
                  "(seeded resampling, also in the greedy decoding), EOS priority.  The best RAM mode is chosen on these "
                  "held-out prompts (a mild selection effect).  Intervals: 95 % paired bootstrap over prompts "

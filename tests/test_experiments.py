@@ -169,3 +169,25 @@ def test_run_eval_reuses_an_evaluation_only_of_the_same_aligner(tmp_path, monkey
     common.run_eval(exp, path, "m", aligner=AlignerConfig(str(tmp_path / "a2")), dtype="fp32")
     common.run_eval(exp, path, "m", aligner=AlignerConfig(str(tmp_path / "a2"), aligner_temperature=2.0), dtype="fp32")
     assert len(calls) == 4 and calls[-1].aligner_temperature == 2.0
+
+
+def test_ram_xsum_keeps_the_dtype_a_run_directory_resolved_auto_to(tmp_path, monkeypatch):
+    """A training or warm-up that resolved ``auto`` keeps that dtype in the step's configuration, so a
+    machine that resolves ``auto`` otherwise still reuses the recorded steps (and resumes as the run does)."""
+    ram_xsum = load_script("ram_xsum")
+    monkeypatch.setattr(ram_xsum, "resolved_dtype", lambda dtype, device="cpu": "bf16" if dtype == "auto" else dtype)
+    run = tmp_path / "small8"
+    config = dataclasses.make_dataclass("C", ["out", "dtype", "device"])(str(run), "auto", "cpu")
+    assert ram_xsum.Pipeline._dtype(None, config) == "bf16"  # nothing recorded: this machine's choice
+    run.mkdir()
+    (run / "train_config.json").write_text(json.dumps({"dtype": "fp32", "dtype_auto": True}))
+    assert ram_xsum.Pipeline._dtype(None, config) == "bf16"  # no checkpoint: the run would start afresh
+    (run / "checkpoints" / "step-000005").mkdir(parents=True)
+    (run / "checkpoints" / "step-000005" / "trainer_state.json").write_text("{}")
+    assert ram_xsum.Pipeline._dtype(None, config) == "fp32"
+    warm = tmp_path / "warmup8"
+    warm.mkdir()
+    (warm / "distill_config.json").write_text(json.dumps({"dtype": "fp32", "dtype_auto": True}))
+    (warm / "distill_summary.json").write_text("{}")
+    assert ram_xsum.Pipeline._dtype(None, dataclasses.replace(config, out=str(warm))) == "fp32"
+    assert ram_xsum.Pipeline._dtype(None, dataclasses.replace(config, out=str(warm), dtype="fp32")) == "fp32"
