@@ -218,14 +218,23 @@ class Experiment:
         return data
 
     def recorded_step(self, path: Path, expected: dict, recorded: Callable[[dict], dict] | None = None,
-                      defaults: dict | None = None) -> dict | None:
-        """The JSON result of a step when it exists and its recorded configuration matches, else None
-        (computes nothing; for rendering what is done so far)."""
+                      defaults: dict | None = None) -> tuple[dict | None, list[str] | None]:
+        """A step's recorded result without computing anything (for rendering what is done so far).
+
+        Returns:
+            ``(data, None)`` when the file exists and its configuration matches (counted as reused);
+            ``(None, None)`` when there is no file; ``(None, fields)`` when it was recorded with another
+            configuration (the fields that differ).
+        """
         if not path.is_file():
-            return None
+            return None, None
         data = json.loads(path.read_text())
         have = recorded(data) if recorded is not None else data.get("step_config", {})
-        return None if config_differences(expected, have, defaults) else data
+        differs = config_differences(expected, have, defaults)
+        if differs:
+            return None, differs
+        self.steps_reused += 1
+        return data, None
 
     def provenance(self, seconds: float | None = None) -> dict:
         """Machine, date, command, package versions (and seconds) of something made now."""

@@ -26,6 +26,7 @@ BASELINES = ("proposal", "aligner", *FINETUNES)  # ROUGE-L differences are taken
 TARGET_OVER_ALIGNER = 1.5  # ... the small aligner alone, with its interval above 0
 TARGET_OVER_PROPOSAL = 2.0  # ... the proposal alone
 TARGET_UNDER_FINETUNE = 1.0  # ... a direct fine-tune of the proposal: at least minus this
+FALLBACK_IS_PROPOSAL = 0.9  # a mode that left this share of its tokens to the proposal is nearly the proposal
 SCALARS = ("rouge1", "rouge2", "rougeL", "mean_words", "eos_share")
 CHOICES = ("fallback_rate", "follows_aligner_argmax", "follows_proposal_argmax")
 
@@ -94,7 +95,9 @@ def target_rows(rows: dict[str, dict], intervals: dict[str, dict]) -> list[dict]
     * best RAM − each direct fine-tune ≥ −:data:`TARGET_UNDER_FINETUNE`.
 
     Returns:
-        rows ``{"against", "mode", "difference", "low", "high", "target", "met"}`` for the baselines present.
+        rows ``{"against", "mode", "difference", "low", "high", "target", "met", "fallback_rate"}`` for the
+        baselines present (``fallback_rate``: the mode's share of tokens left to the proposal, None but for
+        ``par-kl``).
     """
     mode = best_ram_mode(rows)
     if mode is None:
@@ -102,13 +105,15 @@ def target_rows(rows: dict[str, dict], intervals: dict[str, dict]) -> list[dict]
     wanted = [("aligner", TARGET_OVER_ALIGNER, True), ("proposal", TARGET_OVER_PROPOSAL, False)]
     wanted += [(f, -TARGET_UNDER_FINETUNE, False) for f in FINETUNES]
     out = []
+    fallback = rows[mode].get("fallback_rate")  # par-kl: the share of tokens it left to the proposal
     for baseline, target, needs_interval in wanted:
         diff = intervals[mode].get(baseline)
         if diff is None:
             continue
         met = diff["value"] >= target and (diff["low"] > 0 if needs_interval else True)
         out.append({"against": baseline, "mode": mode, "difference": diff["value"], "low": diff["low"],
-                    "high": diff["high"], "target": target, "interval_above_zero": needs_interval, "met": met})
+                    "high": diff["high"], "target": target, "interval_above_zero": needs_interval, "met": met,
+                    "fallback_rate": fallback})
     return out
 
 
@@ -131,12 +136,23 @@ def systems_table(rows: dict[str, dict], intervals: dict[str, dict], labels: dic
     return markdown_table(header, table, "l" + "r" * (len(header) - 1))
 
 
+def _verdict(target: dict) -> str:
+    """"met", "missed", or, when the mode fell back to the proposal for >= 90 % of its tokens, "met only
+    through the proposal (falls back N %)": the mode is then nearly the proposal itself."""
+    if not target["met"]:
+        return "missed"
+    fallback = target.get("fallback_rate")
+    if fallback is not None and fallback >= FALLBACK_IS_PROPOSAL:
+        return f"met only through the proposal (falls back {100 * fallback:.0f} %)"
+    return "met"
+
+
 def targets_table(targets: list[dict], labels: dict[str, str]) -> str:
     """The targets as a markdown table (difference with its interval, the target, met or missed)."""
     rows = [[f"best RAM mode (`{t['mode']}`) − {labels.get(t['against'], t['against'])}",
              f"{t['difference']:+.2f} [{t['low']:+.2f}, {t['high']:+.2f}]",
              f"≥ {t['target']:+g}" + (", interval above 0" if t["interval_above_zero"] else ""),
-             "met" if t["met"] else "missed"] for t in targets]
+             _verdict(t)] for t in targets]
     return markdown_table(["target (ROUGE-L)", "difference [95 % CI]", "target", ""], rows, "lrll")
 
 

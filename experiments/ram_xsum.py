@@ -19,20 +19,23 @@ configuration matches is reused, and sampling and training resume inside a step)
     python experiments/ram_xsum.py                                  # 799/200 prompts, K = 8 of 30 blocks
     python experiments/ram_xsum.py --device cuda --train-dtype auto
     python experiments/ram_xsum.py --quick --results-dir /tmp/r     # a few prompts and steps
+    python experiments/ram_xsum.py --render-available               # the tables of what is recorded so far
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
 
+from amendlm.ram import run_dir
 from amendlm.unlearn.artifacts import read_log
 from common import REPO, Experiment, resolved_dtype
 from ram_common import (
-    FINETUNES, RAM_MODES, SYSTEMS, mean_over_seeds, paired_intervals, plot_training, system_row, systems_table,
-    target_rows, targets_table,
+    FALLBACK_IS_PROPOSAL, FINETUNES, RAM_MODES, SYSTEMS, mean_over_seeds, paired_intervals, plot_training, system_row,
+    systems_table, target_rows, targets_table,
 )
 
 
@@ -65,10 +68,25 @@ def decodings(seeds: tuple[int, ...], which: list[str]) -> dict[str, dict]:
     return {name: known[name] for name in which}
 
 
-# Training fields added after results were recorded, with the defaults that keep earlier behaviour (the
-# debiasing aligner's pair data and zero head): left out of a step's configuration at these values, so
-# the recorded trainings and the evaluations that depend on them stay reusable.
-TRAIN_FIELDS_ADDED = {"pairs": None, "zero_head": False}
+# Training fields added after results were recorded, with the values that reproduce those runs (as
+# ``align train``'s own resume check reads them): left out of a step's configuration at these values,
+# so the recorded trainings and the evaluations that depend on them stay reusable.
+TRAIN_FIELDS_ADDED = run_dir.FIELDS_ADDED
+
+
+def without_added(config: dict) -> dict:
+    """A training configuration without the :data:`TRAIN_FIELDS_ADDED` at their reproducing values (applied
+    to what a step expects and to what a file records alike, so old and new records compare equal)."""
+    return {k: v for k, v in config.items() if k not in TRAIN_FIELDS_ADDED or v != TRAIN_FIELDS_ADDED[k]}
+
+
+def _recorded_training(data: dict) -> dict:
+    return without_added(data.get("step_config", {}))
+
+
+def _recorded_eval(data: dict) -> dict:
+    config = data.get("step_config", {})
+    return {**config, "trained": without_added(config["trained"])} if "trained" in config else config
 
 
 class Pipeline:
@@ -82,6 +100,7 @@ class Pipeline:
         from amendlm.ram.train import TrainConfig
 
         self.exp, self.args, self.budget = exp, args, budget
+        self.unavailable: dict[str, str] = {}  # --render-available: step -> why it is not shown
         runs = (exp.results_root / "runs" if exp.quick else REPO / "runs") / "ram"
         b, k = budget, args.aligner_layers
         self.train_task = TaskConfig(split="train", limit=b.train_limit, max_document_tokens=b.max_document_tokens)
@@ -115,8 +134,6 @@ class Pipeline:
         """The dtype a step runs in: ``auto`` resolved on this machine, unless the step's run directory
         already resolved it (a training resumes, and a finished run stays, in the dtype its start chose;
         a finished warm-up likewise), so recorded steps stay reusable on a machine that resolves otherwise."""
-        from amendlm.ram import run_dir
-
         out = Path(getattr(config, "out", "") or ".")
         out = out if out.is_absolute() else REPO / out
         if config.dtype == "auto" and (out / "distill_summary.json").is_file():
@@ -137,8 +154,7 @@ class Pipeline:
     def train_expected(self, name: str) -> dict:
         config = self.trainings[name]
         upstream = {"warmup": self.warmup_expected()} if name == self.small else {}
-        fields = {k: v for k, v in asdict(config).items() if k not in TRAIN_FIELDS_ADDED or v != TRAIN_FIELDS_ADDED[k]}
-        return {**fields, "dtype": self._dtype(config), "samples": self.sample_expected(), **upstream}
+        return {**without_added(asdict(config)), "dtype": self._dtype(config), "samples": self.sample_expected(), **upstream}
 
     def eval_config(self, group: str, decoding: dict, seed: int):
         from amendlm.ram.decoding import DecodeConfig
@@ -163,6 +179,14 @@ class Pipeline:
         return {**asdict(self.eval_config(group, decoding, seed)), "trained": self.train_expected(trained)}
 
     # ------------------------------------------------------------------ steps
+    def _recorded(self, path: Path, expected: dict, recorded=None) -> dict | None:
+        """``--render-available``: the recorded step, or None with the reason kept in :attr:`unavailable`."""
+        data, differs = self.exp.recorded_step(path, expected, recorded)
+        if data is None:
+            self.unavailable[path.stem] = ("not run yet" if differs is None else
+                                           f"recorded with another configuration ({', '.join(differs)})")
+        return data
+
     def samples(self) -> dict:
         """Step 1 (a samples file drawn before with the same configuration is resumed, so reused)."""
         from amendlm.ram.sample import sample_proposal
@@ -183,7 +207,7 @@ class Pipeline:
 
         path = self.exp.results / f"warmup{self.args.aligner_layers}.json"
         if self.args.render_available:
-            return self.exp.recorded_step(path, self.warmup_expected())
+            return self._recorded(path, self.warmup_expected())
         with _in_repo():
             return self.exp.step(path, self.warmup_expected(), compute)
 
@@ -202,9 +226,9 @@ class Pipeline:
 
         path = self.exp.results / f"train_{name}.json"
         if self.args.render_available:
-            return self.exp.recorded_step(path, self.train_expected(name))
+            return self._recorded(path, self.train_expected(name), _recorded_training)
         with _in_repo():
-            return self.exp.step(path, self.train_expected(name), compute)
+            return self.exp.step(path, self.train_expected(name), compute, recorded=_recorded_training)
 
     def evaluated(self, group: str, decoding_name: str, decoding: dict, seed: int) -> dict | None:
         """Step 5: one ``align eval`` (the RAM group, or one fine-tune) for one decoding and seed (with
@@ -218,9 +242,9 @@ class Pipeline:
             return evaluate_systems(self.eval_config(group, decoding, seed), generations_path=str(path.with_suffix(".generations.jsonl")))
 
         if self.args.render_available:
-            return self.exp.recorded_step(path, self.eval_expected(group, decoding, seed))
+            return self._recorded(path, self.eval_expected(group, decoding, seed), _recorded_eval)
         with _in_repo():
-            return self.exp.step(path, self.eval_expected(group, decoding, seed), compute)
+            return self.exp.step(path, self.eval_expected(group, decoding, seed), compute, recorded=_recorded_eval)
 
 
 def _in_repo():
@@ -235,16 +259,20 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def rows_of(pipeline: Pipeline, decoding_name: str, decoding: dict) -> tuple[dict[str, dict], list[Path], int, list[str]]:
-    """Every system's row for one decoding (the mean over its seeds), the eval files read, the prompts,
-    and the evaluations not done yet (only with ``--render-available``, which skips a group missing
-    any seed)."""
+def rows_of(pipeline: Pipeline, decoding_name: str, decoding: dict) -> tuple[dict[str, dict], list[Path], int | None, list[str]]:
+    """Every system's row for one decoding (the mean over its seeds), the eval files read, the number of
+    prompts, and the groups left out: with ``--render-available`` a group whose evaluation is missing
+    for any seed is left out (and the prompts are None when no group is complete).
+
+    Raises:
+        ValueError: the evaluations of one decoding were made over different numbers of prompts.
+    """
     per_seed: dict[str, list[dict]] = {}
-    paths, n_prompts, missing = [], set(), []
+    paths, n_prompts, skipped = [], set(), []
     for group in ("ram", *FINETUNES):
         found = {seed: pipeline.evaluated(group, decoding_name, decoding, seed) for seed in decoding["seeds"]}
         if any(data is None for data in found.values()):
-            missing += [f"eval_{decoding_name}_s{seed}_{group}" for seed, data in found.items() if data is None]
+            skipped.append(group)
             continue
         for seed, data in found.items():
             paths.append(pipeline.exp.results / f"eval_{decoding_name}_s{seed}_{group}.json")
@@ -252,11 +280,17 @@ def rows_of(pipeline: Pipeline, decoding_name: str, decoding: dict) -> tuple[dic
             for system, metrics in data["systems"].items():
                 name = group if system == "finetuned" else system
                 per_seed.setdefault(name, []).append(system_row(metrics, data["n_prompts"]))
-    if len(n_prompts) != 1:
-        raise ValueError(f"{decoding_name}: evaluations over {sorted(n_prompts) or 'no'} numbers of prompts "
-                         "(none recorded yet, or over different prompts)")
+    if len(n_prompts) > 1:
+        raise ValueError(f"{decoding_name}: evaluations over different numbers of prompts {sorted(n_prompts)}")
     rows = {s: mean_over_seeds(per_seed[s]) for s in SYSTEMS if s in per_seed}
-    return rows, paths, n_prompts.pop(), missing
+    return rows, paths, (n_prompts.pop() if n_prompts else None), skipped
+
+
+def _fallback_caveat(rows: dict[str, dict], mode: str) -> str:
+    """" (falls back to the proposal for N %)" when ``mode`` did so for >= 90 % of its tokens, else ""."""
+    fallback = rows.get(mode, {}).get("fallback_rate")
+    return (f" (falls back to the proposal for {100 * fallback:.0f} %)"
+            if fallback is not None and fallback >= FALLBACK_IS_PROPOSAL else "")
 
 
 def describe(pipeline: Pipeline, trainings: dict[str, dict]) -> str:
@@ -312,10 +346,11 @@ def main(argv: list[str] | None = None) -> dict:
     labels = {"proposal": "proposal alone", "aligner": f"small aligner alone ({args.aligner_layers} blocks)",
               "sft-lora": "proposal fine-tuned (LoRA SFT)", "sft-full": "proposal fine-tuned (full SFT)",
               **{m: f"RAM `{m}`" for m in RAM_MODES}}
-    tables, summary, sources, headline, missing = [], {"decodings": {}}, [], [], []
+    tables, summary, sources, headline = [], {"decodings": {}}, [], []
     for name, decoding in chosen.items():
-        rows, paths, n_prompts, not_done = rows_of(pipeline, name, decoding)
-        missing += not_done
+        rows, paths, n_prompts, skipped = rows_of(pipeline, name, decoding)
+        if n_prompts is None:  # only with --render-available: nothing of this decoding is complete
+            continue
         intervals = paired_intervals(rows)
         targets = target_rows(rows, intervals)
         title = ("Greedy decoding" if decoding["greedy"] else
@@ -329,17 +364,18 @@ def main(argv: list[str] | None = None) -> dict:
             by = {t["against"]: t for t in targets}
             present = [b for b in ("aligner", "proposal", "sft-full") if b in by]
             names = {"aligner": "aligner alone", "proposal": "proposal", "sft-full": "full SFT"}
-            headline.append((f"RAM with an aligner of {args.aligner_layers} blocks on XSum (greedy, best mode `{targets[0]['mode']}`): "
+            headline.append((f"RAM with an aligner of {args.aligner_layers} blocks on XSum (greedy, best mode `{targets[0]['mode']}`"
+                             f"{_fallback_caveat(rows, targets[0]['mode'])}): "
                              "ROUGE-L − " + " / − ".join(names[b] for b in present)
-                             + (" (partial: " + ", ".join(not_done) + " not run yet)" if not_done else ""),
+                             + (" (partial: " + ", ".join(skipped) + " not evaluated yet)" if skipped else ""),
                              " / ".join(f"{by[b]['difference']:+.2f} [{by[b]['low']:+.2f}, {by[b]['high']:+.2f}]"
                                         for b in present)))
     trainings = {name: pipeline.trained(name) for name in pipeline.trainings}
-    missing += [f"train_{name}" for name, t in trainings.items() if t is None]
     trainings = {name: t for name, t in trainings.items() if t is not None}
-    if pipeline.small not in trainings:
-        raise SystemExit(f"ram_xsum: the small aligner's training (train_{pipeline.small}.json) is not recorded; nothing to render")
-    summary["not_done"] = missing
+    if pipeline.small not in trainings or not tables:
+        raise SystemExit("ram_xsum --render-available: nothing to render yet ("
+                         + "; ".join(f"{k}: {v}" for k, v in pipeline.unavailable.items()) + ")")
+    summary["not_done"] = pipeline.unavailable
     logs = {name: t["log"] for name, t in trainings.items()}
     warm = pipeline.warmed()
     if warm:
@@ -351,16 +387,15 @@ def main(argv: list[str] | None = None) -> dict:
     notes = describe(pipeline, trainings)
     for name, entry in summary["decodings"].items():
         best = entry["targets"][0]["mode"] if entry["targets"] else None
-        fallback = entry["systems"].get(best, {}).get("fallback_rate") if best else None
-        if fallback is not None and fallback >= 0.9:
-            notes += (f"  \n{name}: the best mode `{best}` fell back to the proposal for {100 * fallback:.0f} % of its tokens, "
-                      "so it is nearly the proposal itself; its lead over the aligner alone is the proposal's.")
+        if best and _fallback_caveat(entry["systems"], best):
+            notes += (f"  \n{name}: the best mode `{best}`{_fallback_caveat(entry['systems'], best)}, so it is nearly the "
+                      "proposal itself; its lead over the aligner alone is the proposal's.")
     if args.render_available:  # the page names the command that computes everything, not this rendering
-        exp.command = " ".join(part for part in exp.command.split() if part != "--render-available")
-    if missing:
-        full = "python experiments/ram_xsum.py" + (f" --decodings {args.decodings}" if args.decodings != "greedy,sampled" else "")
-        notes = (f"**Partial: not run yet: {', '.join(missing)}.** Every row shown is complete; `{full}` computes "
-                 f"the rest (resumable).  \n{notes}")
+        exp.command = shlex.join(part for part in shlex.split(exp.command) if part != "--render-available")
+    if pipeline.unavailable:
+        notes = ("**Partial.** Every row shown is complete; not shown: "
+                 + "; ".join(f"`{k}` ({v})" for k, v in pipeline.unavailable.items())
+                 + f". `{exp.command}` computes the rest (resumable).  \n{notes}")
     exp.finish(summary, "\n\n".join(tables), notes=notes, pngs=pngs, sources=sources,
                headline=headline)
     return summary

@@ -86,15 +86,22 @@ def test_script_runs_in_quick_mode(name, tmp_path):
     # a second run computes nothing (resumable)
     load_script(name).main(["--quick", "--results-dir", str(tmp_path)])
     assert json.loads((out / "results.json").read_text())["steps"]["computed"] == 0
-    if name == "ram_xsum":  # with a fine-tune's evaluation missing, --render-available renders the rest
-        for path in out.glob("eval_*_sft-full.json"):
+    if name == "ram_xsum":  # --render-available renders what is recorded, computing nothing
+        for path in {*out.glob("eval_sampled_*.json"), *out.glob("eval_*_sft-full.json")}:
             path.unlink()
+        stale = out / "eval_greedy_s0_sft-lora.json"
+        data = json.loads(stale.read_text())
+        data["step_config"]["generate"]["max_new_tokens"] += 1
+        stale.write_text(json.dumps(data))
         load_script(name).main(["--quick", "--results-dir", str(tmp_path), "--render-available"])
         partial = json.loads((out / "results.json").read_text())
-        assert partial["steps"]["computed"] == 0 and not list(out.glob("eval_*_sft-full.json"))
-        assert partial["not_done"] and all("sft-full" in step for step in partial["not_done"])
-        assert all("sft-full" not in d["systems"] and "sft-lora" in d["systems"] for d in partial["decodings"].values())
-        assert "Partial: not run yet" in (out / "section.md").read_text()
+        assert partial["steps"]["computed"] == 0 and not list(out.glob("eval_sampled_*.json"))
+        assert partial["not_done"]["eval_sampled_s0_ram"] == "not run yet"
+        assert partial["not_done"]["eval_greedy_s0_sft-lora"] == "recorded with another configuration (generate)"
+        assert list(partial["decodings"]) == ["greedy"]  # nothing sampled is complete
+        assert set(partial["decodings"]["greedy"]["systems"]).isdisjoint({"sft-lora", "sft-full"})
+        section = (out / "section.md").read_text()
+        assert "**Partial.**" in section and "--render-available" not in section
 
 
 def test_the_ablation_lms_cost_is_lms_lost_per_ss_point_moved_towards_50():
@@ -191,3 +198,19 @@ def test_ram_xsum_keeps_the_dtype_a_run_directory_resolved_auto_to(tmp_path, mon
     (warm / "distill_summary.json").write_text("{}")
     assert ram_xsum.Pipeline._dtype(None, dataclasses.replace(config, out=str(warm))) == "fp32"
     assert ram_xsum.Pipeline._dtype(None, dataclasses.replace(config, out=str(warm), dtype="fp32")) == "fp32"
+
+
+def test_ram_xsum_steps_recorded_before_training_fields_were_added_are_reused():
+    """Training fields added later (at the values that reproduce old runs) neither invalidate a recorded
+    training nor the evaluations that nest its configuration; a real difference still does."""
+    ram_xsum = load_script("ram_xsum")
+    old = {"lr": 1e-4, "eval_every": 0, "eval_fraction": 0.05}  # as recorded before pairs / zero_head existed
+    expected = ram_xsum.without_added({**old, "pairs": None, "zero_head": False})
+    assert common.config_differences(expected, ram_xsum._recorded_training({"step_config": old})) == []
+    recorded_eval = {"step_config": {"generate": {"seed": 0}, "trained": old}}
+    assert common.config_differences({"generate": {"seed": 0}, "trained": expected},
+                                     ram_xsum._recorded_eval(recorded_eval)) == []
+    newer = ram_xsum.without_added({**old, "pairs": {"data": "stereoset"}, "zero_head": True})
+    assert common.config_differences(newer, ram_xsum._recorded_training({"step_config": old})) == ["pairs", "zero_head"]
+    assert common.config_differences({"generate": {"seed": 0}, "trained": newer},
+                                     ram_xsum._recorded_eval(recorded_eval)) == ["trained"]

@@ -59,3 +59,14 @@ def test_the_aligner_target_needs_its_interval_above_zero():
     intervals = ram_common.paired_intervals(rows)
     (target,) = ram_common.target_rows(rows, intervals)
     assert target["difference"] == pytest.approx(2.0) and target["low"] < 0 and not target["met"]
+
+
+def test_a_target_met_by_a_mode_that_is_nearly_the_proposal_says_so():
+    rows = {"proposal": row([14.0, 16.0, 18.0, 20.0]), "aligner": row([12.0, 14.0, 16.0, 18.0]),
+            "par-kl": {**row([14.0, 16.0, 18.0, 20.0]), "fallback_rate": 0.98}}
+    targets = ram_common.target_rows(rows, ram_common.paired_intervals(rows))
+    assert [t["fallback_rate"] for t in targets] == [0.98, 0.98]
+    table = ram_common.targets_table(targets, {})
+    assert "| met only through the proposal (falls back 98 %) |" in table  # +2 over the aligner: the proposal's
+    rows["par-kl"]["fallback_rate"] = 0.5
+    assert "| met |" in ram_common.targets_table(ram_common.target_rows(rows, ram_common.paired_intervals(rows)), {})
