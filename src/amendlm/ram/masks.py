@@ -33,9 +33,9 @@ def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _keep_sorted(sorted_logits: torch.Tensor, probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """On rows sorted most likely first: ``(keep, decided)``; ``keep`` ``(rows, k)`` bool, the tokens whose
-    strictly more likely tokens hold less than ``top_p`` (at least the first); ``decided`` ``(rows,)``
-    bool, the ``k`` tokens hold ``top_p`` or more, so every token after them is out."""
+    """On rows sorted most likely first: ``(keep, settled)``; ``keep`` ``(rows, k)`` bool, the tokens whose
+    more likely tokens hold less than ``top_p`` (at least the first); ``settled`` ``(rows,)`` bool, the
+    ``k`` tokens hold ``top_p`` or more, so every token after them is out."""
     cumulative = probs.cumsum(-1)
     keep = (cumulative - probs < top_p) & torch.isfinite(sorted_logits)
     keep[:, 0] = True
@@ -58,9 +58,9 @@ def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     tried on the rows the previous one left); they settle the row once they hold ``top_p``.  Rows
     left after the last ``k``, and all rows when ``top_p`` is 1 or the tensor is not on the CPU (an
     accelerator sorts a row fast, and needs no synchronisation to), are sorted in full.  The result
-    equals a full sort's up to the rounding of the softmax's sum (over the row in another order: the
-    cut can move only where the mass before a token is within float rounding of ``top_p``) and the order among exactly tied logits, which a sort leaves
-    unspecified too.
+    equals a full sort's up to the rounding of the softmax's fp32 sum, taken over the row in another
+    order (the cut moves only where the mass before a token is within that rounding of ``top_p``),
+    and the order among exactly tied logits, which a sort leaves unspecified too.
 
     Args:
         logits: ``(batch, vocab)``; ``-inf`` entries have probability 0 and are never kept
@@ -80,9 +80,10 @@ def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     for k in TOP_P_CANDIDATES:
         if k >= vocab:
             break
-        rows = logits if len(pending) == batch else logits[pending]
-        top_logits, order = rows.topk(k, dim=-1)  # sorted, most likely first
-        keep_top, settled = _keep_sorted(top_logits, probs[pending].gather(-1, order).nan_to_num(0.0), top_p)
+        every = len(pending) == batch
+        top_logits, order = (logits if every else logits[pending]).topk(k, dim=-1)  # sorted, most likely first
+        top_probs = (probs if every else probs[pending]).gather(-1, order).nan_to_num(0.0)
+        keep_top, settled = _keep_sorted(top_logits, top_probs, top_p)
         keep[pending[settled].unsqueeze(-1), order[settled]] = keep_top[settled]
         pending = pending[~settled]
         if len(pending) == 0:
