@@ -214,3 +214,41 @@ def test_ram_xsum_steps_recorded_before_training_fields_were_added_are_reused():
     assert common.config_differences(newer, ram_xsum._recorded_training({"step_config": old})) == ["pairs", "zero_head"]
     assert common.config_differences({"generate": {"seed": 0}, "trained": newer},
                                      ram_xsum._recorded_eval(recorded_eval)) == ["trained"]
+
+
+def test_bench_decode_measures_again_when_the_aligner_changes_and_records_which_it_timed(tmp_path, monkeypatch):
+    """The speed table reuses a measurement only of the same aligner: a path, or the proposal cut to K blocks."""
+    import types
+
+    script = load_script("bench_decode")
+    calls = []
+
+    def fake_measure(proposal, aligner, layers, mode, batch, prompt_tokens, new_tokens, repeats):
+        calls.append((aligner, layers))
+        row = {key: 1.0 for key in (
+            "proposal_generate_tokens_per_s", "proposal_generate_first_token_s", "ram_tokens_per_s", "ram_first_token_s",
+            "proposal_prefill_s", "aligner_prefill_s", "ram_first_token_beyond_prefills_s", "proposal_step_s",
+            "aligner_step_s", "ram_step_s", "ram_step_mean_s", "step_ratio", "step_ratio_mean", "first_token_ratio",
+            "public_style_loop_tokens_per_s")}
+        row["first_token_ratio_floor"] = 1 + layers / 30
+        return {"options": {"proposal": proposal, "aligner": aligner, "aligner_layers": layers, "mode": mode, "batch": batch,
+                            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats, "method": 2},
+                "aligner_timed": aligner or f"the proposal's first {layers} decoder blocks, untrained",
+                "layers": {"proposal": 30, "aligner": layers}, "parameters": {"proposal": 1e8, "aligner": 5e7},
+                "batches": {"1": row, "2": row}, "batch_speedup": 2.0, "batch_speedup_vs_public_loop": 3.0,
+                "targets": {"step_ratio": 1.15, "first_token_ratio": 1.2, "batch_speedup": 4.0}}
+
+    monkeypatch.setattr(script, "load_benchmark", lambda name: types.SimpleNamespace(measure=fake_measure, METHOD=2))
+    trained = tmp_path / "small8"
+    trained.mkdir()
+    base = ["--results-dir", str(tmp_path / "r"), "--batch", "2"]
+    sections = []
+    for extra in ([], [], ["--aligner-layers", "4"], ["--aligner", str(trained)], ["--aligner", str(trained)]):
+        summary = script.main(base + extra)
+        sections.append((tmp_path / "r" / "bench_decode" / "section.md").read_text())
+    assert calls == [(None, 8), (None, 4), (str(trained), 8)]  # the default is the 8-block cut; a repeat is reused
+    assert summary["aligner_timed"] == str(trained) and f"aligner timed: `{trained}`" in sections[-1]
+    assert "aligner timed: the proposal's first 8 decoder blocks, untrained" in sections[0]
+    # the floor 1 + aligner prefill / proposal prefill: 1 + 8/30 is over the 1.2 target, 1 + 4/30 under it
+    assert "over 1.2 at batch 1, 2: the target is out of reach there" in sections[0]
+    assert "under 1.2: the target is reachable" in sections[2]

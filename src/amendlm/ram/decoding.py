@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-NEG_INF = float("-inf")
+from amendlm.ram.masks import NEG_INF, masked, top_k_mask, top_p_mask  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -92,47 +92,16 @@ class DecodeConfig:
         return asdict(self)
 
 
-# ----------------------------------------------------------------------------- masks (pure)
-
-def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus of each row: the smallest set of most likely tokens whose probability reaches ``top_p``.
-
-    Args:
-        logits: ``(batch, vocab)``; ``-inf`` entries have probability 0 and are never kept
-            (unless a row is all ``-inf``, where the argmax is kept).
-        top_p: in (0, 1]; 1.0 keeps every finite token.
-
-    Returns:
-        ``(batch, vocab)`` bool; every row keeps at least its most likely token.
-    """
-    sorted_logits, order = logits.float().sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(-1).nan_to_num(0.0)
-    mass_before = probs.cumsum(-1) - probs  # probability of the strictly more likely tokens
-    keep_sorted = (mass_before < top_p) & torch.isfinite(sorted_logits)
-    keep_sorted[:, 0] = True
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-
-
-def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """``(batch, vocab)`` bool keeping each row's ``k`` largest logits (all when ``k`` is 0 or >= vocab)."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return torch.ones_like(logits, dtype=torch.bool)
-    threshold = logits.topk(k, dim=-1).values[:, -1:]
-    return logits >= threshold
-
-
-def masked(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``logits`` where ``keep``, ``-inf`` elsewhere (fp32)."""
-    return logits.float().masked_fill(~keep, NEG_INF)
-
+# ----------------------------------------------------------------------------- nucleus, divergence (pure; masks in amendlm.ram.masks)
 
 def proposal_nucleus_logits(proposal_logits: torch.Tensor, config: DecodeConfig) -> torch.Tensor:
     """``proposal_logits / T_p`` restricted to top-k (if set) then top-p: sampling the proposal alone.
 
     Returns ``(batch, vocab)`` fp32; every row has at least one finite entry.
     """
-    scaled = proposal_logits.float() / config.proposal_temperature
-    scaled = masked(scaled, top_k_mask(scaled, config.proposal_top_k))
+    scaled = _scaled(proposal_logits, config.proposal_temperature)
+    if config.proposal_top_k > 0:
+        scaled = masked(scaled, top_k_mask(scaled, config.proposal_top_k))
     return masked(scaled, top_p_mask(scaled, config.proposal_top_p))
 
 
@@ -150,10 +119,35 @@ def _eos_only(logits: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return out
 
 
-def _nonempty(logits: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """Replace rows of ``logits`` that are all ``-inf`` (or contain NaN) by the same rows of ``fallback``."""
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` in fp32 (``logits`` itself when both already hold: no copy)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
+Made = torch.Tensor | Callable[[], torch.Tensor]
+
+
+def _rows_where(rows: torch.Tensor, chosen: Made, otherwise: Made) -> torch.Tensor:
+    """``torch.where(rows, chosen, otherwise)`` for a ``(batch, 1)`` bool ``rows`` and two ``(batch, vocab)``
+    tensors, each possibly given as a function making it.  On the CPU a side no row takes is not made
+    (and no ``where`` runs when every row takes one side); elsewhere both are made (no synchronisation)."""
+    def made(x: Made) -> torch.Tensor:
+        return x() if callable(x) else x
+
+    if rows.device.type == "cpu":
+        if not bool(rows.any()):
+            return made(otherwise)
+        if bool(rows.all()):
+            return made(chosen)
+    return torch.where(rows, made(chosen), made(otherwise))
+
+
+def _nonempty(logits: torch.Tensor, fallback: Made) -> torch.Tensor:
+    """Replace rows of ``logits`` that are all ``-inf`` (or contain NaN) by the same rows of ``fallback``
+    (a tensor or a function making it, :func:`_rows_where`)."""
     bad = ~torch.isfinite(logits).any(-1, keepdim=True) | torch.isnan(logits).any(-1, keepdim=True)
-    return torch.where(bad, fallback, logits)
+    return _rows_where(bad, fallback, logits)
 
 
 # ----------------------------------------------------------------------------- rules (pure)
@@ -165,8 +159,10 @@ def rule_proposal(proposal_logits, aligner_logits, config, eos_token_id=None, ge
 
 def rule_aligner(proposal_logits, aligner_logits, config, eos_token_id=None, generator=None):
     """The aligner alone: ``aligner_logits / T_a`` restricted to its own top-p (``aligner_top_p``)."""
-    scaled = aligner_logits.float() / config.aligner_temperature
-    fallback = torch.zeros_like(scaled) if proposal_logits is None else proposal_nucleus_logits(proposal_logits, config)
+    scaled = _scaled(aligner_logits, config.aligner_temperature)
+
+    def fallback():
+        return torch.zeros_like(scaled) if proposal_logits is None else proposal_nucleus_logits(proposal_logits, config)
     return _nonempty(masked(scaled, top_p_mask(scaled, config.aligner_top_p)), fallback)
 
 
@@ -181,13 +177,13 @@ def rule_par(proposal_logits, aligner_logits, config, eos_token_id=None, generat
 
 
 def _par(proposal_logits, aligner_logits, nucleus, config, eos_token_id):
-    aligned = masked(aligner_logits.float() / config.aligner_temperature, torch.isfinite(nucleus))
+    aligned = masked(_scaled(aligner_logits, config.aligner_temperature), torch.isfinite(nucleus))
     if config.aligner_top_p < 1.0:
         aligned = masked(aligned, top_p_mask(aligned, config.aligner_top_p))
     aligned = _nonempty(aligned, nucleus)
     if config.eos_priority and eos_token_id is not None:
         proposal_eos = (proposal_logits.argmax(-1) == eos_token_id).unsqueeze(-1)
-        aligned = torch.where(proposal_eos, _eos_only(aligned, eos_token_id), aligned)
+        aligned = _rows_where(proposal_eos, lambda: _eos_only(aligned, eos_token_id), aligned)
     return aligned
 
 
@@ -197,8 +193,8 @@ def par_kl_fallback(proposal_logits: torch.Tensor, aligner_logits: torch.Tensor,
     KL (nats) between the full-vocabulary distributions at temperatures ``T_p`` and ``T_a``.
     ``(batch, vocab)`` x2 -> ``(batch,)`` bool.
     """
-    kl = kl_divergence(proposal_logits.float() / config.proposal_temperature,
-                       aligner_logits.float() / config.aligner_temperature)
+    kl = kl_divergence(_scaled(proposal_logits, config.proposal_temperature),
+                       _scaled(aligner_logits, config.aligner_temperature))
     return kl > config.kl_threshold
 
 
@@ -211,7 +207,7 @@ def rule_par_kl(proposal_logits, aligner_logits, config, eos_token_id=None, gene
     """
     use_proposal = par_kl_fallback(proposal_logits, aligner_logits, config).unsqueeze(-1)
     nucleus = proposal_nucleus_logits(proposal_logits, config)
-    return torch.where(use_proposal, nucleus, _par(proposal_logits, aligner_logits, nucleus, config, eos_token_id))
+    return _rows_where(use_proposal, nucleus, lambda: _par(proposal_logits, aligner_logits, nucleus, config, eos_token_id))
 
 
 def _candidates(proposal_logits, aligner_logits, config, generator):
@@ -220,7 +216,7 @@ def _candidates(proposal_logits, aligner_logits, config, generator):
     nucleus = proposal_nucleus_logits(proposal_logits, config)
     draws = torch.multinomial(nucleus.softmax(-1), config.candidates, replacement=True, generator=generator)
     counts = torch.zeros_like(nucleus).scatter_add_(-1, draws, torch.ones_like(draws, dtype=nucleus.dtype))
-    return counts, (aligner_logits.float() / config.aligner_temperature).log_softmax(-1)
+    return counts, _scaled(aligner_logits, config.aligner_temperature).log_softmax(-1)
 
 
 def _only(token_ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -267,10 +263,9 @@ def rule_sir_best(proposal_logits, aligner_logits, config, eos_token_id=None, ge
 
 def rule_mds(proposal_logits, aligner_logits, config, eos_token_id=None, generator=None):
     """MDS: product of experts ``softmax(p / T_p) * softmax(a / T_a)``, returned as normalised log-probs."""
-    product = (proposal_logits.float() / config.proposal_temperature).log_softmax(-1) + (
-        aligner_logits.float() / config.aligner_temperature
-    ).log_softmax(-1)
-    return _nonempty(product.log_softmax(-1), proposal_nucleus_logits(proposal_logits, config))
+    product = (_scaled(proposal_logits, config.proposal_temperature).log_softmax(-1)
+               + _scaled(aligner_logits, config.aligner_temperature).log_softmax(-1))
+    return _nonempty(product.log_softmax(-1), lambda: proposal_nucleus_logits(proposal_logits, config))
 
 
 # ----------------------------------------------------------------------------- registry
