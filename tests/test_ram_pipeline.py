@@ -219,7 +219,7 @@ def test_train_refuses_bad_inputs_before_any_model_loads(workspace, tmp_path, mo
 
     root, _ = workspace
     samples = _samples(root)
-    monkeypatch.setattr(train, "build_aligner", lambda config: pytest.fail("a model loaded"))
+    monkeypatch.setattr(train, "build_aligner", lambda config, device: pytest.fail("a model loaded"))
 
     def config(**overrides):
         settings = dict(out=str(tmp_path / "run"), samples=str(samples), proposal=str(root / "proposal"),
