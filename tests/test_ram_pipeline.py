@@ -157,7 +157,6 @@ def test_training_from_proposal_layers_changes_weights_and_resumes_exactly(works
         torch.testing.assert_close(tensor, trained[name])
 
 
-
 def test_training_seconds_add_up_across_resumes_and_old_checkpoints_still_resume(workspace, tmp_path, monkeypatch):
     from amendlm.ram import run_dir
 
@@ -212,6 +211,7 @@ def test_seconds_before_a_resume_come_from_the_checkpoint_state():
     assert seconds_before({"step": 2, "seconds": 12.5, "seconds_complete": True}) == (12.5, True)
     assert seconds_before({"step": 2, "seconds": 12.5, "seconds_complete": False}) == (12.5, False)
     assert seconds_before({"step": 2, "micro_batches": 2}) == (0.0, False)  # an older checkpoint
+
 
 def test_train_refuses_bad_inputs_before_any_model_loads(workspace, tmp_path, monkeypatch):
     from amendlm.data.io import DataError
