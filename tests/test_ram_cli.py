@@ -93,7 +93,7 @@ def test_align_input_errors_are_one_line_before_any_model_loads(tmp_path, monkey
     assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()  # no empty output directory left behind
 
 
-def test_align_train_takes_device_auto_and_trains_where_accelerate_puts_it(tmp_path, monkeypatch):
+def test_align_train_takes_device_auto_trains_where_accelerate_puts_it_and_prints_its_seconds(tmp_path, monkeypatch):
     import torch
 
     import amendlm.modeling
@@ -118,5 +118,7 @@ def test_align_train_takes_device_auto_and_trains_where_accelerate_puts_it(tmp_p
                                       "--batch-size", "2", "--eval-fraction", "0", "--device", "auto"])
     assert result.exit_code == 0, result.output
     assert devices == ["cpu"]  # the Accelerator's device, not "auto"
-    assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 2
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert printed["steps"] == 2 and printed["seconds_complete"] is True  # trained in one go
+    assert 0 < printed["seconds_this_run"] == printed["seconds"]
     assert (tmp_path / "run" / "aligner" / "config.json").is_file()

@@ -199,7 +199,8 @@ def train_command(
                    "(nothing trained; use a new --out to train again)")
         return
     heldout = summary["heldout"]
-    typer.echo(json.dumps({k: summary[k] for k in ("steps", "n_examples", "n_heldout", "seconds", "aligner")}
+    typer.echo(json.dumps({k: summary[k] for k in ("steps", "n_examples", "n_heldout", "seconds", "seconds_this_run",
+                                                   "seconds_complete", "aligner")}
                           | {"heldout_loss": heldout["loss"] if heldout else None}
                           | ({"kept_val": summary["selection"]["kept"]} if summary.get("selection") else {})))
 
