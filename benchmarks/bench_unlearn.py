@@ -31,7 +31,9 @@ One run measures, each configuration in a fresh process (so peak memory is its o
     (:meth:`amendlm.unlearn.forward.StepPasses.scored_logits`).  Reference log-probs served from
     the cache cost nothing (only the examples missing from it, and the ``kl`` stream, run the
     reference).  The positions are counted by forward hooks on the input embeddings and the head
-    of every model (:class:`PassPositions`), so they are what ran, not a model of it.  Left out,
+    of every model (:class:`PassPositions`), so they are what ran, not a model of it; a pass counts
+    as the reference's when it runs under ``no_grad``, else as the policy's (true of
+    :mod:`amendlm.unlearn`'s step, see :class:`PassPositions` for what that assumes).  Left out,
     as in the nominal count: attention scores and values (``4 width d_model`` per position and
     layer; about 8 % at 256-token rows), norms, softmax, the optimizer; and the first layer's
     input projections need no activation gradient (under ``1 / layers`` of the body).
@@ -117,6 +119,14 @@ class PassPositions:
     padding included), the output head those it runs on (its output's leading dimensions, after
     :meth:`~amendlm.unlearn.forward.StepPasses.scored_logits` narrowed it to the scored positions);
     a pass under ``no_grad`` is a reference pass, else a policy pass.  :meth:`step` starts a step.
+
+    The label comes from ``torch.is_grad_enabled()`` alone, which assumes that every policy pass
+    runs with gradients on and every reference pass under ``no_grad`` (as in
+    :meth:`amendlm.unlearn.trainer.UnlearnTrainer.train_step`: the reference in
+    :func:`amendlm.unlearn.models.reference_logits`, and no evaluation inside a measured step).
+    A policy pass under ``no_grad`` would be counted as a reference pass, and gradient
+    checkpointing that re-runs the embeddings in the backward pass would count its positions a
+    second time (the step uses no gradient checkpointing); either would make the executed FLOPs wrong.
 
     Args:
         models: the policy (unwrapped) and, with ``reference="copy"``, the frozen copy.

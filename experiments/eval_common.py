@@ -1,5 +1,9 @@
 """The evaluation step every experiment script shares: one ``amendlm eval`` result, reused when its recorded
-configuration matches (:func:`run_eval`), and the pieces of that comparison.  Re-exported by ``common.py``."""
+configuration matches (:func:`run_eval`), and the pieces of that comparison.  Re-exported by ``common.py``.
+
+Also how the scripts read the records of the trainings they evaluate: :func:`training_record` (an
+``unlearn_config.json``) and :func:`training_seconds` / :func:`seconds_cell` (a summary's training seconds,
+marked as a lower bound when the summary holds only part of a resumed run)."""
 
 from __future__ import annotations
 
@@ -103,3 +107,57 @@ def current_recipe_name(step_config: dict) -> dict:
 
     recipe = step_config.get("training.recipe")
     return {**step_config, "training.recipe": RECIPE_ALIASES[recipe]} if recipe in RECIPE_ALIASES else step_config
+
+
+# ---------------------------------------------------------------------------- training seconds
+def log_shows_resume(log: list[dict], seconds: float, per_step: bool) -> bool:
+    """Whether a run's log proves that the run was resumed (for summaries without ``seconds_complete``).
+
+    Args:
+        log: the records of the run's log.
+        seconds: the summary's ``seconds`` (in an old summary, those of the last invocation alone).
+        per_step: how the log's ``seconds`` count.  False: ``align train``'s ``train_log.jsonl``, whose
+            records (but ``event: val``, which time one evaluation) hold the seconds since training began,
+            restarted at 0 in every resumed part before checkpoints recorded seconds: a resume shows as
+            seconds going backwards.  True: ``debias``'s ``log.jsonl``, whose step records (without
+            ``event``) hold the seconds of that one step; the log keeps the steps of earlier parts, so
+            steps adding up to more than the last invocation's ``seconds`` show a resume.
+
+    Returns:
+        True when the log shows a resume; False when it does not (the run may still have been resumed,
+        e.g. with too short a first part to tell).
+    """
+    if per_step:
+        return sum(r["seconds"] for r in log if "event" not in r and "seconds" in r) > seconds
+    running = [r["seconds"] for r in log if r.get("event") != "val" and "seconds" in r]
+    return any(later < earlier for earlier, later in zip(running, running[1:]))
+
+
+def training_seconds(summary: dict, log: list[dict] | None = None, per_step: bool = False) -> tuple[float | None, bool]:
+    """A training summary's wall-clock training seconds and whether they are only a lower bound.
+
+    Summaries of ``align train`` (``train_summary.json``) and ``debias`` (``summary.json``) written since
+    checkpoints record seconds hold ``seconds`` (the whole run, summed over its resumed parts),
+    ``seconds_this_run`` and ``seconds_complete``: False when a part resumed from a checkpoint that predates
+    the field (its earlier parts count 0), so ``seconds`` is a lower bound.  Older summaries lack
+    ``seconds_complete`` and hold the last invocation's seconds only: a lower bound when that invocation was
+    a resume, which only the run's ``log`` can tell (:func:`log_shows_resume`, ``per_step`` as there);
+    without a log, or when the log shows no resume, the seconds count as the whole run's (the logs of the
+    runs recorded under ``results/`` when this was written, 2026-12-01, show none).
+
+    Returns:
+        ``(seconds, lower_bound)``; ``(None, False)`` when the summary records no seconds.
+    """
+    seconds = summary.get("seconds")
+    if seconds is None:
+        return None, False
+    if "seconds_complete" in summary:
+        return seconds, not summary["seconds_complete"]
+    return seconds, bool(log) and log_shows_resume(log, seconds, per_step)
+
+
+def seconds_cell(seconds: float | None, lower_bound: bool = False) -> str | None:
+    """:func:`training_seconds`' pair for a table: ``"812"``, ``"≥ 812"`` (a lower bound), None without seconds."""
+    if seconds is None:
+        return None
+    return f"≥ {seconds:.0f}" if lower_bound else f"{seconds:.0f}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import sys
 
 from common import Experiment, markdown_table, run_eval
+from eval_common import seconds_cell, training_seconds
 from eval_embedded import full_eval_markdown
 from unlearn_common import (KeptBaseModel, Run, describe_test_set, enter_repo, eval_log,
                             eval_options, eval_step, read_json, records, target_checks, targets_table,
@@ -41,6 +42,7 @@ def recipe_run() -> Run:
 
 def main(argv: list[str] | None = None) -> dict:
     from amendlm.bias.compare import comparison_rows, format_cell, markdown_table as compare_table
+    from amendlm.unlearn.artifacts import read_log
 
     def options(parser):
         parser.add_argument("--dtype", default="fp32", help="fp32 (exact, default), bf16 or auto.")
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         val_md,
     ])
     seconds = {k: round(v["seconds"]) for k, v in full["benchmarks"].items() if "seconds" in v}
+    train_seconds = training_seconds(summary_run, read_log(record_dir / "log.jsonl"), per_step=True)  # ≥: part of a resumed run
     notes = "\n".join([
         f"Model `{MODEL}`: the base Gemma 3 270M from `gemma-3-270m-q4_k_m.gguf` (dequantised once to safetensors "
         f"by `amendlm.gguf_files`), start token `{(full.get('start_token') or {}).get('token', 'BOS (not recorded)')}`.  "
@@ -95,14 +98,15 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"Run `{config.out}` (recipe `{RECIPE}`): method `{config.method}`, {config.max_steps} steps, lr {config.lr:g}, "
         f"dtype {config.dtype}, status {summary_run.get('status')}, {summary_run.get('steps')} steps, kept weights "
-        f"{summary_run.get('weights_saved')}, training {summary_run.get('seconds', 0) or 0:.0f} s"
+        f"{summary_run.get('weights_saved')}, training {seconds_cell(*train_seconds) or 'n/a'} s"
         + ("; the selection kept step 0, so the after row is the base model" if kept_base else "") + ".  "
         f"Test set: {describe_test_set(base)}.  Targets met: {met} of {len(checks[label])}.",
     ])
     summary = {"dtype": dtype, "model": MODEL, "full": {"stereoset": full["benchmarks"]["stereoset"]["scores"]["overall"],
                                                        "crows_pairs": full["benchmarks"]["crows-pairs"]["scores"]["overall"],
                                                        "perplexity": full["benchmarks"]["perplexity"]["perplexity"]},
-               "rows": rows, "targets": checks, "val": val, "kept_base_model": kept_base, "config": config.to_dict()}
+               "rows": rows, "targets": checks, "val": val, "kept_base_model": kept_base, "config": config.to_dict(),
+               "train_seconds": train_seconds[0], "train_seconds_lower_bound": train_seconds[1]}
     o = full["benchmarks"]["stereoset"]["scores"]["overall"]["overall"]
     before, after_row = rows
     headline = [

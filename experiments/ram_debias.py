@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from common import Experiment, eval_defaults, eval_expected, eval_recorded, resolved_dtype
+from eval_common import training_seconds
 from ram_debias_common import cost_table, generate_check, generation_contexts, generation_markdown, measure_cost, val_table
 from unlearn_common import (BASE_MODEL, KeptBaseModel, base_eval, describe_test_set, enter_repo, eval_options, eval_step,
                             pairwise_run, read_json, records, runs_root, target_checks, targets_table, unlearn_config)
@@ -134,6 +135,7 @@ def pair_eval(exp: Experiment, row: str, config, dtype: str) -> tuple[Path, dict
 def main(argv: list[str] | None = None) -> dict:
     from amendlm.bias.compare import comparison_rows, format_cell, markdown_table as compare_table
     from amendlm.ram.train import train_aligner
+    from amendlm.unlearn.artifacts import read_log
 
     def options(parser):
         parser.add_argument("--dtype", default="fp32", help="Evaluation dtype (fp32: as the other tables' rows).")
@@ -206,13 +208,18 @@ def main(argv: list[str] | None = None) -> dict:
     sources += [exp.results / "cost.json"] + ([exp.results / "generations.json"] if generation else [])
 
     rows = comparison_rows(runs)
+    # (seconds, lower bound?) of each training: a resumed run may have recorded only part of its seconds
+    seconds = {r: training_seconds(trainings[r]["summary"], trainings[r]["log"]) for r in ram_rows}
+    bu_seconds = training_seconds(bu_summary, read_log(records(exp, bu_name) / "log.jsonl"), per_step=True)
     cost_rows = {"base (the model alone)": {"trainable": 0, "train_seconds": None, "cost": "1.00", "cost_params": "1.00", "kept": ""},
-                 bu_label: {"trainable": cost["biasunlearn_trainable"], "train_seconds": bu_summary.get("seconds"),
+                 bu_label: {"trainable": cost["biasunlearn_trainable"], "train_seconds": bu_seconds[0],
+                            "train_seconds_lower_bound": bu_seconds[1],
                             "cost": "1.00 (adapter merged)", "cost_params": "1.00", "kept": str(bu_summary.get("weights_saved"))}}
     for row in ram_rows:
-        summary, measured = trainings[row]["summary"], cost["pairs"][row]
+        measured = cost["pairs"][row]
         cost_rows[labels[row]] = {"trainable": trainings[row]["train_config"].get("trainable_parameters"),
-                                  "train_seconds": summary.get("seconds"), "cost": f"{measured['ratio']:.2f}",
+                                  "train_seconds": seconds[row][0], "train_seconds_lower_bound": seconds[row][1],
+                                  "cost": f"{measured['ratio']:.2f}",
                                   "cost_params": f"{measured['parameter_ratio']:.2f}", "kept": f"step {kept[row]['step']}"}
     trajectories = {labels[r]: [x for x in trainings[r]["log"] if x.get("event") == "val"] for r in ram_rows}
     markdown = "\n".join([
@@ -220,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"BiasUnlearn targets of each row against `{base_path.name}` (in brackets the quantity each target bounds):",
         "",
         targets_table(checks),
-        "Cost (trainable parameters; training seconds as recorded, in-training val evaluations included; scoring "
+        "Cost (trainable parameters; training seconds as recorded, in-training val evaluations included, ≥ when a "
+        "resumed run recorded only part of them; scoring "
         f"seconds of {cost['n_clusters']} test clusters with the pair over the model alone, best of {cost['repeats']}, "
         "one process):",
         "",
@@ -239,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     notes = describe(configs, trainings, args, budget, base, cost)
     summary = {"dtype": dtype, "rows": rows, "targets": checks, "cost": cost, "budget": budget._asdict(),
                "trainings": {r: {"config": train_expected(configs[r]), "selection": trainings[r]["summary"].get("selection"),
-                                 "seconds": trainings[r]["summary"].get("seconds")} for r in ram_rows},
+                                 "seconds": seconds[r][0], "seconds_lower_bound": seconds[r][1]} for r in ram_rows},
                "generation_row": chosen, "biasunlearn": {"run": bu_name, "config": bu_config.to_dict()}}
     headline = []
     if chosen is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 from common import markdown_table
+from eval_common import seconds_cell
 
 GENERATION_MODES = ("proposal", "par-kl", "mds")
 FULL_DISTRIBUTION = 1.0  # proposal_top_p of the proposal-alone and mds draws
@@ -139,12 +140,13 @@ def generation_markdown(check: dict, label: str) -> str:
 
 
 def cost_table(rows: dict[str, dict]) -> str:
-    """``{label: {"trainable", "train_seconds", "cost", "cost_params", "kept"}}`` as markdown."""
+    """``{label: {"trainable", "train_seconds", "train_seconds_lower_bound", "cost", "cost_params", "kept"}}`` as
+    markdown (``train_seconds_lower_bound``, from :func:`eval_common.training_seconds`, marks the seconds ≥)."""
     def fmt(value, pattern):
         return "n/a" if value is None else pattern.format(value)
 
-    table = [[label, fmt(r["trainable"], "{:,}"), fmt(r["train_seconds"], "{:.0f}"), r["cost"], r["cost_params"], r["kept"]]
-             for label, r in rows.items()]
+    table = [[label, fmt(r["trainable"], "{:,}"), seconds_cell(r["train_seconds"], r.get("train_seconds_lower_bound", False)),
+              r["cost"], r["cost_params"], r["kept"]] for label, r in rows.items()]
     return markdown_table(["run", "trainable parameters", "training s", "inference cost (× proposal, measured)",
                            "parameters, model + aligner (× model)", "kept (val)"], table, "lrrrrl")
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 
 from common import Experiment, markdown_table, resolved_dtype
+from eval_common import seconds_cell, training_seconds
 from unlearn_common import (BASE_MODEL, BIASUNLEARN_50, QUICK_UNLEARN, Run, base_eval, describe_test_set, enter_repo,
                             eval_log, eval_step, pairwise_run, pareto_figure, read_json, records, target_checks,
                             targets_table, unlearn_config)
@@ -66,6 +67,7 @@ def label_of(config) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     from amendlm.bias.compare import comparison_rows, markdown_table as compare_table
+    from amendlm.unlearn.artifacts import read_log
 
     def options(parser):
         parser.add_argument("--dtype", default="auto",
@@ -93,16 +95,19 @@ def main(argv: list[str] | None = None) -> dict:
         kept[label] = summary.get("best_step") if summary.get("weights_saved", "").startswith("best") else summary.get("steps")
         val_clusters[label] = summary.get("val_clusters")
         configs[label] = config.to_dict()
+        log = read_log(record_dir / "log.jsonl")
+        train_seconds, lower_bound = training_seconds(summary, log, per_step=True)
         training[label] = {"run": config.out, "options": options_text(config), "status": summary.get("status"),
                            "steps": summary.get("steps"), "weights_saved": summary.get("weights_saved"),
-                           "train_seconds": summary.get("seconds"), "eval_seconds": data.get("seconds_total")}
+                           "train_seconds": train_seconds, "train_seconds_lower_bound": lower_bound,
+                           "eval_seconds": data.get("seconds_total")}
 
     rows = comparison_rows(runs)
     pareto = exp.results / "pareto.png"
     pareto_figure(pareto, {r["run"]: r for r in rows}, val, kept, val_clusters)
 
     train_rows = [[label, f"`{t['options']}`", t["status"], t["steps"], t["weights_saved"],
-                   round(t["train_seconds"]) if t["train_seconds"] is not None else None,
+                   seconds_cell(t["train_seconds"], t["train_seconds_lower_bound"]),
                    round(t["eval_seconds"]) if t["eval_seconds"] is not None else None] for label, t in training.items()]
     markdown = "\n".join([
         compare_table(rows),
@@ -112,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         targets_table(checks),
         "Training (options besides the defaults of `UnlearnConfig`; seconds of the training and of the evaluation, "
-        "each as recorded in its run's `summary.json` and its eval JSON):",
+        "each as recorded in its run's `summary.json` and its eval JSON; ≥: a resumed run whose earlier parts' "
+        "seconds were not all recorded):",
         "",
         markdown_table(["run", "options", "status", "steps", "weights", "training s", "eval s"], train_rows, "lllrlrr"),
     ])

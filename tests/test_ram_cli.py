@@ -91,3 +91,34 @@ def test_align_input_errors_are_one_line_before_any_model_loads(tmp_path, monkey
                                       "--data", str(tmp_path / "bad.jsonl")])
     assert "max_new_tokens must be >= 1" in error(["sample", "--out", str(tmp_path / "o" / "s.jsonl"), "--max-new-tokens", "0"], 2)
     assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()  # no empty output directory left behind
+
+
+def test_align_train_takes_device_auto_trains_where_accelerate_puts_it_and_prints_its_seconds(tmp_path, monkeypatch):
+    import torch
+
+    import amendlm.modeling
+
+    tokenizer = make_byte_tokenizer()
+    make_tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    rows = [{"id": i, "prompt": f"note {i}: rain today", "response": f"rain {i}"} for i in range(6)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"id": str(i), "sample": f"sun {i}"}) + "\n" for i in range(6)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine, wherever the test runs
+    devices, load_model = [], amendlm.modeling.load_model
+
+    def recorded(name, *args, **kwargs):
+        devices.append(kwargs.get("device"))
+        return load_model(name, *args, **kwargs)
+
+    monkeypatch.setattr(amendlm.modeling, "load_model", recorded)
+    result = CliRunner().invoke(app, ["align", "train", "--out", str(tmp_path / "run"), "--samples", str(tmp_path / "s.jsonl"),
+                                      "--proposal", str(tmp_path / "tiny"), "--init-from-proposal-layers", "1",
+                                      "--data", str(tmp_path / "d.jsonl"), "--max-document-tokens", "0", "--max-steps", "2",
+                                      "--batch-size", "2", "--eval-fraction", "0", "--device", "auto"])
+    assert result.exit_code == 0, result.output
+    assert devices == ["cpu"]  # the Accelerator's device, not "auto"
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert printed["steps"] == 2 and printed["seconds_complete"] is True  # trained in one go
+    assert 0 < printed["seconds_this_run"] == printed["seconds"]
+    assert (tmp_path / "run" / "aligner" / "config.json").is_file()

@@ -157,7 +157,6 @@ def test_training_from_proposal_layers_changes_weights_and_resumes_exactly(works
         torch.testing.assert_close(tensor, trained[name])
 
 
-
 def test_training_seconds_add_up_across_resumes_and_old_checkpoints_still_resume(workspace, tmp_path, monkeypatch):
     from amendlm.ram import run_dir
 
@@ -213,13 +212,14 @@ def test_seconds_before_a_resume_come_from_the_checkpoint_state():
     assert seconds_before({"step": 2, "seconds": 12.5, "seconds_complete": False}) == (12.5, False)
     assert seconds_before({"step": 2, "micro_batches": 2}) == (0.0, False)  # an older checkpoint
 
+
 def test_train_refuses_bad_inputs_before_any_model_loads(workspace, tmp_path, monkeypatch):
     from amendlm.data.io import DataError
     from amendlm.ram import train
 
     root, _ = workspace
     samples = _samples(root)
-    monkeypatch.setattr(train, "build_aligner", lambda config: pytest.fail("a model loaded"))
+    monkeypatch.setattr(train, "build_aligner", lambda config, device: pytest.fail("a model loaded"))
 
     def config(**overrides):
         settings = dict(out=str(tmp_path / "run"), samples=str(samples), proposal=str(root / "proposal"),

@@ -121,7 +121,6 @@ def test_interrupt_then_resume_ends_in_the_same_weights(tmp_path, method):
     assert steps == [1, 2, 3]
 
 
-
 def _interrupted_at_step_2(tmp_path, **common):
     first = make_trainer(tmp_path, **common)
     step = first.train_step
@@ -165,6 +164,7 @@ def test_a_checkpoint_without_seconds_resumes_and_says_the_total_is_incomplete(t
     assert resumed.seconds == pytest.approx(resumed.seconds_this_run)  # the earlier part counts 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["seconds_complete"] is False
     assert json.loads(state_file.read_text())["seconds_complete"] is False  # and stays so in later checkpoints
+
 
 def test_an_existing_run_is_not_overwritten_without_resume(tmp_path):
     make_trainer(tmp_path, max_steps=1).train()

@@ -58,12 +58,13 @@ def check_device(device: str, option: str = "--device", index: bool = False) -> 
     that ``model.to`` would fail on only after the weights were read.
 
     ``cpu`` always passes; an accelerator type (``cuda``, ``mps``, ``xpu``, ...) passes when torch
-    reports one present.  The training commands (``index=False``) take ``auto`` (an accelerator when
-    Accelerate finds one, else the CPU) and the type only: Accelerate gives each process its own card
+    reports one present.  The training commands, whose models Accelerate places (``index=False``:
+    ``debias`` and ``align train``), take ``cpu``, ``auto`` (an accelerator when Accelerate finds one,
+    else the CPU) and an accelerator type without an index: Accelerate gives each process its own card
     (choose cards with ``CUDA_VISIBLE_DEVICES`` or ``accelerate launch``).  The commands that put the
     model on the device themselves (``index=True``: ``align sample / generate / eval``, ``eval``,
-    ``serve``, ``merge``) take a torch device string, a card index included (``cuda:1``, checked
-    against the cards present), and not ``auto``.
+    ``serve``, ``merge``) take ``cpu`` or a torch device string, a card index included (``cuda:1``,
+    checked against the cards present), and not ``auto``.
 
     Raises:
         ValueError: one line naming ``option`` and the value: an index where the type only is taken,

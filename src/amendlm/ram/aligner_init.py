@@ -71,21 +71,23 @@ def zero_output_head(model):
     return model
 
 
-def build_aligner(config):
-    """``(model, tokenizer)`` of the initial aligner of a :class:`amendlm.ram.train.TrainConfig`.
+def build_aligner(config, device):
+    """``(model, tokenizer)`` of the initial aligner of a :class:`amendlm.ram.train.TrainConfig`, loaded onto ``device``.
 
     ``config.aligner`` (any model) or the proposal's first ``config.init_from_proposal_layers``
     blocks; its head zeroed when ``config.zero_head`` (:func:`zero_output_head`); all weights
     trainable, or LoRA-wrapped (``config.lora``: attention and MLP projections, and the head when it
-    was zeroed).
+    was zeroed).  ``device``: a torch device (or its string), the Accelerator's (``accelerator.device``),
+    not ``config.device``, which may be ``auto`` (Accelerate's choice) or a type without an index.
     """
     from amendlm.modeling import load_model
 
+    device = str(device)
     if config.init_from_proposal_layers is not None:
-        model, tokenizer = load_model(config.proposal, device=config.device)
+        model, tokenizer = load_model(config.proposal, device=device)
         truncate_to_layers(model, config.init_from_proposal_layers)
     else:
-        model, tokenizer = load_model(config.aligner, device=config.device)
+        model, tokenizer = load_model(config.aligner, device=device)
     if getattr(config, "zero_head", False):
         zero_output_head(model)
     if config.lora:

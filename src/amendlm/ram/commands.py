@@ -42,21 +42,19 @@ PAIRS_HELP = ("Preference pairs instead of --samples: 'stereoset' (its train tar
               "rejected = stereotype) or a jsonl/json/csv with prompt, chosen, rejected fields (raw text).")
 ALIGNER_HELP = "Aligner Q: a model, or an 'align train' output directory (its aligner/ is used)."
 CHAT_HELP = "Wrap prompts in the tokenizer's chat template; default: when the tokenizer has one."
-DEVICE_HELP = ("cpu, or an accelerator type present here such as cuda (no index: under accelerate launch each process "
-               "takes its own; choose cards with CUDA_VISIBLE_DEVICES).")
+DEVICE_HELP = ("cpu, auto (an accelerator when Accelerate finds one, else the CPU), or an accelerator type present here "
+               "such as cuda (no index: under accelerate launch each process takes its own; choose cards with "
+               "CUDA_VISIBLE_DEVICES).")
 MODEL_DEVICE_HELP = "cpu, or an accelerator present here: cuda, cuda:1, mps, ..."
 
 
 def _check_device(device: str, accelerate: bool = False) -> None:
     """An unavailable or malformed ``--device``: one line (``error: --device ...``), exit 1, before any model loads.
 
-    ``accelerate``: ``align train`` (Accelerate places the model): a device type only, and not ``auto``
-    (the initial aligner is loaded onto ``--device`` before Accelerate takes it)."""
+    ``accelerate``: ``align train`` (Accelerate places the model): ``auto`` or a device type, no index."""
     from amendlm.distributed import check_device
 
     with user_errors():
-        if accelerate and device == "auto":
-            raise ValueError("--device auto: align train takes cpu or an accelerator type (cuda, mps, ...)")
         check_device(device, index=not accelerate)
 
 
@@ -201,7 +199,8 @@ def train_command(
                    "(nothing trained; use a new --out to train again)")
         return
     heldout = summary["heldout"]
-    typer.echo(json.dumps({k: summary[k] for k in ("steps", "n_examples", "n_heldout", "seconds", "aligner")}
+    typer.echo(json.dumps({k: summary[k] for k in ("steps", "n_examples", "n_heldout", "seconds", "seconds_this_run",
+                                                   "seconds_complete", "aligner")}
                           | {"heldout_loss": heldout["loss"] if heldout else None}
                           | ({"kept_val": summary["selection"]["kept"]} if summary.get("selection") else {})))
 

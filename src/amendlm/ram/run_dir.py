@@ -1,7 +1,10 @@
 """The directory of an ``align train`` run: what it holds, and the checks that keep reruns honest.
 
 Files in ``OUT``: ``train_config.json`` (the configuration, resolved dtype, sizes), ``train_log.jsonl``
-(``event: train`` records every ``log_every`` steps, ``event: heldout`` records of the held-out loss),
+(``event: train`` records every ``log_every`` steps, ``event: heldout`` records of the held-out loss, whose
+``seconds`` are the training seconds of the run so far, summed over its resumed parts: in runs logged before
+checkpoints recorded seconds, each part's count restarted at 0; with ``--pairs``, ``event: val`` records
+whose ``seconds`` are that one evaluation's; ``debias``'s ``log.jsonl`` records one step's seconds instead),
 ``checkpoints/step-N`` (the newest only; the last one is written at the final step; its
 ``trainer_state.json`` holds the step, the micro-batches done and the training ``seconds`` so far),
 ``aligner/`` (the trained model) and ``train_summary.json`` (written last: the run is finished).

@@ -87,6 +87,9 @@ class TrainConfig:
             the end of each epoch and at the final step.
         dtype: ``auto`` (default: bf16 autocast where the device does bf16 natively fast, else fp32),
             ``fp32`` or ``bf16``; ``train_config.json`` records the resolved dtype and ``dtype_auto``.
+        device: ``cpu`` (default), ``auto`` (an accelerator when Accelerate finds one, else the CPU) or an
+            accelerator type without an index (``cuda``; under ``accelerate launch`` each process takes its
+            own card).  Accelerate places the model; the initial aligner loads straight onto its device.
     """
 
     out: str
@@ -232,7 +235,7 @@ def _train(config: TrainConfig, out: Path, progress: bool) -> dict:
     # "auto" times a probe per process: the main process's choice holds for all
     dtype = main_process_value(resolve_dtype(run_dir.resume_dtype(config.dtype, out), accelerator.device), accelerator)
     set_seed(config.seed)
-    model, tokenizer = build_aligner(config)
+    model, tokenizer = build_aligner(config, accelerator.device)  # config.device may be auto: Accelerate's choice
     examples = training_examples(config, tokenizer)
     held = heldout_ids([e.id for e in examples], config.eval_fraction, config.seed)
     heldout = [e for e in examples if e.id in held]

@@ -3,8 +3,10 @@
 Layout of ``out/``::
 
     unlearn_config.json        the UnlearnConfig (written first)
-    log.jsonl                  one record per step ({"step", "loss", parts, "lr", "focus", ...})
-                               and per evaluation ({"event": "eval", "ss": {type: SS}, ...})
+    log.jsonl                  one record per step ({"step", "loss", parts, "lr", "grad_norm", "focus",
+                               "swap", "seconds"}: ``seconds`` = that one step's wall-clock seconds, not
+                               the run's so far as in ``align train``'s train_log.jsonl) and per
+                               evaluation ({"event": "eval", "ss": {type: SS}, ...})
     ss_per_type.png            val SS per bias type over steps
     checkpoint/                trainable.safetensors, optimizer.pt, rng.pt, state.json
     best/                      trainable weights of the best evaluation (keep_best)
