@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from amendlm.bias.bootstrap import paired_difference
+from amendlm.ram import run_dir
 from amendlm.report import atomic_save_figure
 from common import markdown_table
 
@@ -183,3 +184,33 @@ def plot_training(logs: dict[str, list[dict]], path: Path) -> Path | None:
     fig.tight_layout()
     atomic_save_figure(fig, path, dpi=110)
     return path
+
+
+# Training fields added after results were recorded, with the values that reproduce those runs (as
+# ``align train``'s own resume check reads them): left out of a step's configuration at these values,
+# so the recorded trainings and the evaluations that depend on them stay reusable.
+TRAIN_FIELDS_ADDED = run_dir.FIELDS_ADDED
+
+
+def without_added(config: dict) -> dict:
+    """A training configuration without the :data:`TRAIN_FIELDS_ADDED` at their reproducing values (applied
+    to what a step expects and to what a file records alike, so old and new records compare equal)."""
+    return {k: v for k, v in config.items() if k not in TRAIN_FIELDS_ADDED or v != TRAIN_FIELDS_ADDED[k]}
+
+
+def recorded_training(data: dict) -> dict:
+    """The configuration a recorded training step holds, compared as :func:`without_added`."""
+    return without_added(data.get("step_config", {}))
+
+
+def recorded_eval(data: dict) -> dict:
+    """The configuration a recorded evaluation step holds, its nested training compared as :func:`without_added`."""
+    config = data.get("step_config", {})
+    return {**config, "trained": without_added(config["trained"])} if "trained" in config else config
+
+
+def fallback_caveat(rows: dict[str, dict], mode: str) -> str:
+    """" (falls back to the proposal for N %)" when ``mode`` did so for >= 90 % of its tokens, else ""."""
+    fallback = rows.get(mode, {}).get("fallback_rate")
+    return (f" (falls back to the proposal for {100 * fallback:.0f} %)"
+            if fallback is not None and fallback >= FALLBACK_IS_PROPOSAL else "")

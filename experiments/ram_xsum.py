@@ -34,8 +34,8 @@ from amendlm.ram import run_dir
 from amendlm.unlearn.artifacts import read_log
 from common import REPO, Experiment, resolved_dtype
 from ram_common import (
-    FALLBACK_IS_PROPOSAL, FINETUNES, RAM_MODES, SYSTEMS, mean_over_seeds, paired_intervals, plot_training, system_row,
-    systems_table, target_rows, targets_table,
+    FINETUNES, RAM_MODES, SYSTEMS, fallback_caveat, mean_over_seeds, paired_intervals, plot_training, recorded_eval,
+    recorded_training, system_row, systems_table, target_rows, targets_table, without_added,
 )
 
 
@@ -66,27 +66,6 @@ def decodings(seeds: tuple[int, ...], which: list[str]) -> dict[str, dict]:
     known = {"greedy": {"greedy": True, "temperature": 1.0, "seeds": [0]},
              "sampled": {"greedy": False, "temperature": SAMPLED_TEMPERATURE, "seeds": list(seeds)}}
     return {name: known[name] for name in which}
-
-
-# Training fields added after results were recorded, with the values that reproduce those runs (as
-# ``align train``'s own resume check reads them): left out of a step's configuration at these values,
-# so the recorded trainings and the evaluations that depend on them stay reusable.
-TRAIN_FIELDS_ADDED = run_dir.FIELDS_ADDED
-
-
-def without_added(config: dict) -> dict:
-    """A training configuration without the :data:`TRAIN_FIELDS_ADDED` at their reproducing values (applied
-    to what a step expects and to what a file records alike, so old and new records compare equal)."""
-    return {k: v for k, v in config.items() if k not in TRAIN_FIELDS_ADDED or v != TRAIN_FIELDS_ADDED[k]}
-
-
-def _recorded_training(data: dict) -> dict:
-    return without_added(data.get("step_config", {}))
-
-
-def _recorded_eval(data: dict) -> dict:
-    config = data.get("step_config", {})
-    return {**config, "trained": without_added(config["trained"])} if "trained" in config else config
 
 
 class Pipeline:
@@ -226,9 +205,9 @@ class Pipeline:
 
         path = self.exp.results / f"train_{name}.json"
         if self.args.render_available:
-            return self._recorded(path, self.train_expected(name), _recorded_training)
+            return self._recorded(path, self.train_expected(name), recorded_training)
         with _in_repo():
-            return self.exp.step(path, self.train_expected(name), compute, recorded=_recorded_training)
+            return self.exp.step(path, self.train_expected(name), compute, recorded=recorded_training)
 
     def evaluated(self, group: str, decoding_name: str, decoding: dict, seed: int) -> dict | None:
         """Step 5: one ``align eval`` (the RAM group, or one fine-tune) for one decoding and seed (with
@@ -242,9 +221,9 @@ class Pipeline:
             return evaluate_systems(self.eval_config(group, decoding, seed), generations_path=str(path.with_suffix(".generations.jsonl")))
 
         if self.args.render_available:
-            return self._recorded(path, self.eval_expected(group, decoding, seed), _recorded_eval)
+            return self._recorded(path, self.eval_expected(group, decoding, seed), recorded_eval)
         with _in_repo():
-            return self.exp.step(path, self.eval_expected(group, decoding, seed), compute, recorded=_recorded_eval)
+            return self.exp.step(path, self.eval_expected(group, decoding, seed), compute, recorded=recorded_eval)
 
 
 def _in_repo():
@@ -284,13 +263,6 @@ def rows_of(pipeline: Pipeline, decoding_name: str, decoding: dict) -> tuple[dic
         raise ValueError(f"{decoding_name}: evaluations over different numbers of prompts {sorted(n_prompts)}")
     rows = {s: mean_over_seeds(per_seed[s]) for s in SYSTEMS if s in per_seed}
     return rows, paths, (n_prompts.pop() if n_prompts else None), skipped
-
-
-def _fallback_caveat(rows: dict[str, dict], mode: str) -> str:
-    """" (falls back to the proposal for N %)" when ``mode`` did so for >= 90 % of its tokens, else ""."""
-    fallback = rows.get(mode, {}).get("fallback_rate")
-    return (f" (falls back to the proposal for {100 * fallback:.0f} %)"
-            if fallback is not None and fallback >= FALLBACK_IS_PROPOSAL else "")
 
 
 def describe(pipeline: Pipeline, trainings: dict[str, dict]) -> str:
@@ -365,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
             present = [b for b in ("aligner", "proposal", "sft-full") if b in by]
             names = {"aligner": "aligner alone", "proposal": "proposal", "sft-full": "full SFT"}
             headline.append((f"RAM with an aligner of {args.aligner_layers} blocks on XSum (greedy, best mode `{targets[0]['mode']}`"
-                             f"{_fallback_caveat(rows, targets[0]['mode'])}): "
+                             f"{fallback_caveat(rows, targets[0]['mode'])}): "
                              "ROUGE-L − " + " / − ".join(names[b] for b in present)
                              + (" (partial: " + ", ".join(skipped) + " not evaluated yet)" if skipped else ""),
                              " / ".join(f"{by[b]['difference']:+.2f} [{by[b]['low']:+.2f}, {by[b]['high']:+.2f}]"
@@ -387,8 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
     notes = describe(pipeline, trainings)
     for name, entry in summary["decodings"].items():
         best = entry["targets"][0]["mode"] if entry["targets"] else None
-        if best and _fallback_caveat(entry["systems"], best):
-            notes += (f"  \n{name}: the best mode `{best}`{_fallback_caveat(entry['systems'], best)}, so it is nearly the "
+        if best and fallback_caveat(entry["systems"], best):
+            notes += (f"  \n{name}: the best mode `{best}`{fallback_caveat(entry['systems'], best)}, so it is nearly the "
                       "proposal itself; its lead over the aligner alone is the proposal's.")
     if args.render_available:  # the page names the command that computes everything, not this rendering
         exp.command = shlex.join(part for part in shlex.split(exp.command) if part != "--render-available")

@@ -206,14 +206,14 @@ def test_ram_xsum_steps_recorded_before_training_fields_were_added_are_reused():
     ram_xsum = load_script("ram_xsum")
     old = {"lr": 1e-4, "eval_every": 0, "eval_fraction": 0.05}  # as recorded before pairs / zero_head existed
     expected = ram_xsum.without_added({**old, "pairs": None, "zero_head": False})
-    assert common.config_differences(expected, ram_xsum._recorded_training({"step_config": old})) == []
+    assert common.config_differences(expected, ram_xsum.recorded_training({"step_config": old})) == []
     recorded_eval = {"step_config": {"generate": {"seed": 0}, "trained": old}}
     assert common.config_differences({"generate": {"seed": 0}, "trained": expected},
-                                     ram_xsum._recorded_eval(recorded_eval)) == []
+                                     ram_xsum.recorded_eval(recorded_eval)) == []
     newer = ram_xsum.without_added({**old, "pairs": {"data": "stereoset"}, "zero_head": True})
-    assert common.config_differences(newer, ram_xsum._recorded_training({"step_config": old})) == ["pairs", "zero_head"]
+    assert common.config_differences(newer, ram_xsum.recorded_training({"step_config": old})) == ["pairs", "zero_head"]
     assert common.config_differences({"generate": {"seed": 0}, "trained": newer},
-                                     ram_xsum._recorded_eval(recorded_eval)) == ["trained"]
+                                     ram_xsum.recorded_eval(recorded_eval)) == ["trained"]
 
 
 def test_bench_decode_measures_again_when_the_aligner_changes_and_records_which_it_timed(tmp_path, monkeypatch):
