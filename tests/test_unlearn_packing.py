@@ -17,7 +17,7 @@ from amendlm.unlearn.methods import METHODS
 from amendlm.unlearn.packing import pack_examples, padded_layout, scored_positions
 from amendlm.unlearn.reference_cache import ReferenceCache, example_key
 from amendlm.unlearn.streams import MaskedPair
-from tests.test_unlearn_trainer import CharTokenizer, make_trainer, tiny_model, toy_clusters
+from tests.test_unlearn_trainer import CharTokenizer, interrupt_at, make_trainer, tiny_model, toy_clusters
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -205,14 +205,7 @@ def test_a_packed_run_resumed_after_an_interrupt_ends_in_the_same_weights(tmp_pa
     make_trainer(tmp_path / "a", **common).train()
     reference = load_file(str(tmp_path / "a" / "run" / "adapter_model.safetensors"))
     first = make_trainer(tmp_path / "b", **common)
-    step = first.train_step
-
-    def interrupted(log):  # Ctrl-C at the start of the third step
-        if first.state.step == 2:
-            raise KeyboardInterrupt
-        step(log)
-
-    first.train_step = interrupted
+    interrupt_at(first, 2)
     assert first.train().status == "interrupted"
     saved = json.loads((tmp_path / "b" / "run" / "checkpoint" / "state.json").read_text())
     assert saved["step"] == 2 and len(saved["reference_cache"]) > 0

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from amendlm.unlearn.config import UnlearnConfig
 from amendlm.unlearn.recipes import RECIPES, recipe_fields
 from amendlm.unlearn.trainer import TrainState, learning_rate
-from tests.test_unlearn_trainer import make_trainer
+from tests.test_unlearn_trainer import interrupt_at, make_trainer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -144,14 +144,7 @@ def test_resume_after_fresh_optimizers_ends_in_the_same_weights(tmp_path):
     assert len(decisions) >= 2  # the optimizer was reset more than once
 
     first = make_trainer(tmp_path / "b", **common)
-    step = first.train_step
-
-    def interrupted(log):
-        if first.state.step == 3:
-            raise KeyboardInterrupt
-        step(log)
-
-    first.train_step = interrupted
+    interrupt_at(first, 3)
     assert first.train().status == "interrupted"
     result = make_trainer(tmp_path / "b", **common).train(resume=True)
     assert result.steps == 5

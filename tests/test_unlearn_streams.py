@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from amendlm.unlearn.streams import StreamSampler, StreamSamplers, sampler_tag
-from tests.test_unlearn_trainer import make_trainer
+from tests.test_unlearn_trainer import interrupt_at, make_trainer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -111,14 +111,7 @@ def test_resume_with_a_focus_that_alternates_ends_in_the_same_weights(tmp_path, 
 
     first = make_trainer(tmp_path / "b", **common)
     current.append(first)
-    step = first.train_step
-
-    def interrupted(log):  # Ctrl-C at the start of the second step (focus: race)
-        if first.state.step == 1:
-            raise KeyboardInterrupt
-        step(log)
-
-    first.train_step = interrupted
+    interrupt_at(first, 1)
     assert first.train().status == "interrupted"
     current.append(make_trainer(tmp_path / "b", **common))
     assert current[-1].train(resume=True).steps == 4

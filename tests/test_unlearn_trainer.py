@@ -62,6 +62,19 @@ def make_trainer(tmp_path, **overrides):
     return UnlearnTrainer(config, tiny_model(), CharTokenizer(), toy_clusters(), ["general text for the KL set."])
 
 
+def interrupt_at(trainer, at_step: int):
+    """Make ``trainer`` raise KeyboardInterrupt (Ctrl-C) at the start of the step after ``at_step``."""
+    step = trainer.train_step
+
+    def interrupted(log):
+        if trainer.state.step == at_step:
+            raise KeyboardInterrupt
+        step(log)
+
+    trainer.train_step = interrupted
+    return trainer
+
+
 def test_lora_targets_are_detected_for_llama():
     assert lora_target_modules(tiny_model()) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -100,14 +113,7 @@ def test_interrupt_then_resume_ends_in_the_same_weights(tmp_path, method):
     reference = load_file(str(tmp_path / "a" / "run" / "adapter_model.safetensors"))
 
     first = make_trainer(tmp_path / "b", **common)
-    step = first.train_step
-
-    def interrupted(log):  # Ctrl-C at the start of the third step
-        if first.state.step == 2:
-            raise KeyboardInterrupt
-        step(log)
-
-    first.train_step = interrupted
+    interrupt_at(first, 2)
     assert first.train().status == "interrupted"
     assert json.loads((tmp_path / "b" / "run" / "checkpoint" / "state.json").read_text())["step"] == 2
     resumed = make_trainer(tmp_path / "b", **common)
@@ -123,14 +129,7 @@ def test_interrupt_then_resume_ends_in_the_same_weights(tmp_path, method):
 
 def _interrupted_at_step_2(tmp_path, **common):
     first = make_trainer(tmp_path, **common)
-    step = first.train_step
-
-    def interrupted(log):
-        if first.state.step == 2:
-            raise KeyboardInterrupt
-        step(log)
-
-    first.train_step = interrupted
+    interrupt_at(first, 2)
     result = first.train()
     assert result.status == "interrupted" and result.seconds_complete
     assert result.seconds == pytest.approx(result.seconds_this_run)  # a first part is the whole run so far
