@@ -46,6 +46,8 @@ DEVICE_HELP = ("cpu, auto (an accelerator when Accelerate finds one, else the CP
                "such as cuda (no index: under accelerate launch each process takes its own; choose cards with "
                "CUDA_VISIBLE_DEVICES).")
 MODEL_DEVICE_HELP = "cpu, or an accelerator present here: cuda, cuda:1, mps, ..."
+VAL_HELP = ("--split val: align train's {} that held the val prompts out; default: the run's when --aligner is an "
+            "align train run directory (a different value is refused), else {}.")
 
 
 def _check_device(device: str, accelerate: bool = False) -> None:
@@ -299,7 +301,11 @@ def eval_command(
     finetuned: Optional[str] = typer.Option(None, help="The proposal fine-tuned directly (upper baseline)."),
     systems: str = typer.Option("proposal,aligner,par,par-kl,sir,mds", help="Comma-separated; also sir-best, and finetuned with --finetuned."),
     data: str = typer.Option("xsum-sample", help=DATA_HELP),
-    limit: Optional[int] = typer.Option(None, help="Only the first N test prompts."),
+    split: str = typer.Option("test", help="test (reported) or val (to decide on: the train prompts 'align train' held "
+                              "out for its held-out loss, with the run's --eval-fraction and --seed)."),
+    val_fraction: Optional[float] = typer.Option(None, help=VAL_HELP.format("--eval-fraction", 0.05)),
+    val_seed: Optional[int] = typer.Option(None, help=VAL_HELP.format("--seed", 0)),
+    limit: Optional[int] = typer.Option(None, help="Only the first N prompts of the split."),
     max_document_tokens: int = typer.Option(BUDGET, help=BUDGET_HELP), split_seed: int = typer.Option(0),
     chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
     candidates: int = typer.Option(8), kl_threshold: float = typer.Option(0.1),
@@ -321,8 +327,13 @@ def eval_command(
     need_aligner = [s for s in chosen if s in SYSTEMS and s not in ("proposal", "finetuned")]
     _require_inputs(([f"--aligner (for {', '.join(need_aligner)})"] if need_aligner and aligner is None else [])
                     + (["--finetuned (for finetuned)"] if "finetuned" in chosen and finetuned is None else []))
+    if split not in ("test", "val") or (split == "test" and (val_fraction, val_seed) != (None, None)):
+        raise typer.BadParameter(f"--split must be test or val, got {split!r}" if split not in ("test", "val")
+                                 else "--val-fraction and --val-seed apply to --split val only")
+    with user_errors():
+        val = _val_split(aligner, finetuned if "finetuned" in chosen else None, val_fraction, val_seed) if split == "val" else None
     try:
-        task = _task(data, "test", limit, max_document_tokens, split_seed, chat_template)
+        task = _task(data, "train" if val else "test", limit, max_document_tokens, split_seed, chat_template)
         stops = _stops(stop)
         config = AlignEvalConfig(
             proposal=proposal, aligner=aligner, finetuned=finetuned,
@@ -331,7 +342,7 @@ def eval_command(
                                   proposal_temperature, aligner_temperature, eos_priority),
             generate=GenerateConfig(max_new_tokens=max_new_tokens, greedy=greedy, seed=seed,
                                     stop=task.stop if stops is None else stops, batch_size=batch_size, dtype=dtype),
-            device=device,
+            device=device, val=val,
         )
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
@@ -350,7 +361,7 @@ def _print_eval_table(results: dict, data: str) -> None:
     from rich.table import Table
 
     stops = results["config"]["generate"]["stop"]
-    table = Table(title=f"RAM on {data} (test, {results['n_prompts']} prompts; stop strings {stops!r})")
+    table = Table(title=f"RAM on {data} ({results['config']['split']}, {results['n_prompts']} prompts; stop strings {stops!r})")
     for column in ("system", "ROUGE-1", "ROUGE-2", "ROUGE-L", "words", "ended by EOS", "par-kl fallback",
                    "= aligner argmax", "tok/s"):
         table.add_column(column, justify="left" if column == "system" else "right")
@@ -363,6 +374,18 @@ def _print_eval_table(results: dict, data: str) -> None:
                       f"{m['finish_reasons']['eos']}/{results['n_prompts']}", share(m["choices"]["fallback_rate"]),
                       share(m["choices"]["follows_aligner_argmax"]), f"{m['tokens_per_second'] or 0:.1f}")
     Console().print(table)
+
+
+def _val_split(aligner, finetuned, fraction, seed):
+    """``--split val``'s settings: those of the ``align train`` run ``--aligner`` (else ``--finetuned``) names,
+    ``--val-fraction``/``--val-seed`` where given (checked against the run before any model loads), else
+    align train's defaults (every train prompt taken as sampled)."""
+    from amendlm.ram.validation import FRACTION, SEED, ValSplit, run_of, run_val
+
+    run = run_of(aligner) or run_of(finetuned)
+    if run is not None:
+        return run_val(run, fraction, seed)
+    return ValSplit(FRACTION if fraction is None else fraction, SEED if seed is None else seed)
 
 
 def register(app: typer.Typer) -> None:

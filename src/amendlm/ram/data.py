@@ -8,7 +8,8 @@ A task turns rows of a file into :class:`AlignRecord` s (``id``, ``prompt`` text
 
 The split is deterministic and independent of row order: rows are ranked by
 ``sha256(f"{split_seed}:{id}")`` and the first ``n_test`` form ``test`` (200 of 1,000 for XSum),
-the rest ``train``.  Training and sampling use ``train``; ``align eval`` reports ``test``.
+the rest ``train``.  Training and sampling use ``train``; ``align eval`` reports ``test``, and decides on
+``val``: the share of ``train`` that ``align train`` held out (:mod:`amendlm.ram.validation`).
 
 Prompts are encoded with the tokenizer's chat template when it has one (user turn + generation
 prompt), else as ``[start] + tokens(prompt)``; a response is ``tokens(response) + [EOS]``.
@@ -152,8 +153,12 @@ def task_rows(config: TaskConfig) -> list[dict]:
     return [by_id[i] for i in chosen]
 
 
-def load_task(config: TaskConfig, tokenizer) -> list[AlignRecord]:
+def load_task(config: TaskConfig, tokenizer, rows: list[dict] | None = None) -> list[AlignRecord]:
     """Records of ``config.split``, in split order, documents cut and instruction applied.
+
+    Args:
+        rows: the rows to build instead of :func:`task_rows` ``(config)`` (e.g. ``align eval``'s val
+            split, :func:`amendlm.ram.validation.val_rows`); cut and instruction as ``config`` says.
 
     Raises:
         see :func:`task_rows`.
@@ -161,7 +166,7 @@ def load_task(config: TaskConfig, tokenizer) -> list[AlignRecord]:
     preset = config.preset
     instruction = preset.instruction if preset else "{prompt}"
     records = []
-    for row in task_rows(config):
+    for row in task_rows(config) if rows is None else rows:
         document = cut_tokens(tokenizer, row["prompt"], config.max_document_tokens)
         records.append(AlignRecord(row["id"], instruction.format(prompt=document), row["response"].strip()))
     return records

@@ -1,5 +1,8 @@
 """``align eval``: ROUGE of every system on the held-out prompts (XSum ``test`` split by default).
 
+The prompts are the task's ``test`` split (reported), or with ``val`` (:class:`amendlm.ram.validation.ValSplit`)
+the prompts ``align train`` held out of the ``train`` split: the split to decide on (which RAM mode, ...).
+
 Systems: ``proposal`` (P_M alone), ``aligner`` (Q alone), RAM in each mode (``par``, ``par-kl``,
 ``sir``, ``mds``) and optionally ``finetuned`` (the proposal fine-tuned directly, decoded alone with the
 proposal's settings: the upper baseline).  Each system decodes the same prompts with the same seed and settings.
@@ -22,6 +25,7 @@ from amendlm.modeling import dtype_name, dtype_record, pad_token_id, resolve_dty
 from amendlm.ram.data import TaskConfig, encode_prompt, load_task
 from amendlm.ram.decoding import DecodeConfig, get_mode
 from amendlm.ram.generate import GenerateConfig, GenerationStats, generate, shared_vocab_size
+from amendlm.ram.validation import ValSplit
 
 logger = logging.getLogger(__name__)
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -37,11 +41,14 @@ class AlignEvalConfig:
         proposal, aligner: model names/paths (the aligner is ``align train``'s ``out/aligner``).
         finetuned: the directly fine-tuned proposal (merged), for the ``finetuned`` system.
         systems: subset of :data:`SYSTEMS`; ``finetuned`` is skipped without ``finetuned``.
-        task: prompts and references (``test`` split).
+        task: prompts and references (``test`` split; ``train`` with ``val``).
         decode: shared rule parameters (mode is set per system).
         generate: loop parameters; greedy by default so systems differ by rule, not by luck (``sir`` and
             ``sir-best`` still draw, seeded by ``generate.seed``); ``generate.stop``: the strings that end a
             summary (the ``align eval`` command passes the task's, a newline for ``xsum-sample``).
+        val: evaluate on the val split instead of ``task.split``: the prompts ``align train`` held out of
+            the train split with these settings (:mod:`amendlm.ram.validation`; ``task.split`` must then be
+            ``train``, ``task.limit`` cuts the val prompts).  None (default): ``task.split``.
     """
 
     proposal: str
@@ -52,8 +59,11 @@ class AlignEvalConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(greedy=True, max_new_tokens=64))
     device: str = "cpu"
+    val: ValSplit | None = None
 
     def __post_init__(self) -> None:
+        if self.val is not None and self.task.split != "train":
+            raise ValueError(f"val prompts come from the train split: task.split must be 'train', got {self.task.split!r}")
         unknown = [s for s in self.systems if s not in SYSTEMS]
         if unknown:
             raise ValueError(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
@@ -61,6 +71,11 @@ class AlignEvalConfig:
             raise ValueError("systems other than 'proposal' and 'finetuned' need an aligner")
         if "finetuned" in self.systems and self.finetuned is None:
             raise ValueError("system 'finetuned' needs --finetuned (the directly fine-tuned proposal)")
+
+    @property
+    def split(self) -> str:
+        """The split evaluated: ``val``, or ``task.split``."""
+        return "val" if self.val is not None else self.task.split
 
 
 def rouge_per_prompt(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
@@ -103,7 +118,9 @@ def _means(per_prompt: dict[str, list[float]], predictions: list[str]) -> dict[s
 
 def check_inputs(config: AlignEvalConfig) -> AlignEvalConfig:
     """Every check that needs no model, before any loads: model names (an ``align train`` run directory
-    given as ``aligner`` or ``finetuned`` becomes its ``aligner/``) and the data rows.
+    given as ``aligner`` or ``finetuned`` becomes its ``aligner/``), the data rows, and with ``val`` its
+    settings against the run directory of the aligner or fine-tune evaluated, if either comes from one
+    (:func:`amendlm.ram.validation.check_against_run`).
 
     Returns:
         ``config`` with the resolved model paths.
@@ -112,13 +129,36 @@ def check_inputs(config: AlignEvalConfig) -> AlignEvalConfig:
         FileNotFoundError, ValueError, amendlm.data.io.DataError: one line naming the option or file, row, field.
     """
     from amendlm.ram.api import check_model_name, resolve_aligner
-    from amendlm.ram.data import task_rows
+    from amendlm.ram.validation import check_against_run
 
     check_model_name(config.proposal, "--proposal")
     config = replace(config, aligner=resolve_aligner(config.aligner),
                      finetuned=resolve_aligner(config.finetuned, "--finetuned") if "finetuned" in config.systems else config.finetuned)
-    task_rows(config.task)
+    if config.val is not None:
+        for run in trained_runs(config):
+            check_against_run(config.task, config.val, run)
+    eval_rows(config)
     return config
+
+
+def trained_runs(config: AlignEvalConfig) -> list:
+    """The ``align train`` run directories the evaluated aligner and fine-tune come from (none, one or two)."""
+    from amendlm.ram.validation import run_of
+
+    models = [config.aligner, config.finetuned if "finetuned" in config.systems else None]
+    return [run for run in dict.fromkeys(run_of(m) for m in models) if run is not None]
+
+
+def eval_rows(config: AlignEvalConfig) -> list[dict]:
+    """The rows evaluated: the val split (:func:`amendlm.ram.validation.val_rows`) or ``task.split``'s.
+
+    Raises:
+        see :func:`amendlm.ram.data.task_rows` and :func:`amendlm.ram.validation.val_rows`.
+    """
+    from amendlm.ram.data import task_rows
+    from amendlm.ram.validation import val_rows
+
+    return val_rows(config.task, config.val) if config.val is not None else task_rows(config.task)
 
 
 def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = None, progress: bool = False) -> dict:
@@ -146,7 +186,7 @@ def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = Non
         aligner, aligner_tokenizer = load_model(config.aligner, device=config.device)
     vocab_size = shared_vocab_size(tokenizer, aligner_tokenizer or tokenizer, config.proposal, config.aligner or "-",
                                    proposal, aligner)
-    records = load_task(config.task, tokenizer)
+    records = load_task(config.task, tokenizer, rows=eval_rows(config))
     prompts = [encode_prompt(tokenizer, r.prompt, config.task.chat_template) for r in records]
     references = [r.response for r in records]
     pad = pad_token_id(tokenizer)
@@ -182,4 +222,5 @@ def evaluate_systems(config: AlignEvalConfig, generations_path: str | None = Non
     if generations_path is not None:
         atomic_write_text(generations_path, "\n".join(lines) + "\n")
     return {"n_prompts": len(records), "ids": [r.id for r in records], "systems": results, "higher_is_better": HIGHER_IS_BETTER, "weights": weights,
-            "config": {**asdict(config), "generate": {**asdict(config.generate), **dtype_record(requested, dtype)}}}
+            "config": {**asdict(config), "split": config.split,
+                       "generate": {**asdict(config.generate), **dtype_record(requested, dtype)}}}

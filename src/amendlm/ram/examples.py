@@ -43,8 +43,17 @@ def sample_tokens(tokenizer, sample: dict) -> list[int]:
     return [*ids, tokenizer.eos_token_id] if sample.get("finish_reason") == "eos" else ids
 
 
+def has_sample(sample: dict | None) -> bool:
+    """Whether a prompt becomes a training example: it has a proposal sample that is not blank.
+
+    :func:`build_examples` skips the other prompts before :func:`heldout_ids` draws the held-out share,
+    so ``align eval --split val`` (:mod:`amendlm.ram.validation`) drops them with this same test."""
+    return sample is not None and bool(str(sample["sample"]).strip())
+
+
 def build_examples(task: TaskConfig, samples_path: str, tokenizer) -> list[PairExample]:
-    """Join the task's records with their proposal samples by id (:func:`sample_tokens`).
+    """Join the task's records with their proposal samples by id (:func:`sample_tokens`); records
+    without one (:func:`has_sample`) are skipped.
 
     Raises:
         ValueError: no record has a sample (names both files).
@@ -54,7 +63,7 @@ def build_examples(task: TaskConfig, samples_path: str, tokenizer) -> list[PairE
     examples = []
     for record in records:
         sample = samples.get(record.id)
-        if sample is None or not str(sample["sample"]).strip():
+        if not has_sample(sample):
             continue
         prompt = encode_prompt(tokenizer, record.prompt, task.chat_template)
         target = encode_response(tokenizer, record.response)
