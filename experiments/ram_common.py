@@ -7,7 +7,10 @@ numbers of ``experiments/ram_xsum.py`` are tested without a model:
 * :func:`paired_intervals`: each system's ROUGE-L minus a baseline's, paired over prompts, with a 95 %
   percentile-bootstrap interval (:func:`amendlm.bias.bootstrap.paired_difference`: 2,000 draws of the
   prompts, the same draws for both systems);
-* :func:`target_rows`: the table's targets read against the best RAM mode.
+* :func:`seed_rows`: every system's row of one decoding and split from its recorded evaluations;
+* :func:`best_ram_mode`: the RAM mode with the best ROUGE-L on the **val** prompts (the training prompts
+  ``align train`` held out), never on test;
+* :func:`target_rows`: the table's targets read against that mode's test row.
 """
 
 from __future__ import annotations
@@ -82,14 +85,48 @@ def paired_intervals(rows: dict[str, dict], baselines=BASELINES) -> dict[str, di
     return out
 
 
-def best_ram_mode(rows: dict[str, dict]) -> str | None:
-    """The RAM mode with the highest mean ROUGE-L (the first in :data:`RAM_MODES` order on a tie), or None."""
-    modes = [m for m in RAM_MODES if m in rows]
-    return max(modes, key=lambda m: (rows[m]["rougeL"], -modes.index(m))) if modes else None
+def seed_rows(found: dict[str, dict[int, dict | None]]) -> tuple[dict[str, dict], int | None, list[str]]:
+    """Every system's row (:func:`system_row`, averaged over seeds by :func:`mean_over_seeds`) of one decoding
+    and split, from ``{group: {seed: align eval results, or None when not recorded}}``.
+
+    Returns:
+        ``(rows, n_prompts, skipped)``: the rows in :data:`SYSTEMS` order (a ``finetuned`` system is named
+        after its group), the number of prompts (None when no group is complete), and the groups left out
+        because an evaluation of theirs is missing for some seed.
+
+    Raises:
+        ValueError: the evaluations were made over different numbers of prompts.
+    """
+    per_seed: dict[str, list[dict]] = {}
+    n_prompts, skipped = set(), []
+    for group, by_seed in found.items():
+        if any(data is None for data in by_seed.values()):
+            skipped.append(group)
+            continue
+        for data in by_seed.values():
+            n_prompts.add(data["n_prompts"])
+            for system, metrics in data["systems"].items():
+                per_seed.setdefault(group if system == "finetuned" else system, []).append(system_row(metrics, data["n_prompts"]))
+    if len(n_prompts) > 1:
+        raise ValueError(f"evaluations over different numbers of prompts {sorted(n_prompts)}")
+    rows = {s: mean_over_seeds(per_seed[s]) for s in SYSTEMS if s in per_seed}
+    return rows, (n_prompts.pop() if n_prompts else None), skipped
 
 
-def target_rows(rows: dict[str, dict], intervals: dict[str, dict]) -> list[dict]:
-    """The targets, each read against the best RAM mode (:func:`best_ram_mode`):
+def best_ram_mode(val_rows: dict[str, dict] | None) -> str | None:
+    """The RAM mode with the highest mean ROUGE-L on the val prompts (the first in :data:`RAM_MODES` order on a
+    tie), or None when the val rows are not there (the val step has not run) or hold no RAM mode.
+
+    Args:
+        val_rows: the rows of the val split (:func:`seed_rows`), never the test rows the targets are read on.
+    """
+    modes = [m for m in RAM_MODES if m in (val_rows or {})]
+    return max(modes, key=lambda m: (val_rows[m]["rougeL"], -modes.index(m))) if modes else None
+
+
+def target_rows(rows: dict[str, dict], intervals: dict[str, dict], mode: str | None) -> list[dict]:
+    """The targets, each read on the test rows of ``mode``, the RAM mode chosen on val (:func:`best_ram_mode`;
+    None: not chosen yet, no target is read):
 
     * best RAM − aligner alone ≥ :data:`TARGET_OVER_ALIGNER` with the interval's low end above 0;
     * best RAM − proposal ≥ :data:`TARGET_OVER_PROPOSAL`;
@@ -100,8 +137,7 @@ def target_rows(rows: dict[str, dict], intervals: dict[str, dict]) -> list[dict]
         baselines present (``fallback_rate``: the mode's share of tokens left to the proposal, None but for
         ``par-kl``).
     """
-    mode = best_ram_mode(rows)
-    if mode is None:
+    if mode is None or mode not in rows:
         return []
     wanted = [("aligner", TARGET_OVER_ALIGNER, True), ("proposal", TARGET_OVER_PROPOSAL, False)]
     wanted += [(f, -TARGET_UNDER_FINETUNE, False) for f in FINETUNES]
@@ -157,6 +193,39 @@ def targets_table(targets: list[dict], labels: dict[str, str]) -> str:
     return markdown_table(["target (ROUGE-L)", "difference [95 % CI]", "target", ""], rows, "lrll")
 
 
+def val_table(val_rows: dict[str, dict], mode: str, labels: dict[str, str]) -> str:
+    """The ROUGE-L of the proposal, the aligner and each RAM mode on the val prompts, the chosen mode marked."""
+    shown = [s for s in ("proposal", "aligner", *RAM_MODES) if s in val_rows]
+    table = [[labels.get(s, s), f"{val_rows[s]['rougeL']:.2f}", "chosen" if s == mode else ""] for s in shown]
+    return markdown_table(["system", "ROUGE-L on val", "best RAM mode"], table, "lrl")
+
+
+def mode_choice(val_rows: dict[str, dict], mode: str | None, n_val: int | None, labels: dict[str, str], step: str) -> str:
+    """How the best RAM mode was chosen, in words and a :func:`val_table`; or, when the val step ``step`` is not
+    done, that it is not chosen yet and the targets are pending (never chosen on test instead)."""
+    if mode is None:
+        return (f"Best RAM mode: not chosen yet, the val step (`{step}`) is not done; the targets are pending "
+                "(the mode is chosen on val prompts only, never on the test prompts).")
+    return (f"Best RAM mode, chosen by ROUGE-L on the {n_val} val prompts (training prompts held out of the small "
+            f"aligner's training; never on test): `{mode}`; the targets below read its test row.\n\n"
+            + val_table(val_rows, mode, labels))
+
+
+def headline_row(targets: list[dict], rows: dict[str, dict], skipped: list[str], layers: int) -> tuple[str, str]:
+    """The README headline of the greedy table: the best mode (chosen on val) minus the aligner alone, the
+    proposal and the full fine-tune, with intervals; "pending" when the mode is not chosen yet."""
+    what = f"RAM with an aligner of {layers} blocks on XSum (greedy, best mode on val"
+    if not targets:
+        return f"{what}): ROUGE-L − aligner alone / − proposal / − full SFT", "pending: the val step has not run"
+    by = {t["against"]: t for t in targets}
+    present = [b for b in ("aligner", "proposal", "sft-full") if b in by]
+    names = {"aligner": "aligner alone", "proposal": "proposal", "sft-full": "full SFT"}
+    mode = targets[0]["mode"]
+    return (f"{what} `{mode}`{fallback_caveat(rows, mode)}): ROUGE-L − " + " / − ".join(names[b] for b in present)
+            + (" (partial: " + ", ".join(skipped) + " not evaluated yet)" if skipped else ""),
+            " / ".join(f"{by[b]['difference']:+.2f} [{by[b]['low']:+.2f}, {by[b]['high']:+.2f}]" for b in present))
+
+
 def plot_training(logs: dict[str, list[dict]], path: Path) -> Path | None:
     """Held-out −log Q(y|x) per epoch of each training (the same held-out prompts), the training loss per
     logged step of each, and the warm-up's KL per step (if any).  ``logs``: name -> log records
@@ -203,9 +272,14 @@ def recorded_training(data: dict) -> dict:
     return without_added(data.get("step_config", {}))
 
 
+# align eval fields added after evaluations were recorded, with the values that reproduce them
+EVAL_FIELDS_ADDED = {"val": None}
+
+
 def recorded_eval(data: dict) -> dict:
-    """The configuration a recorded evaluation step holds, its nested training compared as :func:`without_added`."""
-    config = data.get("step_config", {})
+    """The configuration a recorded evaluation step holds (:data:`EVAL_FIELDS_ADDED` filled in where it lacks
+    them), its nested training compared as :func:`without_added`."""
+    config = {**EVAL_FIELDS_ADDED, **data.get("step_config", {})}
     return {**config, "trained": without_added(config["trained"])} if "trained" in config else config
 
 

@@ -13,8 +13,11 @@ configuration matches is reused, and sampling and training resume inside a step)
 4. the upper baselines: the proposal itself fine-tuned directly (alpha 0, plain SFT) on the same
    prompts, epochs and batch size, with LoRA and in full;
 5. ``align eval`` of proposal, aligner alone, ``par``, ``par-kl``, ``sir``, ``mds`` and both fine-tunes on
-   the held-out prompts, greedy and sampled (T 0.5 for both models, three seeds), with 95 %
-   paired-bootstrap intervals of each system's ROUGE-L minus the proposal's and the aligner's.
+   the held-out test prompts, greedy and sampled (T 0.5 for both models, three seeds), with 95 %
+   paired-bootstrap intervals of each system's ROUGE-L minus the proposal's and the aligner's;
+6. ``align eval --split val`` of proposal, aligner alone and the RAM modes on the training prompts the
+   small aligner's training held out (val), per decoding and seed: the best RAM mode is the one with the
+   best val ROUGE-L (sampled: mean over seeds), and the targets are read on its test row.
 
     python experiments/ram_xsum.py                                  # 799/200 prompts, K = 8 of 30 blocks
     python experiments/ram_xsum.py --device cuda --train-dtype auto
@@ -34,8 +37,8 @@ from amendlm.ram import run_dir
 from amendlm.unlearn.artifacts import read_log
 from common import REPO, Experiment, resolved_dtype
 from ram_common import (
-    FINETUNES, RAM_MODES, SYSTEMS, fallback_caveat, mean_over_seeds, paired_intervals, plot_training, recorded_eval,
-    recorded_training, system_row, systems_table, target_rows, targets_table, without_added,
+    FINETUNES, RAM_MODES, best_ram_mode, fallback_caveat, headline_row, mode_choice, paired_intervals, plot_training,
+    recorded_eval, recorded_training, seed_rows, systems_table, target_rows, targets_table, without_added,
 )
 
 
@@ -84,6 +87,7 @@ class Pipeline:
         b, k = budget, args.aligner_layers
         self.train_task = TaskConfig(split="train", limit=b.train_limit, max_document_tokens=b.max_document_tokens)
         self.test_task = TaskConfig(split="test", limit=b.test_limit, max_document_tokens=b.max_document_tokens)
+        self.val_task = TaskConfig(split="train", max_document_tokens=b.max_document_tokens)  # every held-out prompt
         self.sample = SampleConfig(proposal=args.proposal, out=self.shown(runs / "samples.jsonl"), task=self.train_task,
                                    max_new_tokens=b.max_new_tokens, batch_size=b.sample_batch_size, dtype=args.dtype,
                                    device=args.device)
@@ -135,27 +139,36 @@ class Pipeline:
         upstream = {"warmup": self.warmup_expected()} if name == self.small else {}
         return {**without_added(asdict(config)), "dtype": self._dtype(config), "samples": self.sample_expected(), **upstream}
 
-    def eval_config(self, group: str, decoding: dict, seed: int):
+    def eval_config(self, group: str, decoding: dict, seed: int, split: str = "test"):
+        """``align eval`` of one group on ``test``, or (the RAM group only) on ``val``: the prompts the small
+        aligner's training held out (its eval fraction, seed, samples and prompt limit)."""
         from amendlm.ram.decoding import DecodeConfig
         from amendlm.ram.evaluate import AlignEvalConfig
         from amendlm.ram.generate import GenerateConfig
+        from amendlm.ram.validation import ValSplit
 
         t = decoding["temperature"]
         generate = GenerateConfig(max_new_tokens=self.budget.max_new_tokens, greedy=decoding["greedy"], seed=seed,
                                   stop=self.test_task.stop, batch_size=self.budget.eval_batch_size,
                                   dtype=resolved_dtype(self.args.dtype, self.args.device))
         decode = DecodeConfig(mode="par-kl", proposal_temperature=t, aligner_temperature=t)
+        small = self.trainings[self.small]
+        if split == "val":
+            val = ValSplit(small.eval_fraction, small.seed, small.samples, small.task.limit)
+            return AlignEvalConfig(proposal=self.args.proposal, aligner=f"{small.out}/aligner",
+                                   systems=["proposal", "aligner", *RAM_MODES], task=self.val_task, decode=decode,
+                                   generate=generate, device=self.args.device, val=val)
         if group == "ram":
-            return AlignEvalConfig(proposal=self.args.proposal, aligner=f"{self.trainings[self.small].out}/aligner",
+            return AlignEvalConfig(proposal=self.args.proposal, aligner=f"{small.out}/aligner",
                                    systems=["proposal", "aligner", *RAM_MODES], task=self.test_task, decode=decode,
                                    generate=generate, device=self.args.device)
         return AlignEvalConfig(proposal=self.args.proposal, aligner=None, finetuned=f"{self.trainings[group].out}/aligner",
                                systems=["finetuned"], task=self.test_task, decode=decode, generate=generate,
                                device=self.args.device)
 
-    def eval_expected(self, group: str, decoding: dict, seed: int) -> dict:
+    def eval_expected(self, group: str, decoding: dict, seed: int, split: str = "test") -> dict:
         trained = self.small if group == "ram" else group
-        return {**asdict(self.eval_config(group, decoding, seed)), "trained": self.train_expected(trained)}
+        return {**asdict(self.eval_config(group, decoding, seed, split)), "trained": self.train_expected(trained)}
 
     # ------------------------------------------------------------------ steps
     def _recorded(self, path: Path, expected: dict, recorded=None) -> dict | None:
@@ -209,21 +222,26 @@ class Pipeline:
         with _in_repo():
             return self.exp.step(path, self.train_expected(name), compute, recorded=recorded_training)
 
-    def evaluated(self, group: str, decoding_name: str, decoding: dict, seed: int) -> dict | None:
-        """Step 5: one ``align eval`` (the RAM group, or one fine-tune) for one decoding and seed (with
-        ``--render-available``: the recorded one, None when it is not done)."""
+    def eval_path(self, group: str, decoding_name: str, seed: int, split: str = "test") -> Path:
+        return self.exp.results / f"{'eval' if split == 'test' else split}_{decoding_name}_s{seed}_{group}.json"
+
+    def evaluated(self, group: str, decoding_name: str, decoding: dict, seed: int, split: str = "test") -> dict | None:
+        """Steps 5-6: one ``align eval`` (the RAM group, or one fine-tune; on ``test``, or ``val``) for one
+        decoding and seed (with ``--render-available``: the recorded one, None when it is not done)."""
         from amendlm.ram.evaluate import evaluate_systems
 
-        path = self.exp.results / f"eval_{decoding_name}_s{seed}_{group}.json"
+        path = self.eval_path(group, decoding_name, seed, split)
+        expected = self.eval_expected(group, decoding, seed, split)
 
         def compute():
             self.trained(self.small if group == "ram" else group)
-            return evaluate_systems(self.eval_config(group, decoding, seed), generations_path=str(path.with_suffix(".generations.jsonl")))
+            return evaluate_systems(self.eval_config(group, decoding, seed, split),
+                                    generations_path=str(path.with_suffix(".generations.jsonl")))
 
         if self.args.render_available:
-            return self._recorded(path, self.eval_expected(group, decoding, seed), recorded_eval)
+            return self._recorded(path, expected, recorded_eval)
         with _in_repo():
-            return self.exp.step(path, self.eval_expected(group, decoding, seed), compute, recorded=recorded_eval)
+            return self.exp.step(path, expected, compute, recorded=recorded_eval)
 
 
 def _in_repo():
@@ -238,35 +256,20 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def rows_of(pipeline: Pipeline, decoding_name: str, decoding: dict) -> tuple[dict[str, dict], list[Path], int | None, list[str]]:
-    """Every system's row for one decoding (the mean over its seeds), the eval files read, the number of
-    prompts, and the groups left out: with ``--render-available`` a group whose evaluation is missing
-    for any seed is left out (and the prompts are None when no group is complete).
-
-    Raises:
-        ValueError: the evaluations of one decoding were made over different numbers of prompts.
-    """
-    per_seed: dict[str, list[dict]] = {}
-    paths, n_prompts, skipped = [], set(), []
-    for group in ("ram", *FINETUNES):
-        found = {seed: pipeline.evaluated(group, decoding_name, decoding, seed) for seed in decoding["seeds"]}
-        if any(data is None for data in found.values()):
-            skipped.append(group)
-            continue
-        for seed, data in found.items():
-            paths.append(pipeline.exp.results / f"eval_{decoding_name}_s{seed}_{group}.json")
-            n_prompts.add(data["n_prompts"])
-            for system, metrics in data["systems"].items():
-                name = group if system == "finetuned" else system
-                per_seed.setdefault(name, []).append(system_row(metrics, data["n_prompts"]))
-    if len(n_prompts) > 1:
-        raise ValueError(f"{decoding_name}: evaluations over different numbers of prompts {sorted(n_prompts)}")
-    rows = {s: mean_over_seeds(per_seed[s]) for s in SYSTEMS if s in per_seed}
-    return rows, paths, (n_prompts.pop() if n_prompts else None), skipped
+def rows_of(pipeline: Pipeline, decoding_name: str, decoding: dict, split: str = "test") -> tuple[dict, list[Path], int | None, list[str]]:
+    """Every system's row of one decoding on ``split`` (``ram_common.seed_rows``: the mean over its seeds; ``val``:
+    the RAM group only), the eval files read, the number of prompts (None when no group is complete) and the
+    groups left out (with ``--render-available``, a group whose evaluation is missing for any seed)."""
+    groups = ("ram", *FINETUNES) if split == "test" else ("ram",)
+    found = {g: {seed: pipeline.evaluated(g, decoding_name, decoding, seed, split) for seed in decoding["seeds"]} for g in groups}
+    rows, n_prompts, skipped = seed_rows(found)
+    paths = [pipeline.eval_path(g, decoding_name, seed, split) for g in groups if g not in skipped for seed in decoding["seeds"]]
+    return rows, paths, n_prompts, skipped
 
 
-def describe(pipeline: Pipeline, trainings: dict[str, dict]) -> str:
-    """The setting in words, from the configurations and the training records."""
+def describe(pipeline: Pipeline, trainings: dict[str, dict], n_val: str | None) -> str:
+    """The setting in words, from the configurations and the training records (``n_val``: the val prompts the
+    best RAM mode was chosen on; None when no val step is done)."""
     small = trainings[pipeline.small]["train_config"]
     lines = [f"Proposal `{pipeline.args.proposal}`; task `{pipeline.test_task.data}` ({pipeline.test_task.split} split), "
              f"documents cut to {pipeline.test_task.max_document_tokens} tokens, at most {pipeline.budget.max_new_tokens} new "
@@ -286,8 +289,13 @@ def describe(pipeline: Pipeline, trainings: dict[str, dict]) -> str:
         lines.append(f"Direct fine-tune `{name}`: the proposal, {'LoRA r ' + str(c['lora_r']) if c['lora'] else 'all weights'}, "
                      f"α = 0 (SFT), same prompts, epochs and batch, lr {c['learning_rate']:g}, {c['dtype']}.")
     lines.append("RAM modes: proposal top-p 0.95, aligner top-p 0.9, PAR-KL threshold 0.1 nats, SIR 8 candidates "
-                 "(seeded resampling, also in the greedy decoding), EOS priority.  The best RAM mode is chosen on these "
-                 "held-out prompts (a mild selection effect).  Intervals: 95 % paired bootstrap over prompts "
+                 "(seeded resampling, also in the greedy decoding), EOS priority.  "
+                 + (f"The best RAM mode is chosen by ROUGE-L on the {n_val} val prompts, the training prompts held out of "
+                    "the small aligner's training (`align eval --split val`; sampled: mean over seeds), never on the test "
+                    "prompts; the targets read that mode's test row." if n_val else
+                    "The best RAM mode is chosen on val prompts (held out of the small aligner's training), never on the "
+                    "test prompts: not chosen yet (val step not run), so no target is read.")
+                 + "  Intervals: 95 % paired bootstrap over prompts "
                  "(2,000 draws); sampled rows average each prompt's ROUGE-L over the seeds first.")
     return "  \n".join(lines)
 
@@ -318,30 +326,29 @@ def main(argv: list[str] | None = None) -> dict:
     labels = {"proposal": "proposal alone", "aligner": f"small aligner alone ({args.aligner_layers} blocks)",
               "sft-lora": "proposal fine-tuned (LoRA SFT)", "sft-full": "proposal fine-tuned (full SFT)",
               **{m: f"RAM `{m}`" for m in RAM_MODES}}
-    tables, summary, sources, headline = [], {"decodings": {}}, [], []
+    tables, summary, sources, headline, n_vals = [], {"decodings": {}}, [], [], set()
     for name, decoding in chosen.items():
         rows, paths, n_prompts, skipped = rows_of(pipeline, name, decoding)
         if n_prompts is None:  # only with --render-available: nothing of this decoding is complete
             continue
+        val, val_paths, n_val, _ = rows_of(pipeline, name, decoding, "val")
+        mode = best_ram_mode(val)  # chosen on val only: None until the val step is done, never on test
         intervals = paired_intervals(rows)
-        targets = target_rows(rows, intervals)
+        targets = target_rows(rows, intervals, mode)
         title = ("Greedy decoding" if decoding["greedy"] else
                  f"Sampled decoding (T {decoding['temperature']:g}, mean of seeds {', '.join(map(str, decoding['seeds']))})")
-        tables.append(f"**{title}**, {n_prompts} held-out prompts\n\n{systems_table(rows, intervals, labels)}\n\n"
-                      f"{targets_table(targets, labels)}")
+        step = pipeline.eval_path("ram", name, decoding["seeds"][0], "val").stem
+        tables.append(f"**{title}**, {n_prompts} held-out test prompts\n\n{systems_table(rows, intervals, labels)}\n\n"
+                      + mode_choice(val, mode, n_val, labels, step) + (f"\n\n{targets_table(targets, labels)}" if mode else ""))
         summary["decodings"][name] = {**decoding, "n_prompts": n_prompts, "intervals": intervals, "targets": targets,
-                                      "systems": {s: {k: v for k, v in r.items() if k != "per_prompt_rougeL"} for s, r in rows.items()}}
-        sources += paths
-        if decoding["greedy"] and targets:
-            by = {t["against"]: t for t in targets}
-            present = [b for b in ("aligner", "proposal", "sft-full") if b in by]
-            names = {"aligner": "aligner alone", "proposal": "proposal", "sft-full": "full SFT"}
-            headline.append((f"RAM with an aligner of {args.aligner_layers} blocks on XSum (greedy, best mode `{targets[0]['mode']}`"
-                             f"{fallback_caveat(rows, targets[0]['mode'])}): "
-                             "ROUGE-L − " + " / − ".join(names[b] for b in present)
-                             + (" (partial: " + ", ".join(skipped) + " not evaluated yet)" if skipped else ""),
-                             " / ".join(f"{by[b]['difference']:+.2f} [{by[b]['low']:+.2f}, {by[b]['high']:+.2f}]"
-                                        for b in present)))
+                                      "systems": {s: {k: v for k, v in r.items() if k != "per_prompt_rougeL"} for s, r in rows.items()},
+                                      "best_mode": mode, "val": None if mode is None else
+                                      {"n_prompts": n_val, "rougeL": {s: r["rougeL"] for s, r in val.items()}}}
+        sources += paths + val_paths
+        if mode:
+            n_vals.add(n_val)
+        if decoding["greedy"]:
+            headline.append(headline_row(targets, rows, skipped, args.aligner_layers))
     trainings = {name: pipeline.trained(name) for name in pipeline.trainings}
     trainings = {name: t for name, t in trainings.items() if t is not None}
     if pipeline.small not in trainings or not tables:
@@ -353,10 +360,12 @@ def main(argv: list[str] | None = None) -> dict:
     if warm:
         logs = {f"warmup{args.aligner_layers}": warm["log"], **logs}
     summary["heldout_per_epoch"] = {name: [r for r in t["log"] if r.get("event") == "heldout"] for name, t in trainings.items()}
-    summary["config"] = {"budget": budget._asdict(), "eval": pipeline.eval_expected("ram", chosen[next(iter(chosen))], 0)}
+    first = chosen[next(iter(chosen))]
+    summary["config"] = {"budget": budget._asdict(), "eval": pipeline.eval_expected("ram", first, 0),
+                         "val_eval": pipeline.eval_expected("ram", first, 0, "val")}
     pngs = [p for p in [plot_training(logs, exp.results / "training.png")] if p]
     sources += [exp.results / f"train_{name}.json" for name in trainings] + [exp.results / "samples.json"]
-    notes = describe(pipeline, trainings)
+    notes = describe(pipeline, trainings, " / ".join(map(str, sorted(n_vals))) or None)
     for name, entry in summary["decodings"].items():
         best = entry["targets"][0]["mode"] if entry["targets"] else None
         if best and fallback_caveat(entry["systems"], best):

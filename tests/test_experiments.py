@@ -102,6 +102,16 @@ def test_script_runs_in_quick_mode(name, tmp_path):
         assert set(partial["decodings"]["greedy"]["systems"]).isdisjoint({"sft-lora", "sft-full"})
         section = (out / "section.md").read_text()
         assert "**Partial.**" in section and "--render-available" not in section
+        greedy = partial["decodings"]["greedy"]  # the best mode: chosen on the val prompts, its test row read
+        assert greedy["best_mode"] in greedy["val"]["rougeL"] and greedy["val"]["n_prompts"] >= 1
+        assert {t["mode"] for t in greedy["targets"]} == {greedy["best_mode"]} and "ROUGE-L on val" in section
+        (out / "val_greedy_s0_ram.json").unlink()  # val not done: the test rows are shown, no mode is chosen
+        load_script(name).main(["--quick", "--results-dir", str(tmp_path), "--render-available"])
+        pending = json.loads((out / "results.json").read_text())
+        assert pending["not_done"]["val_greedy_s0_ram"] == "not run yet" and pending["decodings"]["greedy"]["systems"]
+        assert pending["decodings"]["greedy"]["best_mode"] is None and pending["decodings"]["greedy"]["targets"] == []
+        assert pending["headline"][0]["value"] == "pending: the val step has not run"
+        assert "not chosen yet" in (out / "section.md").read_text()
 
 
 def test_the_ablation_lms_cost_is_lms_lost_per_ss_point_moved_towards_50():
