@@ -200,23 +200,31 @@ def val_table(val_rows: dict[str, dict], mode: str, labels: dict[str, str]) -> s
     return markdown_table(["system", "ROUGE-L on val", "best RAM mode"], table, "lrl")
 
 
-def mode_choice(val_rows: dict[str, dict], mode: str | None, n_val: int | None, labels: dict[str, str], step: str) -> str:
+def mode_choice(val_rows: dict[str, dict], mode: str | None, n_val: int | None, labels: dict[str, str], step: str,
+                test_rows: dict[str, dict] = ()) -> str:
     """How the best RAM mode was chosen, in words and a :func:`val_table`; or, when the val step ``step`` is not
-    done, that it is not chosen yet and the targets are pending (never chosen on test instead)."""
+    done, that it is not chosen yet and the targets are pending (never chosen on test instead).  ``test_rows``:
+    the test table's rows (the targets are pending while the chosen mode's is missing)."""
     if mode is None:
         return (f"Best RAM mode: not chosen yet, the val step (`{step}`) is not done; the targets are pending "
                 "(the mode is chosen on val prompts only, never on the test prompts).")
+    read = ("the targets below read its test row" if mode in test_rows
+            else "its test row is not evaluated yet, so the targets are pending")
     return (f"Best RAM mode, chosen by ROUGE-L on the {n_val} val prompts (training prompts held out of the small "
-            f"aligner's training; never on test): `{mode}`; the targets below read its test row.\n\n"
+            f"aligner's training; never on test): `{mode}`; {read}.\n\n"
             + val_table(val_rows, mode, labels))
 
 
-def headline_row(targets: list[dict], rows: dict[str, dict], skipped: list[str], layers: int) -> tuple[str, str]:
+def headline_row(targets: list[dict], rows: dict[str, dict], skipped: list[str], layers: int,
+                 mode: str | None = None) -> tuple[str, str]:
     """The README headline of the greedy table: the best mode (chosen on val) minus the aligner alone, the
-    proposal and the full fine-tune, with intervals; "pending" when the mode is not chosen yet."""
+    proposal and the full fine-tune, with intervals; "pending" when the mode is not chosen yet (``mode`` None)
+    or its test row is not evaluated yet."""
     what = f"RAM with an aligner of {layers} blocks on XSum (greedy, best mode on val"
     if not targets:
-        return f"{what}): ROUGE-L − aligner alone / − proposal / − full SFT", "pending: the val step has not run"
+        reason = ("the val step has not run" if mode is None
+                  else f"the test row of the chosen mode `{mode}` is not evaluated yet")
+        return f"{what}): ROUGE-L − aligner alone / − proposal / − full SFT", f"pending: {reason}"
     by = {t["against"]: t for t in targets}
     present = [b for b in ("aligner", "proposal", "sft-full") if b in by]
     names = {"aligner": "aligner alone", "proposal": "proposal", "sft-full": "full SFT"}

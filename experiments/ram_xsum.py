@@ -222,7 +222,8 @@ class Pipeline:
         with _in_repo():
             return self.exp.step(path, self.train_expected(name), compute, recorded=recorded_training)
 
-    def eval_path(self, group: str, decoding_name: str, seed: int, split: str = "test") -> Path:
+    def eval_path(self, group: str, decoding_name: str, seed: int | str, split: str = "test") -> Path:
+        """The recorded file of one evaluation step, e.g. ``results/ram_xsum/val_greedy_s0_ram.json``."""
         return self.exp.results / f"{'eval' if split == 'test' else split}_{decoding_name}_s{seed}_{group}.json"
 
     def evaluated(self, group: str, decoding_name: str, decoding: dict, seed: int, split: str = "test") -> dict | None:
@@ -337,9 +338,10 @@ def main(argv: list[str] | None = None) -> dict:
         targets = target_rows(rows, intervals, mode)
         title = ("Greedy decoding" if decoding["greedy"] else
                  f"Sampled decoding (T {decoding['temperature']:g}, mean of seeds {', '.join(map(str, decoding['seeds']))})")
-        step = pipeline.eval_path("ram", name, decoding["seeds"][0], "val").stem
+        step = pipeline.eval_path("ram", name, "*" if len(decoding["seeds"]) > 1 else decoding["seeds"][0], "val").stem
         tables.append(f"**{title}**, {n_prompts} held-out test prompts\n\n{systems_table(rows, intervals, labels)}\n\n"
-                      + mode_choice(val, mode, n_val, labels, step) + (f"\n\n{targets_table(targets, labels)}" if mode else ""))
+                      + mode_choice(val, mode, n_val, labels, step, rows)
+                      + (f"\n\n{targets_table(targets, labels)}" if targets else ""))
         summary["decodings"][name] = {**decoding, "n_prompts": n_prompts, "intervals": intervals, "targets": targets,
                                       "systems": {s: {k: v for k, v in r.items() if k != "per_prompt_rougeL"} for s, r in rows.items()},
                                       "best_mode": mode, "val": None if mode is None else
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
         if mode:
             n_vals.add(n_val)
         if decoding["greedy"]:
-            headline.append(headline_row(targets, rows, skipped, args.aligner_layers))
+            headline.append(headline_row(targets, rows, skipped, args.aligner_layers, mode))
     trainings = {name: pipeline.trained(name) for name in pipeline.trainings}
     trainings = {name: t for name, t in trainings.items() if t is not None}
     if pipeline.small not in trainings or not tables:

@@ -92,6 +92,10 @@ def test_align_eval_on_val_and_its_one_line_refusals(trained, tmp_path, monkeypa
     assert set(results["ids"]) == held and results["n_prompts"] == len(held)
     assert results["config"]["split"] == "val" and results["config"]["task"]["split"] == "train"
     assert (results["config"]["val"]["fraction"], results["config"]["val"]["seed"]) == (FRACTION, SEED)
+    assert "warning" not in result.output  # the run's own settings: checked
+    result = runner.invoke(app, [*common, "--aligner", str(root / "tiny"), "--split", "val", "--val-fraction",
+                                 str(FRACTION), "--limit", "1", "--out", str(out)])
+    assert result.exit_code == 0 and "cannot be checked" in result.output, result.output  # a plain model: assumed
     result = runner.invoke(app, [*common, "--aligner", str(root / "run"), "--out", str(out), "--limit", "2"])
     assert result.exit_code == 0, result.output
     test = json.loads(out.read_text())

@@ -46,8 +46,8 @@ DEVICE_HELP = ("cpu, auto (an accelerator when Accelerate finds one, else the CP
                "such as cuda (no index: under accelerate launch each process takes its own; choose cards with "
                "CUDA_VISIBLE_DEVICES).")
 MODEL_DEVICE_HELP = "cpu, or an accelerator present here: cuda, cuda:1, mps, ..."
-VAL_HELP = ("--split val: align train's {} that held the val prompts out; default: the run's when --aligner is an "
-            "align train run directory (a different value is refused), else {}.")
+VAL_HELP = ("--split val: align train's {} that held the val prompts out; default: the run's when --aligner (else "
+            "--finetuned) is an align train run directory (a different value is refused), else {}.")
 
 
 def _check_device(device: str, accelerate: bool = False) -> None:
@@ -347,6 +347,12 @@ def eval_command(
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
     _check_device(device)
+    from amendlm.ram.validation import run_of
+
+    if val is not None and None in (val_fraction, val_seed) and not run_of(aligner) and not run_of(
+            finetuned if "finetuned" in chosen else None):
+        typer.echo(f"warning: --split val without an align train run directory: its held-out prompts are assumed to "
+                   f"be --val-fraction {val.fraction:g}, --val-seed {val.seed} and cannot be checked", err=True)
     began = time.perf_counter()
     with user_errors():
         results = evaluate_systems(config, generations_path=str(out.with_suffix(".generations.jsonl")), progress=True)

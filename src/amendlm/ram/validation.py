@@ -138,7 +138,7 @@ def check_against_run(task: TaskConfig, val: ValSplit, run: Path) -> None:
     theirs, ours = saved.get("task") or {}, task.to_dict()
     pairs = {"val fraction (--eval-fraction)": (val.fraction, saved.get("eval_fraction", run_dir.FIELDS_ADDED["eval_fraction"])),
              "val seed (--seed)": (val.seed, saved.get("seed")), "train limit (--limit)": (val.train_limit, theirs.get("limit")),
-             **{name: (ours[name], theirs.get(name)) for name in ("data", "split_seed", "n_test")}}
+             **{name: (ours[name], theirs.get(name)) for name in ("data", "split", "split_seed", "n_test")}}
     differs = [f"{name} {mine!r} vs {recorded!r}" for name, (mine, recorded) in pairs.items()
                if mine != recorded and not (name == "data" and _same_file(mine, recorded))]
     if differs:
