@@ -238,12 +238,14 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         val_table(trajectories, {labels[r]: kept[r]["step"] for r in ram_rows}),
     ])
+    blocks = {}
     if generation:
-        markdown += ("\n\n" + f"Generation check: seeded continuations (T 1, seed 0, {budget.generation_tokens} tokens, raw "
-                     f"text, line breaks shown as spaces) of StereoSet test contexts, the model alone and the pair with "
-                     f"`{labels[chosen]}` (the RAM run with the smallest kept val gap); the model alone and `mds` draw from "
-                     "their full distributions (those the table scores), `par-kl` keeps its nucleus rules:\n\n"
-                     + generation_markdown(generation, "pair"))
+        blocks["ram_debias.generations"] = (
+            f"Seeded continuations (T 1, seed 0, {budget.generation_tokens} tokens, raw text, line breaks shown as "
+            f"spaces) of StereoSet test contexts, the model alone and the pair with `{labels[chosen]}` (the RAM run with "
+            "the smallest kept val gap); the model alone and `mds` draw from their full distributions (those the table "
+            "scores), `par-kl` keeps its nucleus rules:\n\n" + generation_markdown(generation, "pair"))
+        markdown += "\n\nGeneration check: " + blocks["ram_debias.generations"]
     notes = describe(configs, trainings, args, budget, base, cost)
     summary = {"dtype": dtype, "rows": rows, "targets": checks, "cost": cost, "budget": budget._asdict(),
                "trainings": {r: {"config": train_expected(configs[r]), "selection": trainings[r]["summary"].get("selection"),
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
                          f"targets ({dtype}): SS / LMS / CrowS [95 % CI] / perplexity",
                          " / ".join(f"{before[k]:.2f} → {format_cell(after, k)}" for k in ("ss", "lms", "crows"))
                          + f" / {before['ppl']:.2f} → {after['ppl']:.2f}; {met} of {len(checks[labels[chosen]])} targets met"))
-    exp.finish(summary, markdown, notes=notes, sources=sources, headline=headline)
+    exp.finish(summary, markdown, notes=notes, sources=sources, headline=headline, readme_blocks=blocks)
     return summary
 
 
