@@ -297,7 +297,7 @@ class Experiment:
         atomic_write_text(self.results / "section.md", "\n".join(lines))
         render_page(self.results_root, self.docs)
         if self.docs.resolve() == DOCS_PAGE.resolve() and self.results_root == RESULTS.resolve():
-            from readme_render import render_readme
+            from readme_common import render_readme
 
             render_readme(self.results_root, README, EXPERIMENTS)
         print(f"[{self.name}] done in {seconds:.0f} s ({self.steps_done} steps computed, {self.steps_reused} reused); "

@@ -1,4 +1,4 @@
-"""The generated parts of README.md (experiments/readme_render.py): headline table and named blocks."""
+"""The generated parts of README.md (experiments/readme_common.py): headline table and named blocks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 
-from readme_render import HEADLINE_BEGIN, HEADLINE_END, render_readme  # noqa: E402
+from readme_common import HEADLINE_BEGIN, HEADLINE_END, render_readme  # noqa: E402
 
 README = f"""# title
 intro
