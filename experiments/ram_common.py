@@ -8,8 +8,8 @@ numbers of ``experiments/ram_xsum.py`` are tested without a model:
   percentile-bootstrap interval (:func:`amendlm.bias.bootstrap.paired_difference`: 2,000 draws of the
   prompts, the same draws for both systems);
 * :func:`seed_rows`: every system's row of one decoding and split from its recorded evaluations;
-* :func:`best_ram_mode`: the RAM mode with the best ROUGE-L on the **val** prompts (the training prompts
-  ``align train`` held out), never on test;
+* :func:`best_ram_mode`: the RAM mode (or a variant, e.g. `mds` at another aligner temperature) with the best
+  ROUGE-L on the **val** prompts (the training prompts ``align train`` held out), never on test;
 * :func:`target_rows`: the table's targets read against that mode's test row.
 """
 
@@ -113,14 +113,16 @@ def seed_rows(found: dict[str, dict[int, dict | None]]) -> tuple[dict[str, dict]
     return rows, (n_prompts.pop() if n_prompts else None), skipped
 
 
-def best_ram_mode(val_rows: dict[str, dict] | None) -> str | None:
-    """The RAM mode with the highest mean ROUGE-L on the val prompts (the first in :data:`RAM_MODES` order on a
-    tie), or None when the val rows are not there (the val step has not run) or hold no RAM mode.
+def best_ram_mode(val_rows: dict[str, dict] | None, candidates: tuple[str, ...] = RAM_MODES) -> str | None:
+    """The RAM mode with the highest mean ROUGE-L on the val prompts (the first in ``candidates`` order on a
+    tie), or None when the val rows are not there (the val step has not run) or hold no candidate.
 
     Args:
         val_rows: the rows of the val split (:func:`seed_rows`), never the test rows the targets are read on.
+        candidates: the systems to choose among: :data:`RAM_MODES`, and a variant such as `mds` at another
+            aligner temperature (``ram_xsum_common.ram_candidates``).
     """
-    modes = [m for m in RAM_MODES if m in (val_rows or {})]
+    modes = [m for m in candidates if m in (val_rows or {})]
     return max(modes, key=lambda m: (val_rows[m]["rougeL"], -modes.index(m))) if modes else None
 
 
@@ -193,36 +195,43 @@ def targets_table(targets: list[dict], labels: dict[str, str]) -> str:
     return markdown_table(["target (ROUGE-L)", "difference [95 % CI]", "target", ""], rows, "lrll")
 
 
-def val_table(val_rows: dict[str, dict], mode: str, labels: dict[str, str]) -> str:
-    """The ROUGE-L of the proposal, the aligner and each RAM mode on the val prompts, the chosen mode marked."""
-    shown = [s for s in ("proposal", "aligner", *RAM_MODES) if s in val_rows]
-    table = [[labels.get(s, s), f"{val_rows[s]['rougeL']:.2f}", "chosen" if s == mode else ""] for s in shown]
-    return markdown_table(["system", "ROUGE-L on val", "best RAM mode"], table, "lrl")
+def val_table(val_rows: dict[str, dict], mode: str, labels: dict[str, str], best_te: str | None = None) -> str:
+    """The ROUGE-L of the proposal, the aligner, each RAM mode and any other row (e.g. `mds` at another aligner
+    temperature) on the val prompts, the chosen mode marked (and ``best_te``, the `mds` row of the best T_e)."""
+    shown = [s for s in ("proposal", "aligner", *RAM_MODES) if s in val_rows] + [s for s in val_rows if s not in SYSTEMS]
+    marks = {s: "; ".join(m for m, on in (("best RAM mode", s == mode), ("best `mds` T_e", s == best_te)) if on)
+             for s in shown}
+    table = [[labels.get(s, s), f"{val_rows[s]['rougeL']:.2f}", marks[s]] for s in shown]
+    return markdown_table(["system", "ROUGE-L on val", "chosen on val"], table, "lrl")
 
 
-def mode_choice(val_rows: dict[str, dict], mode: str | None, n_val: int | None, labels: dict[str, str], step: str,
-                test_rows: dict[str, dict] = ()) -> str:
-    """How the best RAM mode was chosen, in words and a :func:`val_table`; or, when the val step ``step`` is not
-    done, that it is not chosen yet and the targets are pending (never chosen on test instead).  ``test_rows``:
-    the test table's rows (the targets are pending while the chosen mode's is missing)."""
+def mode_choice(val_rows: dict[str, dict], mode: str | None, n_val: int | None, labels: dict[str, str],
+                steps: str | list[str], test_rows: dict[str, dict] = (), best_te: str | None = None) -> str:
+    """How the best RAM mode was chosen, in words and a :func:`val_table`; or, when a val step of ``steps`` is
+    not done, that it is not chosen yet and the targets are pending (never chosen on test, nor on part of the
+    val steps, instead).  ``test_rows``: the test table's rows (the targets are pending while the chosen
+    mode's is missing); ``best_te``: marked in the val table."""
     if mode is None:
-        return (f"Best RAM mode: not chosen yet, the val step (`{step}`) is not done; the targets are pending "
+        steps = [steps] if isinstance(steps, str) else steps
+        which = (f"the val step (`{steps[0]}`) is" if len(steps) == 1 else
+                 "the val steps (" + ", ".join(f"`{s}`" for s in steps) + ") are")
+        return (f"Best RAM mode: not chosen yet, {which} not done; the targets are pending "
                 "(the mode is chosen on val prompts only, never on the test prompts).")
     read = ("the targets below read its test row" if mode in test_rows
             else "its test row is not evaluated yet, so the targets are pending")
     return (f"Best RAM mode, chosen by ROUGE-L on the {n_val} val prompts (training prompts held out of the small "
             f"aligner's training; never on test): `{mode}`; {read}.\n\n"
-            + val_table(val_rows, mode, labels))
+            + val_table(val_rows, mode, labels, best_te))
 
 
 def headline_row(targets: list[dict], rows: dict[str, dict], skipped: list[str], layers: int,
-                 mode: str | None = None) -> tuple[str, str]:
+                 mode: str | None = None, why: str | None = None) -> tuple[str, str]:
     """The README headline of the greedy table: the best mode (chosen on val) minus the aligner alone, the
-    proposal and the full fine-tune, with intervals; "pending" when the mode is not chosen yet (``mode`` None)
-    or its test row is not evaluated yet."""
+    proposal and the full fine-tune, with intervals; "pending" when the mode is not chosen yet (``mode`` None;
+    ``why``: the reason, default "the val step has not run") or its test row is not evaluated yet."""
     what = f"RAM with an aligner of {layers} blocks on XSum (greedy, best mode on val"
     if not targets:
-        reason = ("the val step has not run" if mode is None
+        reason = ((why or "the val step has not run") if mode is None
                   else f"the test row of the chosen mode `{mode}` is not evaluated yet")
         return f"{what}): ROUGE-L − aligner alone / − proposal / − full SFT", f"pending: {reason}"
     by = {t["against"]: t for t in targets}

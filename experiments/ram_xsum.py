@@ -17,10 +17,17 @@ configuration matches is reused, and sampling and training resume inside a step)
    paired-bootstrap intervals of each system's ROUGE-L minus the proposal's and the aligner's;
 6. ``align eval --split val`` of proposal, aligner alone and the RAM modes on the training prompts the
    small aligner's training held out (val), per decoding and seed: the best RAM mode is the one with the
-   best val ROUGE-L (sampled: mean over seeds), and the targets are read on its test row.
+   best val ROUGE-L (sampled: mean over seeds), and the targets are read on its test row;
+7. the `mds` aligner-temperature lever (``--aligner-temperatures``, default ``1,2,4``, quick ``1,2``: multiples
+   of the decoding's temperature; under greedy `mds` only the aligner's weight 1/T_e in
+   ``argmax log P_M + log Q / T_e`` matters, 1 = plain `mds`): `mds` alone on val at each other T_e
+   (``val_{decoding}_s{seed}_mds-te{T_e}.json``); the T_e with the best val ROUGE-L (ties: the smaller), when
+   not plain `mds`, is evaluated on test (``eval_..._mds-te{T_e}.json``), one more row and a candidate for the
+   best RAM mode by its val ROUGE-L (:mod:`ram_xsum_common`).
 
     python experiments/ram_xsum.py                                  # 799/200 prompts, K = 8 of 30 blocks
     python experiments/ram_xsum.py --device cuda --train-dtype auto
+    python experiments/ram_xsum.py --decodings greedy --aligner-temperatures 1,2,4,8
     python experiments/ram_xsum.py --quick --results-dir /tmp/r     # a few prompts and steps
     python experiments/ram_xsum.py --render-available               # the tables of what is recorded so far
 """
@@ -38,7 +45,11 @@ from amendlm.unlearn.artifacts import read_log
 from common import REPO, Experiment, resolved_dtype
 from ram_common import (
     FINETUNES, RAM_MODES, best_ram_mode, fallback_caveat, headline_row, mode_choice, paired_intervals, plot_training,
-    recorded_eval, recorded_training, seed_rows, systems_table, target_rows, targets_table, without_added,
+    recorded_eval, recorded_training, systems_table, target_rows, targets_table, without_added,
+)
+from ram_xsum_common import (
+    MDS_AT, aligner_temperature_of, describe, mds_temperatures, ram_candidates, rows_of, temperature_labels,
+    temperature_note, temperatures_option, with_rows_after,
 )
 
 
@@ -56,10 +67,11 @@ class Budget(NamedTuple):
     warmup_steps: int  # distillation warm-up steps (0 = none)
     warmup_tokens: int  # tokens per warm-up text
     seeds: tuple[int, ...]  # of the sampled decoding
+    aligner_temperatures: tuple[float, ...]  # of `mds`, x the decoding's temperature (1: plain mds)
 
 
-FULL = Budget(None, None, 3, 8, 128, 48, 16, 8, 300, 128, (0, 1, 2))
-QUICK = Budget(4, 3, 1, 2, 32, 4, 4, 3, 2, 16, (0,))
+FULL = Budget(None, None, 3, 8, 128, 48, 16, 8, 300, 128, (0, 1, 2), (1.0, 2.0, 4.0))
+QUICK = Budget(4, 3, 1, 2, 32, 4, 4, 3, 2, 16, (0,), (1.0, 2.0))
 SAMPLED_TEMPERATURE = 0.5  # both models' temperature in the sampled decoding (the public code's range: 0.3-0.7)
 
 
@@ -140,13 +152,17 @@ class Pipeline:
         return {**without_added(asdict(config)), "dtype": self._dtype(config), "samples": self.sample_expected(), **upstream}
 
     def eval_config(self, group: str, decoding: dict, seed: int, split: str = "test"):
-        """``align eval`` of one group on ``test``, or (the RAM group only) on ``val``: the prompts the small
-        aligner's training held out (its eval fraction, seed, samples and prompt limit)."""
+        """``align eval`` of one group on ``test``, or (not a fine-tune) on ``val``: the prompts the small aligner's
+        training held out (its eval fraction, seed, samples and prompt limit).  A group ``mds-te{T}``
+        (``ram_xsum_common.mds_at``): the RAM group's configuration with `mds` alone at aligner temperature T."""
         from amendlm.ram.decoding import DecodeConfig
         from amendlm.ram.evaluate import AlignEvalConfig
         from amendlm.ram.generate import GenerateConfig
         from amendlm.ram.validation import ValSplit
 
+        if group.startswith(MDS_AT):  # `mds` alone at another aligner temperature, else the RAM group's configuration
+            config = self.eval_config("ram", decoding, seed, split)
+            return replace(config, systems=["mds"], decode=replace(config.decode, aligner_temperature=aligner_temperature_of(group)))
         t = decoding["temperature"]
         generate = GenerateConfig(max_new_tokens=self.budget.max_new_tokens, greedy=decoding["greedy"], seed=seed,
                                   stop=self.test_task.stop, batch_size=self.budget.eval_batch_size,
@@ -167,7 +183,7 @@ class Pipeline:
                                device=self.args.device)
 
     def eval_expected(self, group: str, decoding: dict, seed: int, split: str = "test") -> dict:
-        trained = self.small if group == "ram" else group
+        trained = group if group in FINETUNES else self.small
         return {**asdict(self.eval_config(group, decoding, seed, split)), "trained": self.train_expected(trained)}
 
     # ------------------------------------------------------------------ steps
@@ -227,15 +243,15 @@ class Pipeline:
         return self.exp.results / f"{'eval' if split == 'test' else split}_{decoding_name}_s{seed}_{group}.json"
 
     def evaluated(self, group: str, decoding_name: str, decoding: dict, seed: int, split: str = "test") -> dict | None:
-        """Steps 5-6: one ``align eval`` (the RAM group, or one fine-tune; on ``test``, or ``val``) for one
-        decoding and seed (with ``--render-available``: the recorded one, None when it is not done)."""
+        """Steps 5-7: one ``align eval`` (the RAM group, `mds` at another aligner temperature, or one fine-tune; on
+        ``test``, or ``val``) for one decoding and seed (with ``--render-available``: the recorded one, None when it is not done)."""
         from amendlm.ram.evaluate import evaluate_systems
 
         path = self.eval_path(group, decoding_name, seed, split)
         expected = self.eval_expected(group, decoding, seed, split)
 
         def compute():
-            self.trained(self.small if group == "ram" else group)
+            self.trained(group if group in FINETUNES else self.small)
             return evaluate_systems(self.eval_config(group, decoding, seed, split),
                                     generations_path=str(path.with_suffix(".generations.jsonl")))
 
@@ -257,50 +273,6 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def rows_of(pipeline: Pipeline, decoding_name: str, decoding: dict, split: str = "test") -> tuple[dict, list[Path], int | None, list[str]]:
-    """Every system's row of one decoding on ``split`` (``ram_common.seed_rows``: the mean over its seeds; ``val``:
-    the RAM group only), the eval files read, the number of prompts (None when no group is complete) and the
-    groups left out (with ``--render-available``, a group whose evaluation is missing for any seed)."""
-    groups = ("ram", *FINETUNES) if split == "test" else ("ram",)
-    found = {g: {seed: pipeline.evaluated(g, decoding_name, decoding, seed, split) for seed in decoding["seeds"]} for g in groups}
-    rows, n_prompts, skipped = seed_rows(found)
-    paths = [pipeline.eval_path(g, decoding_name, seed, split) for g in groups if g not in skipped for seed in decoding["seeds"]]
-    return rows, paths, n_prompts, skipped
-
-
-def describe(pipeline: Pipeline, trainings: dict[str, dict], n_val: str | None) -> str:
-    """The setting in words, from the configurations and the training records (``n_val``: the val prompts the
-    best RAM mode was chosen on; None when no val step is done)."""
-    small = trainings[pipeline.small]["train_config"]
-    lines = [f"Proposal `{pipeline.args.proposal}`; task `{pipeline.test_task.data}` ({pipeline.test_task.split} split), "
-             f"documents cut to {pipeline.test_task.max_document_tokens} tokens, at most {pipeline.budget.max_new_tokens} new "
-             f"tokens, stop strings {list(pipeline.test_task.stop)!r}."]
-    warm = pipeline.warmup
-    start = (f"a {warm.steps}-step distillation warm-up (KL to the proposal on the training documents, {warm.max_tokens} "
-             f"tokens each, batch {warm.batch_size})" if warm else "no warm-up")
-    lines.append(f"Small aligner: the proposal's first {pipeline.args.aligner_layers} blocks (+ embeddings, final norm, head; "
-                 f"{small.get('trainable_parameters', 0):,} parameters, all trained), after {start}, trained with the "
-                 f"residual loss (α = {small['loss']['alpha']:g}) for {small['epochs']} epochs on {small['n_examples']} prompts "
-                 f"({small['n_heldout']} held out), batch {small['batch_size']}, lr {small['learning_rate']:g}, {small['dtype']}.")
-    for name in FINETUNES:
-        if trainings.get(name) is None:
-            lines.append(f"Direct fine-tune `{name}`: not trained yet.")
-            continue
-        c = trainings[name]["train_config"]
-        lines.append(f"Direct fine-tune `{name}`: the proposal, {'LoRA r ' + str(c['lora_r']) if c['lora'] else 'all weights'}, "
-                     f"α = 0 (SFT), same prompts, epochs and batch, lr {c['learning_rate']:g}, {c['dtype']}.")
-    lines.append("RAM modes: proposal top-p 0.95, aligner top-p 0.9, PAR-KL threshold 0.1 nats, SIR 8 candidates "
-                 "(seeded resampling, also in the greedy decoding), EOS priority.  "
-                 + (f"The best RAM mode is chosen by ROUGE-L on the {n_val} val prompts, the training prompts held out of "
-                    "the small aligner's training (`align eval --split val`; sampled: mean over seeds), never on the test "
-                    "prompts; the targets read that mode's test row." if n_val else
-                    "The best RAM mode is chosen on val prompts (held out of the small aligner's training), never on the "
-                    "test prompts: not chosen yet (val step not run), so no target is read.")
-                 + "  Intervals: 95 % paired bootstrap over prompts "
-                 "(2,000 draws); sampled rows average each prompt's ROUGE-L over the seeds first.")
-    return "  \n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> dict:
     def options(parser):
         parser.add_argument("--proposal", default="smollm2-135m-instruct", help="Proposal model P_M.")
@@ -315,13 +287,17 @@ def main(argv: list[str] | None = None) -> dict:
         parser.add_argument("--train-dtype", default="auto", help="Training dtype (auto: bf16 where native).")
         parser.add_argument("--dtype", default="fp32", help="Sampling and evaluation dtype.")
         parser.add_argument("--device", default="cpu")
+        parser.add_argument("--aligner-temperatures", type=temperatures_option, default=None,
+                            help="`mds` aligner temperatures tried on val, x the decoding's (1 = plain mds, always in; "
+                                 "default 1,2,4, quick 1,2); the best on val gets a test row.")
         parser.add_argument("--render-available", action="store_true",
                             help="Compute nothing: render the tables from the steps already recorded, listing those not done.")
 
     exp, args = Experiment.start("ram_xsum", "RAM with a small aligner on XSum: proposal, aligner alone, RAM modes, direct fine-tunes",
                                  argv, options)
     budget = QUICK if args.quick else FULL
-    budget = budget._replace(**{k: v for k, v in (("warmup_steps", args.warmup_steps), ("epochs", args.epochs)) if v is not None})
+    budget = budget._replace(**{k: v for k, v in (("warmup_steps", args.warmup_steps), ("epochs", args.epochs),
+                                                  ("aligner_temperatures", args.aligner_temperatures)) if v is not None})
     chosen = decodings(budget.seeds, [d.strip() for d in args.decodings.split(",") if d.strip()])
     pipeline = Pipeline(exp, args, budget)
     labels = {"proposal": "proposal alone", "aligner": f"small aligner alone ({args.aligner_layers} blocks)",
@@ -332,25 +308,32 @@ def main(argv: list[str] | None = None) -> dict:
         rows, paths, n_prompts, skipped = rows_of(pipeline, name, decoding)
         if n_prompts is None:  # only with --render-available: nothing of this decoding is complete
             continue
-        val, val_paths, n_val, _ = rows_of(pipeline, name, decoding, "val")
-        mode = best_ram_mode(val)  # chosen on val only: None until the val step is done, never on test
+        val, val_paths, n_val, val_skipped = rows_of(pipeline, name, decoding, "val")
+        temps = mds_temperatures(pipeline, name, decoding, val, budget.aligner_temperatures)  # mds's T_e, chosen on val
+        val, rows = {**val, **temps["val_rows"]}, with_rows_after(rows, "mds", temps["test_rows"])
+        step = pipeline.eval_path("ram", name, "*" if len(decoding["seeds"]) > 1 else decoding["seeds"][0], "val").stem
+        pending = ([step] if val_skipped else []) + temps["missing"]  # no choice while any val step is missing
+        mode = None if pending else best_ram_mode(val, ram_candidates(temps["row"]))  # on val only, never on test
         intervals = paired_intervals(rows)
         targets = target_rows(rows, intervals, mode)
         title = ("Greedy decoding" if decoding["greedy"] else
                  f"Sampled decoding (T {decoding['temperature']:g}, mean of seeds {', '.join(map(str, decoding['seeds']))})")
-        step = pipeline.eval_path("ram", name, "*" if len(decoding["seeds"]) > 1 else decoding["seeds"][0], "val").stem
-        tables.append(f"**{title}**, {n_prompts} held-out test prompts\n\n{systems_table(rows, intervals, labels)}\n\n"
-                      + mode_choice(val, mode, n_val, labels, step, rows)
-                      + (f"\n\n{targets_table(targets, labels)}" if targets else ""))
+        test_labels, val_labels = temperature_labels(temps, decoding["temperature"])
+        note = temperature_note(temps, decoding["temperature"])
+        tables.append(f"**{title}**, {n_prompts} held-out test prompts\n\n{systems_table(rows, intervals, {**labels, **test_labels})}"
+                      f"\n\n{mode_choice(val, mode, n_val, {**labels, **val_labels}, pending, rows, temps['best_row'])}"
+                      + (f"\n\n{note}" if note else "") + (f"\n\n{targets_table(targets, labels)}" if targets else ""))
         summary["decodings"][name] = {**decoding, "n_prompts": n_prompts, "intervals": intervals, "targets": targets,
                                       "systems": {s: {k: v for k, v in r.items() if k != "per_prompt_rougeL"} for s, r in rows.items()},
                                       "best_mode": mode, "val": None if mode is None else
-                                      {"n_prompts": n_val, "rougeL": {s: r["rougeL"] for s, r in val.items()}}}
-        sources += paths + val_paths
+                                      {"n_prompts": n_val, "rougeL": {s: r["rougeL"] for s, r in val.items()}},
+                                      "mds_aligner_temperature": {k: temps[k] for k in ("val_rougeL", "chosen", "row", "missing")}}
+        sources += paths + val_paths + temps["paths"]
         if mode:
             n_vals.add(n_val)
         if decoding["greedy"]:
-            headline.append(headline_row(targets, rows, skipped, args.aligner_layers, mode))
+            why = None if pending == [step] else "val steps not done: " + ", ".join(pending)
+            headline.append(headline_row(targets, rows, skipped, args.aligner_layers, mode, why))
     trainings = {name: pipeline.trained(name) for name in pipeline.trainings}
     trainings = {name: t for name, t in trainings.items() if t is not None}
     if pipeline.small not in trainings or not tables:

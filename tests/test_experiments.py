@@ -104,10 +104,28 @@ def test_script_runs_in_quick_mode(name, tmp_path):
         section = (out / "section.md").read_text()
         assert "**Partial.**" in section and "--render-available" not in section
         greedy = partial["decodings"]["greedy"]  # the best mode: chosen on the val prompts, its test row read
-        val_modes = {m: r for m, r in greedy["val"]["rougeL"].items() if m in RAM_MODES}
-        assert greedy["best_mode"] == max(val_modes, key=lambda m: (val_modes[m], -RAM_MODES.index(m)))
-        assert greedy["val"]["n_prompts"] >= 1
+        lever = greedy["mds_aligner_temperature"]  # quick: mds at T_e 1 (the RAM val step) and 2 (its own val step)
+        assert (out / "val_greedy_s0_mds-te2.json").is_file() and set(lever["val_rougeL"]) == {"1", "2"}
+        te = max(sorted(lever["val_rougeL"], key=float), key=lambda t: lever["val_rougeL"][t])  # ties: the smaller
+        assert lever["chosen"] == float(te) and lever["val_rougeL"]["1"] == greedy["val"]["rougeL"]["mds"]
+        assert lever["row"] == (None if te == "1" else "mds-te2") and lever["missing"] == []
+        assert (out / "eval_greedy_s0_mds-te2.json").is_file() == (te == "2") == ("mds-te2" in greedy["systems"])
+        candidates = (*RAM_MODES, lever["row"]) if lever["row"] else RAM_MODES
+        val_modes = {m: greedy["val"]["rougeL"][m] for m in candidates}
+        assert greedy["best_mode"] == max(val_modes, key=lambda m: (val_modes[m], -candidates.index(m)))
+        assert greedy["val"]["n_prompts"] >= 1 and "| RAM `mds` (T_e = 2) |" in section
         assert {t["mode"] for t in greedy["targets"]} == {greedy["best_mode"]} and "ROUGE-L on val" in section
+        te2 = out / "val_greedy_s0_mds-te2.json"  # a temperature's val step missing: no T_e, no mode, said so
+        kept = te2.read_bytes()
+        te2.unlink()
+        load_script(name).main(["--quick", "--results-dir", str(tmp_path), "--render-available"])
+        partial = json.loads((out / "results.json").read_text())
+        assert partial["not_done"]["val_greedy_s0_mds-te2"] == "not run yet"
+        assert partial["decodings"]["greedy"]["best_mode"] is None and partial["decodings"]["greedy"]["targets"] == []
+        assert partial["decodings"]["greedy"]["mds_aligner_temperature"]["chosen"] is None
+        assert partial["headline"][0]["value"] == "pending: val steps not done: val_greedy_s0_mds-te2"
+        assert "T_e not chosen yet" in (out / "section.md").read_text()
+        te2.write_bytes(kept)
         (out / "val_greedy_s0_ram.json").unlink()  # val not done: the test rows are shown, no mode is chosen
         load_script(name).main(["--quick", "--results-dir", str(tmp_path), "--render-available"])
         pending = json.loads((out / "results.json").read_text())
@@ -211,6 +229,30 @@ def test_ram_xsum_keeps_the_dtype_a_run_directory_resolved_auto_to(tmp_path, mon
     (warm / "distill_summary.json").write_text("{}")
     assert ram_xsum.Pipeline._dtype(None, dataclasses.replace(config, out=str(warm))) == "fp32"
     assert ram_xsum.Pipeline._dtype(None, dataclasses.replace(config, out=str(warm), dtype="fp32")) == "fp32"
+
+
+def test_ram_xsum_mds_temperature_steps_are_the_ram_groups_with_mds_alone_at_another_aligner_temperature(tmp_path, capsys):
+    """``mds-te{T}``: the RAM group's val (or test) evaluation with `mds` alone and the aligner at T, recorded
+    beside it; the RAM group's own configuration (recorded steps) keeps the decoding's temperature."""
+    import argparse
+
+    ram_xsum = load_script("ram_xsum")
+    exp, _ = common.Experiment.start("ram_xsum", "RAM", ["--quick", "--results-dir", str(tmp_path)])
+    args = argparse.Namespace(proposal="p", aligner_layers=8, alpha=1e-4, aligner_lr=1e-4, lora_lr=3e-4, full_lr=2e-5,
+                              dtype="fp32", train_dtype="fp32", device="cpu", render_available=False)
+    pipeline = ram_xsum.Pipeline(exp, args, ram_xsum.QUICK)
+    greedy = ram_xsum.decodings((0,), ["greedy"])["greedy"]
+    for split in ("val", "test"):
+        ram, te2 = (dataclasses.asdict(pipeline.eval_config(g, greedy, 0, split)) for g in ("ram", "mds-te2"))
+        assert ram["decode"]["aligner_temperature"] == 1.0 and te2["decode"]["aligner_temperature"] == 2.0
+        assert te2["systems"] == ["mds"] and te2["decode"]["proposal_temperature"] == 1.0
+        assert common.config_differences(ram, te2) == ["decode", "systems"]
+        assert {k: v for k, v in te2["decode"].items() if k != "aligner_temperature"} == \
+            {k: v for k, v in ram["decode"].items() if k != "aligner_temperature"}
+    assert pipeline.eval_path("mds-te2", "greedy", 0, "val").name == "val_greedy_s0_mds-te2.json"
+    with pytest.raises(SystemExit):
+        ram_xsum.main(["--quick", "--results-dir", str(tmp_path), "--aligner-temperatures", "1,0"])
+    assert "--aligner-temperatures: aligner temperature '0' must be a finite number > 0" in capsys.readouterr().err
 
 
 def test_ram_xsum_steps_recorded_before_training_fields_were_added_are_reused():
