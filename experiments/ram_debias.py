@@ -40,7 +40,8 @@ from typing import NamedTuple
 
 from common import Experiment, eval_defaults, eval_expected, eval_recorded, resolved_dtype
 from eval_common import training_seconds
-from ram_debias_common import cost_table, generate_check, generation_contexts, generation_markdown, measure_cost, val_table
+from ram_debias_common import (cost_table, generate_check, generation_contexts, generation_markdown, measure_cost, val_table,
+                               why_missed)
 from unlearn_common import (BASE_MODEL, KeptBaseModel, base_eval, describe_test_set, enter_repo, eval_options, eval_step,
                             pairwise_run, read_json, records, runs_root, target_checks, targets_table, unlearn_config)
 
@@ -238,7 +239,14 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         val_table(trajectories, {labels[r]: kept[r]["step"] for r in ram_rows}),
     ])
-    blocks = {}
+    groups = base["benchmarks"]["stereoset"]["scores"]["overall"]
+    missed = why_missed(trajectories, {labels[r]: kept[r]["step"] for r in ram_rows},
+                        trainings[ram_rows[0]]["summary"]["selection"]["max_lms_drop"] if ram_rows else 2.0,
+                        {t: g["n_clusters"] for t, g in groups.items() if t != "overall"})
+    if missed:
+        markdown += "\n\n" + missed
+    blocks = {"ram_debias.table": compare_table(rows).rstrip() + "\n\n" + targets_table(checks).rstrip()
+              + ("\n\n" + missed if missed else "")}
     if generation:
         blocks["ram_debias.generations"] = (
             f"Seeded continuations (T 1, seed 0, {budget.generation_tokens} tokens, raw text, line breaks shown as "

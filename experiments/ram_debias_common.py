@@ -157,3 +157,34 @@ def val_table(trajectories: dict[str, list[dict]], kept: dict[str, int | None]) 
              "**kept**" if r["step"] == kept.get(label) else ""]
             for label, records in trajectories.items() for r in records]
     return markdown_table(["run", "step", "val SS", "val LMS", "worst type |SS−50|", "LMS drop", "kept"], rows, "lrrrrrl")
+
+
+def why_missed(trajectories: dict[str, list[dict]], kept: dict[str, int | None], max_lms_drop: float,
+               type_sizes: dict[str, int]) -> str:
+    """Why the SS targets are missed, from each RAM run's val evaluations: the lowest val SS any evaluation
+    reached (and its LMS drop), the worst bias type at the kept step, and the smallest test bias type.
+
+    ``trajectories``: label -> ``"val"`` records (``step``, ``ss``/``lms`` per type, ``worst_gap``,
+    ``lms_drop``); ``kept``: label -> kept step; ``type_sizes``: bias type -> test clusters.  Returns
+    markdown sentences (empty when there are no runs)."""
+    parts = []
+    for label, records in trajectories.items():
+        if not records:
+            continue
+        low = min(records, key=lambda r: r["ss"]["overall"])
+        at = next((r for r in records if r["step"] == kept.get(label)), None)
+        text = (f"{label}: lowest val SS {low['ss']['overall']:.2f} (step {low['step']}, LMS drop "
+                f"{low['lms_drop']:.2f}{'' if low['lms_drop'] <= max_lms_drop else ', above the allowed ' + format(max_lms_drop, 'g')})")
+        if at is not None:
+            types = {k: v for k, v in at["ss"].items() if k != "overall"}
+            worst = max(types, key=lambda k: abs(types[k] - 50))
+            text += (f"; at the kept step {at['step']} the worst val type is {worst} (SS {types[worst]:.1f}), "
+                     f"overall val SS {at['ss']['overall']:.2f}")
+        parts.append(text)
+    if not parts:
+        return ""
+    small = min(type_sizes, key=type_sizes.get) if type_sizes else None
+    tail = (f"  The smallest test type, {small}, has {type_sizes[small]} clusters, so one cluster moves its SS by "
+            f"{100 / type_sizes[small]:.1f} points." if small else "")
+    return ("Why the SS targets are missed (val data; the kept step is the smallest worst-type gap among evaluations "
+            f"within {max_lms_drop:g} LMS points of step 0): " + "; ".join(parts) + "." + tail)

@@ -1,4 +1,4 @@
-"""The generated parts of README.md (experiments/readme_common.py): headline table and named blocks."""
+"""The generated parts of README.md (experiments/readme_common.py) and the data-driven text they carry."""
 
 from __future__ import annotations
 
@@ -57,3 +57,18 @@ def test_a_readme_without_markers_is_left_alone(tmp_path):
     write_results(tmp_path, "exp_a", False, [("x", "1")], {"exp_a.gen": "block"})
     render_readme(tmp_path, readme, ["exp_a"])
     assert readme.read_text() == "# plain\nno markers\n"
+
+
+def test_why_missed_reads_the_lowest_val_ss_the_kept_steps_worst_type_and_the_smallest_test_type():
+    from ram_debias_common import why_missed
+
+    def val(step, overall, gender, religion, drop):
+        return {"step": step, "ss": {"overall": overall, "gender": gender, "religion": religion},
+                "lms": {"overall": 80.0}, "worst_gap": max(abs(gender - 50), abs(religion - 50)), "lms_drop": drop}
+
+    records = [val(0, 58.0, 60.0, 62.0, 0.0), val(25, 53.0, 55.0, 44.0, 0.5), val(50, 51.0, 52.0, 58.0, 2.5)]
+    text = why_missed({"run A": records, "run B": []}, {"run A": 25}, 2.0, {"gender": 86, "religion": 50})
+    assert "run A: lowest val SS 51.00 (step 50, LMS drop 2.50, above the allowed 2)" in text
+    assert "at the kept step 25 the worst val type is religion (SS 44.0), overall val SS 53.00" in text
+    assert "run B" not in text and "The smallest test type, religion, has 50 clusters" in text and "2.0 points" in text
+    assert why_missed({}, {}, 2.0, {}) == ""
