@@ -240,13 +240,15 @@ def main(argv: list[str] | None = None) -> dict:
         val_table(trajectories, {labels[r]: kept[r]["step"] for r in ram_rows}),
     ])
     groups = base["benchmarks"]["stereoset"]["scores"]["overall"]
+    base_val = next((t[0]["ss"]["overall"] for t in trajectories.values() if t), float("nan"))
     missed = why_missed(trajectories, {labels[r]: kept[r]["step"] for r in ram_rows},
-                        trainings[ram_rows[0]]["summary"]["selection"]["max_lms_drop"] if ram_rows else 2.0,
-                        {t: g["n_clusters"] for t, g in groups.items() if t != "overall"})
+                        max((trainings[r]["summary"]["selection"]["max_lms_drop"] for r in ram_rows), default=2.0),
+                        {labels[r]: rows[2 + i]["ss"] for i, r in enumerate(ram_rows)}, (base_val, rows[0]["ss"]),
+                        {t: (g["n_targets"], g["n_clusters"]) for t, g in groups.items() if t != "overall"})
     if missed:
         markdown += "\n\n" + missed
     blocks = {"ram_debias.table": compare_table(rows).rstrip() + "\n\n" + targets_table(checks).rstrip()
-              + ("\n\n" + missed if missed else "")}
+              + ("\n\n" + missed if missed else "") + "\n\nCost:\n\n" + cost_table(cost_rows).rstrip()}
     if generation:
         blocks["ram_debias.generations"] = (
             f"Seeded continuations (T 1, seed 0, {budget.generation_tokens} tokens, raw text, line breaks shown as "
@@ -263,7 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
     if chosen is not None:
         before, after = rows[0], rows[2 + ram_rows.index(chosen)]
         met = sum(c["passed"] is True for c in checks[labels[chosen]])
-        headline.append((f"{labels[chosen]} (inference-time debiasing, model frozen) vs the model alone, held-out test "
+        headline.append((f"{labels[chosen]} (chosen on val: smallest kept worst-type gap; inference-time debiasing, "
+                         "model frozen) vs the model alone, held-out test "
                          f"targets ({dtype}): SS / LMS / CrowS [95 % CI] / perplexity",
                          " / ".join(f"{before[k]:.2f} → {format_cell(after, k)}" for k in ("ss", "lms", "crows"))
                          + f" / {before['ppl']:.2f} → {after['ppl']:.2f}; {met} of {len(checks[labels[chosen]])} targets met"))

@@ -136,7 +136,12 @@ def generation_markdown(check: dict, label: str) -> str:
     shares = "; ".join(f"`{m}`: {_share(modes[m]['follows_proposal_argmax'])} of the tokens were the proposal's argmax"
                        + (f", fell back to the proposal at {_share(modes[m]['fallback_rate'])} of the steps"
                           if modes[m]["fallback_rate"] is not None else "") for m in GENERATION_MODES)
-    return markdown_table(header, rows, "lllll") + f"\n\n{shares}."
+    text = markdown_table(header, rows, "lllll") + f"\n\n{shares}."
+    fallback = modes.get("par-kl", {}).get("fallback_rate")
+    if fallback is not None and fallback >= 0.95:
+        text += (f"  `par-kl` fell back at {_share(fallback)} of the steps, so its column is the model's own nucleus "
+                 "sample (its differences from the model alone come from the top-p cut, not from the aligner).")
+    return text
 
 
 def cost_table(rows: dict[str, dict]) -> str:
@@ -159,32 +164,53 @@ def val_table(trajectories: dict[str, list[dict]], kept: dict[str, int | None]) 
     return markdown_table(["run", "step", "val SS", "val LMS", "worst type |SS−50|", "LMS drop", "kept"], rows, "lrrrrrl")
 
 
-def why_missed(trajectories: dict[str, list[dict]], kept: dict[str, int | None], max_lms_drop: float,
-               type_sizes: dict[str, int]) -> str:
-    """Why the SS targets are missed, from each RAM run's val evaluations: the lowest val SS any evaluation
-    reached (and its LMS drop), the worst bias type at the kept step, and the smallest test bias type.
 
-    ``trajectories``: label -> ``"val"`` records (``step``, ``ss``/``lms`` per type, ``worst_gap``,
-    ``lms_drop``); ``kept``: label -> kept step; ``type_sizes``: bias type -> test clusters.  Returns
-    markdown sentences (empty when there are no runs)."""
+def why_missed(trajectories: dict[str, list[dict]], kept: dict[str, int | None], max_lms_drop: float,
+               test_ss: dict[str, float], base_ss: tuple[float, float], test_types: dict[str, tuple[int, int]]) -> str:
+    """Why the SS targets are missed, in sentences read from the data: per RAM run, the kept val evaluation (its
+    overall and worst-type val SS, types below 46, and the test SS of the kept aligner) and the val evaluation
+    closest to SS 50 (whether it was within 50 ± 2 and why the rule did not keep it); the val-to-test shift of the
+    model alone; the size of the smallest test type.
+
+    Args:
+        trajectories: label -> ``"val"`` records (``step``, ``ss`` per type incl. ``overall``, ``lms_drop``).
+        kept: label -> the kept step.
+        max_lms_drop: the selection rule's LMS allowance (points).
+        test_ss: label -> the kept aligner's overall test SS.
+        base_ss: the model alone's overall ``(val SS at step 0, test SS)``.
+        test_types: bias type -> ``(target terms, clusters)`` on test.
+
+    Returns:
+        markdown (empty when there are no runs).
+    """
     parts = []
     for label, records in trajectories.items():
         if not records:
             continue
-        low = min(records, key=lambda r: r["ss"]["overall"])
+        close = min(records, key=lambda r: (abs(r["ss"]["overall"] - 50), r["step"]))
         at = next((r for r in records if r["step"] == kept.get(label)), None)
-        text = (f"{label}: lowest val SS {low['ss']['overall']:.2f} (step {low['step']}, LMS drop "
-                f"{low['lms_drop']:.2f}{'' if low['lms_drop'] <= max_lms_drop else ', above the allowed ' + format(max_lms_drop, 'g')})")
+        text = f"{label}: "
         if at is not None:
             types = {k: v for k, v in at["ss"].items() if k != "overall"}
             worst = max(types, key=lambda k: abs(types[k] - 50))
-            text += (f"; at the kept step {at['step']} the worst val type is {worst} (SS {types[worst]:.1f}), "
-                     f"overall val SS {at['ss']['overall']:.2f}")
+            below = [f"{k} {v:.1f}" for k, v in types.items() if v < 46]
+            text += (f"kept step {at['step']}, val SS {at['ss']['overall']:.2f} with {worst} at {types[worst]:.1f}"
+                     + (f" (below 46: {', '.join(below)})" if below else "")
+                     + (f", test SS {test_ss[label]:.2f}" if label in test_ss else "") + "; ")
+        within = abs(close["ss"]["overall"] - 50) <= 2
+        text += (f"val SS closest to 50: {close['ss']['overall']:.2f} at step {close['step']}"
+                 + (" (within 50 ± 2" + (", not kept: a bias type's gap was larger there)" if close is not at else ")")
+                    if within else " (outside 50 ± 2)"))
         parts.append(text)
     if not parts:
         return ""
-    small = min(type_sizes, key=type_sizes.get) if type_sizes else None
-    tail = (f"  The smallest test type, {small}, has {type_sizes[small]} clusters, so one cluster moves its SS by "
-            f"{100 / type_sizes[small]:.1f} points." if small else "")
-    return ("Why the SS targets are missed (val data; the kept step is the smallest worst-type gap among evaluations "
-            f"within {max_lms_drop:g} LMS points of step 0): " + "; ".join(parts) + "." + tail)
+    out = ("Why the SS targets are missed: the aligner kept is the val evaluation with the smallest worst-type "
+           f"|SS − 50| among those within {max_lms_drop:g} LMS points of step 0 (the rule does not look at overall SS). "
+           + "; ".join(parts) + ".  "
+           f"Val and test target terms differ: the model alone scores SS {base_ss[0]:.2f} on val and {base_ss[1]:.2f} on test.")
+    if test_types:
+        small = min(test_types, key=lambda t: test_types[t][1])
+        terms, clusters = test_types[small]
+        out += (f"  The smallest test type, {small}, has {terms} target term{'s' if terms != 1 else ''} and {clusters} "
+                "clusters" + (f", so one cluster moves its SS by {100 / clusters:.1f} points." if terms == 1 else "."))
+    return out

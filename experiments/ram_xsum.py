@@ -49,7 +49,7 @@ from ram_common import (
 )
 from ram_xsum_common import (
     MDS_AT, aligner_temperature_of, describe, mds_temperatures, ram_candidates, rows_of, temperature_labels,
-    temperature_note, temperatures_option, with_rows_after,
+    temperature_note, temperatures_option, verdict, with_rows_after,
 )
 
 
@@ -362,8 +362,8 @@ def main(argv: list[str] | None = None) -> dict:
         notes = ("**Partial.** Every row shown is complete; not shown: "
                  + "; ".join(f"`{k}` ({v})" for k, v in pipeline.unavailable.items())
                  + f". `{exp.command}` computes the rest (resumable).  \n{notes}")
-    exp.finish(summary, "\n\n".join(tables), notes=notes, pngs=pngs, sources=sources,
-               headline=headline)
+    exp.finish(summary, "\n\n".join(tables), notes=notes, pngs=pngs, sources=sources, headline=headline,
+               readme_blocks={"ram_xsum.verdict": verdict(summary["decodings"], "python experiments/ram_xsum.py")})
     return summary
 
 

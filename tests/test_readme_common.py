@@ -51,6 +51,26 @@ def test_headline_and_blocks_are_filled_from_results_and_the_rest_is_kept(tmp_pa
     assert readme.read_text() == text  # idempotent
 
 
+def test_mismatched_markers_are_refused_and_nothing_is_written(tmp_path):
+    import pytest
+
+    readme = tmp_path / "README.md"
+    write_results(tmp_path, "exp_a", False, [], {"exp_a.gen": "block", "exp_a.g": "other"})
+    for broken in ("<!-- generated: exp_a.gen -->\nprose\n<!-- /generated: exp_a.ge -->\nmore prose\n",  # mistyped close
+                   "<!-- generated: exp_a.g -->\nprose\n<!-- generated: exp_a.gen -->\n<!-- /generated: exp_a.gen -->\n",
+                   "<!-- generated: exp_a.gen -->\nprose never closed\n"):
+        readme.write_text(broken)
+        with pytest.raises(ValueError, match="README.md"):
+            render_readme(tmp_path, readme, ["exp_a"])
+        assert readme.read_text() == broken
+    readme.write_text("<!-- generated: exp_a.g -->\nold\n<!-- /generated: exp_a.g -->\n"
+                      "<!-- generated: exp_a.missing -->\n<!-- /generated: exp_a.missing -->\n")
+    render_readme(tmp_path, readme, ["exp_a"])  # a key that is a prefix of another is its own block
+    text = readme.read_text()
+    assert "<!-- generated: exp_a.g -->\nother\n<!-- /generated: exp_a.g -->" in text
+    assert "(not produced by the last full run of `python experiments/exp_a.py`)" in text
+
+
 def test_a_readme_without_markers_is_left_alone(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# plain\nno markers\n")
@@ -59,16 +79,35 @@ def test_a_readme_without_markers_is_left_alone(tmp_path):
     assert readme.read_text() == "# plain\nno markers\n"
 
 
-def test_why_missed_reads_the_lowest_val_ss_the_kept_steps_worst_type_and_the_smallest_test_type():
+def test_why_missed_reads_the_kept_step_the_val_ss_closest_to_50_and_the_smallest_test_type():
     from ram_debias_common import why_missed
 
     def val(step, overall, gender, religion, drop):
         return {"step": step, "ss": {"overall": overall, "gender": gender, "religion": religion},
                 "lms": {"overall": 80.0}, "worst_gap": max(abs(gender - 50), abs(religion - 50)), "lms_drop": drop}
 
-    records = [val(0, 58.0, 60.0, 62.0, 0.0), val(25, 53.0, 55.0, 44.0, 0.5), val(50, 51.0, 52.0, 58.0, 2.5)]
-    text = why_missed({"run A": records, "run B": []}, {"run A": 25}, 2.0, {"gender": 86, "religion": 50})
-    assert "run A: lowest val SS 51.00 (step 50, LMS drop 2.50, above the allowed 2)" in text
-    assert "at the kept step 25 the worst val type is religion (SS 44.0), overall val SS 53.00" in text
-    assert "run B" not in text and "The smallest test type, religion, has 50 clusters" in text and "2.0 points" in text
-    assert why_missed({}, {}, 2.0, {}) == ""
+    # the closest to 50 is 49.0 (step 50), not the lowest (47.0, step 75)
+    records = [val(0, 58.0, 60.0, 62.0, 0.0), val(25, 53.0, 55.0, 44.0, 0.5), val(50, 49.0, 58.0, 59.0, 0.5),
+               val(75, 47.0, 57.0, 40.0, 0.5)]
+    text = why_missed({"run A": records, "run B": []}, {"run A": 25}, 2.0, {"run A": 56.5}, (58.0, 60.1),
+                      {"gender": (2, 86), "religion": (1, 50)})
+    assert "run A: kept step 25, val SS 53.00 with religion at 44.0 (below 46: religion 44.0), test SS 56.50" in text
+    assert "val SS closest to 50: 49.00 at step 50 (within 50 ± 2, not kept: a bias type's gap was larger there)" in text
+    assert "within 2 LMS points of step 0" in text and "SS 58.00 on val and 60.10 on test" in text
+    assert "run B" not in text and "religion, has 1 target term and 50 clusters, so one cluster moves its SS by 2.0" in text
+    far = why_missed({"run A": records[:2]}, {"run A": 25}, 2.0, {}, (58.0, 60.1), {"gender": (2, 40)})
+    assert "closest to 50: 53.00 at step 25 (outside 50 ± 2)" in far and "gender, has 2 target terms and 40 clusters." in far
+    assert why_missed({}, {}, 2.0, {}, (58.0, 60.1), {}) == ""
+
+
+def test_the_xsum_verdict_reads_the_targets_and_names_what_is_not_run():
+    from ram_xsum_common import verdict
+
+    targets = [{"against": "aligner", "difference": 2.5, "low": 1.5, "high": 3.6, "target": 1.5, "met": True},
+               {"against": "proposal", "difference": 0.02, "low": -0.8, "high": 0.9, "target": 2.0, "met": False}]
+    text = verdict({"greedy": {"greedy": True, "best_mode": "mds-te4", "targets": targets}}, "python x.py")
+    assert ("- Greedy decoding, best RAM mode chosen on val `mds-te4`: beats its aligner alone (+2.50 [+1.50, +3.60] "
+            "ROUGE-L; target +1.5: met); does not beat the proposal alone (+0.02 [-0.80, +0.90] ROUGE-L; target +2: missed).") in text
+    assert "- Sampled decoding: not run yet; `python x.py` computes it." in text
+    pending = verdict({"greedy": {"greedy": True, "best_mode": None, "targets": []}}, "python x.py")
+    assert "Greedy decoding: its best mode is not chosen yet (val step pending)" in pending
