@@ -36,6 +36,21 @@ def make_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def fp32_auto_dtype():
+    """``--dtype auto`` resolves to fp32 in every test and every process it starts (AMENDLM_CPU_BF16=0): the
+    timing probe can answer differently in two processes whose results a test compares."""
+    import os
+
+    saved = os.environ.get("AMENDLM_CPU_BF16")
+    os.environ["AMENDLM_CPU_BF16"] = "0"
+    yield
+    if saved is None:
+        os.environ.pop("AMENDLM_CPU_BF16", None)
+    else:
+        os.environ["AMENDLM_CPU_BF16"] = saved
+
+
+@pytest.fixture(scope="session", autouse=True)
 def private_hash_cache(tmp_path_factory):
     """Keep the tests' file hashes out of the real ``~/.cache/amendlm/sha256.json``.
 

@@ -12,8 +12,9 @@ from amendlm.modeling import autocast, dtype_record, parse_dtype, resolve_dtype
 
 
 @pytest.fixture()
-def fresh_probe():
-    """Forget the per-process probe result before and after the test."""
+def fresh_probe(monkeypatch):
+    """Forget the per-process probe result before and after the test (and run the probe: no AMENDLM_CPU_BF16)."""
+    monkeypatch.delenv(modeling.CPU_BF16_ENV, raising=False)
     modeling.cpu_bf16_is_fast.cache_clear()
     yield
     modeling.cpu_bf16_is_fast.cache_clear()
@@ -86,3 +87,11 @@ def test_an_adapter_path_error_says_whether_the_directory_is_missing_or_not_an_a
         attach_adapter(None, tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         attach_adapter(None, tmp_path)
+
+
+def test_the_environment_answers_the_probe_for_every_process(fresh_probe, monkeypatch):
+    monkeypatch.setattr(modeling, "cpu_bf16_speedup", lambda: pytest.fail("probed"))
+    for value, expected in (("0", torch.float32), ("1", torch.bfloat16)):
+        monkeypatch.setenv(modeling.CPU_BF16_ENV, value)
+        modeling.cpu_bf16_is_fast.cache_clear()
+        assert modeling.resolve_dtype("auto", "cpu") == expected

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import logging
 import re
 import time
@@ -107,9 +108,17 @@ def cpu_bf16_speedup(size: int = 512, calls: int = 4, repeats: int = 3) -> float
     return fp32 / max(bf16, 1e-9)
 
 
+CPU_BF16_ENV = "AMENDLM_CPU_BF16"  # "1" / "0": skip the probe (every process of a run then resolves auto alike)
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_is_fast() -> bool:
-    """Whether bf16 autocast is at least :data:`BF16_MIN_SPEEDUP` times faster than fp32 on this CPU (cached per process)."""
+    """Whether bf16 autocast is at least :data:`BF16_MIN_SPEEDUP` times faster than fp32 on this CPU (cached per
+    process).  The environment variable ``AMENDLM_CPU_BF16`` = ``1`` / ``0`` answers without the probe: a timing
+    probe near the threshold can answer differently in two processes of one run (or two runs compared)."""
+    forced = os.environ.get(CPU_BF16_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
     speedup = cpu_bf16_speedup()
     logger.info("dtype auto: bf16 autocast matmuls are %.2fx fp32 on this CPU -> %s", speedup,
                 "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32")
