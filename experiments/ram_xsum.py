@@ -6,7 +6,8 @@ configuration matches is reused, and sampling and training resume inside a step)
 1. proposal samples ``y' ~ P_M`` for the training prompts (:func:`amendlm.ram.sample.sample_proposal`)
    -> ``runs/ram/samples.jsonl``;
 2. optionally (``--warmup-steps``, default on) a distillation warm-up of the proposal's first K
-   blocks towards the proposal on the training documents (:func:`amendlm.ram.distill.distill_aligner`):
+   blocks towards the proposal on the training documents, those of the val prompts (the ones step 3 holds
+   out) left out (:func:`amendlm.ram.distill.distill_aligner`):
    a cut decoder starts far from any language model, and the warm-up costs a few hundred steps;
 3. the small aligner: those K blocks (embeddings, final norm and head included) trained in full with
    the residual loss, alpha 1e-4, held-out loss per epoch (:func:`amendlm.ram.train.train_aligner`);
@@ -92,6 +93,7 @@ class Pipeline:
         from amendlm.ram.losses import LossConfig
         from amendlm.ram.sample import SampleConfig
         from amendlm.ram.train import TrainConfig
+        from amendlm.ram.validation import ValSplit
 
         self.exp, self.args, self.budget = exp, args, budget
         self.unavailable: dict[str, str] = {}  # --render-available: step -> why it is not shown
@@ -103,13 +105,10 @@ class Pipeline:
         self.sample = SampleConfig(proposal=args.proposal, out=self.shown(runs / "samples.jsonl"), task=self.train_task,
                                    max_new_tokens=b.max_new_tokens, batch_size=b.sample_batch_size, dtype=args.dtype,
                                    device=args.device)
-        self.warmup = DistillConfig(out=self.shown(runs / f"warmup{k}"), proposal=args.proposal, layers=k, task=self.train_task,
-                                    max_tokens=b.warmup_tokens, steps=b.warmup_steps, batch_size=b.batch_size,
-                                    dtype=args.train_dtype, device=args.device) if b.warmup_steps else None
         common = dict(samples=self.sample.out, proposal=args.proposal, task=self.train_task, epochs=b.epochs,
                       batch_size=b.batch_size, log_every=1 if exp.quick else 5, dtype=args.train_dtype, device=args.device)
-        small = (dict(aligner=self.shown(Path(self.warmup.out) / "aligner")) if self.warmup
-                 else dict(init_from_proposal_layers=k))
+        warm = runs / f"warmup{k}"
+        small = (dict(aligner=self.shown(warm / "aligner")) if b.warmup_steps else dict(init_from_proposal_layers=k))
         self.trainings = {
             f"small{k}": TrainConfig(out=self.shown(runs / f"small{k}"), loss=LossConfig(alpha=args.alpha), lora=False,
                                      learning_rate=args.aligner_lr, **small, **common),
@@ -117,6 +116,11 @@ class Pipeline:
                                     lora=True, learning_rate=args.lora_lr, **common),
             "sft-full": TrainConfig(out=self.shown(runs / "sft-full"), aligner=args.proposal, loss=LossConfig(alpha=0.0),
                                     lora=False, learning_rate=args.full_lr, **common)}
+        # the warm-up leaves out the documents of the prompts the small aligner's training holds out (val)
+        self.warmup = DistillConfig(out=self.shown(warm), proposal=args.proposal, layers=k, task=self.train_task,
+                                    holdout=ValSplit.of_training(self.trainings[f"small{k}"]),
+                                    max_tokens=b.warmup_tokens, steps=b.warmup_steps, batch_size=b.batch_size,
+                                    dtype=args.train_dtype, device=args.device) if b.warmup_steps else None
         self.small = f"small{k}"
 
     @staticmethod
@@ -170,7 +174,7 @@ class Pipeline:
         decode = DecodeConfig(mode="par-kl", proposal_temperature=t, aligner_temperature=t)
         small = self.trainings[self.small]
         if split == "val":
-            val = ValSplit(small.eval_fraction, small.seed, small.samples, small.task.limit)
+            val = ValSplit.of_training(small)
             return AlignEvalConfig(proposal=self.args.proposal, aligner=f"{small.out}/aligner",
                                    systems=["proposal", "aligner", *RAM_MODES], task=self.val_task, decode=decode,
                                    generate=generate, device=self.args.device, val=val)

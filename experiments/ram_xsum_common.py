@@ -188,7 +188,7 @@ def describe(pipeline, trainings: dict[str, dict], n_val: str | None) -> str:
              f"documents cut to {pipeline.test_task.max_document_tokens} tokens, at most {pipeline.budget.max_new_tokens} new "
              f"tokens, stop strings {list(pipeline.test_task.stop)!r}."]
     warm = pipeline.warmup
-    start = (f"a {warm.steps}-step distillation warm-up (KL to the proposal on the training documents, {warm.max_tokens} "
+    start = (f"a {warm.steps}-step distillation warm-up (KL to the proposal on the training documents but the val prompts', {warm.max_tokens} "
              f"tokens each, batch {warm.batch_size})" if warm else "no warm-up")
     lines.append(f"Small aligner: the proposal's first {pipeline.args.aligner_layers} blocks (+ embeddings, final norm, head; "
                  f"{small.get('trainable_parameters', 0):,} parameters, all trained), after {start}, trained with the "

@@ -366,7 +366,7 @@ def test_distillation_warm_up_moves_the_cut_aligner_towards_the_proposal(workspa
     assert summary["steps"] == 8 and not summary["already_finished"]
     saved = json.loads((tmp_path / "warm" / "aligner" / "config.json").read_text())
     assert saved["num_hidden_layers"] == 1
-    assert json.loads((tmp_path / "warm" / "distill_config.json").read_text())["n_texts"] == 9  # the 9 training documents
+    assert json.loads((tmp_path / "warm" / "distill_config.json").read_text())["n_texts"] == 8  # 9 training documents, 1 held out
     assert distill_aligner(config)["already_finished"]
 
     proposal, _ = load_model(str(root / "proposal"))

@@ -122,3 +122,36 @@ def test_align_eval_on_val_and_its_one_line_refusals(trained, tmp_path, monkeypa
     assert "apply to --split val only" in error(["--aligner", str(root / "run"), "--val-seed", "3"], 2)
     assert "--split must be test or val" in error(["--aligner", str(root / "run"), "--split", "train"], 2)
     assert not (tmp_path / "no.json").exists()
+
+
+def test_warm_up_text_leaves_out_the_documents_align_train_holds_out(trained):
+    from amendlm.ram.distill import DistillConfig, warmup_texts
+    from amendlm.ram.train import TrainConfig
+
+    root, task, held, train_ids, lacking = trained
+    training = TrainConfig(out="x", samples=str(root / "s.jsonl"), task=task, eval_fraction=FRACTION, seed=SEED,
+                           init_from_proposal_layers=1)
+    config = DistillConfig(out="w", task=task, holdout=ValSplit.of_training(training))
+    prompts = {r["prompt"]: r["id"] for r in task_rows(task)}
+    kept = {prompts[t] for t in warmup_texts(config)}
+    assert held and kept == set(train_ids) - set(held)  # every train document but the held-out prompts'
+    assert {prompts[t] for t in warmup_texts(dataclasses.replace(config, holdout=None))} == set(train_ids)
+
+
+def test_a_finished_warm_up_made_otherwise_is_refused_not_reused(tmp_path):
+    from amendlm.ram.distill import DistillConfig, distill_aligner
+
+    out = tmp_path / "warm"
+    (out / "aligner").mkdir(parents=True)
+    (out / "aligner" / "config.json").write_text("{}")
+    (out / "distill_summary.json").write_text(json.dumps({"steps": 3}))
+    config = DistillConfig(out=str(out), steps=3, dtype="fp32")
+    recorded = {**json.loads(json.dumps(dataclasses.asdict(config))), "dtype": "fp32", "n_texts": 9}
+    (out / "distill_config.json").write_text(json.dumps(recorded))
+    assert distill_aligner(config)["already_finished"]  # same configuration: returned, nothing trained
+    (out / "distill_config.json").write_text(json.dumps({k: v for k, v in recorded.items() if k != "holdout"}))
+    with pytest.raises(ValueError, match=r"another configuration \(holdout differ"):  # made before holdout existed
+        distill_aligner(config)
+    (out / "distill_config.json").write_text(json.dumps({**recorded, "steps": 4}))
+    with pytest.raises(ValueError, match="steps differ"):
+        distill_aligner(config)

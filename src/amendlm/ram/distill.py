@@ -4,12 +4,14 @@ Cutting a decoder to its first K blocks (plus its final norm and head, :func:`am
 leaves a model whose next-token distributions are far from any language model's.  Before it is trained
 on a task, a short warm-up teaches it to predict like the proposal: on plain text, the loss at every
 position is ``KL(P_M || Q)`` (:func:`amendlm.ram.losses.token_kl`), the proposal frozen and run without
-gradients.  The text is the task's training documents (news text for XSum; never a summary and never a
-held-out prompt) or any text dataset (``texts``).
+gradients.  The text is the task's training documents (news text for XSum; never a summary, and without the
+documents of the prompts ``align train`` will hold out, ``holdout``, so the val split stays unseen) or any
+text dataset (``texts``).
 
 Outputs in ``out``: ``aligner/`` (model + tokenizer), ``distill_config.json``, ``distill_log.jsonl`` and
 ``distill_summary.json`` (written last; a rerun of a finished warm-up returns it and trains nothing).
-The warm-up is short and not checkpointed: an interrupted one starts again.
+The warm-up is short and not checkpointed: an interrupted one starts again.  A finished one in ``out``
+made with another configuration is refused, not returned.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from amendlm.modeling import parse_dtype
 from amendlm.ram.data import TaskConfig
+from amendlm.ram.validation import ValSplit
 from amendlm.resources import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
@@ -41,6 +44,10 @@ class DistillConfig:
         layers: ``K``, blocks kept. 8.
         task: whose ``train`` documents are the text when ``texts`` is ``None``.
         texts: a text dataset (``text`` field, e.g. ``wikitext-sample``) instead of the task's documents.
+        holdout: the prompts the ``align train`` run that starts from this aligner holds out (its
+            ``--eval-fraction``, ``--seed``, ``--samples`` and ``--limit``: :meth:`ValSplit.of_training`);
+            their documents are left out of the task's, so ``align eval --split val`` scores unseen
+            prompts.  Default: ``align train``'s defaults without a samples file.  None: every document.
         max_tokens: tokens per text (cut). 128.
         steps, batch_size, learning_rate: AdamW, linear warm-up over the first 5 % then decay. 200, 8, 1e-4.
         seed: text order and initialisation.
@@ -52,6 +59,7 @@ class DistillConfig:
     layers: int = 8
     task: TaskConfig = field(default_factory=TaskConfig)
     texts: str | None = None
+    holdout: ValSplit | None = field(default_factory=ValSplit)
     max_tokens: int = 128
     steps: int = 200
     batch_size: int = 8
@@ -70,15 +78,22 @@ class DistillConfig:
 
 
 def warmup_texts(config: DistillConfig) -> list[str]:
-    """The warm-up texts: ``texts`` (its ``text`` field), or the documents of the task's ``train`` split."""
+    """The warm-up texts: ``texts`` (its ``text`` field), or the documents of the task's ``train`` split
+    but those of ``holdout``'s prompts.
+
+    Raises:
+        FileNotFoundError: ``holdout.samples`` names no file (:func:`amendlm.ram.validation.heldout_rows`).
+    """
     from dataclasses import replace
 
     from amendlm.data.text import load_texts
     from amendlm.ram.data import task_rows
+    from amendlm.ram.validation import heldout_rows
 
     if config.texts is not None:
         return load_texts(config.texts)
-    return [row["prompt"] for row in task_rows(replace(config.task, split="train", limit=None))]
+    held = {row["id"] for row in heldout_rows(config.task, config.holdout)[0]} if config.holdout else set()
+    return [row["prompt"] for row in task_rows(replace(config.task, split="train", limit=None)) if row["id"] not in held]
 
 
 def distill_aligner(config: DistillConfig, progress: bool = False) -> dict:
@@ -86,6 +101,10 @@ def distill_aligner(config: DistillConfig, progress: bool = False) -> dict:
 
     Returns:
         a summary: steps, first and last logged loss (nats per position), seconds, the aligner's path.
+
+    Raises:
+        ValueError: ``out`` holds a finished warm-up whose ``distill_config.json`` differs from ``config``.
+        FileNotFoundError: see :func:`warmup_texts`.
     """
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -97,6 +116,12 @@ def distill_aligner(config: DistillConfig, progress: bool = False) -> dict:
 
     out = Path(config.out)
     if (out / "distill_summary.json").is_file() and (out / "aligner" / "config.json").is_file():
+        saved = json.loads((out / "distill_config.json").read_text())
+        differs = sorted(k for k, v in json.loads(json.dumps(asdict(config))).items()
+                         if k != "dtype" and saved.get(k, None if k == "holdout" else v) != v)
+        if differs:
+            raise ValueError(f"{out}: a finished warm-up with another configuration ({', '.join(differs)} differ "
+                             f"from {out / 'distill_config.json'}); use another out directory or delete it")
         return {**json.loads((out / "distill_summary.json").read_text()), "already_finished": True}
     texts = warmup_texts(config)
     teacher, tokenizer = load_model(config.proposal, device=config.device)

@@ -50,6 +50,16 @@ class ValSplit:
         if self.train_limit is not None and self.train_limit < 1:
             raise ValueError(f"--split val: train_limit must be >= 1, got {self.train_limit}")
 
+    @classmethod
+    def of_training(cls, config) -> "ValSplit":
+        """The prompts an :class:`amendlm.ram.train.TrainConfig` holds out (its ``eval_fraction``, ``seed``,
+        ``samples`` and ``task.limit``).
+
+        Raises:
+            ValueError: ``eval_fraction`` is 0 (nothing is held out).
+        """
+        return cls(config.eval_fraction, config.seed, config.samples, config.task.limit)
+
 
 def heldout_rows(task: TaskConfig, val: ValSplit) -> tuple[list[dict], int]:
     """The held-out rows ``{"id", "prompt", "response"}`` in train-split order (all of them, ``task.limit`` not
