@@ -2,9 +2,11 @@
 BiasUnlearn targets of each run against the base model, training cost, and a Pareto figure.
 
 Rows: the embedded model before unlearning; BiasUnlearn 50 steps; BiasUnlearn with the official
-code's batch-mean NPO, 100 steps; the baselines npo, gradascent, graddiff, dpo and sft-anti at 50
-steps (val evaluations every 25); the default recipe of ``amendlm debias`` (``pairwise``, 100 steps:
-the run of ``unlearn_ablation.py``'s ``dpo-swap`` row, shared).  Each run is ``amendlm.unlearn.trainer.train`` into
+code's batch-mean NPO, 100 steps; the baselines npo, gradascent, graddiff, dpo and sft-anti at the
+default recipe's budget (equal compute: 100 steps of 8 examples per stream, val evaluations every 20;
+packed steps); the default recipe of ``amendlm debias`` (``pairwise``, 100 steps: the run of
+``unlearn_ablation.py``'s ``dpo-swap`` row, shared); the official recipe (``--recipe official``: the
+public BiasUnlearn code's settings and control flow, 4 / 28 / 28 examples per step), 300 steps.  Each run is ``amendlm.unlearn.trainer.train`` into
 ``runs/unlearn/<run>``, evaluated with ``amendlm.bias.evaluate.evaluate_model`` on the test targets
 (see ``unlearn_common.py`` for paths and reuse).
 
@@ -12,15 +14,16 @@ the run of ``unlearn_ablation.py``'s ``dpo-swap`` row, shared).  Each run is ``a
     python experiments/unlearn_methods.py                # --dtype auto: bf16 where native, else fp32
     python experiments/unlearn_methods.py --quick --results-dir /tmp/um   # biasunlearn + dpo, 2 steps; ~1 min
 
-From scratch the full run takes about 70 minutes on the machine that made the recorded rows
-(training 2,340 s and evaluation 1,800 s in their summaries and eval JSONs, bf16 on an AVX-512 BF16
-CPU, one thread each); fp32 on an AVX2-only CPU several times that.
+Each row's training and evaluation seconds are in the page's training table (from its summary and eval
+JSON).  Estimated before running them: the five baselines at the equal budget about an hour, the official
+recipe's 300 packed steps of 4 / 28 / 28 about 45 minutes (2 cores, fp32 with AVX-512).
 """
 
 from __future__ import annotations
 
 import sys
 
+from amendlm.unlearn.recipes import recipe_fields
 from common import Experiment, markdown_table, resolved_dtype
 from eval_common import seconds_cell, training_seconds
 from unlearn_common import (BASE_MODEL, BIASUNLEARN_50, QUICK_UNLEARN, Run, base_eval, describe_test_set, enter_repo,
@@ -28,13 +31,19 @@ from unlearn_common import (BASE_MODEL, BIASUNLEARN_50, QUICK_UNLEARN, Run, base
                             targets_table, unlearn_config)
 
 BASELINES = ("npo", "gradascent", "graddiff", "dpo", "sft-anti")
+# the default recipe's budget, given to every baseline (equal compute): optimizer steps, examples per stream
+# and step (UnlearnConfig's batch_size, 8), val evaluations every 20 steps; packed steps (same losses, faster)
+EQUAL_BUDGET = {"max_steps": 100, "eval_every": 20, "packing": True}
+OFFICIAL_STEPS = 300  # the official recipe runs until every type is within 2 of 50 or step 1000; here up to 300
 RUNS = (
     BIASUNLEARN_50,
     # `--npo-reduction batch_mean --max-steps 100` (README; the run's name records its lr, the default)
     Run("bu_bm_lr2e-4", {"method": "biasunlearn", "npo_reduction": "batch_mean", "max_steps": 100}),
-    # `amendlm debias --method M --out runs/unlearn/M_s50 --dtype bf16 --max-steps 50 --eval-every 25`
-    *(Run(m, {"method": m, "max_steps": 50, "eval_every": 25}) for m in BASELINES),
+    # `amendlm debias --method M --out runs/unlearn/M_s100_fp32 --dtype fp32 --max-steps 100 --eval-every 20 --packing`
+    *(Run(m, {"method": m, **EQUAL_BUDGET}) for m in BASELINES),
     pairwise_run(),  # `amendlm debias --out runs/unlearn/ablation_dpo-swap_s100_fp32 --dtype fp32`
+    # `amendlm debias --recipe official --max-steps 300 --packing --out runs/unlearn/official_s300_fp32 --dtype fp32`
+    Run("official", {"recipe": "official", **recipe_fields("official"), "max_steps": OFFICIAL_STEPS, "packing": True}),
 )
 QUICK_RUNS = (BIASUNLEARN_50, Run("dpo", {"method": "dpo", "max_steps": 50, "eval_every": 25}))
 # settings shown once for all rows when they are equal
@@ -55,12 +64,10 @@ def label_of(config) -> str:
     """``method, <options besides the budget>, N steps``, e.g. ``biasunlearn, npo_reduction=batch_mean, 100 steps``.
 
     The ``--quick`` budget is left out (it is the same for every row and in the options column)."""
-    from amendlm.unlearn.recipes import recipe_fields
-
-    pairwise = recipe_fields("pairwise")
-    if all(getattr(config, k) == v for k, v in pairwise.items() if k != "max_steps"):
-        return f"default recipe (pairwise), {config.max_steps} steps"
-    budget = ("method", "max_steps", "eval_every", *QUICK_UNLEARN)  # in the training table's options column
+    for recipe, label in (("pairwise", "default recipe (pairwise)"), ("official", "official recipe")):
+        if all(getattr(config, k) == v for k, v in recipe_fields(recipe).items() if k != "max_steps"):
+            return f"{label}, {config.max_steps} steps"
+    budget = ("method", "max_steps", "eval_every", "packing", *QUICK_UNLEARN)  # in the training table's options column
     extra = [o for o in options_text(config).split() if o.split("=", 1)[0] not in budget]
     return ", ".join([config.method, *extra, f"{config.max_steps} steps"])
 
