@@ -71,6 +71,29 @@ def test_mismatched_markers_are_refused_and_nothing_is_written(tmp_path):
     assert "(not produced by the last full run of `python experiments/exp_a.py`)" in text
 
 
+def test_a_marker_that_would_not_be_filled_is_refused(tmp_path):
+    import pytest
+
+    readme = tmp_path / "README.md"
+    write_results(tmp_path, "exp_a", False, [], {"exp_a.gen": "block"})
+    for broken in ("<!-- generated: exp_a.gen --> text on the marker's line\nold\n<!-- /generated: exp_a.gen -->\n",
+                   "<!-- generated: exp_a.gen -->\nold\n<!-- /generated: exp_a.gen  -->\n",
+                   "<!-- generated: exp_a.gen (a > b) -->\nold\n<!-- /generated: exp_a.gen -->\n"):
+        readme.write_text(broken)
+        with pytest.raises(ValueError, match=r"README.md:[13]: malformed generated-block marker"):
+            render_readme(tmp_path, readme, ["exp_a"])
+        assert readme.read_text() == broken
+
+
+def test_the_repository_readme_has_well_formed_markers_and_the_headline():
+    from readme_common import check_blocks
+
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    text = readme.read_text()
+    check_blocks(text, readme)
+    assert HEADLINE_BEGIN in text and HEADLINE_END in text
+
+
 def test_a_readme_without_markers_is_left_alone(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# plain\nno markers\n")
