@@ -239,3 +239,12 @@ def test_sampled_temperatures_are_multiples_of_the_decodings_and_one_temperature
     alone = ram_xsum_common.mds_temperatures(FakePipeline({}, {}), "greedy", GREEDY, {"mds": row([1.0])}, (1.0,))
     assert alone["best_row"] is None and ram_xsum_common.temperature_note(alone, 1.0) == ""
     assert ram_xsum_common.temperature_labels(alone, 1.0) == ({}, {})
+    # a decoding temperature :g rounds (1/3) is one T_e, plain mds, not also a step mds-te0.333333
+    third = {"greedy": False, "temperature": 1 / 3, "seeds": [0]}
+    pipeline = FakePipeline({"mds-te0.666667": [11.0, 11.0]}, {})
+    temps = ram_xsum_common.mds_temperatures(pipeline, "sampled", third, {"mds": row([12.0, 12.0])}, (1.0, 2.0))
+    assert temps["temperatures"] == [0.333333, 0.666667] and pipeline.calls == [("mds-te0.666667", "val")]
+    assert temps["val_rougeL"] == {"0.333333": 12.0, "0.666667": 11.0} and temps["best_row"] == "mds"
+    assert ram_xsum_common.temperature_labels(temps, 1 / 3)[1] == {"mds": "RAM `mds` (T_e = 0.333333)",
+                                                                   "mds-te0.666667": "RAM `mds` (T_e = 0.666667)"}
+    assert "RAM `mds` itself: no extra test row" in ram_xsum_common.temperature_note(temps, 1 / 3)
