@@ -86,6 +86,16 @@ def ram_candidates(variant: str | None) -> tuple[str, ...]:
     return (*RAM_MODES, variant) if variant else RAM_MODES
 
 
+def pending_reason(pending: list[str], ram_step: str) -> str | None:
+    """Why no RAM mode is chosen on val, for ``ram_common.headline_row``: None when only the RAM val step
+    ``ram_step`` is missing (its default), the val steps ``pending`` not done, or, none missing, that the val
+    rows hold no RAM mode."""
+    if pending == [ram_step]:
+        return None
+    return ("val steps not done: " + ", ".join(pending) if pending
+            else f"no RAM mode ({', '.join(RAM_MODES)}) was evaluated on val")
+
+
 def with_rows_after(rows: dict[str, dict], anchor: str, extra: dict[str, dict]) -> dict[str, dict]:
     """``rows`` with ``extra`` inserted right after ``anchor`` (at the end when ``anchor`` is absent)."""
     if anchor not in rows:

@@ -223,6 +223,12 @@ def test_plain_mds_best_on_val_gets_no_extra_row_and_missing_val_steps_choose_no
     many = ram_common.mode_choice({}, None, None, {}, ["val_greedy_s0_ram", "val_greedy_s0_mds-te4"])
     assert "the val steps (`val_greedy_s0_ram`, `val_greedy_s0_mds-te4`) are not done" in many
     assert ram_common.headline_row([], {}, [], 8, None, "val steps not done: x")[1] == "pending: val steps not done: x"
+    for pending_steps, reason in ((["val_greedy_s0_ram"], "the val step has not run"),
+                                  (["val_greedy_s0_ram", "val_greedy_s0_mds-te4"],
+                                   "val steps not done: val_greedy_s0_ram, val_greedy_s0_mds-te4"),
+                                  ([], "no RAM mode (par, par-kl, sir, mds) was evaluated on val")):
+        why = ram_xsum_common.pending_reason(pending_steps, "val_greedy_s0_ram")
+        assert ram_common.headline_row([], {}, [], 8, None, why)[1] == f"pending: {reason}"
     # the RAM val step itself missing: no T_e either
     temps = ram_xsum_common.mds_temperatures(FakePipeline({"mds-te2": [1.0]}, {}), "greedy", GREEDY, {}, (1.0, 2.0))
     assert temps["chosen"] is None and "the RAM val step" in ram_xsum_common.temperature_note(temps, 1.0)
