@@ -114,7 +114,7 @@ def rows_of(pipeline, decoding_name: str, decoding: dict, split: str = "test") -
     groups left out (with ``--render-available``, a group whose evaluation is missing for any seed)."""
     groups = ("ram", *FINETUNES) if split == "test" else ("ram",)
     found = {g: {seed: pipeline.evaluated(g, decoding_name, decoding, seed, split) for seed in decoding["seeds"]} for g in groups}
-    rows, n_prompts, skipped = seed_rows(found)
+    rows, n_prompts, skipped = seed_rows(found, lambda g, seed: pipeline.eval_path(g, decoding_name, seed, split).name)
     paths = [pipeline.eval_path(g, decoding_name, seed, split) for g in groups if g not in skipped for seed in decoding["seeds"]]
     return rows, paths, n_prompts, skipped
 
@@ -124,7 +124,7 @@ def _mds_group(pipeline, group: str, decoding_name: str, decoding: dict, split: 
     found = {seed: pipeline.evaluated(group, decoding_name, decoding, seed, split) for seed in decoding["seeds"]}
     paths = [pipeline.eval_path(group, decoding_name, seed, split) for seed in found]
     missing = [p.stem for p, data in zip(paths, found.values()) if data is None]
-    rows, _, _ = seed_rows({group: found})
+    rows, _, _ = seed_rows({group: found}, lambda g, seed: pipeline.eval_path(g, decoding_name, seed, split).name)
     return (None, [], missing) if missing else (rows["mds"], paths, [])
 
 

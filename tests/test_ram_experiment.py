@@ -112,8 +112,13 @@ def test_seed_rows_average_seeds_name_fine_tunes_and_skip_incomplete_groups():
     assert (n, skipped, list(rows)) == (2, ["sft-lora"], ["par", "sft-full"])
     assert rows["par"]["per_prompt_rougeL"] == [15.0, 25.0] and rows["sft-full"]["rougeL"] == 7.0
     assert ram_common.seed_rows({"ram": {0: None}}) == ({}, None, ["ram"])
-    with pytest.raises(ValueError, match="different numbers of prompts"):
+    with pytest.raises(ValueError, match="different numbers of prompts: ram seed 0 1, sft-full seed 0 2$"):
         ram_common.seed_rows({"ram": {0: run([1.0])}, "sft-full": {0: run([1.0, 2.0], True)}})
+    # rows_of names the decoding's files
+    pipeline = FakePipeline({}, {})
+    pipeline.evaluated = lambda group, name, decoding, seed, split="test": run([1.0] * (1 + seed))
+    with pytest.raises(ValueError, match=r"prompts: eval_sampled_s0_ram.json 1, eval_sampled_s1_ram.json 2, .*sft-full.json"):
+        ram_xsum_common.rows_of(pipeline, "sampled", {"seeds": [0, 1]})
 
 
 def test_evaluations_recorded_before_the_val_split_existed_are_reused():
