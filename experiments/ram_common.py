@@ -16,6 +16,7 @@ numbers of ``experiments/ram_xsum.py`` are tested without a model:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from amendlm.bias.bootstrap import paired_difference
 from amendlm.ram import run_dir
@@ -85,9 +86,11 @@ def paired_intervals(rows: dict[str, dict], baselines=BASELINES) -> dict[str, di
     return out
 
 
-def seed_rows(found: dict[str, dict[int, dict | None]]) -> tuple[dict[str, dict], int | None, list[str]]:
+def seed_rows(found: dict[str, dict[int, dict | None]], where: Callable[[str, int], str] | None = None
+              ) -> tuple[dict[str, dict], int | None, list[str]]:
     """Every system's row (:func:`system_row`, averaged over seeds by :func:`mean_over_seeds`) of one decoding
-    and split, from ``{group: {seed: align eval results, or None when not recorded}}``.
+    and split, from ``{group: {seed: align eval results, or None when not recorded}}``; ``where(group, seed)``
+    names an evaluation in the error (e.g. its file; default ``"GROUP seed N"``).
 
     Returns:
         ``(rows, n_prompts, skipped)``: the rows in :data:`SYSTEMS` order (a ``finetuned`` system is named
@@ -95,20 +98,21 @@ def seed_rows(found: dict[str, dict[int, dict | None]]) -> tuple[dict[str, dict]
         because an evaluation of theirs is missing for some seed.
 
     Raises:
-        ValueError: the evaluations were made over different numbers of prompts.
+        ValueError: the evaluations were made over different numbers of prompts (names each with its number).
     """
     per_seed: dict[str, list[dict]] = {}
-    n_prompts, skipped = set(), []
+    n_prompts, skipped, named = set(), [], []
     for group, by_seed in found.items():
         if any(data is None for data in by_seed.values()):
             skipped.append(group)
             continue
-        for data in by_seed.values():
+        for seed, data in by_seed.items():
             n_prompts.add(data["n_prompts"])
+            named.append(f"{where(group, seed) if where else f'{group} seed {seed}'} {data['n_prompts']}")
             for system, metrics in data["systems"].items():
                 per_seed.setdefault(group if system == "finetuned" else system, []).append(system_row(metrics, data["n_prompts"]))
     if len(n_prompts) > 1:
-        raise ValueError(f"evaluations over different numbers of prompts {sorted(n_prompts)}")
+        raise ValueError(f"evaluations over different numbers of prompts: {', '.join(named)}")
     rows = {s: mean_over_seeds(per_seed[s]) for s in SYSTEMS if s in per_seed}
     return rows, (n_prompts.pop() if n_prompts else None), skipped
 

@@ -40,8 +40,8 @@ from typing import NamedTuple
 
 from common import Experiment, eval_defaults, eval_expected, eval_recorded, resolved_dtype
 from eval_common import training_seconds
-from ram_debias_common import (cost_table, generate_check, generation_contexts, generation_markdown, measure_cost, val_table,
-                               why_missed)
+from ram_debias_common import (cost_table, generate_check, generation_contexts, generation_markdown, measure_cost,
+                               recorded_max_lms_drop, ss_targets_missed, val_table, why_missed)
 from unlearn_common import (BASE_MODEL, KeptBaseModel, base_eval, describe_test_set, enter_repo, eval_options, eval_step,
                             pairwise_run, read_json, records, runs_root, target_checks, targets_table, unlearn_config)
 
@@ -241,10 +241,14 @@ def main(argv: list[str] | None = None) -> dict:
     ])
     groups = base["benchmarks"]["stereoset"]["scores"]["overall"]
     base_val = next((t[0]["ss"]["overall"] for t in trajectories.values() if t), float("nan"))
-    missed = why_missed(trajectories, {labels[r]: kept[r]["step"] for r in ram_rows},
-                        max((trainings[r]["summary"]["selection"]["max_lms_drop"] for r in ram_rows), default=2.0),
-                        {labels[r]: rows[2 + i]["ss"] for i, r in enumerate(ram_rows)}, (base_val, rows[0]["ss"]),
-                        {t: (g["n_targets"], g["n_clusters"]) for t, g in groups.items() if t != "overall"})
+    by_run = {row["run"]: row for row in rows}
+    missed = ""
+    if ss_targets_missed({labels[r]: checks[labels[r]] for r in ram_rows}):
+        missed = why_missed(trajectories, {labels[r]: kept[r]["step"] for r in ram_rows},
+                            {labels[r]: recorded_max_lms_drop(trainings[r]["train_config"]) for r in ram_rows},
+                            {labels[r]: by_run[labels[r]]["ss"] for r in ram_rows if by_run[labels[r]]["ss"] is not None},
+                            (base_val, by_run[runs[0][0]]["ss"]),
+                            {t: (g["n_targets"], g["n_clusters"]) for t, g in groups.items() if t != "overall"})
     if missed:
         markdown += "\n\n" + missed
     blocks = {"ram_debias.table": compare_table(rows).rstrip() + "\n\n" + targets_table(checks).rstrip()
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
                "generation_row": chosen, "biasunlearn": {"run": bu_name, "config": bu_config.to_dict()}}
     headline = []
     if chosen is not None:
-        before, after = rows[0], rows[2 + ram_rows.index(chosen)]
+        before, after = by_run[runs[0][0]], by_run[labels[chosen]]
         met = sum(c["passed"] is True for c in checks[labels[chosen]])
         headline.append((f"{labels[chosen]} (chosen on val: smallest kept worst-type gap; inference-time debiasing, "
                          "model frozen) vs the model alone, held-out test "

@@ -165,17 +165,51 @@ def val_table(trajectories: dict[str, list[dict]], kept: dict[str, int | None]) 
 
 
 
-def why_missed(trajectories: dict[str, list[dict]], kept: dict[str, int | None], max_lms_drop: float,
+def ss_targets_missed(checks: dict[str, list[dict]]) -> bool:
+    """Whether a run missed an SS target (overall SS, every type's SS, no type below 46): ``checks`` maps a
+    label to its :func:`amendlm.bias.compare.check_targets` dicts (``name``, ``passed``)."""
+    from amendlm.bias.compare import TARGET_NAMES
+
+    ss_name, types_name, _, _, _, lowest_name = TARGET_NAMES
+    return any(c["passed"] is False and c["name"] in (ss_name, types_name, lowest_name)
+               for run in checks.values() for c in run)
+
+
+def recorded_max_lms_drop(train_config: dict) -> float:
+    """The LMS allowance of a RAM run's val selection, read from its recorded ``train_config.json``
+    (``pairs.max_lms_drop``); :class:`amendlm.ram.preference.PairsConfig`'s default where it is not recorded."""
+    from amendlm.ram.preference import PairsConfig
+
+    value = (train_config.get("pairs") or {}).get("max_lms_drop")
+    return PairsConfig.max_lms_drop if value is None else float(value)
+
+
+def _not_kept(close: dict, at: dict | None, max_lms_drop: float) -> str:
+    """Why the selection rule (smallest worst-type gap among evaluations whose LMS drop is at most
+    ``max_lms_drop``; the first on a tie) did not keep the val evaluation ``close`` but ``at``."""
+    reasons = []
+    if close["lms_drop"] > max_lms_drop:
+        reasons.append(f"its LMS drop {close['lms_drop']:.2f} exceeded the {max_lms_drop:g}-point allowance")
+    if at is not None and close["worst_gap"] > at["worst_gap"]:
+        reasons.append("a bias type's gap was larger there")
+    if not reasons:
+        reasons.append("an earlier evaluation with the same worst-type gap was kept" if at is not None
+                       else "no evaluation was kept")
+    return " and ".join(reasons)
+
+
+def why_missed(trajectories: dict[str, list[dict]], kept: dict[str, int | None], max_lms_drop: dict[str, float],
                test_ss: dict[str, float], base_ss: tuple[float, float], test_types: dict[str, tuple[int, int]]) -> str:
     """Why the SS targets are missed, in sentences read from the data: per RAM run, the kept val evaluation (its
     overall and worst-type val SS, types below 46, and the test SS of the kept aligner) and the val evaluation
-    closest to SS 50 (whether it was within 50 ± 2 and why the rule did not keep it); the val-to-test shift of the
+    closest to SS 50 (whether it was within 50 ± 2 and why the rule did not keep it: its LMS drop exceeded the
+    allowance, a bias type's gap was larger there than at the kept one, or both); the val-to-test shift of the
     model alone; the size of the smallest test type.
 
     Args:
         trajectories: label -> ``"val"`` records (``step``, ``ss`` per type incl. ``overall``, ``lms_drop``).
         kept: label -> the kept step.
-        max_lms_drop: the selection rule's LMS allowance (points).
+        max_lms_drop: label -> the run's selection rule LMS allowance (points).
         test_ss: label -> the kept aligner's overall test SS.
         base_ss: the model alone's overall ``(val SS at step 0, test SS)``.
         test_types: bias type -> ``(target terms, clusters)`` on test.
@@ -199,13 +233,17 @@ def why_missed(trajectories: dict[str, list[dict]], kept: dict[str, int | None],
                      + (f", test SS {test_ss[label]:.2f}" if label in test_ss else "") + "; ")
         within = abs(close["ss"]["overall"] - 50) <= 2
         text += (f"val SS closest to 50: {close['ss']['overall']:.2f} at step {close['step']}"
-                 + (" (within 50 ± 2" + (", not kept: a bias type's gap was larger there)" if close is not at else ")")
+                 + (" (within 50 ± 2" + (f", not kept: {_not_kept(close, at, max_lms_drop[label])})" if close is not at else ")")
                     if within else " (outside 50 ± 2)"))
         parts.append(text)
     if not parts:
         return ""
+    allowances = {max_lms_drop[label] for label, records in trajectories.items() if records}
+    allowance = (f"within {allowances.pop():g} LMS points of step 0" if len(allowances) == 1 else
+                 "within the run's LMS allowance of step 0 (" + ", ".join(
+                     f"{label} {max_lms_drop[label]:g} points" for label, records in trajectories.items() if records) + ")")
     out = ("Why the SS targets are missed: the aligner kept is the val evaluation with the smallest worst-type "
-           f"|SS − 50| among those within {max_lms_drop:g} LMS points of step 0 (the rule does not look at overall SS). "
+           f"|SS − 50| among those {allowance} (the rule does not look at overall SS). "
            + "; ".join(parts) + ".  "
            f"Val and test target terms differ: the model alone scores SS {base_ss[0]:.2f} on val and {base_ss[1]:.2f} on test.")
     if test_types:

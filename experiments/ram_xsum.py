@@ -49,8 +49,8 @@ from ram_common import (
     recorded_eval, recorded_training, systems_table, target_rows, targets_table, without_added,
 )
 from ram_xsum_common import (
-    MDS_AT, aligner_temperature_of, describe, mds_temperatures, ram_candidates, rows_of, temperature_labels,
-    temperature_note, temperatures_option, verdict, with_rows_after,
+    MDS_AT, aligner_temperature_of, describe, mds_temperatures, pending_reason, ram_candidates, rows_of,
+    temperature_labels, temperature_note, temperatures_option, verdict, with_rows_after,
 )
 
 
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
         if mode:
             n_vals.add(n_val)
         if decoding["greedy"]:
-            why = None if pending == [step] else "val steps not done: " + ", ".join(pending)
+            why = pending_reason(pending, step)
             headline.append(headline_row(targets, rows, skipped, args.aligner_layers, mode, why))
     trainings = {name: pipeline.trained(name) for name in pipeline.trainings}
     trainings = {name: t for name, t in trainings.items() if t is not None}

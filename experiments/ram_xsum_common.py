@@ -29,6 +29,12 @@ def mds_at(temperature: float) -> str:
     return f"{MDS_AT}{temperature:g}"
 
 
+def on_grid(temperature: float) -> float:
+    """``temperature`` as its :func:`mds_at` name writes it (``:g``, 6 significant digits), so that the decoding's
+    own temperature (e.g. 1/3) and a multiple of it that names the same step compare equal."""
+    return float(f"{temperature:g}")
+
+
 def aligner_temperature_of(group: str) -> float:
     """The aligner temperature of a :func:`mds_at` group.  Raises ValueError for another group."""
     if not group.startswith(MDS_AT):
@@ -80,6 +86,16 @@ def ram_candidates(variant: str | None) -> tuple[str, ...]:
     return (*RAM_MODES, variant) if variant else RAM_MODES
 
 
+def pending_reason(pending: list[str], ram_step: str) -> str | None:
+    """Why no RAM mode is chosen on val, for ``ram_common.headline_row``: None when only the RAM val step
+    ``ram_step`` is missing (its default), the val steps ``pending`` not done, or, none missing, that the val
+    rows hold no RAM mode."""
+    if pending == [ram_step]:
+        return None
+    return ("val steps not done: " + ", ".join(pending) if pending
+            else f"no RAM mode ({', '.join(RAM_MODES)}) was evaluated on val")
+
+
 def with_rows_after(rows: dict[str, dict], anchor: str, extra: dict[str, dict]) -> dict[str, dict]:
     """``rows`` with ``extra`` inserted right after ``anchor`` (at the end when ``anchor`` is absent)."""
     if anchor not in rows:
@@ -98,7 +114,7 @@ def rows_of(pipeline, decoding_name: str, decoding: dict, split: str = "test") -
     groups left out (with ``--render-available``, a group whose evaluation is missing for any seed)."""
     groups = ("ram", *FINETUNES) if split == "test" else ("ram",)
     found = {g: {seed: pipeline.evaluated(g, decoding_name, decoding, seed, split) for seed in decoding["seeds"]} for g in groups}
-    rows, n_prompts, skipped = seed_rows(found)
+    rows, n_prompts, skipped = seed_rows(found, lambda g, seed: pipeline.eval_path(g, decoding_name, seed, split).name)
     paths = [pipeline.eval_path(g, decoding_name, seed, split) for g in groups if g not in skipped for seed in decoding["seeds"]]
     return rows, paths, n_prompts, skipped
 
@@ -108,7 +124,7 @@ def _mds_group(pipeline, group: str, decoding_name: str, decoding: dict, split: 
     found = {seed: pipeline.evaluated(group, decoding_name, decoding, seed, split) for seed in decoding["seeds"]}
     paths = [pipeline.eval_path(group, decoding_name, seed, split) for seed in found]
     missing = [p.stem for p, data in zip(paths, found.values()) if data is None]
-    rows, _, _ = seed_rows({group: found})
+    rows, _, _ = seed_rows({group: found}, lambda g, seed: pipeline.eval_path(g, decoding_name, seed, split).name)
     return (None, [], missing) if missing else (rows["mds"], paths, [])
 
 
@@ -127,8 +143,8 @@ def mds_temperatures(pipeline, decoding_name: str, decoding: dict, val_rows: dic
     Raises:
         ValueError: a temperature's val step was scored on other prompts than the RAM val step.
     """
-    own = decoding["temperature"]
-    temperatures = sorted({float(f"{factor * own:g}") for factor in factors} | {own})
+    own = on_grid(decoding["temperature"])
+    temperatures = sorted({on_grid(factor * decoding["temperature"]) for factor in factors} | {own})
     scores = {own: val_rows["mds"]["rougeL"] if "mds" in val_rows else None}
     out = {"temperatures": temperatures, "val_rows": {}, "test_rows": {}, "missing": [], "paths": [], "row": None}
     n_val = len(val_rows["mds"]["per_prompt_rougeL"]) if "mds" in val_rows else None
@@ -156,6 +172,7 @@ def temperature_labels(temps: dict, own: float) -> tuple[dict[str, str], dict[st
     """``(test labels, val labels)`` of the `mds` temperature rows (val: plain `mds` named with its ``T_e``)."""
     if len(temps["temperatures"]) < 2:
         return {}, {}
+    own = on_grid(own)
     test = {temps["row"]: f"RAM `mds` (T_e = {aligner_temperature_of(temps['row']):g}, chosen on val)"} if temps["row"] else {}
     val = {"mds": f"RAM `mds` (T_e = {own:g})",
            **{mds_at(t): f"RAM `mds` (T_e = {t:g})" for t in temps["temperatures"] if t != own}}
@@ -166,6 +183,7 @@ def temperature_note(temps: dict, own: float) -> str:
     """The aligner-temperature choice in words ("" when only the decoding's own ``T_e`` is asked for)."""
     if len(temps["temperatures"]) < 2:
         return ""
+    own = on_grid(own)
     grid = ", ".join(f"{t:g}" for t in temps["temperatures"])
     what = (f"`mds` at aligner temperatures T_e = {grid} (proposal at T {own:g}; the aligner's weight in "
             f"log P_M + log Q / T_e falls as T_e grows; T_e = {own:g} is RAM `mds`): ")

@@ -95,3 +95,8 @@ def test_the_environment_answers_the_probe_for_every_process(fresh_probe, monkey
         monkeypatch.setenv(modeling.CPU_BF16_ENV, value)
         modeling.cpu_bf16_is_fast.cache_clear()
         assert modeling.resolve_dtype("auto", "cpu") == expected
+    for value in ("true", "", "2"):  # anything else is refused, never silently probed
+        monkeypatch.setenv(modeling.CPU_BF16_ENV, value)
+        modeling.cpu_bf16_is_fast.cache_clear()
+        with pytest.raises(ValueError, match=f"AMENDLM_CPU_BF16='{value}': expected \"0\" or \"1\""):
+            modeling.resolve_dtype("auto", "cpu")

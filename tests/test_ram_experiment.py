@@ -112,8 +112,13 @@ def test_seed_rows_average_seeds_name_fine_tunes_and_skip_incomplete_groups():
     assert (n, skipped, list(rows)) == (2, ["sft-lora"], ["par", "sft-full"])
     assert rows["par"]["per_prompt_rougeL"] == [15.0, 25.0] and rows["sft-full"]["rougeL"] == 7.0
     assert ram_common.seed_rows({"ram": {0: None}}) == ({}, None, ["ram"])
-    with pytest.raises(ValueError, match="different numbers of prompts"):
+    with pytest.raises(ValueError, match="different numbers of prompts: ram seed 0 1, sft-full seed 0 2$"):
         ram_common.seed_rows({"ram": {0: run([1.0])}, "sft-full": {0: run([1.0, 2.0], True)}})
+    # rows_of names the decoding's files
+    pipeline = FakePipeline({}, {})
+    pipeline.evaluated = lambda group, name, decoding, seed, split="test": run([1.0] * (1 + seed))
+    with pytest.raises(ValueError, match=r"prompts: eval_sampled_s0_ram.json 1, eval_sampled_s1_ram.json 2, .*sft-full.json"):
+        ram_xsum_common.rows_of(pipeline, "sampled", {"seeds": [0, 1]})
 
 
 def test_evaluations_recorded_before_the_val_split_existed_are_reused():
@@ -223,6 +228,12 @@ def test_plain_mds_best_on_val_gets_no_extra_row_and_missing_val_steps_choose_no
     many = ram_common.mode_choice({}, None, None, {}, ["val_greedy_s0_ram", "val_greedy_s0_mds-te4"])
     assert "the val steps (`val_greedy_s0_ram`, `val_greedy_s0_mds-te4`) are not done" in many
     assert ram_common.headline_row([], {}, [], 8, None, "val steps not done: x")[1] == "pending: val steps not done: x"
+    for pending_steps, reason in ((["val_greedy_s0_ram"], "the val step has not run"),
+                                  (["val_greedy_s0_ram", "val_greedy_s0_mds-te4"],
+                                   "val steps not done: val_greedy_s0_ram, val_greedy_s0_mds-te4"),
+                                  ([], "no RAM mode (par, par-kl, sir, mds) was evaluated on val")):
+        why = ram_xsum_common.pending_reason(pending_steps, "val_greedy_s0_ram")
+        assert ram_common.headline_row([], {}, [], 8, None, why)[1] == f"pending: {reason}"
     # the RAM val step itself missing: no T_e either
     temps = ram_xsum_common.mds_temperatures(FakePipeline({"mds-te2": [1.0]}, {}), "greedy", GREEDY, {}, (1.0, 2.0))
     assert temps["chosen"] is None and "the RAM val step" in ram_xsum_common.temperature_note(temps, 1.0)
@@ -239,3 +250,12 @@ def test_sampled_temperatures_are_multiples_of_the_decodings_and_one_temperature
     alone = ram_xsum_common.mds_temperatures(FakePipeline({}, {}), "greedy", GREEDY, {"mds": row([1.0])}, (1.0,))
     assert alone["best_row"] is None and ram_xsum_common.temperature_note(alone, 1.0) == ""
     assert ram_xsum_common.temperature_labels(alone, 1.0) == ({}, {})
+    # a decoding temperature :g rounds (1/3) is one T_e, plain mds, not also a step mds-te0.333333
+    third = {"greedy": False, "temperature": 1 / 3, "seeds": [0]}
+    pipeline = FakePipeline({"mds-te0.666667": [11.0, 11.0]}, {})
+    temps = ram_xsum_common.mds_temperatures(pipeline, "sampled", third, {"mds": row([12.0, 12.0])}, (1.0, 2.0))
+    assert temps["temperatures"] == [0.333333, 0.666667] and pipeline.calls == [("mds-te0.666667", "val")]
+    assert temps["val_rougeL"] == {"0.333333": 12.0, "0.666667": 11.0} and temps["best_row"] == "mds"
+    assert ram_xsum_common.temperature_labels(temps, 1 / 3)[1] == {"mds": "RAM `mds` (T_e = 0.333333)",
+                                                                   "mds-te0.666667": "RAM `mds` (T_e = 0.666667)"}
+    assert "RAM `mds` itself: no extra test row" in ram_xsum_common.temperature_note(temps, 1 / 3)

@@ -74,6 +74,30 @@ def test_val_settings_that_disagree_with_the_run_are_refused(trained):
         check_against_run(dataclasses.replace(task, split_seed=1), val, root / "run")
     with pytest.raises(ValueError, match="a val fraction of 0 holds out no prompts"):
         ValSplit(0.0)
+    (root / "link.jsonl").unlink(missing_ok=True)
+    (root / "link.jsonl").symlink_to(root / "d.jsonl")  # the same data file by another name: accepted
+    check_against_run(dataclasses.replace(task, data=str(root / "link.jsonl")), val, root / "run")
+    with pytest.raises(ValueError, match=r"data '.*missing.jsonl' vs '.*d.jsonl'"):
+        check_against_run(dataclasses.replace(task, data=str(root / "missing.jsonl")), val, root / "run")
+
+
+def test_a_run_without_a_recorded_seed_took_the_default_one(trained, tmp_path):
+    root, task, *_ = trained
+    saved = json.loads((root / "run" / "train_config.json").read_text())
+    (tmp_path / "train_config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "seed"}))
+    val = run_val(tmp_path)
+    assert val.seed == 0
+    check_against_run(task, val, tmp_path)  # seed 0 against the default, not against None
+    with pytest.raises(ValueError, match=r"val seed \(--seed\) 3 vs 0 "):
+        check_against_run(task, dataclasses.replace(val, seed=3), tmp_path)
+
+
+@pytest.mark.parametrize("text, message", [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object")])
+def test_a_broken_train_config_is_named_in_one_line(tmp_path, text, message):
+    (tmp_path / "train_config.json").write_text(text)
+    for call in (lambda: run_val(tmp_path), lambda: check_against_run(TaskConfig(), ValSplit(), tmp_path)):
+        with pytest.raises(ValueError, match=f"train_config.json: {message}"):
+            call()
     with pytest.raises(ValueError, match=r"must be in \(0, 1\), got 1"):
         ValSplit(1.0)
 

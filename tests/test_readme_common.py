@@ -71,6 +71,29 @@ def test_mismatched_markers_are_refused_and_nothing_is_written(tmp_path):
     assert "(not produced by the last full run of `python experiments/exp_a.py`)" in text
 
 
+def test_a_marker_that_would_not_be_filled_is_refused(tmp_path):
+    import pytest
+
+    readme = tmp_path / "README.md"
+    write_results(tmp_path, "exp_a", False, [], {"exp_a.gen": "block"})
+    for broken in ("<!-- generated: exp_a.gen --> text on the marker's line\nold\n<!-- /generated: exp_a.gen -->\n",
+                   "<!-- generated: exp_a.gen -->\nold\n<!-- /generated: exp_a.gen  -->\n",
+                   "<!-- generated: exp_a.gen (a > b) -->\nold\n<!-- /generated: exp_a.gen -->\n"):
+        readme.write_text(broken)
+        with pytest.raises(ValueError, match=r"README.md:[13]: malformed generated-block marker"):
+            render_readme(tmp_path, readme, ["exp_a"])
+        assert readme.read_text() == broken
+
+
+def test_the_repository_readme_has_well_formed_markers_and_the_headline():
+    from readme_common import check_blocks
+
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    text = readme.read_text()
+    check_blocks(text, readme)
+    assert HEADLINE_BEGIN in text and HEADLINE_END in text
+
+
 def test_a_readme_without_markers_is_left_alone(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# plain\nno markers\n")
@@ -89,15 +112,54 @@ def test_why_missed_reads_the_kept_step_the_val_ss_closest_to_50_and_the_smalles
     # the closest to 50 is 49.0 (step 50), not the lowest (47.0, step 75)
     records = [val(0, 58.0, 60.0, 62.0, 0.0), val(25, 53.0, 55.0, 44.0, 0.5), val(50, 49.0, 58.0, 59.0, 0.5),
                val(75, 47.0, 57.0, 40.0, 0.5)]
-    text = why_missed({"run A": records, "run B": []}, {"run A": 25}, 2.0, {"run A": 56.5}, (58.0, 60.1),
+    text = why_missed({"run A": records, "run B": []}, {"run A": 25}, {"run A": 2.0, "run B": 3.0}, {"run A": 56.5}, (58.0, 60.1),
                       {"gender": (2, 86), "religion": (1, 50)})
     assert "run A: kept step 25, val SS 53.00 with religion at 44.0 (below 46: religion 44.0), test SS 56.50" in text
     assert "val SS closest to 50: 49.00 at step 50 (within 50 ± 2, not kept: a bias type's gap was larger there)" in text
     assert "within 2 LMS points of step 0" in text and "SS 58.00 on val and 60.10 on test" in text
     assert "run B" not in text and "religion, has 1 target term and 50 clusters, so one cluster moves its SS by 2.0" in text
-    far = why_missed({"run A": records[:2]}, {"run A": 25}, 2.0, {}, (58.0, 60.1), {"gender": (2, 40)})
+    far = why_missed({"run A": records[:2]}, {"run A": 25}, {"run A": 2.0}, {}, (58.0, 60.1), {"gender": (2, 40)})
     assert "closest to 50: 53.00 at step 25 (outside 50 ± 2)" in far and "gender, has 2 target terms and 40 clusters." in far
-    assert why_missed({}, {}, 2.0, {}, (58.0, 60.1), {}) == ""
+    assert why_missed({}, {}, {}, {}, (58.0, 60.1), {}) == ""
+
+
+def test_why_missed_names_the_reason_the_closest_evaluation_was_not_kept():
+    from ram_debias_common import why_missed
+
+    def val(step, overall, gap, drop):
+        return {"step": step, "ss": {"overall": overall, "gender": 50 + gap}, "lms": {"overall": 80.0},
+                "worst_gap": gap, "lms_drop": drop}
+
+    def reason(records, kept, allowance=2.0):
+        text = why_missed({"A": records}, {"A": kept}, {"A": allowance}, {}, (58.0, 60.1), {})
+        return text.split("within 50 ± 2, not kept: ")[1].split(")")[0]
+
+    kept = val(25, 53.0, 5.0, 0.5)
+    assert reason([kept, val(50, 49.0, 4.0, 2.5)], 25) == "its LMS drop 2.50 exceeded the 2-point allowance"
+    assert reason([kept, val(50, 49.0, 6.0, 0.5)], 25) == "a bias type's gap was larger there"
+    assert reason([kept, val(50, 49.0, 6.0, 2.5)], 25) == ("its LMS drop 2.50 exceeded the 2-point allowance and "
+                                                           "a bias type's gap was larger there")
+    assert reason([kept, val(50, 49.0, 5.0, 0.5)], 25) == "an earlier evaluation with the same worst-type gap was kept"
+    both = why_missed({"A": [kept], "B": [val(0, 58.0, 9.0, 0.0)]}, {"A": 25, "B": 0}, {"A": 2.0, "B": 1.5}, {},
+                      (58.0, 60.1), {})
+    assert "among those within the run's LMS allowance of step 0 (A 2 points, B 1.5 points)" in both
+
+
+def test_the_ss_paragraph_needs_a_missed_ss_target_and_the_allowance_is_the_recorded_one():
+    from ram_debias_common import recorded_max_lms_drop, ss_targets_missed
+
+    from amendlm.bias.compare import TARGET_NAMES
+    from amendlm.ram.preference import PairsConfig
+
+    def checks(*passed):
+        return [{"name": name, "passed": p} for name, p in zip(TARGET_NAMES, passed)]
+
+    assert not ss_targets_missed({"A": checks(True, True, False, False, False, True), "B": checks(None, None, True, True, True, None)})
+    for missed in range(6):
+        passed = [i != missed for i in range(6)]
+        assert ss_targets_missed({"A": checks(*passed)}) == (missed in (0, 1, 5))
+    assert recorded_max_lms_drop({"pairs": {"max_lms_drop": 3.5}}) == 3.5
+    assert recorded_max_lms_drop({"pairs": None}) == recorded_max_lms_drop({}) == PairsConfig.max_lms_drop
 
 
 def test_the_xsum_verdict_reads_the_targets_and_names_what_is_not_run():

@@ -115,9 +115,14 @@ CPU_BF16_ENV = "AMENDLM_CPU_BF16"  # "1" / "0": skip the probe (every process of
 def cpu_bf16_is_fast() -> bool:
     """Whether bf16 autocast is at least :data:`BF16_MIN_SPEEDUP` times faster than fp32 on this CPU (cached per
     process).  The environment variable ``AMENDLM_CPU_BF16`` = ``1`` / ``0`` answers without the probe: a timing
-    probe near the threshold can answer differently in two processes of one run (or two runs compared)."""
+    probe near the threshold can answer differently in two processes of one run (or two runs compared).
+
+    Raises:
+        ValueError: ``AMENDLM_CPU_BF16`` is set to anything but ``0`` or ``1`` (names the value)."""
     forced = os.environ.get(CPU_BF16_ENV)
-    if forced in ("0", "1"):
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise ValueError(f"{CPU_BF16_ENV}={forced!r}: expected \"0\" or \"1\" (or leave it unset to time bf16 here)")
         return forced == "1"
     speedup = cpu_bf16_speedup()
     logger.info("dtype auto: bf16 autocast matmuls are %.2fx fp32 on this CPU -> %s", speedup,

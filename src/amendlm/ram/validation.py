@@ -94,7 +94,11 @@ def val_rows(task: TaskConfig, val: ValSplit) -> list[dict]:
 
 
 def _same_file(a: str, b: str | None) -> bool:
-    return b is not None and Path(a).is_file() and Path(b).is_file() and Path(a).resolve() == Path(b).resolve()
+    """``Path.samefile``, False when ``b`` is None or either file is missing."""
+    try:
+        return b is not None and Path(a).samefile(b)
+    except OSError:
+        return False
 
 
 def run_of(model: str | None) -> Path | None:
@@ -111,7 +115,13 @@ def run_of(model: str | None) -> Path | None:
 
 
 def _saved(run: Path) -> dict:
-    saved = json.loads((run / run_dir.CONFIG_FILE).read_text())
+    path = run / run_dir.CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: expected a JSON object")
     if saved.get("pairs") is not None:
         raise ValueError(f"--split val: {run} was trained on preference pairs (--pairs), not on a task's prompts; "
                          "use --split test")
@@ -124,7 +134,8 @@ def run_val(run: Path, fraction: float | None = None, seed: int | None = None) -
     that no prompt lacked one) and its ``--limit``.
 
     Raises:
-        ValueError: the run held out nothing (``--eval-fraction 0``), or trained on preference pairs.
+        ValueError: the run held out nothing (``--eval-fraction 0``), or trained on preference pairs; its
+            ``train_config.json`` is not a JSON object (names the file).
     """
     saved = _saved(run)
     held = saved.get("eval_fraction", run_dir.FIELDS_ADDED["eval_fraction"])
@@ -139,15 +150,17 @@ def run_val(run: Path, fraction: float | None = None, seed: int | None = None) -
 def check_against_run(task: TaskConfig, val: ValSplit, run: Path) -> None:
     """Refuse val settings that would not give the prompts ``run`` held out: a val fraction, seed or train
     limit, or a data, ``split_seed`` or ``n_test`` that differ from its ``train_config.json``, or a
-    number of prompts held out (and trained on) that differs from the one it recorded.
+    number of prompts held out (and trained on) that differs from the one it recorded.  A run that recorded
+    no seed used align train's default (:data:`SEED`), as :func:`run_val` assumes.
 
     Raises:
-        ValueError: one line naming each differing setting with both values, and the file.
+        ValueError: one line naming each differing setting with both values, and the file; the file is not
+            a JSON object.
     """
     saved, where = _saved(run), run / run_dir.CONFIG_FILE
     theirs, ours = saved.get("task") or {}, task.to_dict()
     pairs = {"val fraction (--eval-fraction)": (val.fraction, saved.get("eval_fraction", run_dir.FIELDS_ADDED["eval_fraction"])),
-             "val seed (--seed)": (val.seed, saved.get("seed")), "train limit (--limit)": (val.train_limit, theirs.get("limit")),
+             "val seed (--seed)": (val.seed, saved.get("seed", SEED)), "train limit (--limit)": (val.train_limit, theirs.get("limit")),
              **{name: (ours[name], theirs.get(name)) for name in ("data", "split", "split_seed", "n_test")}}
     differs = [f"{name} {mine!r} vs {recorded!r}" for name, (mine, recorded) in pairs.items()
                if mine != recorded and not (name == "data" and _same_file(mine, recorded))]
