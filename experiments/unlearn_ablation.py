@@ -45,6 +45,7 @@ from __future__ import annotations
 import sys
 
 from common import Experiment, markdown_table, resolved_dtype
+from targets_common import ss_targets_missed, why_missed
 from unlearn_common import (BASE_MODEL, KeptBaseModel, Run, base_eval, describe_test_set, enter_repo, eval_log, eval_step,
                             pareto_figure, read_json, records, target_checks, targets_table, unlearn_config)
 
@@ -119,6 +120,33 @@ def recommend(choices: dict[str, dict], max_lms_drop: float = 2.0) -> str | None
     return min(qualified, key=lambda row: qualified[row]["worst_gap"]) if qualified else None
 
 
+def why_chosen_misses(chosen: str | None, evals_of: dict[str, list[dict]], choices: dict[str, dict],
+                      selection: dict[str, tuple[str, float]], checks: dict[str, list[dict]], rows: list[dict],
+                      base: dict) -> str:
+    """For the row recommended on val, when it misses an SS target on test: its val SS per bias type at every
+    evaluation (a table) and why the SS targets are missed (:func:`targets_common.why_missed`; only for the
+    ``gap_within_lms`` rule it explains).  Empty otherwise."""
+    if chosen is None or not evals_of.get(chosen) or not ss_targets_missed({chosen: checks[chosen]}):
+        return ""
+    evals = evals_of[chosen]
+    types = [t for t in evals[0]["ss"] if t != "overall"]
+    table = markdown_table(["step", *types, "overall", "val LMS"],
+                           [[r["step"], *(r["ss"][t] for t in types), r["ss"]["overall"], r["lms"]["overall"]] for r in evals],
+                           "r" * (len(types) + 3))
+    out = f"Val SS per bias type of `{chosen}` at each evaluation (kept: step {choices[chosen].get('step')}):\n\n{table}"
+    rule, allowance = selection[chosen]
+    if rule != "gap_within_lms":
+        return out
+    lms0 = evals[0]["lms"]["overall"]
+    records = [{"lms_drop": lms0 - r["lms"]["overall"], **r} for r in evals]  # as recorded, else from step 0
+    test = {r["run"]: r for r in rows}
+    groups = base["benchmarks"]["stereoset"]["scores"]["overall"]
+    return out + "\n\n" + why_missed({chosen: records}, {chosen: choices[chosen].get("step")}, {chosen: allowance},
+                                      {chosen: test[chosen]["ss"]}, (evals[0]["ss"]["overall"], rows[0]["ss"]),
+                                      {t: (g["n_targets"], g["n_clusters"]) for t, g in groups.items() if t != "overall"},
+                                      kept_what="adapter")
+
+
 def target_terms() -> str:
     """The number of StereoSet target terms of each bias type in the val split, e.g. ``gender 2,
     profession 6, ...`` (a per-type val SS rests on these few)."""
@@ -153,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     base_path, base = base_eval(exp, dtype)
     runs, sources, choices, checks, configs, trajectories = [("base (before)", base)], [base_path], {}, {}, {}, {}
     val, kept, val_clusters = {}, {}, {}  # by the row's label in the table: the Pareto figure's val panel
+    evals_of, selection = {}, {}  # by row: its val evaluations, its (selection rule, LMS allowance)
     for row in rows_run:
         name, config = unlearn_config(exp, run_of(row, args.steps), dtype)
         path = exp.path(f"unlearn/{name}_test.json")
@@ -168,12 +197,13 @@ def main(argv: list[str] | None = None) -> dict:
         summary = read_json(record_dir / "summary.json")
         runs.append((label, data))
         sources.append(record_dir / "summary.json")
-        evals = eval_log(record_dir)
+        evals = evals_of[row] = eval_log(record_dir)
         choices[row] = val_choice(summary, evals)
         trajectories[row] = [(r["step"], r["ss"]["overall"], r["lms"]["overall"]) for r in evals]
         val[label], kept[label], val_clusters[label] = evals, choices[row].get("step"), config.val_clusters
         checks[row] = target_checks(base, data, base_path.name, path.name)
         configs[row] = {k: v for k, v in config.to_dict().items() if k in LEVERS[row] or k == "max_steps"}
+        selection[row] = (config.selection, config.max_lms_drop)
 
     chosen = recommend(choices)
     costs = {row: lms_cost(points) for row, points in trajectories.items()}
@@ -207,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"BiasUnlearn targets of each row against `{base_path.name}` (test):",
         "",
         targets_table(checks),
+        why_chosen_misses(chosen, evals_of, choices, selection, checks, rows, base),
     ])
     met = {row: sum(c["passed"] is True for c in checks[row]) for row in checks}
     own_budget = [f"{row} {configs[row]['max_steps']}" for row in configs if configs[row]["max_steps"] != args.steps]

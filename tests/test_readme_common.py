@@ -103,7 +103,7 @@ def test_a_readme_without_markers_is_left_alone(tmp_path):
 
 
 def test_why_missed_reads_the_kept_step_the_val_ss_closest_to_50_and_the_smallest_test_type():
-    from ram_debias_common import why_missed
+    from targets_common import why_missed
 
     def val(step, overall, gender, religion, drop):
         return {"step": step, "ss": {"overall": overall, "gender": gender, "religion": religion},
@@ -124,7 +124,7 @@ def test_why_missed_reads_the_kept_step_the_val_ss_closest_to_50_and_the_smalles
 
 
 def test_why_missed_names_the_reason_the_closest_evaluation_was_not_kept():
-    from ram_debias_common import why_missed
+    from targets_common import why_missed
 
     def val(step, overall, gap, drop):
         return {"step": step, "ss": {"overall": overall, "gender": 50 + gap}, "lms": {"overall": 80.0},
@@ -146,7 +146,8 @@ def test_why_missed_names_the_reason_the_closest_evaluation_was_not_kept():
 
 
 def test_the_ss_paragraph_needs_a_missed_ss_target_and_the_allowance_is_the_recorded_one():
-    from ram_debias_common import recorded_max_lms_drop, ss_targets_missed
+    from ram_debias_common import recorded_max_lms_drop
+    from targets_common import ss_targets_missed
 
     from amendlm.bias.compare import TARGET_NAMES
     from amendlm.ram.preference import PairsConfig
@@ -173,3 +174,29 @@ def test_the_xsum_verdict_reads_the_targets_and_names_what_is_not_run():
     assert "- Sampled decoding: not run yet; `python x.py` computes it." in text
     pending = verdict({"greedy": {"greedy": True, "best_mode": None, "targets": []}}, "python x.py")
     assert "Greedy decoding: its best mode is not chosen yet (val step pending)" in pending
+
+
+def test_the_recommended_unlearning_row_explains_a_missed_ss_target_from_its_val_evaluations():
+    from unlearn_ablation import why_chosen_misses
+
+    from amendlm.bias.compare import TARGET_NAMES
+
+    def record(step, gender, religion, lms):
+        ss = {"gender": gender, "religion": religion, "overall": (gender + religion) / 2}
+        return {"step": step, "ss": ss, "lms": {"overall": lms}, "worst_gap": max(abs(gender - 50), abs(religion - 50))}
+
+    evals = {"r": [record(0, 60.0, 62.0, 80.0), record(20, 54.0, 58.0, 79.5), record(40, 41.0, 57.0, 79.0)]}
+    choices = {"r": {"step": 20}}
+    rows = [{"run": "base (before)", "ss": 60.1}, {"run": "r", "ss": 57.0}]
+    base = {"benchmarks": {"stereoset": {"scores": {"overall": {"overall": {}, "religion": {"n_targets": 1, "n_clusters": 50}}}}}}
+    missed = {"r": [{"name": n, "passed": i != 0} for i, n in enumerate(TARGET_NAMES)]}
+    met = {"r": [{"name": n, "passed": True} for n in TARGET_NAMES]}
+    text = why_chosen_misses("r", evals, choices, {"r": ("gap_within_lms", 2.0)}, missed, rows, base)
+    assert "| 40 | 41.00 | 57.00 | 49.00 | 79.00 |" in text  # step, gender, religion, overall, val LMS
+    assert "r: kept step 20, val SS 56.00 with religion at 58.0, test SS 57.00" in text
+    assert "val SS closest to 50: 49.00 at step 40 (within 50 ± 2, not kept: a bias type's gap was larger there)" in text
+    assert "scores SS 61.00 on val and 60.10 on test" in text and "1 target term and 50 clusters" in text
+    assert why_chosen_misses("r", evals, choices, {"r": ("gap_within_lms", 2.0)}, met, rows, base) == ""
+    assert why_chosen_misses(None, evals, choices, {}, missed, rows, base) == ""
+    other_rule = why_chosen_misses("r", evals, choices, {"r": ("worst_gap", 2.0)}, missed, rows, base)
+    assert "| 40 |" in other_rule and "Why the SS targets" not in other_rule  # the paragraph explains gap_within_lms only
