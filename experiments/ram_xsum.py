@@ -19,7 +19,7 @@ configuration matches is reused, and sampling and training resume inside a step)
 6. ``align eval --split val`` of proposal, aligner alone and the RAM modes on the training prompts the
    small aligner's training held out (val), per decoding and seed: the best RAM mode is the one with the
    best val ROUGE-L (sampled: mean over seeds), and the targets are read on its test row;
-7. the `mds` aligner-temperature lever (``--aligner-temperatures``, default ``1,2,4``, quick ``1,2``: multiples
+7. the `mds` aligner-temperature lever (``--aligner-temperatures``, default ``1,2,4,8``, quick ``1,2``: multiples
    of the decoding's temperature; under greedy `mds` only the aligner's weight 1/T_e in
    ``argmax log P_M + log Q / T_e`` matters, 1 = plain `mds`): `mds` alone on val at each other T_e
    (``val_{decoding}_s{seed}_mds-te{T_e}.json``); the T_e with the best val ROUGE-L (ties: the smaller), when
@@ -28,7 +28,7 @@ configuration matches is reused, and sampling and training resume inside a step)
 
     python experiments/ram_xsum.py                                  # 799/200 prompts, K = 8 of 30 blocks
     python experiments/ram_xsum.py --device cuda --train-dtype auto
-    python experiments/ram_xsum.py --decodings greedy --aligner-temperatures 1,2,4,8
+    python experiments/ram_xsum.py --decodings greedy
     python experiments/ram_xsum.py --quick --results-dir /tmp/r     # a few prompts and steps
     python experiments/ram_xsum.py --render-available               # the tables of what is recorded so far
 """
@@ -71,7 +71,7 @@ class Budget(NamedTuple):
     aligner_temperatures: tuple[float, ...]  # of `mds`, x the decoding's temperature (1: plain mds)
 
 
-FULL = Budget(None, None, 3, 8, 128, 48, 16, 8, 300, 128, (0, 1, 2), (1.0, 2.0, 4.0))
+FULL = Budget(None, None, 3, 8, 128, 48, 16, 8, 300, 128, (0, 1, 2), (1.0, 2.0, 4.0, 8.0))
 QUICK = Budget(4, 3, 1, 2, 32, 4, 4, 3, 2, 16, (0,), (1.0, 2.0))
 SAMPLED_TEMPERATURE = 0.5  # both models' temperature in the sampled decoding (the public code's range: 0.3-0.7)
 
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.add_argument("--device", default="cpu")
         parser.add_argument("--aligner-temperatures", type=temperatures_option, default=None,
                             help="`mds` aligner temperatures tried on val, x the decoding's (1 = plain mds, always in; "
-                                 "default 1,2,4, quick 1,2); the best on val gets a test row.")
+                                 "default 1,2,4,8, quick 1,2); the best on val gets a test row.")
         parser.add_argument("--render-available", action="store_true",
                             help="Compute nothing: render the tables from the steps already recorded, listing those not done.")
 
