@@ -87,7 +87,7 @@ def test_adapter_changes_scores_and_wrong_base_is_rejected(tiny_llama, tmp_path)
         attach_adapter(make_tiny_llama(259), tmp_path)
 
 
-def test_adapter_for_fewer_layers_or_without_effect_is_rejected(tmp_path):
+def test_adapter_for_fewer_layers_is_rejected_and_one_without_effect_is_loaded_with_a_warning(tmp_path, caplog):
     from peft import LoraConfig, get_peft_model
 
     from .conftest import make_tiny_llama
@@ -98,8 +98,21 @@ def test_adapter_for_fewer_layers_or_without_effect_is_rejected(tmp_path):
         attach_adapter(make_tiny_llama(259), tmp_path / "one_layer")
     untrained = get_peft_model(make_tiny_llama(259), LoraConfig(r=4, target_modules=["q_proj"]))  # lora_B = 0
     untrained.save_pretrained(tmp_path / "untrained")
-    with pytest.raises(ValueError, match="every lora_B is zero"):
+    base, ids = make_tiny_llama(259), torch.tensor([[5, 9, 17]])
+    with torch.no_grad():
+        expected = base(ids).logits
+    with caplog.at_level("WARNING", logger="amendlm.modeling"):
+        loaded = attach_adapter(base, tmp_path / "untrained")
+    assert "every lora_B is zero: a valid adapter equal to the base model" in caplog.text
+    assert "kept step 0" not in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected)  # evaluation proceeds on the base model
+    # a debias run that kept step 0 (summary.json) is named as such
+    (tmp_path / "untrained" / "summary.json").write_text(json.dumps({"best_step": 0, "weights_saved": "best (step 0)"}))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="amendlm.modeling"):
         attach_adapter(make_tiny_llama(259), tmp_path / "untrained")
+    assert "the run kept step 0 (no evaluation beat it), so every lora_B is zero" in caplog.text
 
 
 def test_stereoset_runner_turns_scores_into_metrics(monkeypatch, byte_tokenizer, tmp_path):

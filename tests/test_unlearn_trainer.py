@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from amendlm.data.stereoset import StereoSetCluster
+from amendlm.unlearn import artifacts
 from amendlm.unlearn.config import UnlearnConfig
 from amendlm.unlearn.methods import METHODS, get_method
 from amendlm.unlearn.trainer import UnlearnTrainer, lora_target_modules, learning_rate, TrainState
@@ -33,12 +34,12 @@ class CharTokenizer:
         return "".join(chr(i - 3) for i in ids)
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=131, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **overrides)
     return LlamaForCausalLM(config)
 
 
@@ -54,12 +55,12 @@ def toy_clusters():
     return clusters
 
 
-def make_trainer(tmp_path, **overrides):
+def make_trainer(tmp_path, model=None, **overrides):
     options = dict(out=str(tmp_path / "run"), model="tiny", max_steps=3, batch_size=2, lr=1e-2, checkpoint_every=1,
                    val_clusters=None, schedule_scale=0.05, kl_text_limit=None, kl_chunk_tokens=8, seed=1)
     options.update(overrides)
     config = UnlearnConfig(**options)
-    return UnlearnTrainer(config, tiny_model(), CharTokenizer(), toy_clusters(), ["general text for the KL set."])
+    return UnlearnTrainer(config, model or tiny_model(), CharTokenizer(), toy_clusters(), ["general text for the KL set."])
 
 
 def interrupt_at(trainer, at_step: int):
@@ -318,6 +319,36 @@ def test_full_finetuning_uses_a_frozen_reference_copy(tmp_path):
     # summing in a different order (seen with one OpenMP thread: 13.86253 vs 13.86294)
     assert first["forget"] == pytest.approx(2 / 0.1 * 0.6931471805599453, abs=2e-3)
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_full_weights_of_a_tied_model_save_and_reload_with_the_same_logits(tmp_path):
+    """SmolLM2 / Gemma 3 tie lm_head to the embeddings: one name is saved, loading restores both."""
+    model = tiny_model(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1.5)  # differs from a fresh model's
+    artifacts.save_weights(tmp_path / "best", model)
+    artifacts.save_checkpoint(tmp_path / "checkpoint", model, torch.optim.SGD(model.parameters(), lr=0.1), {"step": 0})
+    ids = torch.tensor([[5, 9, 17, 30]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    for load in (lambda m: artifacts.load_weights(tmp_path / "best", m),
+                 lambda m: artifacts.load_checkpoint(tmp_path / "checkpoint", m, None)):
+        fresh = tiny_model(seed=3, tie_word_embeddings=True)
+        load(fresh)
+        assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(ids).logits, expected)
+
+
+def test_full_finetuning_of_a_tied_model_keeps_its_best_evaluation(tmp_path):
+    trainer = make_trainer(tmp_path, model=tiny_model(tie_word_embeddings=True), finetune="full", reference="copy",
+                           max_steps=2, eval_every=1, keep_best=True)
+    result = trainer.train()
+    assert result.status in ("completed", "stopped") and result.best_step is not None
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["weights_saved"].startswith("best")
 
 
 def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path):

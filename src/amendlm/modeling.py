@@ -244,9 +244,8 @@ def attach_adapter(model, adapter: str | Path, model_name: str | None = None):
     An adapter whose modules do not all exist in the model, whose tensor shapes differ from the
     model's (another base model), or that the model has more LoRA slots for than it provides,
     would otherwise fail with a long peft error or be partly or silently ignored (the
-    "debiased" model would be the base model), and so would an adapter whose ``lora_B`` are all
-    zero.  A recorded base that differs from the model is allowed (an adapter transfers to
-    variants of its base) as long as every tensor fits.
+    "debiased" model would be the base model).  All-zero ``lora_B`` (``debias`` kept step 0): the
+    base model, loaded with a warning.  Another recorded base is allowed if every tensor fits.
 
     Args:
         model: a transformers causal LM; peft injects the LoRA layers into it.
@@ -258,7 +257,7 @@ def attach_adapter(model, adapter: str | Path, model_name: str | None = None):
         ValueError: unreadable ``adapter_config.json``; the adapter does not fit the model (one
             line naming the adapter's recorded base, the model and the first mismatch: a shape,
             a missing module, or the adapter's tensors and the LoRA parameters created in the
-            model that differ); or the adapter changes nothing (every ``lora_B`` is zero).
+            model that differ).
     """
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors import safe_open
@@ -293,7 +292,12 @@ def attach_adapter(model, adapter: str | Path, model_name: str | None = None):
             )
     lora_b = [p for name, p in peft_model.named_parameters() if "lora_B" in name]
     if lora_b and all(not bool(p.detach().any()) for p in lora_b):
-        raise ValueError(f"{adapter}: every lora_B is zero, so the adapter leaves the base model unchanged")
+        try:  # amendlm debias saves the untouched base when no evaluation beat step 0 (summary.json)
+            kept_0 = json.loads((adapter / "summary.json").read_text()).get("best_step") == 0
+        except (OSError, ValueError, AttributeError):
+            kept_0 = False
+        logger.warning("%s: %severy lora_B is zero: a valid adapter equal to the base model, used as is", adapter,
+                       "the run kept step 0 (no evaluation beat it), so " if kept_0 else "")
     logger.info("loaded adapter %s (trained on base %s)", adapter, base_recorded)
     return peft_model
 

@@ -31,14 +31,33 @@ from safetensors.torch import load_file, save_file
 from amendlm.report import atomic_directory, atomic_save_figure, atomic_write_text
 
 
+def tied_duplicates(state: dict[str, torch.Tensor]) -> set[str]:
+    """Names in ``state`` whose tensor shares memory with an earlier name's (tied weights).
+
+    E.g. ``lm_head.weight`` of a model that ties it to ``model.embed_tokens.weight`` (SmolLM2,
+    Gemma 3): safetensors refuses to save two names for one storage, and loading the first name
+    in place also sets the other.
+    """
+    seen, duplicates = set(), set()
+    for name, tensor in state.items():
+        key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in seen:
+            duplicates.add(name)
+        seen.add(key)
+    return duplicates
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The tensors a run changes: LoRA weights of a PEFT model, else the full state dict."""
+    """The tensors a run changes: LoRA weights of a PEFT model, else the full state dict less
+    tied duplicates (:func:`tied_duplicates`; one name per shared storage)."""
     if hasattr(model, "peft_config"):
         from peft import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(model)
     else:
         state = model.state_dict()
+        tied = tied_duplicates(state)
+        state = {name: tensor for name, tensor in state.items() if name not in tied}
     return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
 
 
@@ -57,6 +76,7 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
             raise ValueError(f"checkpoint tensors unknown to the model: {unexpected[:5]}")
         return
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if name not in tied_duplicates(model.state_dict())]  # set in place
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
