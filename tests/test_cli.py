@@ -118,3 +118,48 @@ def test_an_unavailable_or_malformed_device_is_one_line_naming_the_flag_before_a
         assert result.exit_code != 0 and isinstance(result.exception, SystemExit), (device, result.output)
         assert len(result.stderr.splitlines()) == 1 and said in result.stderr, (device, result.stderr)
     assert loaded == [] and not (tmp_path / "run").exists() and not (tmp_path / "merged").exists()
+
+
+OUT_FILE_COMMANDS = {  # command -> arguments before --out / --markdown (no model may load: the check comes first)
+    "eval": ["eval", "--benchmarks", "perplexity", "--out"],
+    "compare --out": ["compare", "{tmp}/missing.json", "--out"],
+    "compare --markdown": ["compare", "{tmp}/missing.json", "--markdown"],
+    "align sample": ["align", "sample", "--limit", "1", "--out"],
+    "align generate": ["align", "generate", "hi", "--mode", "proposal", "--out"],
+    "align eval": ["align", "eval", "--systems", "proposal", "--limit", "1", "--out"],
+}
+
+
+@pytest.mark.parametrize("command", list(OUT_FILE_COMMANDS))
+def test_an_out_file_that_cannot_be_written_is_one_line_before_anything_runs(command, tmp_path, monkeypatch):
+    import amendlm.modeling
+
+    monkeypatch.setattr(amendlm.modeling, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    (tmp_path / "results").mkdir()
+    (tmp_path / "README.md").write_text("a file\n")
+    option = "--markdown" if command.endswith("--markdown") else "--out"
+    args = [a.format(tmp=tmp_path) for a in OUT_FILE_COMMANDS[command]]
+    for out, said in ((tmp_path / "results", f"{option} {tmp_path / 'results'}: is a directory; give a file path such as "
+                                             f"{tmp_path / 'results'}/"),
+                      (tmp_path / "README.md" / "x.json", f"parent {tmp_path / 'README.md'} is not a directory")):
+        result = CliRunner().invoke(app, [*args, str(out)])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (out, result.output)
+        assert len(result.stderr.splitlines()) == 1 and said in result.stderr, (out, result.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "results"] and not any((tmp_path / "results").iterdir())
+
+
+@pytest.mark.parametrize("command", ["merge", "debias"])
+def test_an_out_directory_that_is_a_file_is_one_line_before_any_model_loads(command, tmp_path, monkeypatch):
+    import amendlm.modeling
+    from amendlm.unlearn import trainer
+
+    monkeypatch.setattr(amendlm.modeling, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("training started"))
+    (tmp_path / "README.md").write_text("a file\n")
+    args = ["merge", "--adapter", str(tmp_path)] if command == "merge" else ["debias", "--no-progress"]
+    for out, said in ((tmp_path / "README.md", f"--out {tmp_path / 'README.md'}: is a file, not a directory"),
+                      (tmp_path / "README.md" / "run", f"parent {tmp_path / 'README.md'} is not a directory")):
+        result = CliRunner().invoke(app, [*args, "--out", str(out)])
+        assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), (out, result.output)
+        assert len(result.stderr.splitlines()) == 1 and said in result.stderr, (out, result.stderr)
+    assert (tmp_path / "README.md").read_text() == "a file\n"

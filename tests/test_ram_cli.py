@@ -122,3 +122,22 @@ def test_align_train_takes_device_auto_trains_where_accelerate_puts_it_and_print
     assert printed["steps"] == 2 and printed["seconds_complete"] is True  # trained in one go
     assert 0 < printed["seconds_this_run"] == printed["seconds"]
     assert (tmp_path / "run" / "aligner" / "config.json").is_file()
+
+
+def test_align_train_takes_kl_texts_none_as_no_general_text_and_usage_errors_keep_their_quotes(tmp_path, monkeypatch):
+    import amendlm.ram.train
+
+    seen = []
+
+    def stop(config, progress=False):
+        seen.append(config)
+        raise ValueError("stopped before training")
+
+    monkeypatch.setattr(amendlm.ram.train, "train_aligner", stop)
+    for value in ("none", "None", ""):
+        result = CliRunner().invoke(app, ["align", "train", "--out", str(tmp_path / "run"), "--pairs", "stereoset", "--aligner", "x",
+                                          "--kl-texts", value])
+        assert result.exit_code == 1 and "stopped before training" in result.stderr, result.output
+    assert [config.pairs.kl_texts for config in seen] == [None, None, None]
+    result = CliRunner().invoke(app, ["align", "sample", "--out", str(tmp_path / "s.jsonl"), "--split", "tset"])
+    assert result.exit_code == 2 and "got 'tset' (see '" in result.stderr, result.stderr

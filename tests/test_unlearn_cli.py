@@ -222,3 +222,36 @@ def test_the_help_states_the_pairwise_recipe_values_a_plain_run_uses():
     assert f"method {PAIRWISE['method']}, {PAIRWISE['max_steps']} steps" in doc
     assert f"{PAIRWISE['warmup_steps']} warm-up steps" in doc and f"loss weights {weights}" in doc
     assert float(doc.split("lr ")[1].split()[0]) == PAIRWISE["lr"]
+
+
+def test_a_missing_kl_texts_file_is_one_line_before_the_progress_bar_and_any_model(tmp_path, monkeypatch):
+    import amendlm.modeling
+    from amendlm.unlearn import trainer
+    from amendlm.unlearn.progress import RunProgress
+
+    monkeypatch.setattr(amendlm.modeling, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(RunProgress, "__enter__", lambda self: pytest.fail("the progress bar started"))
+    result = debias(tmp_path, "--kl-texts", str(tmp_path / "no" / "file.jsonl"))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert len(result.stderr.splitlines()) == 1
+    assert f"--kl-texts: dataset '{tmp_path / 'no' / 'file.jsonl'}' is neither an embedded dataset" in result.stderr
+    missing_model = debias(tmp_path, "--model", str(tmp_path / "nothing"))  # with the progress bar on
+    assert missing_model.exit_code == 1 and "no such model directory" in missing_model.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_reads_the_kl_texts_before_loading_the_model(tmp_path, monkeypatch):
+    import amendlm.modeling
+    from amendlm.unlearn import trainer
+
+    monkeypatch.setattr(amendlm.modeling, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    with pytest.raises(FileNotFoundError, match="file.jsonl' is neither an embedded dataset"):
+        trainer.train(UnlearnConfig(out=str(tmp_path / "run"), kl_texts=str(tmp_path / "file.jsonl")))
+
+
+def test_the_per_stream_batch_sizes_show_their_default_in_the_help():
+    shown = CliRunner().invoke(app, ["debias", "--help"], env={"COLUMNS": "240", "TERMINAL_WIDTH": "240"})
+    lines = [line for line in shown.stdout.splitlines() if "-batch-size " in line and "examples per step" in line]
+    assert len(lines) == 3 and all("per step. [default: (--batch-size)]" in line for line in lines), lines
+    assert "per step ." not in shown.stdout

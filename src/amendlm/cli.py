@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from amendlm.data.splits import DEFAULT_SEED
-from amendlm.errors import OneLineUsageErrors, user_errors
+from amendlm.errors import OneLineUsageErrors, check_out_file, user_errors
 from amendlm.resources import DEFAULT_MODEL
 
 # defaults shown by --help; EvalConfig (amendlm.bias.evaluate) validates the values
@@ -73,8 +73,9 @@ def eval_command(
         raise typer.BadParameter(str(err)) from None
     from amendlm.distributed import check_device
 
-    with user_errors():  # an unavailable or malformed --device: one line, before any model loads
+    with user_errors():  # a bad --device or an --out that cannot be written: one line, before any model loads
         check_device(device, index=True)
+        check_out_file(out, example="eval.json")
     if pair is not None:
         from amendlm.product import check_aligner
 

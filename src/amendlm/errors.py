@@ -1,6 +1,8 @@
 """How the command line reports input errors: one clear line on stderr.
 
 * :func:`user_errors`: a bad file, row, adapter or model path -> ``error: ...``, exit status 1;
+* :func:`check_out_file` / :func:`check_out_directory`: an ``--out`` path that cannot be written,
+  refused before any model loads (as ``ValueError``, for :func:`user_errors`);
 * :class:`OneLineUsageErrors`: a usage error (unknown or missing option, invalid value,
   ``typer.BadParameter`` raised by a command) -> ``error: ... (see 'amendlm CMD --help')``, exit
   status 2, instead of click's usage lines and rich's boxed panel; ``--help`` is untouched.
@@ -14,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -43,6 +46,45 @@ def user_errors() -> Iterator[None]:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1) from None
+
+
+def _check_parent(path: Path, option: str) -> None:
+    for parent in path.parents:  # the nearest existing one must be a directory (the rest are created)
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{option} {path}: parent {parent} is not a directory")
+            return
+
+
+def check_out_file(path: Optional[str | Path], option: str = "--out", example: str = "out.json") -> None:
+    """Refuse, before anything runs, an output *file* path that the final atomic write would fail on.
+
+    ``None`` (no output asked for) passes.  Nothing is created.
+
+    Raises:
+        ValueError: ``path`` is an existing directory (the message suggests ``path/example``), or
+            its nearest existing parent is not a directory; one line naming ``option``.
+    """
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: is a directory; give a file path such as {path / example}")
+    _check_parent(path, option)
+
+
+def check_out_directory(path: Optional[str | Path], option: str = "--out") -> None:
+    """Refuse, before anything runs, an output *directory* path that is an existing file or lies under one.
+
+    Raises:
+        ValueError: one line naming ``option`` and the path.
+    """
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path}: is a file, not a directory; give a new directory path")
+    _check_parent(path, option)
 
 
 def usage_error_line(err) -> str:

@@ -65,7 +65,7 @@ def compare(
     from rich.table import Table
 
     from amendlm.bias.compare import COLUMNS, TARGET_NAMES, check_targets, comparison_rows, format_cell, load_eval, markdown_table
-    from amendlm.errors import user_errors
+    from amendlm.errors import check_out_file, user_errors
     from amendlm.report import atomic_write_json, atomic_write_text
 
     if strict and not targets:
@@ -74,6 +74,8 @@ def compare(
         raise typer.BadParameter("--targets needs at least two runs (the first is 'before', the last 'after')")
     checks = None
     with user_errors():
+        check_out_file(markdown, "--markdown", example="compare.md")  # before anything is read or printed
+        check_out_file(out, example="compare.json")
         parsed = [parse_run(argument) for argument in runs]
         loaded = [(label, load_eval(path)) for label, path in parsed]
         if targets:  # before anything is printed: runs that are not comparable are an error

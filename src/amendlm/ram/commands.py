@@ -23,7 +23,7 @@ from typing import List, Optional
 
 import typer
 
-from amendlm.errors import user_errors
+from amendlm.errors import check_out_file, user_errors
 from amendlm.resources import DEFAULT_MODEL
 
 align_app = typer.Typer(
@@ -50,14 +50,15 @@ VAL_HELP = ("--split val: align train's {} that held the val prompts out; defaul
             "--finetuned) is an align train run directory (a different value is refused), else {}.")
 
 
-def _check_device(device: str, accelerate: bool = False) -> None:
-    """An unavailable or malformed ``--device``: one line (``error: --device ...``), exit 1, before any model loads.
+def _check_device(device: str, accelerate: bool = False, out: Optional[Path] = None) -> None:
+    """A bad ``--device``, or an ``out`` file that cannot be written: one line (``error: ...``), exit 1, before any model loads.
 
     ``accelerate``: ``align train`` (Accelerate places the model): ``auto`` or a device type, no index."""
     from amendlm.distributed import check_device
 
     with user_errors():
         check_device(device, index=not accelerate)
+        check_out_file(out)
 
 
 def _task(data: str, split: str, limit: Optional[int], max_document_tokens: int, split_seed: int,
@@ -73,8 +74,8 @@ def _stops(stop: Optional[List[str]]) -> tuple[str, ...] | None:
     return tuple(s.encode().decode("unicode_escape") for s in stop) if stop else None
 
 
-def _bad(err: Exception):
-    return typer.BadParameter(str(err).strip("'\""))
+def _bad(err: Exception):  # a KeyError's str() is its message quoted
+    return typer.BadParameter(str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err))
 
 
 def _require_inputs(missing: List[str]) -> None:
@@ -114,7 +115,7 @@ def sample_command(
                               dtype=dtype, device=device)
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
-    _check_device(device)
+    _check_device(device, out=out)
     with user_errors():
         summary = sample_proposal(config, progress=True)
     typer.echo(f"{summary['sampled']} new samples ({summary['already_done']} already done) in {summary['seconds']:.0f} s -> {out}")
@@ -156,7 +157,7 @@ def train_command(
                                              "(the pair = the proposal at step 0). Default: on with --pairs."),
     kl_weight: float = typer.Option(1.0, help="--pairs: weight of KL(proposal || pair) per position on neutral text; 0 = none."),
     kl_unrelated: bool = typer.Option(True, "--kl-unrelated/--no-kl-unrelated", help="--pairs: StereoSet's unrelated sentences of the train targets in the neutral set."),
-    kl_texts: Optional[str] = typer.Option("xsum-sample", help="--pairs: general text of the neutral set ('' = StereoSet's unrelated sentences only)."),
+    kl_texts: Optional[str] = typer.Option("xsum-sample", help="--pairs: general text of the neutral set ('none' or '' = StereoSet's unrelated sentences only)."),
     kl_batch_size: int = typer.Option(8, help="--pairs: neutral examples per step."),
     val_every: int = typer.Option(20, help="--pairs: score the pair on StereoSet val targets every N steps (and at 0 and the end), keep the best; 0 = keep the last."),
     val_clusters: Optional[int] = typer.Option(None, help="--pairs: val clusters per evaluation (stratified; default all)."),
@@ -174,7 +175,7 @@ def train_command(
     try:
         pairs_config = None if pairs is None else PairsConfig(
             source=pairs, split_seed=split_seed, limit=limit, kl_weight=kl_weight, kl_unrelated=kl_unrelated,
-            kl_texts=kl_texts or None,
+            kl_texts=None if (kl_texts or "none").lower() == "none" else kl_texts,
             kl_batch_size=kl_batch_size, val_every=val_every, val_clusters=val_clusters, max_lms_drop=max_lms_drop)
         config = TrainConfig(
             out=str(out), samples=None if samples is None else str(samples), pairs=pairs_config,
@@ -249,7 +250,7 @@ def generate_command(
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
     _require_inputs([f"--aligner (for --mode {mode})"] if aligner is None and mode != "proposal" else [])
-    _check_device(device)
+    _check_device(device, out=out)
     with user_errors():
         texts = list(prompts or [])
         if not texts:
@@ -346,7 +347,7 @@ def eval_command(
         )
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
-    _check_device(device)
+    _check_device(device, out=out)
     from amendlm.ram.validation import run_of
 
     if val is not None and None in (val_fraction, val_seed) and not run_of(aligner) and not run_of(

@@ -228,14 +228,14 @@ def merge_adapter(model_name_or_path: str, adapter: str | Path, out: str | Path,
     PEFT.  Written to a sibling temporary directory and renamed into place.
 
     Raises:
-        FileExistsError: ``out`` exists and is not empty.
+        FileExistsError: ``out`` exists and is not an empty directory.
         FileNotFoundError / ValueError: see :func:`amendlm.modeling.attach_adapter`.
     """
     from amendlm.modeling import load_model
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty directory; choose a new --out")
     model, tokenizer = load_model(model_name_or_path, adapter=adapter, device=device)
     merged = model.merge_and_unload()
     with atomic_directory(out) as staging:

@@ -26,9 +26,9 @@ def debias(
     method: str = typer.Option("biasunlearn", help=f"One of: {METHOD_NAMES}."),
     max_steps: int = typer.Option(200, help="Optimizer steps at most (BiasUnlearn may stop earlier by its stop rule)."),
     batch_size: int = typer.Option(8, help="Examples per stream (forget, retain, KL) per step, unless a per-stream size is given; under accelerate launch, of all processes together."),
-    forget_batch_size: Optional[int] = typer.Option(None, help="Forget (and DPO pair) examples per step [default: --batch-size]."),
-    retain_batch_size: Optional[int] = typer.Option(None, help="Retain examples per step [default: --batch-size]."),
-    kl_batch_size: Optional[int] = typer.Option(None, help="KL examples per step [default: --batch-size]."),
+    forget_batch_size: Optional[int] = typer.Option(None, show_default="--batch-size", help="Forget (and DPO pair) examples per step."),
+    retain_batch_size: Optional[int] = typer.Option(None, show_default="--batch-size", help="Retain examples per step."),
+    kl_batch_size: Optional[int] = typer.Option(None, show_default="--batch-size", help="KL examples per step."),
     lr: float = typer.Option(2e-4, help="Peak AdamW learning rate (linear decay)."),
     warmup_steps: int = typer.Option(0, help="Linear warm-up steps at the start of the run."),
     alpha_forget: float = typer.Option(0.5, help="Weight of the forget loss (NPO; DPO for dpo-swap)."),
@@ -77,15 +77,17 @@ def debias(
         run_config = debias_config(out, explicit_options(ctx), recipe, config)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    from amendlm.errors import user_errors
+    from amendlm.errors import check_out_directory, user_errors
     from amendlm.unlearn.resume import check_resume_config, check_run_directory
 
     from amendlm.distributed import check_device
 
     with user_errors():  # an existing run without --resume, --resume with another configuration: one line, exit 1
         check_device(run_config.device)
+        check_out_directory(out)
         check_run_directory(out, resume)
         check_resume_config(run_config, resume)
+        _check_model_and_texts(run_config)  # before the progress bar and any model load
     from amendlm.distributed import is_main_launched_process
 
     main = is_main_launched_process()  # under accelerate launch only the main process shows and prints
@@ -113,6 +115,19 @@ def debias(
 
 _NOT_CONFIG = ("out", "resume", "config", "recipe", "progress")  # command options that are not UnlearnConfig fields
 _CLI_DEFAULTS = {"dtype": "auto"}  # where the command's default differs from UnlearnConfig's
+
+
+def _check_model_and_texts(config) -> None:
+    """A missing ``--model`` or ``--kl-texts`` (file or embedded name): FileNotFoundError naming the option."""
+    from amendlm.ram.api import check_model_name
+    from amendlm.resources import resolve_dataset
+
+    check_model_name(config.model)
+    if config.kl_texts:
+        try:
+            resolve_dataset(config.kl_texts)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"--kl-texts: {err}") from None
 
 
 def _checkpoint_step(out: Path) -> int:
@@ -237,10 +252,12 @@ def merge(
 ) -> None:
     """Fold a LoRA adapter into its base model and save a plain safetensors model."""
     from amendlm.distributed import check_device
+    from amendlm.errors import check_out_directory
     from amendlm.unlearn.artifacts import merge_adapter
 
     try:
         check_device(device, index=True)  # before any model loads
+        check_out_directory(out)
         path = merge_adapter(model, adapter, out, device=device)
     except (FileExistsError, FileNotFoundError, ValueError) as err:
         raise typer.BadParameter(str(err)) from None
