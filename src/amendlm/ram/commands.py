@@ -50,7 +50,7 @@ VAL_HELP = ("--split val: align train's {} that held the val prompts out; defaul
             "--finetuned) is an align train run directory (a different value is refused), else {}.")
 
 
-def _check_device(device: str, accelerate: bool = False, out: Optional[Path] = None) -> None:
+def _check_early(device: str, accelerate: bool = False, out: Optional[Path] = None) -> None:
     """A bad ``--device``, or an ``out`` file that cannot be written: one line (``error: ...``), exit 1, before any model loads.
 
     ``accelerate``: ``align train`` (Accelerate places the model): ``auto`` or a device type, no index."""
@@ -115,7 +115,7 @@ def sample_command(
                               dtype=dtype, device=device)
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
-    _check_device(device, out=out)
+    _check_early(device, out=out)
     with user_errors():
         summary = sample_proposal(config, progress=True)
     typer.echo(f"{summary['sampled']} new samples ({summary['already_done']} already done) in {summary['seconds']:.0f} s -> {out}")
@@ -190,7 +190,7 @@ def train_command(
         )
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
-    _check_device(device, accelerate=True)
+    _check_early(device, accelerate=True)
     with user_errors():
         summary = train_aligner(config, progress=True)
     from amendlm.distributed import is_main_launched_process
@@ -250,7 +250,7 @@ def generate_command(
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
     _require_inputs([f"--aligner (for --mode {mode})"] if aligner is None and mode != "proposal" else [])
-    _check_device(device, out=out)
+    _check_early(device, out=out)
     with user_errors():
         texts = list(prompts or [])
         if not texts:
@@ -347,7 +347,7 @@ def eval_command(
         )
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
-    _check_device(device, out=out)
+    _check_early(device, out=out)
     from amendlm.ram.validation import run_of
 
     if val is not None and None in (val_fraction, val_seed) and not run_of(aligner) and not run_of(
