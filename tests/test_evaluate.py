@@ -101,7 +101,7 @@ def test_adapter_for_fewer_layers_is_rejected_and_one_without_effect_is_loaded_w
     base, ids = make_tiny_llama(259), torch.tensor([[5, 9, 17]])
     with torch.no_grad():
         expected = base(ids).logits
-    with caplog.at_level("WARNING", logger="amendlm.modeling"):
+    with caplog.at_level("WARNING", logger="amendlm.adapters"):
         loaded = attach_adapter(base, tmp_path / "untrained")
     assert "every lora_B is zero: a valid adapter equal to the base model" in caplog.text
     assert "kept step 0" not in caplog.text
@@ -110,7 +110,7 @@ def test_adapter_for_fewer_layers_is_rejected_and_one_without_effect_is_loaded_w
     # a debias run that kept step 0 (summary.json) is named as such
     (tmp_path / "untrained" / "summary.json").write_text(json.dumps({"best_step": 0, "weights_saved": "best (step 0)"}))
     caplog.clear()
-    with caplog.at_level("WARNING", logger="amendlm.modeling"):
+    with caplog.at_level("WARNING", logger="amendlm.adapters"):
         attach_adapter(make_tiny_llama(259), tmp_path / "untrained")
     assert "the run kept step 0 (no evaluation beat it), so every lora_B is zero" in caplog.text
 

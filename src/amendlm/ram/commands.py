@@ -24,6 +24,7 @@ from typing import List, Optional
 import typer
 
 from amendlm.errors import check_out_file, user_errors
+from amendlm.ram.command_helpers import decode_config, generate_and_print, print_eval_table, val_split
 from amendlm.resources import DEFAULT_MODEL
 
 align_app = typer.Typer(
@@ -208,15 +209,6 @@ def train_command(
                           | ({"kept_val": summary["selection"]["kept"]} if summary.get("selection") else {})))
 
 
-def _decode_config(mode, candidates, kl_threshold, proposal_top_p, aligner_top_p, proposal_temperature,
-                   aligner_temperature, eos_priority):
-    from amendlm.ram.decoding import DecodeConfig
-
-    return DecodeConfig(mode=mode, candidates=candidates, kl_threshold=kl_threshold, proposal_top_p=proposal_top_p,
-                        aligner_top_p=aligner_top_p, proposal_temperature=proposal_temperature,
-                        aligner_temperature=aligner_temperature, eos_priority=eos_priority)
-
-
 MODE_HELP = "par, par-kl, sir (seeded resampling, also with --greedy), sir-best (best of n), mds, proposal or aligner."
 
 
@@ -243,8 +235,8 @@ def generate_command(
     from amendlm.ram.generate import GenerateConfig
 
     try:
-        decode = _decode_config(mode, candidates, kl_threshold, proposal_top_p, aligner_top_p, proposal_temperature,
-                                aligner_temperature, eos_priority)
+        decode = decode_config(mode, candidates, kl_threshold, proposal_top_p, aligner_top_p, proposal_temperature,
+                               aligner_temperature, eos_priority)
         config = GenerateConfig(max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, stop=_stops(stop) or (),
                                 batch_size=batch_size, dtype=dtype)
     except (ValueError, KeyError) as err:
@@ -258,41 +250,7 @@ def generate_command(
             texts = [line for line in source.splitlines() if line.strip()]
         if not texts:
             raise ValueError("no prompts given (as arguments, --prompts-file or stdin)")
-        _generate(texts, proposal, aligner if mode != "proposal" else None, decode, config, chat_template, stream, out, device)
-
-
-def _generate(texts, proposal, aligner, decode, config, chat_template, stream, out, device) -> None:
-    from amendlm.ram.api import ResidualAlignedLM
-    from amendlm.ram.data import encode_prompt
-    from amendlm.ram.generate import GenerationStats
-    from amendlm.report import atomic_write_text
-
-    ram = ResidualAlignedLM.from_pretrained(proposal, aligner, decode, device=device)
-    ids = [encode_prompt(ram.tokenizer, t, chat_template) for t in texts]
-    live = stream and len(texts) == 1
-    shown: list[int] = []
-
-    def on_step(step, token_ids, finished):
-        if live and not (finished.all() and token_ids[0].item() == ram.pad_token_id and step > 0):
-            shown.append(int(token_ids[0]))
-            typer.echo(ram.tokenizer.decode(shown[-1:], skip_special_tokens=True), nl=False)
-
-    def on_batch(indices, generations):
-        if stream and not live:
-            for index, generation in zip(indices, generations):
-                typer.echo(f"[{index}] {generation.text}")
-
-    stats = GenerationStats()
-    results = ram.generate_ids(ids, config=config, stats=stats, on_step=on_step if live else None, on_batch=on_batch)
-    if live:
-        typer.echo("")
-    elif not stream:
-        for index, generation in enumerate(results):
-            typer.echo(f"[{index}] {generation.text}")
-    typer.echo(f"# {stats.new_tokens} tokens in {stats.seconds:.1f} s; first token {stats.first_token_seconds:.2f} s", err=True)
-    if out is not None:
-        atomic_write_text(out, "".join(json.dumps({"prompt": t, "text": g.text, "finish_reason": g.finish_reason},
-                                                  ensure_ascii=False) + "\n" for t, g in zip(texts, results)))
+        generate_and_print(texts, proposal, aligner if mode != "proposal" else None, decode, config, chat_template, stream, out, device)
 
 
 @align_app.command("eval")
@@ -332,15 +290,15 @@ def eval_command(
         raise typer.BadParameter(f"--split must be test or val, got {split!r}" if split not in ("test", "val")
                                  else "--val-fraction and --val-seed apply to --split val only")
     with user_errors():
-        val = _val_split(aligner, finetuned if "finetuned" in chosen else None, val_fraction, val_seed) if split == "val" else None
+        val = val_split(aligner, finetuned if "finetuned" in chosen else None, val_fraction, val_seed) if split == "val" else None
     try:
         task = _task(data, "train" if val else "test", limit, max_document_tokens, split_seed, chat_template)
         stops = _stops(stop)
         config = AlignEvalConfig(
             proposal=proposal, aligner=aligner, finetuned=finetuned,
             systems=chosen, task=task,
-            decode=_decode_config("par-kl", candidates, kl_threshold, proposal_top_p, aligner_top_p,
-                                  proposal_temperature, aligner_temperature, eos_priority),
+            decode=decode_config("par-kl", candidates, kl_threshold, proposal_top_p, aligner_top_p,
+                                 proposal_temperature, aligner_temperature, eos_priority),
             generate=GenerateConfig(max_new_tokens=max_new_tokens, greedy=greedy, seed=seed,
                                     stop=task.stop if stops is None else stops, batch_size=batch_size, dtype=dtype),
             device=device, val=val,
@@ -359,40 +317,8 @@ def eval_command(
         results = evaluate_systems(config, generations_path=str(out.with_suffix(".generations.jsonl")), progress=True)
         results.update(versions=package_versions(), seconds_total=time.perf_counter() - began)
         atomic_write_json(out, results)
-    _print_eval_table(results, data)
+    print_eval_table(results, data)
     typer.echo(f"wrote {out}")
-
-
-def _print_eval_table(results: dict, data: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    stops = results["config"]["generate"]["stop"]
-    table = Table(title=f"RAM on {data} ({results['config']['split']}, {results['n_prompts']} prompts; stop strings {stops!r})")
-    for column in ("system", "ROUGE-1", "ROUGE-2", "ROUGE-L", "words", "ended by EOS", "par-kl fallback",
-                   "= aligner argmax", "tok/s"):
-        table.add_column(column, justify="left" if column == "system" else "right")
-
-    def share(value):
-        return "-" if value is None else f"{100 * value:.1f} %"
-
-    for system, m in results["systems"].items():
-        table.add_row(system, f"{m['rouge1']:.2f}", f"{m['rouge2']:.2f}", f"{m['rougeL']:.2f}", f"{m['mean_words']:.1f}",
-                      f"{m['finish_reasons']['eos']}/{results['n_prompts']}", share(m["choices"]["fallback_rate"]),
-                      share(m["choices"]["follows_aligner_argmax"]), f"{m['tokens_per_second'] or 0:.1f}")
-    Console().print(table)
-
-
-def _val_split(aligner, finetuned, fraction, seed):
-    """``--split val``'s settings: those of the ``align train`` run ``--aligner`` (else ``--finetuned``) names,
-    ``--val-fraction``/``--val-seed`` where given (checked against the run before any model loads), else
-    align train's defaults (every train prompt taken as sampled)."""
-    from amendlm.ram.validation import FRACTION, SEED, ValSplit, run_of, run_val
-
-    run = run_of(aligner) or run_of(finetuned)
-    if run is not None:
-        return run_val(run, fraction, seed)
-    return ValSplit(FRACTION if fraction is None else fraction, SEED if seed is None else seed)
 
 
 def register(app: typer.Typer) -> None:

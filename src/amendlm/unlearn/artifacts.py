@@ -229,7 +229,7 @@ def merge_adapter(model_name_or_path: str, adapter: str | Path, out: str | Path,
 
     Raises:
         FileExistsError: ``out`` exists and is not an empty directory.
-        FileNotFoundError / ValueError: see :func:`amendlm.modeling.attach_adapter`.
+        FileNotFoundError / ValueError: see :func:`amendlm.adapters.attach_adapter`.
     """
     from amendlm.modeling import load_model
 
