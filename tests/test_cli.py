@@ -148,15 +148,27 @@ def test_an_out_file_that_cannot_be_written_is_one_line_before_anything_runs(com
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "results"] and not any((tmp_path / "results").iterdir())
 
 
-@pytest.mark.parametrize("command", ["merge", "debias"])
+OUT_DIRECTORY_COMMANDS = {
+    "merge": ["merge", "--adapter", "{tmp}"],
+    "debias": ["debias", "--no-progress"],
+    "finetune": ["finetune"],
+    "align train": ["align", "train", "--pairs", "stereoset", "--aligner", "x"],
+}
+
+
+@pytest.mark.parametrize("command", list(OUT_DIRECTORY_COMMANDS))
 def test_an_out_directory_that_is_a_file_is_one_line_before_any_model_loads(command, tmp_path, monkeypatch):
+    import amendlm.finetune
     import amendlm.modeling
+    import amendlm.ram.train
     from amendlm.unlearn import trainer
 
     monkeypatch.setattr(amendlm.modeling, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(amendlm.finetune, "finetune_variant", lambda *a, **k: pytest.fail("fine-tuning started"))
+    monkeypatch.setattr(amendlm.ram.train, "train_aligner", lambda *a, **k: pytest.fail("training started"))
     (tmp_path / "README.md").write_text("a file\n")
-    args = ["merge", "--adapter", str(tmp_path)] if command == "merge" else ["debias", "--no-progress"]
+    args = [a.format(tmp=tmp_path) for a in OUT_DIRECTORY_COMMANDS[command]]
     for out, said in ((tmp_path / "README.md", f"--out {tmp_path / 'README.md'}: is a file, not a directory"),
                       (tmp_path / "README.md" / "run", f"parent {tmp_path / 'README.md'} is not a directory")):
         result = CliRunner().invoke(app, [*args, "--out", str(out)])

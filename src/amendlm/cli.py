@@ -23,8 +23,30 @@ app = typer.Typer(
 )
 
 
+def package_version() -> str:
+    """The installed amendlm's version (package metadata), else the source tree's ``amendlm.__version__``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("amendlm")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from amendlm import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"amendlm {package_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
+def root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level."),
+    version: bool = typer.Option(False, "--version", "-V", callback=_print_version, is_eager=True, expose_value=False,
+                                 help="Print amendlm's version and exit."),
+) -> None:
     """amendlm: debias by unlearning (BiasUnlearn), align with a residual model (RAM), measure it."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 

@@ -3,6 +3,7 @@
 * :func:`user_errors`: a bad file, row, adapter or model path -> ``error: ...``, exit status 1;
 * :func:`check_out_file` / :func:`check_out_directory`: an ``--out`` path that cannot be written,
   refused before any model loads (as ``ValueError``, for :func:`user_errors`);
+* :func:`optional_name`: an option naming a dataset that ``none`` (or ``''``) turns off;
 * :class:`OneLineUsageErrors`: a usage error (unknown or missing option, invalid value,
   ``typer.BadParameter`` raised by a command) -> ``error: ... (see 'amendlm CMD --help')``, exit
   status 2, instead of click's usage lines and rich's boxed panel; ``--help`` is untouched.
@@ -85,6 +86,17 @@ def check_out_directory(path: Optional[str | Path], option: str = "--out") -> No
     if path.exists() and not path.is_dir():
         raise ValueError(f"{option} {path}: is a file, not a directory; give a new directory path")
     _check_parent(path, option)
+
+
+def optional_name(value: Optional[str]) -> Optional[str]:
+    """The value of an option naming a dataset or file that can be turned off (``--kl-texts``).
+
+    ``None``, ``''`` and ``'none'`` in any case (``none``, ``None``, ``NONE``) -> ``None`` (off); any
+    other value is returned unchanged (a name or path, checked where it is read).
+    """
+    if value is None or value.strip().lower() in ("", "none"):
+        return None
+    return value
 
 
 def usage_error_line(err) -> str:

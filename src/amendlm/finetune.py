@@ -276,7 +276,7 @@ def finetune_command(
     cpu: bool = typer.Option(False, help="Use the CPU even if an accelerator is present."),
 ) -> None:
     """Make a variant of a causal LM by fine-tuning all its weights briefly on general text."""
-    from amendlm.errors import user_errors
+    from amendlm.errors import check_out_directory, user_errors
 
     try:
         config = FinetuneConfig(
@@ -286,6 +286,7 @@ def finetune_command(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     with user_errors():
+        check_out_directory(out)  # an existing file, or a path under one: one line before the texts and the model load
         path = finetune_variant(config)
     summary = json.loads((path / "summary.json").read_text())
     final = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"

@@ -1,7 +1,8 @@
-"""The work behind ``amendlm align generate`` and ``amendlm align eval`` that is not option parsing.
+"""The work behind the ``amendlm align`` commands that is not option parsing.
 
-Building the decoding config, running and printing a generation, ``--split val``'s settings and the
-evaluation table; :mod:`amendlm.ram.commands` holds the Typer commands that call these.  torch and
+Building the decoding config, running and printing a generation, ``--split val``'s settings, the
+evaluation table and ``align train``'s closing line; :mod:`amendlm.ram.commands` holds the Typer commands
+that call these.  torch and
 transformers are imported inside the functions, as in the commands.
 """
 
@@ -100,3 +101,31 @@ def print_eval_table(results: dict, data: str) -> None:
                       f"{m['finish_reasons']['eos']}/{results['n_prompts']}", share(m["choices"]["fallback_rate"]),
                       share(m["choices"]["follows_aligner_argmax"]), f"{m['tokens_per_second'] or 0:.1f}")
     Console().print(table)
+
+
+def train_summary_line(summary: dict, out) -> str:
+    """The line ``align train`` ends with: steps, examples, wall-clock seconds, the last held-out loss (nats,
+    the training loss on the held-out prompts), the pair's kept val evaluation (``--pairs``), where the aligner
+    and the machine-readable summary (``OUT/train_summary.json``, the same ``summary``) were saved.
+
+    Args:
+        summary: :func:`amendlm.ram.train.train_aligner`'s return value for a run trained now.
+        out: the run directory (``--out``).
+    """
+    from pathlib import Path
+
+    from amendlm.ram.run_dir import SUMMARY_FILE
+
+    seconds, this_run = summary["seconds"], summary.get("seconds_this_run")
+    took = (("at least " if summary.get("seconds_complete") is False else "") + f"{seconds:.0f} s"
+            + (f" ({this_run:.0f} s in this run)" if this_run is not None and round(this_run) != round(seconds) else ""))
+    heldout = summary.get("heldout")
+    loss = (f"held-out loss {heldout['loss']:.4f} ({summary['n_heldout']} examples held out)" if heldout
+            else "no held-out loss (no examples held out)")
+    parts = [f"trained {summary['steps']} steps on {summary['n_examples']} examples in {took}", loss]
+    if summary.get("selection"):
+        kept = summary["selection"].get("kept")
+        parts.append(f"kept the val evaluation of step {kept['step']} (worst gap {kept['worst_gap']:.2f}, LMS drop "
+                     f"{kept['lms_drop']:.2f})" if kept else "no val evaluation kept: the last step's weights")
+    parts.append(f"aligner saved in {summary['aligner']} (summary: {Path(out) / SUMMARY_FILE})")
+    return "; ".join(parts)

@@ -15,7 +15,6 @@ prompts in ``generate``).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,8 +22,8 @@ from typing import List, Optional
 
 import typer
 
-from amendlm.errors import check_out_file, user_errors
-from amendlm.ram.command_helpers import decode_config, generate_and_print, print_eval_table, val_split
+from amendlm.errors import check_out_directory, check_out_file, optional_name, user_errors
+from amendlm.ram.command_helpers import decode_config, generate_and_print, print_eval_table, train_summary_line, val_split
 from amendlm.resources import DEFAULT_MODEL
 
 align_app = typer.Typer(
@@ -51,8 +50,9 @@ VAL_HELP = ("--split val: align train's {} that held the val prompts out; defaul
             "--finetuned) is an align train run directory (a different value is refused), else {}.")
 
 
-def _check_early(device: str, accelerate: bool = False, out: Optional[Path] = None) -> None:
-    """A bad ``--device``, or an ``out`` file that cannot be written: one line (``error: ...``), exit 1, before any model loads.
+def _check_early(device: str, accelerate: bool = False, out: Optional[Path] = None, out_dir: Optional[Path] = None) -> None:
+    """A bad ``--device``, an ``out`` file or an ``out_dir`` directory that cannot be written: one line
+    (``error: ...``), exit 1, before any model loads.
 
     ``accelerate``: ``align train`` (Accelerate places the model): ``auto`` or a device type, no index."""
     from amendlm.distributed import check_device
@@ -60,6 +60,7 @@ def _check_early(device: str, accelerate: bool = False, out: Optional[Path] = No
     with user_errors():
         check_device(device, index=not accelerate)
         check_out_file(out)
+        check_out_directory(out_dir)
 
 
 def _task(data: str, split: str, limit: Optional[int], max_document_tokens: int, split_seed: int,
@@ -124,7 +125,7 @@ def sample_command(
 
 @align_app.command("train")
 def train_command(
-    out: Optional[Path] = typer.Option(None, show_default=False, help="Output directory (checkpoints, aligner/, logs); rerun to resume, a finished run is kept. Required."),
+    out: Optional[Path] = typer.Option(None, show_default=False, help="Output directory (checkpoints, aligner/, logs, train_summary.json); rerun to resume, a finished run is kept. Required."),
     samples: Optional[Path] = typer.Option(None, show_default=False, help="Proposal samples jsonl from 'align sample' (with --data). Required unless --pairs."),
     pairs: Optional[str] = typer.Option(None, help=PAIRS_HELP),
     aligner: Optional[str] = typer.Option(None, help="Initial aligner: any model with the proposal's vocabulary (or give --init-from-proposal-layers)."),
@@ -176,7 +177,7 @@ def train_command(
     try:
         pairs_config = None if pairs is None else PairsConfig(
             source=pairs, split_seed=split_seed, limit=limit, kl_weight=kl_weight, kl_unrelated=kl_unrelated,
-            kl_texts=None if (kl_texts or "none").lower() == "none" else kl_texts,
+            kl_texts=optional_name(kl_texts),
             kl_batch_size=kl_batch_size, val_every=val_every, val_clusters=val_clusters, max_lms_drop=max_lms_drop)
         config = TrainConfig(
             out=str(out), samples=None if samples is None else str(samples), pairs=pairs_config,
@@ -191,7 +192,7 @@ def train_command(
         )
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
-    _check_early(device, accelerate=True)
+    _check_early(device, accelerate=True, out_dir=out)
     with user_errors():
         summary = train_aligner(config, progress=True)
     from amendlm.distributed import is_main_launched_process
@@ -202,11 +203,7 @@ def train_command(
         typer.echo(f"{out} is already finished ({summary['steps']} steps); the aligner is {summary['aligner']} "
                    "(nothing trained; use a new --out to train again)")
         return
-    heldout = summary["heldout"]
-    typer.echo(json.dumps({k: summary[k] for k in ("steps", "n_examples", "n_heldout", "seconds", "seconds_this_run",
-                                                   "seconds_complete", "aligner")}
-                          | {"heldout_loss": heldout["loss"] if heldout else None}
-                          | ({"kept_val": summary["selection"]["kept"]} if summary.get("selection") else {})))
+    typer.echo(train_summary_line(summary, out))
 
 
 MODE_HELP = "par, par-kl, sir (seeded resampling, also with --greedy), sir-best (best of n), mds, proposal or aligner."

@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from amendlm.errors import optional_name
 from amendlm.resources import DEFAULT_MODEL
 
 METHOD_NAMES = "biasunlearn, npo, gradascent, graddiff, dpo, sft-anti, dpo-swap"  # = METHODS (a test checks; no torch import here)
@@ -56,7 +57,7 @@ def debias(
     initial_all_types_steps: int = typer.Option(0, help="Train every bias type together until this step before the first swap decision (official 100)."),
     initial_eval_every: int = typer.Option(0, help="Evaluations (recorded, no decision) every this many steps during --initial-all-types-steps (0: none)."),
     checkpoint_every: int = typer.Option(25, help="Steps between checkpoints."),
-    kl_texts: str = typer.Option("xsum-sample", help="General text added to the KL set ('none' for unrelated sentences only)."),
+    kl_texts: str = typer.Option("xsum-sample", help="General text added to the KL set ('none' or '' for unrelated sentences only)."),
     kl_unrelated: bool = typer.Option(True, help="StereoSet's unrelated sentences in the KL set (--no-kl-unrelated: only the general text of --kl-texts)."),
     keep_best: bool = typer.Option(True, help="Keep the weights of the evaluation chosen by --selection (else the last step's)."),
     selection: str = typer.Option("gap", help="gap (smallest worst val SS gap) or gap_within_lms (the same among evaluations whose val LMS fell at most --max-lms-drop from step 0)."),
@@ -147,14 +148,14 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 def explicit_options(ctx: typer.Context) -> dict:
     """The UnlearnConfig fields given explicitly on the command line (or by environment), converted:
-    ``--val-clusters 0`` and ``--max-grad-norm 0`` -> None, ``--kl-texts none`` -> None, ``--target-modules a,b`` -> ``["a", "b"]``."""
+    ``--val-clusters 0`` and ``--max-grad-norm 0`` -> None, ``--kl-texts none`` (or ``''``) -> None, ``--target-modules a,b`` -> ``["a", "b"]``."""
     given = {name: value for name, value in ctx.params.items() if name not in _NOT_CONFIG and _given(ctx, name)}
     if "max_grad_norm" in given:
         given["max_grad_norm"] = given["max_grad_norm"] or None
     if "val_clusters" in given:
         given["val_clusters"] = given["val_clusters"] or None
-    if isinstance(given.get("kl_texts"), str) and given["kl_texts"].lower() == "none":
-        given["kl_texts"] = None
+    if "kl_texts" in given:
+        given["kl_texts"] = optional_name(given["kl_texts"])
     if "target_modules" in given:
         given["target_modules"] = [m.strip() for m in (given["target_modules"] or "").split(",") if m.strip()] or None
     return given
