@@ -118,10 +118,10 @@ def test_align_train_takes_device_auto_trains_where_accelerate_puts_it_and_print
                                       "--batch-size", "2", "--eval-fraction", "0", "--device", "auto"])
     assert result.exit_code == 0, result.output
     assert devices == ["cpu"]  # the Accelerator's device, not "auto"
-    printed = result.stdout.strip().splitlines()[-1]  # one human line; the same summary as data in train_summary.json
-    assert printed.startswith("trained 2 steps on 6 examples in ") and "no held-out loss" in printed, printed
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())  # the summary as data
+    printed = result.stdout.strip().splitlines()[-1]  # and as one human line
+    assert printed.startswith(f"trained 2 steps on {summary['n_examples']} examples in ") and "no held-out loss" in printed, printed
     assert f"aligner saved in {tmp_path / 'run' / 'aligner'} (summary: {tmp_path / 'run' / 'train_summary.json'})" in printed
-    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["steps"] == 2 and summary["seconds_complete"] is True  # trained in one go
     assert 0 < summary["seconds_this_run"] == summary["seconds"]
     assert (tmp_path / "run" / "aligner" / "config.json").is_file()
