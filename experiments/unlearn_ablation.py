@@ -30,6 +30,10 @@ Rows (``UnlearnConfig`` options on top of the defaults):
   (the CE outweighed the pairwise term); focusing the single worst type (gender) did not move its
   val SS while the other types drifted back; swapping a type as soon as it dipped below 50 made
   race, the largest type, oscillate around 50 and the overall val SS with it.
+* ``dpo-swap-rest`` — ``dpo-swap`` where a type whose val gap is below 4 rests for the phase
+  (``rest_within``) while a type farther from 50 trains.  Chosen from ``dpo-swap``'s own val record:
+  the phase's rate follows the *worst* type's gap, so a type near 50 was pushed at the full rate and
+  overshot (profession 53.7 at step 40, 44.8 at step 60, 52.6 at step 100).
 
     python experiments/unlearn_ablation.py                 # --dtype auto, 50 steps per row
     python experiments/unlearn_ablation.py --rows default,differing   # a subset (resumable; the rest later)
@@ -66,6 +70,7 @@ LEVERS: dict[str, dict] = {
                  "phases": [[5.0, 1.0, 100, 20], [3.0, 0.8, 50, 20], [0.0, 0.8, 50, 20]], "val_clusters": None,
                  "max_steps": 100},
 }
+LEVERS["dpo-swap-rest"] = {**LEVERS["dpo-swap"], "rest_within": 4.0}
 QUICK_ROWS = ("default", "differing")
 
 

@@ -152,7 +152,7 @@ class UnlearnTrainer:
                 s.status = "stopped"
             else:
                 if c.type_focus == "all":  # every type outside the tolerance, each towards 50 by its own val SS
-                    active, swapped_types = types_to_train(types, c.tolerance)
+                    active, swapped_types = types_to_train(types, c.tolerance, c.rest_within)
                     record["decision"].update(focus=None, swap=False, active_types=active, swapped_types=swapped_types)
                     changed = (active, swapped_types) != (s.active_types, s.swapped_types)
                     s.active_types, s.swapped_types = active, swapped_types
