@@ -34,6 +34,9 @@ Rows (``UnlearnConfig`` options on top of the defaults):
   (``rest_within``) while a type farther from 50 trains.  Chosen from ``dpo-swap``'s own val record:
   the phase's rate follows the *worst* type's gap, so a type near 50 was pushed at the full rate and
   overshot (profession 53.7 at step 40, 44.8 at step 60, 52.6 at step 100).
+* ``dpo-long`` — ``dpo-pairwise`` for 150 steps (its own budget).  Chosen from ``dpo-pairwise``'s val
+  record: its val SS was still falling at step 50 (53.9) at about 0.3 val LMS points per SS point,
+  with no bias type swapped, so the question is where it lands with room to continue.
 
     python experiments/unlearn_ablation.py                 # --dtype auto, 50 steps per row
     python experiments/unlearn_ablation.py --rows default,differing   # a subset (resumable; the rest later)
@@ -71,6 +74,7 @@ LEVERS: dict[str, dict] = {
                  "max_steps": 100},
 }
 LEVERS["dpo-swap-rest"] = {**LEVERS["dpo-swap"], "rest_within": 4.0}
+LEVERS["dpo-long"] = {**LEVERS["dpo-pairwise"], "max_steps": 150}
 QUICK_ROWS = ("default", "differing")
 
 
