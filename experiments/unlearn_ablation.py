@@ -44,7 +44,8 @@ Rows (``UnlearnConfig`` options on top of the defaults):
 
 Cost: a row is one training run (50 steps of 8 + 8 + 8 sequences: ~10 s a step in fp32 on 2 AVX2
 cores, ~4 s in bf16 on AVX-512 BF16) plus its val evaluations and one test evaluation (~4-8 min);
-about 20 minutes per row on an AVX2 CPU, 3 hours for all nine.
+about 20 minutes per row on an AVX2 CPU (``dpo-swap``, ``dpo-swap-rest`` and ``dpo-long``, with their own
+budgets, 20-40 minutes each).
 """
 
 from __future__ import annotations

@@ -125,4 +125,6 @@ def test_rest_within_needs_type_focus_all_and_at_least_the_tolerance():
         UnlearnConfig(out="x", rest_within=4.0)  # type_focus worst
     with pytest.raises(ValueError, match="rest_within"):
         UnlearnConfig(out="x", type_focus="all", rest_within=1.0)
+    with pytest.raises(ValueError, match="rest_within"):
+        UnlearnConfig(out="x", type_focus="all", rest_within=float("nan"))
     assert UnlearnConfig(out="x", type_focus="all", rest_within=4.0).rest_within == 4.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -275,7 +276,8 @@ class UnlearnConfig:
             raise ValueError("kl_unrelated=False with kl_text_limit=0 leaves the KL set empty")
         if self.tolerance <= 0:
             raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
-        if self.rest_within is not None and (self.rest_within < self.tolerance or self.type_focus != "all"):
+        if self.rest_within is not None and not (math.isfinite(self.rest_within) and self.rest_within >= self.tolerance
+                                                 and self.type_focus == "all"):
             raise ValueError(f"rest_within ({self.rest_within}) needs type_focus='all' and must be >= tolerance "
                              f"({self.tolerance}) or None")
         self.schedule()  # validates phases and schedule_scale

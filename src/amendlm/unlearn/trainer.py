@@ -153,7 +153,9 @@ class UnlearnTrainer:
             else:
                 if c.type_focus == "all":  # every type outside the tolerance, each towards 50 by its own val SS
                     active, swapped_types = types_to_train(types, c.tolerance, c.rest_within)
-                    record["decision"].update(focus=None, swap=False, active_types=active, swapped_types=swapped_types)
+                    resting = sorted(t for t, ss in types.items() if abs(ss - 50.0) >= c.tolerance and t not in active)
+                    record["decision"].update(focus=None, swap=False, active_types=active, swapped_types=swapped_types,
+                                              resting_types=resting)
                     changed = (active, swapped_types) != (s.active_types, s.swapped_types)
                     s.active_types, s.swapped_types = active, swapped_types
                 else:
