@@ -30,6 +30,13 @@ Rows (``UnlearnConfig`` options on top of the defaults):
   (the CE outweighed the pairwise term); focusing the single worst type (gender) did not move its
   val SS while the other types drifted back; swapping a type as soon as it dipped below 50 made
   race, the largest type, oscillate around 50 and the overall val SS with it.
+* ``dpo-swap-rest`` — ``dpo-swap`` where a type whose val gap is below 4 rests for the phase
+  (``rest_within``) while a type farther from 50 trains.  Chosen from ``dpo-swap``'s own val record:
+  the phase's rate follows the *worst* type's gap, so a type near 50 was pushed at the full rate and
+  overshot (profession 53.7 at step 40, 44.8 at step 60, 52.6 at step 100).
+* ``dpo-long`` — ``dpo-pairwise`` for 150 steps (its own budget).  Chosen from ``dpo-pairwise``'s val
+  record: its val SS was still falling at step 50 (53.9) at about 0.3 val LMS points per SS point,
+  with no bias type swapped, so the question is where it lands with room to continue.
 
     python experiments/unlearn_ablation.py                 # --dtype auto, 50 steps per row
     python experiments/unlearn_ablation.py --rows default,differing   # a subset (resumable; the rest later)
@@ -37,7 +44,8 @@ Rows (``UnlearnConfig`` options on top of the defaults):
 
 Cost: a row is one training run (50 steps of 8 + 8 + 8 sequences: ~10 s a step in fp32 on 2 AVX2
 cores, ~4 s in bf16 on AVX-512 BF16) plus its val evaluations and one test evaluation (~4-8 min);
-about 20 minutes per row on an AVX2 CPU, 3 hours for all nine.
+about 20 minutes per row on an AVX2 CPU (``dpo-swap``, ``dpo-swap-rest`` and ``dpo-long``, with their own
+budgets, 20-40 minutes each).
 """
 
 from __future__ import annotations
@@ -66,6 +74,8 @@ LEVERS: dict[str, dict] = {
                  "phases": [[5.0, 1.0, 100, 20], [3.0, 0.8, 50, 20], [0.0, 0.8, 50, 20]], "val_clusters": None,
                  "max_steps": 100},
 }
+LEVERS["dpo-swap-rest"] = {**LEVERS["dpo-swap"], "rest_within": 4.0}
+LEVERS["dpo-long"] = {**LEVERS["dpo-pairwise"], "max_steps": 150}
 QUICK_ROWS = ("default", "differing")
 
 

@@ -107,3 +107,24 @@ def test_types_to_train_leaves_out_the_types_within_the_tolerance_and_swaps_thos
     active, swapped = types_to_train({"race": 51.0, "gender": 44.0, "religion": 58.0, "profession": 48.5}, 2.0)
     assert active == ["gender", "religion"] and swapped == ["gender"]
     assert types_to_train({"race": 52.0, "gender": 48.0}, 2.0) == (["gender", "race"], ["gender"])  # the bound trains
+
+
+def test_types_to_train_rests_the_types_near_50_while_others_are_far():
+    ss = {"race": 48.9, "gender": 56.5, "religion": 58.0, "profession": 53.7}
+    # race (1.1) within the tolerance; profession (3.7) rests at rest_within 4: only the far types train
+    assert types_to_train(ss, 2.0, rest_within=4.0) == (["gender", "religion"], [])
+    # none is far: every type outside the tolerance trains, the swapped one included
+    assert types_to_train({"race": 47.0, "gender": 53.5}, 2.0, rest_within=4.0) == (["gender", "race"], ["race"])
+    assert types_to_train(ss, 2.0, rest_within=None) == (["gender", "profession", "religion"], [])
+
+
+def test_rest_within_needs_type_focus_all_and_at_least_the_tolerance():
+    from amendlm.unlearn.config import UnlearnConfig
+
+    with pytest.raises(ValueError, match="rest_within"):
+        UnlearnConfig(out="x", rest_within=4.0)  # type_focus worst
+    with pytest.raises(ValueError, match="rest_within"):
+        UnlearnConfig(out="x", type_focus="all", rest_within=1.0)
+    with pytest.raises(ValueError, match="rest_within"):
+        UnlearnConfig(out="x", type_focus="all", rest_within=float("nan"))
+    assert UnlearnConfig(out="x", type_focus="all", rest_within=4.0).rest_within == 4.0

@@ -237,6 +237,21 @@ def test_type_focus_all_trains_every_type_and_swaps_each_below_50(tmp_path):
         assert fresh.streams["chosen"][i].ids == (rejected[i] if is_race else chosen[i])
 
 
+def test_rest_within_is_recorded_with_each_decision(tmp_path):
+    from amendlm.unlearn.schedule import types_to_train
+
+    trainer = make_trainer(tmp_path, method="dpo-swap", max_steps=3, type_focus="all", tolerance=1e-6, keep_best=False,
+                           rest_within=5.0)
+    trainer.train()
+    decisions = [r for r in log_records(tmp_path) if r.get("event") == "eval" and "decision" in r]
+    assert decisions
+    for record in decisions:
+        types = {name: ss for name, ss in record["ss"].items() if name != "overall"}
+        active, swapped = types_to_train(types, 1e-6, 5.0)
+        assert record["decision"]["active_types"] == active and record["decision"]["swapped_types"] == swapped
+        assert sorted(active + record["decision"]["resting_types"]) == sorted(t for t, ss in types.items() if ss != 50)
+
+
 def test_type_focus_is_checked(tmp_path):
     with pytest.raises(ValueError, match="unknown type_focus 'best'; valid: worst, all"):
         UnlearnConfig(out=str(tmp_path), type_focus="best")

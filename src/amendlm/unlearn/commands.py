@@ -55,6 +55,7 @@ def debias(
     eval_every: int = typer.Option(50, help="Evaluation period of methods without dynamic swapping."),
     type_focus: str = typer.Option("worst", help="What a swap decision trains on: worst (the bias type with the largest val gap, BiasUnlearn) or all (every type whose val SS is outside 50 ± tolerance, each swapped whose val SS < 50); methods without swapping (npo, dpo, ...) ignore it."),
     initial_all_types_steps: int = typer.Option(0, help="Train every bias type together until this step before the first swap decision (official 100)."),
+    rest_within: Optional[float] = typer.Option(None, help="With --type-focus all: a bias type whose val gap is below this rests for the phase while a farther type trains (default: none rests; at least --tolerance)."),
     initial_eval_every: int = typer.Option(0, help="Evaluations (recorded, no decision) every this many steps during --initial-all-types-steps (0: none)."),
     checkpoint_every: int = typer.Option(25, help="Steps between checkpoints."),
     kl_texts: str = typer.Option("xsum-sample", help="General text added to the KL set ('none' or '' for unrelated sentences only)."),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -35,6 +36,7 @@ FIELDS_ADDED: dict[str, object] = {
     "val_clusters_per_type": None, "val_task": None, "selection": "gap", "max_lms_drop": 2.0,
     "loss_tokens": "all", "recipe": "biasunlearn", "recipe_overrides": {}, "swap_batch_sizes": False,
     "kl_unrelated": True, "initial_eval_every": 0, "type_focus": "worst", "device": "auto", "packing": False,
+    "rest_within": None,
 }
 
 
@@ -116,6 +118,9 @@ class UnlearnConfig:
             gap is at least ``tolerance``, together, each one swapped whose val SS is below 50
             (types within the tolerance are left out until they drift out; the worst gap still
             picks the phase).
+        rest_within: ``type_focus="all"`` only: a type whose val gap is below this rests for the phase
+            (it is near 50 and a full-rate phase would push it past), unless every type outside the
+            tolerance is below it (then those are trained).  ``None``: only the tolerance leaves types out.
         initial_eval_every: evaluate every this many steps during those initial steps (recorded and
             used for ``keep_best``, no swap decision); 0 (official): first evaluation after them.
         initial_scheduler_steps: horizon of the linear decay before the first decision (``None``: ``max_steps``).
@@ -191,6 +196,7 @@ class UnlearnConfig:
     initial_all_types_steps: int = 0
     initial_eval_every: int = 0
     type_focus: str = "worst"
+    rest_within: float | None = None
     initial_scheduler_steps: int | None = None
     fresh_optimizer_per_phase: bool = False
     eval_every: int = 50
@@ -270,6 +276,10 @@ class UnlearnConfig:
             raise ValueError("kl_unrelated=False with kl_text_limit=0 leaves the KL set empty")
         if self.tolerance <= 0:
             raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
+        if self.rest_within is not None and not (math.isfinite(self.rest_within) and self.rest_within >= self.tolerance
+                                                 and self.type_focus == "all"):
+            raise ValueError(f"rest_within ({self.rest_within}) needs type_focus='all' and must be >= tolerance "
+                             f"({self.tolerance}) or None")
         self.schedule()  # validates phases and schedule_scale
 
     def schedule(self, step: int | None = None) -> tuple[Phase, ...]:

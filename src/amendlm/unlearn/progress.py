@@ -45,6 +45,8 @@ def eval_line(record: dict) -> str:
         elif decision.get("swapped_types") is not None:  # type_focus="all"
             swapped = ", ".join(decision["swapped_types"]) or "none"
             text += f" -> train {', '.join(decision.get('active_types') or ['every type'])} (swapped: {swapped})"
+            if decision.get("resting_types"):
+                text += f" (resting: {', '.join(decision['resting_types'])})"
         else:
             text += f" -> focus {decision['focus']}" + (" (swapped: anti-stereotype forgotten)" if decision["swap"] else "")
     return text

@@ -90,16 +90,22 @@ def decide(
     return SwapDecision(stop=False, focus=worst, swap=ss_by_type[worst] < 50.0, gap=gap, phase=pick_phase(gap, phases))
 
 
-def types_to_train(ss_by_type: Mapping[str, float], tolerance: float = 2.0) -> tuple[list[str], list[str]]:
+def types_to_train(ss_by_type: Mapping[str, float], tolerance: float = 2.0,
+                   rest_within: float | None = None) -> tuple[list[str], list[str]]:
     """``type_focus="all"``: the bias types to train and, among them, those whose roles are swapped.
 
     Args:
         ss_by_type: val-split SS (percent) per bias type.
         tolerance: a type with ``|SS - 50| < tolerance`` is left out.
+        rest_within: a type with ``|SS - 50| < rest_within`` also rests, unless that would leave no
+            type to train (then every type outside the tolerance is trained); None: no resting.
 
     Returns:
-        ``(active, swapped)``: the types with ``|SS - 50| >= tolerance`` (sorted by name), and those
-        of them with SS below 50 (their anti-stereotypes become the rejected / forget side).
+        ``(active, swapped)``: the types trained (sorted by name), and those of them with SS below 50
+        (their anti-stereotypes become the rejected / forget side).
     """
     active = sorted(name for name, ss in ss_by_type.items() if abs(ss - 50.0) >= tolerance)
+    if rest_within is not None:
+        far = [name for name in active if abs(ss_by_type[name] - 50.0) >= rest_within]
+        active = far or active
     return active, [name for name in active if ss_by_type[name] < 50.0]

@@ -19,7 +19,8 @@ class TrainState:
     step: int = 0
     focus: str | None = None  # bias type the forget/retain streams are restricted to
     swap: bool = False  # roles of ``focus`` swapped (its SS < 50)
-    # type_focus="all": the bias types trained (outside the tolerance; empty = every type) and those swapped
+    # type_focus="all": the bias types trained (outside the tolerance and, with rest_within, far enough; empty = every
+    # type) and those swapped
     active_types: list = field(default_factory=list)
     swapped_types: list = field(default_factory=list)
     next_eval: int = 0

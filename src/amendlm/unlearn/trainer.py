@@ -152,8 +152,10 @@ class UnlearnTrainer:
                 s.status = "stopped"
             else:
                 if c.type_focus == "all":  # every type outside the tolerance, each towards 50 by its own val SS
-                    active, swapped_types = types_to_train(types, c.tolerance)
-                    record["decision"].update(focus=None, swap=False, active_types=active, swapped_types=swapped_types)
+                    active, swapped_types = types_to_train(types, c.tolerance, c.rest_within)
+                    resting = sorted(t for t, ss in types.items() if abs(ss - 50.0) >= c.tolerance and t not in active)
+                    record["decision"].update(focus=None, swap=False, active_types=active, swapped_types=swapped_types,
+                                              resting_types=resting)
                     changed = (active, swapped_types) != (s.active_types, s.swapped_types)
                     s.active_types, s.swapped_types = active, swapped_types
                 else:
