@@ -109,11 +109,11 @@ def why_missed(entry: dict, heldout_per_epoch: dict[str, list[dict]], small: str
         best_w = min(nll, key=lambda w: (nll[w], w))
         grid = ", ".join(f"w = {w:g}: {v:.1f}" for w, v in nll.items())
         gap = min((v for v in tuned.values() if v is not None), default=None)
-        parts.append(f"the product P_M · Q^w that `mds` decodes (w = 1/T_e; w = 0 is the proposal) gives the same "
+        parts.append(f"the product P_M · Q^w that `mds` decodes (w = 1/T_e; w = 0 is the proposal, w = 1 the paper's P_M · Q) gives the same "
                      f"summaries {grid} nats; its best, w = {best_w:g}, is {nll[0.0] - nll[best_w]:.1f} nats better than "
                      "the proposal alone" + ("" if gap is None else f" and {nll[best_w] - gap:.1f} nats short of the "
-                                             "better fine-tune: no RAM decoding rule on this aligner has a distribution "
-                                             "as close to the references as the fine-tune's"))
+                                             "better fine-tune: at no weight on this grid does the product come as close "
+                                             "to the references as the fine-tune"))
     row = rows.get(best, {})
     if row.get("follows_proposal_argmax") is not None:
         parts.append(f"`{best}` picks the proposal's own greedy token at {100 * row['follows_proposal_argmax']:.1f} % of "
