@@ -1,56 +1,32 @@
-"""How likely a RAM product of experts makes given responses, teacher-forced: a diagnostic of *why* a RAM
-mode does or does not reach a fine-tune.
+"""How likely the token-level product that RAM's ``mds`` decodes makes given responses, teacher-forced: a
+diagnostic of why a RAM mode does or does not reach a fine-tune.
 
-RAM decodes ``π(v) ∝ P_M(v | x, y_<t) · Q(v | x, y_<t)^w`` token by token (``mds``; ``w = 1 / T_e``, the
-aligner's temperature, 1 in the paper's ``P_M · Q``; arXiv:2505.19700, Eq. 1 with the per-token
-normalisation of its decoding).  The summed log-probability of a reference response under that per-token
-product, for a few weights ``w`` (``w = 0`` is the proposal alone), says how much the aligner can move the
-proposal towards the reference at all: if no ``w`` brings the references' NLL near a directly fine-tuned
-model's, no decoding rule built on this aligner will match that fine-tune.
+``mds`` decodes ``π(v) ∝ P_M(v | x, y_<t) · Q(v | x, y_<t)^w`` token by token, i.e. the logits
+``b / T_b + a / T_e`` of :func:`amendlm.product.product_logits` (eq. (1) there; RAM, arXiv:2505.19700,
+Sec. 3, applied per token), with ``w = T_b / T_e``.  The summed log-probability of reference responses
+under it, for a few weights ``w`` at ``T_b = 1`` (``w = 0``: the proposal alone), says how far this
+aligner moves the proposal's distribution towards the references.  It is a likelihood, not a task
+metric, and it covers ``mds`` only: ``par`` / ``par-kl`` restrict to the proposal's nucleus and ``sir``
+is a random draw (:mod:`amendlm.product`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
+from amendlm.product import product_logits
 from amendlm.scoring import EncodedPair, collate, sequence_logps
-
-
-def product_logps(proposal_logits: torch.Tensor, aligner_logits: torch.Tensor, aligner_weight: float) -> torch.Tensor:
-    """Per-token normalised log-probs of the product ``P_M · Q^w``.
-
-    ``log π = log_softmax(log_softmax(proposal_logits) + w · log_softmax(aligner_logits))`` (the
-    distribution ``mds`` decodes with aligner temperature ``1 / w``; a per-row constant in either
-    term cancels in the normalisation, so ``w · log Q`` and ``log softmax(a / T_e)`` give the same ``π``).
-
-    Args:
-        proposal_logits, aligner_logits: ``(..., vocab)`` logits over the same vocabulary.
-        aligner_weight: ``w ≥ 0``; 0 returns the proposal's own log-probs.
-
-    Returns:
-        ``(..., vocab)`` fp32 natural-log probabilities (each row's ``exp`` sums to 1).
-
-    Raises:
-        ValueError: the shapes differ, or ``w`` is negative or not finite.
-    """
-    if proposal_logits.shape != aligner_logits.shape:
-        raise ValueError(f"proposal and aligner logits differ in shape: {tuple(proposal_logits.shape)} "
-                         f"vs {tuple(aligner_logits.shape)}")
-    if not (aligner_weight >= 0 and aligner_weight != float("inf")):
-        raise ValueError(f"aligner_weight must be a finite number >= 0, got {aligner_weight}")
-    proposal_logps = proposal_logits.float().log_softmax(-1)
-    if aligner_weight == 0:
-        return proposal_logps
-    return (proposal_logps + aligner_weight * aligner_logits.float().log_softmax(-1)).log_softmax(-1)
 
 
 @torch.no_grad()
 def product_response_nll(proposal, aligner, pairs: Sequence[EncodedPair], pad_id: int, weights: Sequence[float],
                          batch_size: int = 8, vocab_size: int | None = None,
                          dtype: torch.dtype = torch.float32) -> dict[float, float]:
-    """Mean over ``pairs`` of each response's summed NLL under :func:`product_logps`, for every weight.
+    """Mean over ``pairs`` of each response's summed NLL under ``softmax(b + w · a)`` (:func:`amendlm.product.product_logits`
+    at ``T_b = 1``, ``T_e = 1 / w``; ``w = 0``: ``softmax(b)``, the proposal alone), for every weight.
 
     Both models run once per batch (eval mode, left padding, the LM heads only on the response
     columns); every weight reuses those logits.
@@ -61,20 +37,23 @@ def product_response_nll(proposal, aligner, pairs: Sequence[EncodedPair], pad_id
         pad_id: the padding token id.
         weights: the aligner weights ``w`` (``1 / T_e``) to score.
         batch_size: pairs per forward.
-        vocab_size: the shared vocabulary (logits sliced to it; ``None``: the proposal's logits' width,
-            which must then equal the aligner's).
+        vocab_size: the shared vocabulary (logits sliced to it; ``None``: the proposal's logits' width).
         dtype: autocast dtype of the forwards.
 
     Returns:
         ``{w: mean NLL}``, nats per response (summed over its tokens), in the order of ``weights``.
 
     Raises:
-        ValueError: no pairs, or a weight is negative or not finite.
+        ValueError: no pairs, a weight is negative or not finite, or the aligner's logits are narrower
+            than the vocabulary.
     """
     from amendlm.modeling import autocast, eval_mode
 
     if not pairs:
         raise ValueError("no responses to score")
+    bad = [w for w in weights if not (math.isfinite(w) and w >= 0)]
+    if bad:
+        raise ValueError(f"aligner weights must be finite and >= 0, got {bad}")
     totals = {float(w): 0.0 for w in weights}
     device = next(proposal.parameters()).device
     with eval_mode(proposal), eval_mode(aligner):
@@ -87,9 +66,9 @@ def product_response_nll(proposal, aligner, pairs: Sequence[EncodedPair], pad_id
                 p = proposal(**inputs, use_cache=False, logits_to_keep=keep).logits
                 a = aligner(**inputs, use_cache=False, logits_to_keep=keep).logits
             width = vocab_size or p.shape[-1]
-            p, a = p[..., :width], a[..., :width]
             ids, mask = inputs["input_ids"][:, -keep:], loss_mask[:, -keep:]
             for w in totals:
-                logps, _ = sequence_logps(product_logps(p, a, w), ids, mask)
+                logits = p[..., :width] if w == 0 else product_logits(p, a, width, 1.0, 1.0 / w)
+                logps, _ = sequence_logps(logits, ids, mask)
                 totals[w] -= float(logps.sum())
     return {w: total / len(pairs) for w, total in totals.items()}
