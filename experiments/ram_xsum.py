@@ -48,6 +48,7 @@ from ram_common import (
     FINETUNES, RAM_MODES, best_ram_mode, fallback_caveat, headline_row, mode_choice, paired_intervals, plot_training,
     recorded_eval, recorded_training, systems_table, target_rows, targets_table, without_added,
 )
+from ram_xsum_why import STEP as PRODUCT_STEP, product_nll, reference_words, short_why, why_missed
 from ram_xsum_common import (
     MDS_AT, aligner_temperature_of, describe, mds_temperatures, pending_reason, ram_candidates, rows_of,
     temperature_labels, temperature_note, temperatures_option, verdict, with_rows_after,
@@ -308,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
               "sft-lora": "proposal fine-tuned (LoRA SFT)", "sft-full": "proposal fine-tuned (full SFT)",
               **{m: f"RAM `{m}`" for m in RAM_MODES}}
     tables, summary, sources, headline, n_vals = [], {"decodings": {}}, [], [], set()
+    table_of, test_paths = {}, {}  # decoding -> its index in tables, its test eval files
     for name, decoding in chosen.items():
         rows, paths, n_prompts, skipped = rows_of(pipeline, name, decoding)
         if n_prompts is None:  # only with --render-available: nothing of this decoding is complete
@@ -324,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
                  f"Sampled decoding (T {decoding['temperature']:g}, mean of seeds {', '.join(map(str, decoding['seeds']))})")
         test_labels, val_labels = temperature_labels(temps, decoding["temperature"])
         note = temperature_note(temps, decoding["temperature"])
+        table_of[name], test_paths[name] = len(tables), paths
         tables.append(f"**{title}**, {n_prompts} held-out test prompts\n\n{systems_table(rows, intervals, {**labels, **test_labels})}"
                       f"\n\n{mode_choice(val, mode, n_val, {**labels, **val_labels}, pending, rows, temps['best_row'])}"
                       + (f"\n\n{note}" if note else "") + (f"\n\n{targets_table(targets, labels)}" if targets else ""))
@@ -349,6 +352,12 @@ def main(argv: list[str] | None = None) -> dict:
     if warm:
         logs = {f"warmup{args.aligner_layers}": warm["log"], **logs}
     summary["heldout_per_epoch"] = {name: [r for r in t["log"] if r.get("event") == "heldout"] for name, t in trainings.items()}
+    product = product_nll(pipeline, _in_repo)  # the RAM product's likelihood of the val references: part of the why
+    summary["product_nll"] = product and {"n_prompts": product["n_prompts"], "nll": product["nll"]}
+    sources += [exp.results / f"{PRODUCT_STEP}.json"] if product else []
+    for name, entry in summary["decodings"].items():
+        why = why_missed(entry, summary["heldout_per_epoch"], pipeline.small, product, reference_words(test_paths[name]), labels)
+        tables[table_of[name]] += f"\n\n{why}" if why else ""
     first = chosen[next(iter(chosen))]
     summary["config"] = {"budget": budget._asdict(), "eval": pipeline.eval_expected("ram", first, 0),
                          "val_eval": pipeline.eval_expected("ram", first, 0, "val")}
@@ -367,7 +376,8 @@ def main(argv: list[str] | None = None) -> dict:
                  + "; ".join(f"`{k}` ({v})" for k, v in pipeline.unavailable.items())
                  + f". `{exp.command}` computes the rest (resumable).  \n{notes}")
     exp.finish(summary, "\n\n".join(tables), notes=notes, pngs=pngs, sources=sources, headline=headline,
-               readme_blocks={"ram_xsum.verdict": verdict(summary["decodings"], "python experiments/ram_xsum.py")})
+               readme_blocks={"ram_xsum.verdict": verdict(summary["decodings"], "python experiments/ram_xsum.py",
+                                                         short_why(summary["heldout_per_epoch"], pipeline.small, product))})
     return summary
 
 

@@ -235,12 +235,13 @@ def describe(pipeline, trainings: dict[str, dict], n_val: str | None) -> str:
     return "  \n".join(lines)
 
 
-def verdict(decodings: dict[str, dict], command: str) -> str:
+def verdict(decodings: dict[str, dict], command: str, why: str = "") -> str:
     """The README's answer to issue 10's questions, read from each decoding's targets: does the best RAM mode
     (chosen on val) beat its aligner alone, the proposal, and come within reach of the direct fine-tunes.
 
     ``decodings``: name -> the results' decoding entry (``targets`` rows of :func:`ram_common.target_rows`,
     ``best_mode``, ``greedy``); the greedy and the sampled entry (absent ones are named as not run).
+    ``why``: a sentence added as a last bullet when a target is missed.
     Returns markdown, one bullet per decoding."""
     names = {"aligner": "its aligner alone", "proposal": "the proposal alone", "sft-lora": "the LoRA fine-tune",
              "sft-full": "the full fine-tune"}
@@ -248,12 +249,13 @@ def verdict(decodings: dict[str, dict], command: str) -> str:
     for kind, greedy in (("greedy", True), ("sampled", False)):
         entry = next((d for d in decodings.values() if bool(d.get("greedy")) == greedy), None)
         if entry is None or not entry.get("targets"):
-            why = "not run yet" if entry is None else "its best mode is not chosen yet (val step pending)"
-            lines.append(f"- {kind.capitalize()} decoding: {why}; `{command}` computes it.")
+            state = "not run yet" if entry is None else "its best mode is not chosen yet (val step pending)"
+            lines.append(f"- {kind.capitalize()} decoding: {state}; `{command}` computes it.")
             continue
         parts = [f"{'beats' if t['difference'] > 0 and t['low'] > 0 else 'does not beat'} {names.get(t['against'], t['against'])} "
                  f"({t['difference']:+.2f} [{t['low']:+.2f}, {t['high']:+.2f}] ROUGE-L; target {t['target']:+g}: "
                  f"{'met' if t['met'] else 'missed'})" for t in entry["targets"]]
         lines.append(f"- {kind.capitalize()} decoding, best RAM mode chosen on val `{entry['best_mode']}`: "
                      + "; ".join(parts) + ".")
-    return "\n".join(lines)
+    missed = any(not t["met"] for d in decodings.values() for t in d.get("targets") or [])
+    return "\n".join(lines + ([f"- {why}"] if why and missed else []))
