@@ -48,7 +48,7 @@ from ram_common import (
     FINETUNES, RAM_MODES, best_ram_mode, fallback_caveat, headline_row, mode_choice, paired_intervals, plot_training,
     recorded_eval, recorded_training, systems_table, target_rows, targets_table, without_added,
 )
-from ram_xsum_why import STEP as PRODUCT_STEP, product_nll, reference_words, short_why, why_missed
+from ram_why_common import STEP as PRODUCT_STEP, product_nll, reference_words, short_why, why_missed
 from ram_xsum_common import (
     MDS_AT, aligner_temperature_of, describe, mds_temperatures, pending_reason, ram_candidates, rows_of,
     temperature_labels, temperature_note, temperatures_option, verdict, with_rows_after,
