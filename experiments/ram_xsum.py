@@ -24,7 +24,10 @@ configuration matches is reused, and sampling and training resume inside a step)
    ``argmax log P_M + log Q / T_e`` matters, 1 = plain `mds`): `mds` alone on val at each other T_e
    (``val_{decoding}_s{seed}_mds-te{T_e}.json``); the T_e with the best val ROUGE-L (ties: the smaller), when
    not plain `mds`, is evaluated on test (``eval_..._mds-te{T_e}.json``), one more row and a candidate for the
-   best RAM mode by its val ROUGE-L (:mod:`ram_xsum_common`).
+   best RAM mode by its val ROUGE-L (:mod:`ram_xsum_common`);
+8. why a target is missed (:mod:`ram_why_common`): the val references' NLL under the token-level product
+   ``softmax(log P_M + w log Q)`` that `mds` decodes, w = 0 and 1/T_e over the grid (``val_product_nll.json``),
+   beside each training's held-out loss, the argmax-follow rates and the lengths.
 
     python experiments/ram_xsum.py                                  # 799/200 prompts, K = 8 of 30 blocks
     python experiments/ram_xsum.py --device cuda --train-dtype auto
