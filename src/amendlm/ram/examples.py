@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -122,14 +123,28 @@ def pair_logps(model, batch: list[PairExample], pad_id: int, negatives: bool = T
             "positive_n": n_tokens[:half], "negative_n": n_tokens[half:]}
 
 
+def left_padded_responses(pairs: Sequence[EncodedPair], pad_id: int,
+                          device) -> tuple[dict[str, torch.Tensor], int, torch.Tensor, torch.Tensor]:
+    """Collate ``pairs`` left-padded for scoring their responses with ``logits_to_keep``.
+
+    Returns ``(inputs, keep, ids, mask)``: the model inputs (``input_ids``, ``attention_mask``, each
+    ``(n, T)``, on ``device``); ``keep``, the number of last columns that hold every response token
+    (plus the one before it, whose logits predict the first); and those columns' ``(n, keep)`` ids
+    and loss mask, aligned with ``model(**inputs, logits_to_keep=keep).logits`` ``(n, keep, vocab)``
+    as :func:`amendlm.scoring.sequence_logps` expects.
+    """
+    inputs = {k: v.to(device) for k, v in collate(list(pairs), pad_id, padding_side="left").items()}
+    loss_mask = inputs.pop("loss_mask")
+    keep = int(loss_mask.sum(-1).max()) + 1  # left padding: scored tokens are in the last columns
+    return inputs, keep, inputs["input_ids"][:, -keep:], loss_mask[:, -keep:]
+
+
 def response_logps(model, pairs: list[EncodedPair], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """One left-padded forward over ``pairs`` -> ``(n,)`` summed response log-probs and ``(n,)`` token counts,
     the LM head run only on the last columns that hold responses (``logits_to_keep``)."""
-    inputs = {k: v.to(device) for k, v in collate(pairs, pad_id, padding_side="left").items()}
-    loss_mask = inputs.pop("loss_mask")
-    keep = int(loss_mask.sum(-1).max()) + 1  # left padding: scored tokens are in the last columns
+    inputs, keep, ids, mask = left_padded_responses(pairs, pad_id, device)
     logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (n, keep, vocab)
-    return sequence_logps(logits, inputs["input_ids"][:, -keep:], loss_mask[:, -keep:])
+    return sequence_logps(logits, ids, mask)
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ from typing import Sequence
 import torch
 
 from amendlm.product import product_logits
-from amendlm.scoring import EncodedPair, collate, sequence_logps
+from amendlm.ram.examples import left_padded_responses
+from amendlm.scoring import EncodedPair, sequence_logps
 
 
 @torch.no_grad()
@@ -59,14 +60,11 @@ def product_response_nll(proposal, aligner, pairs: Sequence[EncodedPair], pad_id
     with eval_mode(proposal), eval_mode(aligner):
         for start in range(0, len(pairs), batch_size):
             batch = list(pairs[start: start + batch_size])
-            inputs = {k: v.to(device) for k, v in collate(batch, pad_id, padding_side="left").items()}
-            loss_mask = inputs.pop("loss_mask")
-            keep = int(loss_mask.sum(-1).max()) + 1  # left padding: the scored tokens are the last columns
+            inputs, keep, ids, mask = left_padded_responses(batch, pad_id, device)
             with autocast(dtype, device):
                 p = proposal(**inputs, use_cache=False, logits_to_keep=keep).logits
                 a = aligner(**inputs, use_cache=False, logits_to_keep=keep).logits
             width = vocab_size or p.shape[-1]
-            ids, mask = inputs["input_ids"][:, -keep:], loss_mask[:, -keep:]
             for w in totals:
                 logits = p[..., :width] if w == 0 else product_logits(p, a, width, 1.0, 1.0 / w)
                 logps, _ = sequence_logps(logits, ids, mask)
