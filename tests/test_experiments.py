@@ -69,6 +69,16 @@ def test_finish_writes_outputs_and_the_page_in_order(tmp_path):
     assert result["rows"] == [1] and result["quick"] is True
 
 
+def test_the_machine_line_states_the_measured_bf16_speed_not_what_the_flags_suggest():
+    flags = ["avx2", "avx512_bf16", "avx512f"]
+    measured = common.describe_machine({"cpu": "Xeon", "cpu_count": 2, "cpu_flags": flags, "cpu_bf16_speedup": 0.47})
+    assert measured == "Xeon, 2 cores, avx2, avx512_bf16, avx512f (bf16 autocast matmul 0.47x fp32)"
+    legacy = common.describe_machine({"cpu": "Xeon", "cpu_count": 2, "cpu_flags": flags})  # recorded before the probe
+    assert "native" not in legacy and legacy.endswith("(bf16 flag, speed not measured)")
+    assert common.describe_machine({"cpu": "EPYC", "cpu_count": 2, "cpu_flags": ["avx2"]}).endswith("(no bf16 flag)")
+    assert common.describe_machine(None) == "not recorded"
+
+
 def test_quick_needs_a_results_dir():
     with pytest.raises(SystemExit):
         common.Experiment.start("demo", "Demo", ["--quick"])
