@@ -6,6 +6,7 @@ the lengths and endings of what each system writes against the references'."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ram_common import FINETUNES
@@ -152,13 +153,28 @@ def why_missed(entry: dict, heldout_per_epoch: dict[str, list[dict]], small: str
     return "**Why targets are missed** (read from the data): " + "; ".join(parts) + "." if parts else ""
 
 
-def short_why(heldout_per_epoch: dict[str, list[dict]], small: str, product: dict | None) -> str:
-    """One sentence for the README's verdict: the val references' NLL under the proposal, the small aligner, the best
-    token-level product that `mds` decodes and the better fine-tune (empty when a number is missing)."""
+def mode_weight(mode: str | None) -> float | None:
+    """The aligner weight w of the token-level product a greedy RAM mode decodes: 1 for ``mds``, ``1 / T_e`` for
+    ``mds-te{T_e}`` (the aligner's log-probs divided by its temperature), None for any other mode."""
+    if mode == "mds":
+        return 1.0
+    match = re.fullmatch(r"mds-te([0-9.]+)", mode or "")
+    return 1.0 / float(match.group(1)) if match and float(match.group(1)) > 0 else None
+
+
+def short_why(heldout_per_epoch: dict[str, list[dict]], small: str, product: dict | None,
+              chosen: str | None = None) -> str:
+    """One sentence for the README's verdict: the val references' NLL under the proposal, the small aligner, the
+    token-level product that `mds` decodes at its likelihood-best aligner weight w (and at the chosen greedy mode's
+    w, :func:`mode_weight`, when that differs and was measured) and the better fine-tune (empty when a number is
+    missing)."""
     lk = likelihoods(heldout_per_epoch, small, product)
     if None in (lk["proposal"], lk["aligner"], lk["fine_tune"], lk["best_w"], lk["moved"]):
         return ""
+    w = mode_weight(chosen)
+    at_chosen = (f" (the chosen greedy mode `{chosen}` decodes w = {w:g}: {lk['product'][w]:.1f})"
+                 if w is not None and w != lk["best_w"] and w in lk["product"] else "")
     return (f"Why, in likelihood (nats per reference summary, val prompts, greedy's T = 1): the proposal "
-            f"{lk['proposal']:.1f}, the small aligner {lk['aligner']:.1f}, the best product `mds` decodes "
-            f"(w = {lk['best_w']:g}) {lk['product'][lk['best_w']]:.1f}, the better fine-tune {lk['fine_tune']:.1f}: that "
-            f"product is {_moved_words(lk['moved'])}.")
+            f"{lk['proposal']:.1f}, the small aligner {lk['aligner']:.1f}, the product `mds` decodes at its "
+            f"likelihood-best aligner weight w = {lk['best_w']:g} {lk['product'][lk['best_w']]:.1f}{at_chosen}, the "
+            f"better fine-tune {lk['fine_tune']:.1f}: the best product is {_moved_words(lk['moved'])}.")

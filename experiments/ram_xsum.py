@@ -380,7 +380,8 @@ def main(argv: list[str] | None = None) -> dict:
                  + f". `{exp.command}` computes the rest (resumable).  \n{notes}")
     exp.finish(summary, "\n\n".join(tables), notes=notes, pngs=pngs, sources=sources, headline=headline,
                readme_blocks={"ram_xsum.verdict": verdict(summary["decodings"], "python experiments/ram_xsum.py",
-                                                         short_why(summary["heldout_per_epoch"], pipeline.small, product))})
+                                                         short_why(summary["heldout_per_epoch"], pipeline.small, product,
+                                                                   summary["decodings"].get("greedy", {}).get("best_mode")))})
     return summary
 
 

@@ -68,8 +68,13 @@ def test_reference_words_counts_each_prompt_once(tmp_path):
 
 def test_verdict_adds_the_why_only_when_a_target_is_missed():
     why = ram_why_common.short_why(HELDOUT, "small8", PRODUCT)
-    assert "the proposal 86.0, the small aligner 157.0" in why and "(w = 0.25) 83.5, the better fine-tune 71.0" in why
-    assert why.endswith("that product is 17 % of the way from the proposal to the better fine-tune.")
+    assert "the proposal 86.0, the small aligner 157.0" in why and "weight w = 0.25 83.5, the better fine-tune 71.0" in why
+    assert why.endswith("the best product is 17 % of the way from the proposal to the better fine-tune.")
+    assert "chosen" not in why and "chosen" not in ram_why_common.short_why(HELDOUT, "small8", PRODUCT, "mds-te4")
+    plain = ram_why_common.short_why(HELDOUT, "small8", PRODUCT, "mds")  # the chosen mode's w = 1 differs from the best
+    assert "w = 0.25 83.5 (the chosen greedy mode `mds` decodes w = 1: 90.0), the better" in plain
+    assert ram_why_common.short_why(HELDOUT, "small8", PRODUCT, "mds-te8") == why  # its w = 1/8 was not measured
+    assert [ram_why_common.mode_weight(m) for m in ("mds", "mds-te4", "mds-te0.5", "par-kl", None)] == [1.0, 0.25, 2.0, None, None]
     decodings = {"greedy": {"greedy": True, "best_mode": "mds-te4", "targets": entry(False)["targets"]}}
     assert why in ram_xsum_common.verdict(decodings, "cmd", why)
     decodings["greedy"]["targets"] = entry(True)["targets"]
