@@ -1,8 +1,8 @@
 """Transfer: does the debiasing adapter of the embedded model carry over to a variant of it?
 
 The adapter is the default recipe's (``amendlm debias``: ``pairwise``, 100 steps, the kept step chosen
-on val), trained on the embedded model: the run of ``unlearn_ablation.py``'s ``dpo-swap`` row
-(``runs/unlearn/ablation_dpo-swap_s100_fp32``), shared with it.  The variant is the embedded model
+on val), trained on the embedded model: the run of ``unlearn_ablation.py``'s ``dpo-swap-rest`` row
+(``runs/unlearn/ablation_dpo-swap-rest_s100_fp32``), shared with it.  The variant is the embedded model
 with every weight fine-tuned briefly on general text (``amendlm.finetune.finetune_variant``: 60 steps x
 8 chunks of 128 XSum tokens, into ``runs/variant_fp32``).  Rows, each on the held-out test targets:
 the variant alone; the variant + that adapter, unchanged; the variant + an adapter trained on the

@@ -69,13 +69,13 @@ BIASUNLEARN_50 = Run("biasunlearn", {"method": "biasunlearn", "max_steps": 50})
 
 def pairwise_run() -> Run:
     """The default recipe of ``amendlm debias`` (``pairwise``, 100 steps): the very run of
-    ``unlearn_ablation.py``'s ``dpo-swap`` row (``ablation_dpo-swap_s100``), shared with it.  Its
+    ``unlearn_ablation.py``'s ``dpo-swap-rest`` row (``ablation_dpo-swap-rest_s100``), shared with it.  Its
     ``UnlearnConfig`` holds the recipe's fields under the label ``recipe="biasunlearn"`` (recorded as
     ``"default"``, its former name; the row was trained through the Python API); a test keeps the
     recipe and the row equal."""
     from amendlm.unlearn.recipes import recipe_fields
 
-    return Run("ablation_dpo-swap", {"method": "biasunlearn", **recipe_fields("pairwise")})
+    return Run("ablation_dpo-swap-rest", {"method": "biasunlearn", **recipe_fields("pairwise")})
 
 
 def dtype_tag(dtype: str) -> str:

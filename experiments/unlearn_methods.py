@@ -5,7 +5,7 @@ Rows: the embedded model before unlearning; BiasUnlearn 50 steps; BiasUnlearn wi
 code's batch-mean NPO, 100 steps; the baselines npo, gradascent, graddiff, dpo and sft-anti at the
 default recipe's budget (equal compute: 100 steps of 8 examples per stream, val evaluations every 20;
 packed steps); the default recipe of ``amendlm debias`` (``pairwise``, 100 steps: the run of
-``unlearn_ablation.py``'s ``dpo-swap`` row, shared); the official recipe (``--recipe official``: the
+``unlearn_ablation.py``'s ``dpo-swap-rest`` row, shared); the official recipe (``--recipe official``: the
 public BiasUnlearn code's settings and control flow, 4 / 28 / 28 examples per step), 300 steps.  Each run is ``amendlm.unlearn.trainer.train`` into
 ``runs/unlearn/<run>``, evaluated with ``amendlm.bias.evaluate.evaluate_model`` on the test targets
 (see ``unlearn_common.py`` for paths and reuse).
@@ -41,7 +41,7 @@ RUNS = (
     Run("bu_bm_lr2e-4", {"method": "biasunlearn", "npo_reduction": "batch_mean", "max_steps": 100}),
     # `amendlm debias --method M --out runs/unlearn/M_s100_fp32 --dtype fp32 --max-steps 100 --eval-every 20 --packing`
     *(Run(m, {"method": m, **EQUAL_BUDGET}) for m in BASELINES),
-    pairwise_run(),  # `amendlm debias --out runs/unlearn/ablation_dpo-swap_s100_fp32 --dtype fp32`
+    pairwise_run(),  # `amendlm debias --out runs/unlearn/ablation_dpo-swap-rest_s100_fp32 --dtype fp32`
     # `amendlm debias --recipe official --max-steps 300 --packing --out runs/unlearn/official_s300_fp32 --dtype fp32`
     Run("official", {"recipe": "official", **recipe_fields("official"), "max_steps": OFFICIAL_STEPS, "packing": True}),
 )
