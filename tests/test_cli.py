@@ -110,7 +110,7 @@ def test_an_unavailable_or_malformed_device_is_one_line_naming_the_flag_before_a
     args = [a.format(model=tmp_path / "tiny", tmp=tmp_path) for a in DEVICE_COMMANDS[command]]
     cases = [("cuda", "--device cuda: no such accelerator on this machine"), ("gpu", "--device gpu: not a device")]
     if command == "align train":  # Accelerate places the model: a device type only (auto is taken, as by debias)
-        cases += [("cuda:0", "--device cuda:0: give the device type only")]
+        cases += [("cuda:0", "--device cuda:0: give the type only (cuda), no card index")]  # debias's words too
     else:  # the model goes to the device as given, index and all; auto is no torch device
         cases += [("cuda:1", "--device cuda:1: no such accelerator"), ("auto", "--device auto: not a device")]
     for device, said in cases:

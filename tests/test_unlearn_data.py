@@ -121,10 +121,18 @@ def test_types_to_train_rests_the_types_near_50_while_others_are_far():
 def test_rest_within_needs_type_focus_all_and_at_least_the_tolerance():
     from amendlm.unlearn.config import UnlearnConfig
 
-    with pytest.raises(ValueError, match="rest_within"):
-        UnlearnConfig(out="x", rest_within=4.0)  # type_focus worst
-    with pytest.raises(ValueError, match="rest_within"):
-        UnlearnConfig(out="x", type_focus="all", rest_within=1.0)
-    with pytest.raises(ValueError, match="rest_within"):
-        UnlearnConfig(out="x", type_focus="all", rest_within=float("nan"))
+    def refusal(**fields) -> str:
+        with pytest.raises(ValueError) as caught:
+            UnlearnConfig(out="x", **fields)
+        return str(caught.value)
+
+    # one message per condition, naming the one that failed
+    assert refusal(rest_within=4.0) == "rest_within=4.0 needs type_focus='all' (type_focus='worst', from recipe biasunlearn)"
+    assert refusal(type_focus="worst", rest_within=4.0, recipe_overrides={"type_focus": "worst"}).endswith(
+        "(type_focus='worst', given)")
+    assert refusal(type_focus="all", rest_within=1.0).startswith("rest_within=1.0 must be >= tolerance (2, ")
+    assert refusal(type_focus="all", rest_within=-1.0).startswith("rest_within=-1.0 must be >= tolerance (2, ")
+    assert refusal(type_focus="all", rest_within=float("nan")) == "rest_within=nan must be finite (a val SS gap)"
+    with pytest.raises(ValueError, match=r"needs type_focus='all' \(type_focus='worst', from recipe official\)"):
+        UnlearnConfig.from_recipe("official", "x", {"rest_within": 4.0})
     assert UnlearnConfig(out="x", type_focus="all", rest_within=4.0).rest_within == 4.0
