@@ -38,10 +38,21 @@ def test_eval_of_an_adapter_on_all_targets_warns_that_training_targets_are_inclu
         raise ValueError("stopped before loading")
 
     monkeypatch.setattr(amendlm.bias.evaluate, "evaluate_model", stop)
+    (tmp_path / "adapter_config.json").write_text("{}")
     warned = CliRunner().invoke(app, ["eval", "--adapter", str(tmp_path), "--benchmarks", "stereoset"])
     assert "--split all includes the StereoSet target terms" in warned.output and warned.exit_code == 1
     held_out = CliRunner().invoke(app, ["eval", "--adapter", str(tmp_path), "--split", "test", "--benchmarks", "stereoset"])
     assert "includes the StereoSet target terms" not in held_out.output
+
+
+def test_eval_refuses_a_missing_adapter_before_the_split_warning_and_any_model(tmp_path, monkeypatch):
+    import amendlm.modeling
+
+    monkeypatch.setattr(amendlm.modeling, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    for adapter, said in ((tmp_path / "no" / "such", "no such adapter directory"),
+                          (tmp_path, "not a PEFT adapter directory (no adapter_config.json)")):
+        result = CliRunner().invoke(app, ["eval", "--adapter", str(adapter), "--benchmarks", "stereoset"])
+        assert result.exit_code == 1 and result.stderr == f"error: --adapter {adapter}: {said}\n", result.stderr
 
 
 def test_usage_errors_are_one_plain_line_on_stderr_and_help_stays_rich():
@@ -175,3 +186,53 @@ def test_an_out_directory_that_is_a_file_is_one_line_before_any_model_loads(comm
         assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), (out, result.output)
         assert len(result.stderr.splitlines()) == 1 and said in result.stderr, (out, result.stderr)
     assert (tmp_path / "README.md").read_text() == "a file\n"
+
+
+def test_align_sample_refuses_an_out_that_holds_no_samples_before_any_model_loads(tmp_path, monkeypatch):
+    import amendlm.modeling
+    from amendlm.ram.sample import SampleConfig, check_inputs
+
+    monkeypatch.setattr(amendlm.modeling, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    other = tmp_path / "passwd"
+    other.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (tmp_path / "adir").mkdir()
+    for out, said in ((other, f"error: --out {other} line 1: invalid JSON: not a samples file of 'align sample' to resume; "
+                              "give a new .jsonl path\n"),
+                      (tmp_path / "adir", f"error: --out {tmp_path / 'adir'}: is a directory; give a file path such as "
+                                          f"{tmp_path / 'adir' / 'samples.jsonl'}\n")):
+        result = CliRunner().invoke(app, ["align", "sample", "--out", str(out), "--limit", "1"])
+        assert result.exit_code == 1 and result.stderr == said, result.stderr
+    assert other.read_text() == "root:x:0:0:root:/root:/bin/bash\n" and not any((tmp_path / "adir").iterdir())
+    samples = tmp_path / "s.jsonl"  # an interrupted run's file (a half-written last line) is resumed, not refused
+    samples.write_text(json.dumps({"id": "a", "sample": "text"}) + '\n{"id": "b", "sam')
+    check_inputs(SampleConfig(proposal="unused", out=str(samples)), check_model=False)
+
+
+def test_serve_checks_its_aligners_and_adapter_before_any_model_loads(tmp_path, monkeypatch):
+    import amendlm.modeling
+    import amendlm.serve.server
+
+    monkeypatch.setattr(amendlm.modeling, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(amendlm.serve.server, "serve", lambda *a, **k: pytest.fail("the server started"))
+    for args, said, code in ((["--aligner", "noequals"], "error: --aligner noequals: expected NAME=DIR", 2),
+                             (["--aligner", "a+b=dir"], "error: --aligner a+b=dir: expected NAME=DIR with a NAME without '+'", 2),
+                             (["--aligner", f"x={tmp_path / 'nothing'}"], f"error: --aligner {tmp_path / 'nothing'}: no such model directory", 1),
+                             (["--adapter", str(tmp_path / "nothing")], f"error: --adapter {tmp_path / 'nothing'}: no such adapter directory", 1),
+                             (["--model", str(tmp_path / "nothing")], f"error: --model {tmp_path / 'nothing'}: no such model directory", 1)):
+        result = CliRunner().invoke(app, ["serve", *args])
+        assert result.exit_code == code and len(result.stderr.splitlines()) == 1, result.output
+        assert result.stderr.startswith(said), result.stderr
+
+
+def test_help_states_what_align_train_prints_marks_its_out_required_and_what_verbose_does():
+    runner = CliRunner(env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+    shown = " ".join(runner.invoke(app, ["align", "train", "--help"]).stdout.split())
+    for part in ("the steps", "the examples", "the training seconds", "the last held-out loss", "the val evaluation kept",
+                 "where the aligner and OUT/train_summary.json"):
+        assert part in shown, part
+    out_line = next(line for line in runner.invoke(app, ["align", "train", "--help"]).stdout.splitlines() if "--out " in line)
+    debias_out = next(line for line in runner.invoke(app, ["debias", "--help"]).stdout.splitlines() if "--out " in line)
+    assert out_line.split()[1] == debias_out.split()[1] == "*" and "[required]" in out_line and "[required]" in debias_out
+    assert "Required." not in out_line
+    root = " ".join(runner.invoke(app, ["--help"]).stdout.split())
+    assert "show an input error's full traceback" in root

@@ -88,16 +88,23 @@ def build_served(name: str, proposal, tokenizer, aligners: dict[str, tuple[objec
 
 
 def parse_aligner_option(value: str) -> tuple[str, str]:
-    """``NAME=DIR`` -> ``(NAME, DIR)``; a bare ``DIR`` is named after its last path part.
+    """``NAME=DIR`` -> ``(NAME, DIR)``; a bare ``DIR`` that exists here (a directory or a ``.gguf``
+    file) is named after its last path part.  Only the format is checked (and, for a bare value, that
+    it is a local path): :func:`amendlm.ram.api.resolve_aligner` checks what ``DIR`` holds.
 
     Raises:
-        ValueError: empty name or path, or a name with ``+``.
+        ValueError: empty name or path, a name with ``+``, or a value without ``=`` that is no local
+            directory or ``.gguf`` file (taken as a hub id it would only fail after the hub's retries).
     """
     name, sep, path = value.partition("=")
     if not sep:
+        local = Path(value).expanduser()
+        if not (local.is_dir() or (local.is_file() and local.suffix.lower() == ".gguf")):
+            raise ValueError(f"--aligner {value}: expected NAME=DIR (e.g. small=runs/ram/small8), or an existing "
+                             "aligner directory or .gguf file alone")
         name, path = Path(value.rstrip("/")).name, value
     if not name or not path or "+" in name:
-        raise ValueError(f"--aligner {value!r}: expected NAME=DIR with a NAME without '+'")
+        raise ValueError(f"--aligner {value}: expected NAME=DIR with a NAME without '+'")
     return name, path
 
 
