@@ -21,7 +21,7 @@ import shlex
 from pathlib import Path
 from typing import Mapping, Optional
 
-from amendlm.unlearn.recipes import CLI_DEFAULT_RECIPE, PAIRWISE, RECIPES
+from amendlm.unlearn.recipes import CLI_DEFAULT_RECIPE, RECIPES
 
 # what the command line types for a field's None (the inverse of amendlm.unlearn.commands.explicit_options)
 NONE_SPELLINGS = {"max_grad_norm": "0", "val_clusters": "0", "kl_texts": "none"}
