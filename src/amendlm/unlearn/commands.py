@@ -15,6 +15,9 @@ import typer
 from amendlm.errors import optional_name
 from amendlm.resources import DEFAULT_MODEL
 from amendlm.unlearn.flags import error_line, option_flags, recipe_default
+from amendlm.unlearn.schedule import DEFAULT_TOLERANCE
+
+TOLERANCE = f"{DEFAULT_TOLERANCE:g}"  # the stop rule's default tolerance (UnlearnConfig's), as --help states it
 
 METHOD_NAMES = "biasunlearn, npo, gradascent, graddiff, dpo, sft-anti, dpo-swap"  # = METHODS (a test checks; no torch import here)
 
@@ -54,9 +57,9 @@ def debias(
     val_clusters: int = typer.Option(300, show_default=recipe_default("val_clusters", 300), help="Val clusters scored per evaluation (stratified; 0 = all)."),
     schedule_scale: float = typer.Option(0.25, show_default=recipe_default("schedule_scale", 0.25), help="Multiplies the swap schedule's step counts (official = 1)."),
     eval_every: int = typer.Option(50, help="Evaluation period of methods without dynamic swapping."),
-    type_focus: str = typer.Option("worst", show_default=recipe_default("type_focus", "worst"), help="What a swap decision trains on: worst (the bias type with the largest val gap, BiasUnlearn) or all (every type whose val SS is outside 50 ± 2, the stop rule's tolerance, each swapped whose val SS < 50); methods without swapping (npo, dpo, ...) ignore it."),
+    type_focus: str = typer.Option("worst", show_default=recipe_default("type_focus", "worst"), help=f"What a swap decision trains on: worst (the bias type with the largest val gap, BiasUnlearn) or all (every type whose val SS is outside 50 ± {TOLERANCE}, the stop rule's tolerance, each swapped whose val SS < 50); methods without swapping (npo, dpo, ...) ignore it."),
     initial_all_types_steps: int = typer.Option(0, help="Train every bias type together until this step before the first swap decision (official 100)."),
-    rest_within: Optional[float] = typer.Option(None, help="With --type-focus all: a bias type whose val gap is below this rests for the phase while a farther type trains (default: none rests); at least the stop rule's tolerance, 2 (UnlearnConfig.tolerance)."),
+    rest_within: Optional[float] = typer.Option(None, help=f"With --type-focus all: a bias type whose val gap is below this rests for the phase while a farther type trains (default: none rests); at least the stop rule's tolerance, {TOLERANCE}."),
     initial_eval_every: int = typer.Option(0, help="Evaluations (recorded, no decision) every this many steps during --initial-all-types-steps (0: none)."),
     checkpoint_every: int = typer.Option(25, help="Steps between checkpoints."),
     kl_texts: str = typer.Option("xsum-sample", help="General text added to the KL set: an embedded dataset or a jsonl/json/csv file whose rows hold the text in the --kl-text-field field ('none' or '' for unrelated sentences only)."),
@@ -187,21 +190,25 @@ def debias_config(out: Path, given: dict, recipe: str | None = None, config_file
         out: output directory (replaces the saved ``out``).
         given: UnlearnConfig fields given explicitly (:func:`explicit_options`).
         flags: the command's flags by field (:func:`amendlm.unlearn.flags.option_flags`): an invalid
-            value is then reported in flags (:func:`amendlm.unlearn.flags.error_line`); None: in fields.
+            value is then reported in flags (:func:`amendlm.unlearn.flags.error_line`); None (a Python
+            caller): in fields.
 
     Raises:
         ValueError: ``recipe`` together with ``config_file`` (ambiguous: which wins?), unknown
-            recipe, a config file that is not a JSON object, an unknown field or a value of the
-            wrong type in it (the message names the file), invalid values (a value of the file's
-            alone: the message names the file; one a given option takes part in: the option).
+            recipe, a config file that is not a JSON object, an unknown key or a value of the
+            wrong type in it (checked before ``given`` is merged: the message names the file and
+            the key), invalid values (an error that involves no given option: the message names
+            the file; one that given options take part in: those options first).  With ``flags``
+            None and no ``config_file``, the :class:`~amendlm.unlearn.field_errors.ConfigFieldError`
+            itself (field names).
     """
-    from amendlm.unlearn.config import FIELDS_ADDED, UnlearnConfig, with_added_fields
+    from amendlm.unlearn.config import FIELDS_ADDED, UnlearnConfig, check_fields, with_added_fields
     from amendlm.unlearn.recipes import cli_recipe
 
-    def refused(err: Exception, recipe_name=None, file_fields=(), options_involved=True) -> ValueError:
+    def refused(err: ValueError, recipe_name=None, file_fields=(), options_involved=True) -> ValueError:
         if flags is None:  # a Python caller: fields named as fields, a file's error by the file
-            return ValueError(str(err) if config_file is None else f"{config_file}: {err}")
-        return ValueError(error_line(str(err), flags, given if options_involved else {}, config_file, recipe_name,
+            return err if config_file is None else ValueError(f"{config_file}: {err}")
+        return ValueError(error_line(err, flags, given if options_involved else {}, config_file, recipe_name,
                                      file_fields))
 
     if config_file is None:
@@ -215,25 +222,31 @@ def debias_config(out: Path, given: dict, recipe: str | None = None, config_file
     saved = _read_config_file(config_file)
     original = {f.name for f in dataclasses.fields(UnlearnConfig)} - set(FIELDS_ADDED)  # what every saved run has
     if not original <= set(saved):  # written by hand
+        for where, data in (("", saved), ("recipe_overrides: ", saved.get("recipe_overrides", {}))):
+            try:  # the file's own keys and types, before any option is merged: always the file's errors
+                check_fields(data)
+            except ValueError as err:
+                raise ValueError(f"{config_file}: {where}{err}") from None
         in_file = saved.get("recipe_overrides", {})
-        if not isinstance(in_file, dict):
-            raise ValueError(f"{config_file}: field recipe_overrides: expected dict, got {in_file!r}")
-        written = {k: v for k, v in saved.items() if k not in ("out", "recipe", "recipe_overrides")}
-        overrides, name = {**in_file, **written, **given}, saved.get("recipe")
+        written = {k: v for k, v in saved.items() if k not in ("out", "recipe", "recipe_overrides", "dtype_auto")}
+        overrides = {**in_file, **written, **given}
         try:
-            name = cli_recipe(name, overrides.get("method"))
+            name = cli_recipe(saved.get("recipe"), overrides.get("method"))
+        except ValueError as err:  # the file's recipe: --recipe is refused with --config
+            raise ValueError(f"{config_file}: {err}") from None
+        try:
             return UnlearnConfig.from_recipe(name, str(out), overrides, **_CLI_DEFAULTS)
         except (TypeError, ValueError) as err:
             raise refused(err, name, {*in_file, *written}) from None
     try:
         saved = UnlearnConfig.from_dict(with_added_fields(saved)).to_dict()
     except (TypeError, ValueError) as err:  # the saved run alone is invalid
-        raise refused(err, options_involved=False) from None
+        raise refused(err, saved.get("recipe"), set(saved), options_involved=False) from None
     overrides = {**saved.get("recipe_overrides", {}), **given}
     try:
         return UnlearnConfig.from_dict({**saved, **given, "out": str(out), "recipe_overrides": overrides})
     except ValueError as err:
-        raise refused(err, saved["recipe"], set(saved)) from None
+        raise refused(err, saved["recipe"], set(saved) - {"out", "recipe_overrides"}) from None
 
 
 def _read_config_file(path: Path) -> dict:

@@ -12,7 +12,8 @@ from amendlm.resources import DEFAULT_MODEL
 from amendlm.unlearn.config_checks import check_config
 from amendlm.unlearn.methods import LossWeights
 from amendlm.unlearn.recipes import RECIPE_ALIASES, recipe_fields
-from amendlm.unlearn.schedule import OFFICIAL_PHASES, Phase, scaled_phases
+from amendlm.unlearn.field_errors import ConfigFieldError
+from amendlm.unlearn.schedule import DEFAULT_TOLERANCE, OFFICIAL_PHASES, Phase, scaled_phases
 
 
 # Fields added to UnlearnConfig after runs were first recorded, with the value each had when it was
@@ -178,7 +179,7 @@ class UnlearnConfig:
     target_modules: list[str] | None = None
     lora_scope: str = "all"
     reference: str = "adapter"
-    tolerance: float = 2.0
+    tolerance: float = DEFAULT_TOLERANCE
     phases: list[list[float]] = field(default_factory=lambda: [[p.min_gap, p.lr_scale, p.scheduler_steps, p.eval_every] for p in OFFICIAL_PHASES])
     schedule_scale: float = 0.25
     early_scheduler_steps: int | None = None
@@ -218,14 +219,17 @@ class UnlearnConfig:
         ``early_scheduler_steps`` (official: 3000 before step 400, then the row's 1000).
 
         Raises:
-            ValueError: malformed ``phases`` or ``schedule_scale <= 0``.
+            ConfigFieldError: malformed ``phases`` (``schedule_scale`` is checked with the other fields).
         """
         try:
             phases = [Phase(float(a), float(b), int(c), int(d)) for a, b, c, d in self.phases]
         except (TypeError, ValueError):
-            raise ValueError(f"phases must be rows of (min_gap, lr_scale, scheduler_steps, eval_every), got {self.phases}") from None
+            raise ConfigFieldError(["phases"], lambda n: (
+                f"{n.name('phases')} must be rows of [min_gap, lr_scale, scheduler_steps, eval_every], got {self.phases}")) from None
         if not phases or any(p.lr_scale <= 0 or p.scheduler_steps < 1 or p.eval_every < 1 for p in phases):
-            raise ValueError(f"invalid swap schedule {self.phases}")
+            raise ConfigFieldError(["phases"], lambda n: (
+                f"{n.name('phases')} {self.phases}: give at least one row, each with lr_scale > 0, scheduler_steps >= 1 "
+                "and eval_every >= 1"))
         if step is not None and self.early_scheduler_steps is not None and step < self.early_until_step:
             phases[0] = replace(phases[0], scheduler_steps=self.early_scheduler_steps)
         return scaled_phases(phases, self.schedule_scale)
@@ -291,20 +295,34 @@ class UnlearnConfig:
                 boolean, ``"3e-5"`` for a number), naming the field.
         """
         data = {k: v for k, v in data.items() if k != "dtype_auto"}
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            hints = {name: difflib.get_close_matches(name, names, n=1) for name in unknown}
-            said = ", ".join(f"'{n}'" + (f" (did you mean '{h[0]}'?)" if h else "") for n, h in hints.items())
-            raise ValueError(f"unknown UnlearnConfig fields: {said}")
-        for name, value in data.items():
-            _check_json_type(name, value, _FIELD_TYPES[name])
+        check_fields(data)
         return cls(**data)
 
     @classmethod
     def load(cls, path: str | Path) -> "UnlearnConfig":
         """Read a config saved as JSON."""
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def check_fields(data: dict) -> None:
+    """Check that the keys of ``data`` (a JSON object of fields, e.g. a config file's) are
+    :class:`UnlearnConfig` fields and that each value has the field's JSON type; the values
+    themselves are checked when the config is built.  ``dtype_auto`` (a record of
+    ``unlearn_config.json``) is taken as a key.
+
+    Raises:
+        ValueError: the unknown keys, each with the field it may be a misspelling of, or the
+            first value of the wrong type (e.g. ``"false"`` for a boolean), naming the key.
+    """
+    names = {f.name for f in fields(UnlearnConfig)}
+    unknown = sorted(set(data) - names - {"dtype_auto"})
+    if unknown:
+        hints = {name: difflib.get_close_matches(name, names, n=1) for name in unknown}
+        said = ", ".join(f"'{n}'" + (f" (did you mean '{h[0]}'?)" if h else "") for n, h in hints.items())
+        raise ValueError(f"unknown UnlearnConfig fields: {said}")
+    for name, value in data.items():
+        if name in names:
+            _check_json_type(name, value, _FIELD_TYPES[name])
 
 
 # the JSON types each field accepts (annotations are strings under `from __future__ import annotations`)

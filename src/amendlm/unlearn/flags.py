@@ -4,31 +4,27 @@
   plain ``amendlm debias`` (``pairwise``) sets: that value, and the field default that a run with
   another ``--method`` takes (:func:`amendlm.unlearn.recipes.cli_recipe`);
 * :func:`option_flags`: the flag spellings of a command's options, by field;
-* :func:`error_line`: a config error in the words the user typed.  UnlearnConfig's messages name
-  fields bare (``max_steps``) or as ``field=value`` (:mod:`amendlm.unlearn.config_checks`); the line
-  names the flag instead (``--max-steps``, ``--rest-within 4``, ``--no-kl-unrelated``) for every field
-  that has one and was not set by the ``--config`` file, and an error that a flag takes part in is
-  not blamed on the file.
+* :class:`FlagNaming` and :func:`error_line`: a config error in the words the user typed.  The
+  checks raise a :class:`~amendlm.unlearn.field_errors.ConfigFieldError` that carries the fields
+  involved and writes its message through a naming; the line names the flag (``--max-steps``,
+  ``--rest-within 4``, ``--no-kl-unrelated``) for every field that has one and was not set by the
+  ``--config`` file alone, and blames the error on the flags typed among its fields, or on the file
+  when there are none.  No message text is parsed.
 
 No torch import here: ``amendlm --help`` reads :func:`recipe_default`.
 """
 
 from __future__ import annotations
 
-import ast
-import re
 import shlex
 from pathlib import Path
 from typing import Mapping, Optional
 
+from amendlm.unlearn.field_errors import ConfigFieldError, FieldNaming
 from amendlm.unlearn.recipes import CLI_DEFAULT_RECIPE, RECIPES
 
 # what the command line types for a field's None (the inverse of amendlm.unlearn.commands.explicit_options)
 NONE_SPELLINGS = {"max_grad_norm": "0", "val_clusters": "0", "kl_texts": "none"}
-
-# a field named in a message: a whole lower-case word, optionally with "=value" (a Python literal)
-_MENTION = re.compile(r"(?<![\w-])(?P<field>[a-z][a-z0-9_]*)(?![\w-])"
-                      r"(?:=(?P<value>'[^']*'|\"[^\"]*\"|\[[^\]]*\]|[^\s,;:()]+))?")
 
 
 def recipe_default(field: str, field_default: object) -> object:
@@ -66,43 +62,73 @@ def spelling(flag: tuple[str, Optional[str]], field: str, value: object) -> str:
     return f"{on} {_value_text(field, value)}"
 
 
-def error_line(message: str, flags: Mapping[str, tuple[str, Optional[str]]], given: Mapping[str, object],
-               config_file: Optional[Path] = None, recipe: Optional[str] = None, file_fields=()) -> str:
-    """A config error (``ValueError`` text) as ``amendlm debias`` reports it.
+class FlagNaming(FieldNaming):
+    """How ``amendlm debias`` names fields in a config error (a
+    :class:`~amendlm.unlearn.field_errors.ConfigFieldError`'s message).
+
+    A field with a flag is named by its flag (``--max-steps``; with a value, as the command line gives
+    it: ``--rest-within 4``, ``--no-kl-unrelated``, ``--kl-texts none``) unless the ``--config`` file
+    sets it and no flag was typed for it; other fields keep their plain names (``tolerance``,
+    ``type_focus='worst'`` of the file).
 
     Args:
-        message: the error, fields named as :mod:`amendlm.unlearn.config_checks` names them.
+        flags: :func:`option_flags` of the command (empty: every field by its plain name).
+        given: the fields given as flags, with their config values.
+        file_fields: the fields the ``--config`` file sets; config_file: that file (None: none).
+    """
+
+    def __init__(self, flags: Mapping[str, tuple[str, Optional[str]]], given: Mapping[str, object],
+                 file_fields=(), config_file: Optional[Path] = None):
+        self.flags, self.given, self.file_fields, self.config_file = flags, given, set(file_fields), config_file
+
+    def _by_flag(self, field: str) -> bool:
+        return field in self.flags and (field in self.given or field not in self.file_fields)
+
+    def name(self, field: str) -> str:
+        """The field's flag (``--max-steps``), else the field (``tolerance``)."""
+        return self.flags[field][0] if self._by_flag(field) else field
+
+    def value(self, field: str, value: object) -> str:
+        """The flag with ``value`` as typed (:func:`spelling`), else ``field=value``."""
+        return spelling(self.flags[field], field, value) if self._by_flag(field) else super().value(field, value)
+
+    def origin(self, field: str, source: str, recipe: str) -> str:
+        """``given`` (a flag typed), ``set in FILE`` (the ``--config`` file) or ``from recipe NAME`` (the
+        recipe's value, or the field default that the recipe leaves alone)."""
+        if field in self.given:
+            return "given"
+        if field in self.file_fields and self.config_file is not None:
+            return f"set in {self.config_file}"
+        return f"from recipe {recipe}"
+
+
+def error_line(err: ValueError, flags: Mapping[str, tuple[str, Optional[str]]], given: Mapping[str, object],
+               config_file: Optional[Path] = None, recipe: Optional[str] = None, file_fields=()) -> str:
+    """A config error as ``amendlm debias`` reports it.
+
+    Args:
+        err: the error; a :class:`~amendlm.unlearn.field_errors.ConfigFieldError` is written again under
+            a :class:`FlagNaming`, any other ``ValueError`` is taken as it is.
         flags: :func:`option_flags` of the command.
         given: the fields given as flags, with their config values.
         config_file, recipe, file_fields: the ``--config`` file (None: none), the recipe the run
             builds on and the fields the file sets.
 
     Returns:
-        Without ``config_file``: ``message`` with flags for fields.  With it, an error no given flag
-        takes part in stays the file's (``"FILE: message"``, fields as in the file); one that a given
-        flag takes part in says so: ``"--rest-within 4 with --config FILE (recipe official): --rest-within
-        needs --type-focus all (--type-focus worst, from recipe official)"``.
+        Without ``config_file``: the message naming flags.  With it, an error that involves no flag the
+        user typed is the file's (``"FILE: message"``, fields named as in the file), and one that
+        involves typed flags says so first: ``"--rest-within 4 with --config FILE (recipe official):
+        --rest-within 4 needs --type-focus all (--type-focus worst, from recipe official)"``.
     """
-    involved = list(dict.fromkeys(m["field"] for m in _MENTION.finditer(message) if m["field"] in given))
-    if config_file is not None and not involved:
-        return f"{config_file}: {message}"
-    mapped = {field for field in flags if field in given or field not in file_fields}
-    stated = set(involved) if config_file is not None else set()  # values the prefix already states
-
-    def named(match: re.Match) -> str:
-        field, text = match["field"], match["value"]
-        if field not in mapped:
-            return match[0]
-        if text is None:
-            return flags[field][0]
-        said = spelling(flags[field], field, _literal(text))
-        return flags[field][0] if field in stated and said == spelling(flags[field], field, given[field]) else said
-
-    line = _MENTION.sub(named, message)
+    if not isinstance(err, ConfigFieldError):
+        return str(err) if config_file is None else f"{config_file}: {err}"
+    typed = [field for field in err.fields if field in given]
     if config_file is None:
-        return line
-    prefix = ", ".join(spelling(flags[field], field, given[field]) for field in involved)
-    return f"{prefix} with --config {config_file} (recipe {recipe}): {line}"
+        return err.message(FlagNaming(flags, given))
+    if not typed:
+        return f"{config_file}: {err.message(FlagNaming({}, {}, file_fields, config_file))}"
+    prefix = ", ".join(spelling(flags[field], field, given[field]) for field in typed)
+    return f"{prefix} with --config {config_file} (recipe {recipe}): {err.message(FlagNaming(flags, given, file_fields, config_file))}"
 
 
 def _value_text(field: str, value: object) -> str:
@@ -113,14 +139,3 @@ def _value_text(field: str, value: object) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(str(item) for item in value)
     return shlex.quote(value) if isinstance(value, str) else str(value)
-
-
-def _literal(text: str) -> object:
-    """The value a message wrote after ``field=`` (a Python literal; ``nan``/``inf`` as floats; else the text)."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        try:
-            return float(text)
-        except ValueError:
-            return text
