@@ -224,15 +224,53 @@ def test_serve_checks_its_aligners_and_adapter_before_any_model_loads(tmp_path, 
         assert result.stderr.startswith(said), result.stderr
 
 
-def test_help_states_what_align_train_prints_marks_its_out_required_and_what_verbose_does():
+def test_serve_takes_a_bare_embedded_aligner_name(monkeypatch):
+    import amendlm.modeling
+    import amendlm.serve.server
+
+    seen = []
+    monkeypatch.setattr(amendlm.modeling, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(amendlm.serve.server, "serve", lambda config, **k: seen.append(config))
+    result = CliRunner().invoke(app, ["serve", "--aligner", "smollm2-135m-instruct"])
+    assert result.exit_code == 0 and seen[0].aligners == {"smollm2-135m-instruct": "smollm2-135m-instruct"}, result.output
+
+
+def test_help_states_what_align_train_prints_marks_its_out_required_and_what_verbose_does(tmp_path):
+    from amendlm.ram.command_helpers import train_summary_line
+
     runner = CliRunner(env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
     shown = " ".join(runner.invoke(app, ["align", "train", "--help"]).stdout.split())
-    for part in ("the steps", "the examples", "the training seconds", "the last held-out loss", "the val evaluation kept",
-                 "where the aligner and OUT/train_summary.json"):
+    summary = {"steps": 37, "n_examples": 411, "seconds": 1234.4, "seconds_this_run": 99.0, "n_heldout": 9,
+               "heldout": {"loss": 1.23456}, "selection": {"kept": {"step": 20, "worst_gap": 1.5, "lms_drop": 0.7}},
+               "aligner": str(tmp_path / "aligner")}
+    line = train_summary_line(summary, tmp_path)
+    no_heldout = train_summary_line({**summary, "heldout": None, "n_heldout": 0}, tmp_path)
+    # each part the help says the last line holds, and what the line produced from a summary shows for it
+    for part, produced in (("the steps", "37 steps"), ("the examples", "411 examples"), ("the training seconds", "1234 s"),
+                           ("those of this run too", "(99 s in this run)"), ("the last held-out loss", "loss 1.2346"),
+                           ("that none was held out", None), ("the val evaluation kept", "val evaluation of step 20"),
+                           ("where the aligner", str(tmp_path / "aligner")),
+                           ("OUT/train_summary.json", str(tmp_path / "train_summary.json"))):
         assert part in shown, part
+        assert (produced in line) if produced else ("no held-out loss" in no_heldout), (part, line)
     out_line = next(line for line in runner.invoke(app, ["align", "train", "--help"]).stdout.splitlines() if "--out " in line)
     debias_out = next(line for line in runner.invoke(app, ["debias", "--help"]).stdout.splitlines() if "--out " in line)
     assert out_line.split()[1] == debias_out.split()[1] == "*" and "[required]" in out_line and "[required]" in debias_out
     assert "Required." not in out_line
     root = " ".join(runner.invoke(app, ["--help"]).stdout.split())
-    assert "show an input error's full traceback" in root
+    assert "show an input error (exit status 1" in root and "usage errors (exit status 2) stay one line" in root
+
+
+def test_at_info_level_an_input_error_is_raised_and_a_usage_error_stays_one_line(tmp_path, caplog):
+    """What ``-v`` (INFO logging; pytest's own log handlers keep ``basicConfig`` from setting it here) does."""
+    import logging
+
+    adapter = ["eval", "--adapter", str(tmp_path / "none"), "--benchmarks", "stereoset"]
+    plain = CliRunner().invoke(app, adapter)
+    assert plain.exit_code == 1 and isinstance(plain.exception, SystemExit), plain.output
+    with caplog.at_level(logging.INFO):
+        verbose = CliRunner().invoke(app, adapter)
+        usage = CliRunner().invoke(app, ["debias", "--out", str(tmp_path / "run"), "--model", "/nonexistent/m",
+                                         "--max-steps", "0"])
+    assert verbose.exit_code == 1 and isinstance(verbose.exception, FileNotFoundError)  # raised: its traceback shows
+    assert usage.exit_code == 2 and usage.stderr.startswith("error: --max-steps must be >= 1, got 0"), usage.output

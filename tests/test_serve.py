@@ -148,8 +148,10 @@ def test_aligner_option_parsing(tmp_path):
     assert parse_aligner_option(f"{tmp_path}/ram/aligner/") == ("aligner", f"{tmp_path}/ram/aligner/")  # a directory here
     with pytest.raises(ValueError, match="NAME"):
         parse_aligner_option("a+b=dir")
-    # no '=' and no such local path: refused, not taken for a hub id (which would fail only after the hub's retries)
-    for value in ("noequals", f"{tmp_path}/ram/other"):
+    assert parse_aligner_option("smollm2-135m-instruct") == ("smollm2-135m-instruct", "smollm2-135m-instruct")  # embedded: local
+    # no '=', no embedded name and no such local path: refused, not taken for a hub id (which would fail only after
+    # the hub's retries)
+    for value in ("noequals", f"{tmp_path}/ram/other", "HuggingFaceTB/SmolLM2-135M"):
         with pytest.raises(ValueError, match=f"--aligner {value}: expected NAME=DIR"):
             parse_aligner_option(value)
 

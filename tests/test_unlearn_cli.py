@@ -237,7 +237,8 @@ def test_a_missing_kl_texts_file_is_one_line_before_the_progress_bar_and_any_mod
     result = debias(tmp_path, "--kl-texts", str(tmp_path / "no" / "file.jsonl"))
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert len(result.stderr.splitlines()) == 1
-    assert f"--kl-texts: dataset '{tmp_path / 'no' / 'file.jsonl'}' is neither an embedded dataset" in result.stderr
+    # "--kl-texts VALUE: ...", as "--kl-texts FILE row N: ..." for a file whose rows lack the field
+    assert result.stderr.startswith(f"error: --kl-texts {tmp_path / 'no' / 'file.jsonl'}: neither an embedded dataset ("), result.stderr
     missing_model = debias(tmp_path, "--model", str(tmp_path / "nothing"))  # with the progress bar on
     assert missing_model.exit_code == 1 and "no such model directory" in missing_model.stderr
     assert not (tmp_path / "run").exists()

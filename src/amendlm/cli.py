@@ -43,7 +43,7 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def root(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level, and show an input error's full traceback instead of its one 'error:' line."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level, and show an input error (exit status 1: a missing file, model or adapter, ...) as its full traceback instead of one 'error:' line; usage errors (exit status 2) stay one line."),
     version: bool = typer.Option(False, "--version", "-V", callback=_print_version, is_eager=True, expose_value=False,
                                  help="Print amendlm's version and exit."),
 ) -> None:

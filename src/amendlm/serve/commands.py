@@ -14,7 +14,7 @@ from amendlm.resources import DEFAULT_MODEL
 def serve_command(
     model: str = typer.Option(DEFAULT_MODEL, help="Proposal model: embedded name, local directory, local .gguf file or Hugging Face id (served alone)."),
     adapter: Optional[Path] = typer.Option(None, help="PEFT adapter on --model (e.g. a debias run), applied unmerged."),
-    aligner: List[str] = typer.Option([], help="NAME=DIR: an aligner served as MODEL+NAME with the one proposal (repeatable); DIR an aligner directory, an 'align train' run directory, a .gguf file, an embedded name or a hub id; an existing directory alone is named after its last part."),
+    aligner: List[str] = typer.Option([], help="NAME=DIR: an aligner served as MODEL+NAME with the one proposal (repeatable); DIR an aligner directory, an 'align train' run directory, a .gguf file, an embedded name or a hub id; alone, an embedded name is served under itself and an existing directory or .gguf file under its last path part."),
     name: Optional[str] = typer.Option(None, help="Id of the model alone in /v1/models (default: --model)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port (0 = any free port, printed at start)."),

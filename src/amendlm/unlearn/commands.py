@@ -126,18 +126,19 @@ _CLI_DEFAULTS = {"dtype": "auto"}  # where the command's default differs from Un
 
 def _check_model_and_texts(config) -> None:
     """A missing ``--model``, a missing ``--kl-texts`` (file or embedded name) or one whose rows lack the
-    ``--kl-text-field``: FileNotFoundError or DataError naming the option."""
+    ``--kl-text-field``: FileNotFoundError or DataError, one line starting ``--model M`` / ``--kl-texts
+    PATH`` (``--kl-texts X: ...`` for a name or path that is not there; ``--kl-texts FILE row N: ...``)."""
     from amendlm.data.io import DataError
     from amendlm.data.text import load_texts
     from amendlm.ram.api import check_model_name
+    from amendlm.resources import resolve_dataset
 
     check_model_name(config.model)
     if config.kl_texts:
+        path = resolve_dataset(config.kl_texts, option="--kl-texts")
         try:
-            load_texts(config.kl_texts, field=config.kl_text_field, field_option="--kl-text-field")
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"--kl-texts: {err}") from None
-        except DataError as err:
+            load_texts(path, field=config.kl_text_field, field_option="--kl-text-field")
+        except DataError as err:  # its message starts with the file's path
             raise DataError(f"--kl-texts {err}") from None
 
 
