@@ -38,10 +38,21 @@ def test_eval_of_an_adapter_on_all_targets_warns_that_training_targets_are_inclu
         raise ValueError("stopped before loading")
 
     monkeypatch.setattr(amendlm.bias.evaluate, "evaluate_model", stop)
+    (tmp_path / "adapter_config.json").write_text("{}")
     warned = CliRunner().invoke(app, ["eval", "--adapter", str(tmp_path), "--benchmarks", "stereoset"])
     assert "--split all includes the StereoSet target terms" in warned.output and warned.exit_code == 1
     held_out = CliRunner().invoke(app, ["eval", "--adapter", str(tmp_path), "--split", "test", "--benchmarks", "stereoset"])
     assert "includes the StereoSet target terms" not in held_out.output
+
+
+def test_eval_refuses_a_missing_adapter_before_the_split_warning_and_any_model(tmp_path, monkeypatch):
+    import amendlm.modeling
+
+    monkeypatch.setattr(amendlm.modeling, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    for adapter, said in ((tmp_path / "no" / "such", "no such adapter directory"),
+                          (tmp_path, "not a PEFT adapter directory (no adapter_config.json)")):
+        result = CliRunner().invoke(app, ["eval", "--adapter", str(adapter), "--benchmarks", "stereoset"])
+        assert result.exit_code == 1 and result.stderr == f"error: --adapter {adapter}: {said}\n", result.stderr
 
 
 def test_usage_errors_are_one_plain_line_on_stderr_and_help_stays_rich():
@@ -110,7 +121,7 @@ def test_an_unavailable_or_malformed_device_is_one_line_naming_the_flag_before_a
     args = [a.format(model=tmp_path / "tiny", tmp=tmp_path) for a in DEVICE_COMMANDS[command]]
     cases = [("cuda", "--device cuda: no such accelerator on this machine"), ("gpu", "--device gpu: not a device")]
     if command == "align train":  # Accelerate places the model: a device type only (auto is taken, as by debias)
-        cases += [("cuda:0", "--device cuda:0: give the device type only")]
+        cases += [("cuda:0", "--device cuda:0: give the type only (cuda), no card index")]  # debias's words too
     else:  # the model goes to the device as given, index and all; auto is no torch device
         cases += [("cuda:1", "--device cuda:1: no such accelerator"), ("auto", "--device auto: not a device")]
     for device, said in cases:
@@ -175,3 +186,91 @@ def test_an_out_directory_that_is_a_file_is_one_line_before_any_model_loads(comm
         assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), (out, result.output)
         assert len(result.stderr.splitlines()) == 1 and said in result.stderr, (out, result.stderr)
     assert (tmp_path / "README.md").read_text() == "a file\n"
+
+
+def test_align_sample_refuses_an_out_that_holds_no_samples_before_any_model_loads(tmp_path, monkeypatch):
+    import amendlm.modeling
+    from amendlm.ram.sample import SampleConfig, check_inputs
+
+    monkeypatch.setattr(amendlm.modeling, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    other = tmp_path / "passwd"
+    other.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (tmp_path / "adir").mkdir()
+    for out, said in ((other, f"error: --out {other} line 1: invalid JSON: not a samples file of 'align sample' to resume; "
+                              "give a new .jsonl path\n"),
+                      (tmp_path / "adir", f"error: --out {tmp_path / 'adir'}: is a directory; give a file path such as "
+                                          f"{tmp_path / 'adir' / 'samples.jsonl'}\n")):
+        result = CliRunner().invoke(app, ["align", "sample", "--out", str(out), "--limit", "1"])
+        assert result.exit_code == 1 and result.stderr == said, result.stderr
+    assert other.read_text() == "root:x:0:0:root:/root:/bin/bash\n" and not any((tmp_path / "adir").iterdir())
+    samples = tmp_path / "s.jsonl"  # an interrupted run's file (a half-written last line) is resumed, not refused
+    samples.write_text(json.dumps({"id": "a", "sample": "text"}) + '\n{"id": "b", "sam')
+    check_inputs(SampleConfig(proposal="unused", out=str(samples)), check_model=False)
+
+
+def test_serve_checks_its_aligners_and_adapter_before_any_model_loads(tmp_path, monkeypatch):
+    import amendlm.modeling
+    import amendlm.serve.server
+
+    monkeypatch.setattr(amendlm.modeling, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(amendlm.serve.server, "serve", lambda *a, **k: pytest.fail("the server started"))
+    for args, said, code in ((["--aligner", "noequals"], "error: --aligner noequals: expected NAME=DIR", 2),
+                             (["--aligner", "a+b=dir"], "error: --aligner a+b=dir: expected NAME=DIR with a NAME without '+'", 2),
+                             (["--aligner", f"x={tmp_path / 'nothing'}"], f"error: --aligner {tmp_path / 'nothing'}: no such model directory", 1),
+                             (["--adapter", str(tmp_path / "nothing")], f"error: --adapter {tmp_path / 'nothing'}: no such adapter directory", 1),
+                             (["--model", str(tmp_path / "nothing")], f"error: --model {tmp_path / 'nothing'}: no such model directory", 1)):
+        result = CliRunner().invoke(app, ["serve", *args])
+        assert result.exit_code == code and len(result.stderr.splitlines()) == 1, result.output
+        assert result.stderr.startswith(said), result.stderr
+
+
+def test_serve_takes_a_bare_embedded_aligner_name(monkeypatch):
+    import amendlm.modeling
+    import amendlm.serve.server
+
+    seen = []
+    monkeypatch.setattr(amendlm.modeling, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(amendlm.serve.server, "serve", lambda config, **k: seen.append(config))
+    result = CliRunner().invoke(app, ["serve", "--aligner", "smollm2-135m-instruct"])
+    assert result.exit_code == 0 and seen[0].aligners == {"smollm2-135m-instruct": "smollm2-135m-instruct"}, result.output
+
+
+def test_help_states_what_align_train_prints_marks_its_out_required_and_what_verbose_does(tmp_path):
+    from amendlm.ram.command_helpers import train_summary_line
+
+    runner = CliRunner(env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+    shown = " ".join(runner.invoke(app, ["align", "train", "--help"]).stdout.split())
+    summary = {"steps": 37, "n_examples": 411, "seconds": 1234.4, "seconds_this_run": 99.0, "n_heldout": 9,
+               "heldout": {"loss": 1.23456}, "selection": {"kept": {"step": 20, "worst_gap": 1.5, "lms_drop": 0.7}},
+               "aligner": str(tmp_path / "aligner")}
+    line = train_summary_line(summary, tmp_path)
+    no_heldout = train_summary_line({**summary, "heldout": None, "n_heldout": 0}, tmp_path)
+    # each part the help says the last line holds, and what the line produced from a summary shows for it
+    for part, produced in (("the steps", "37 steps"), ("the examples", "411 examples"), ("the training seconds", "1234 s"),
+                           ("those of this run too", "(99 s in this run)"), ("the last held-out loss", "loss 1.2346"),
+                           ("that none was held out", None), ("the val evaluation kept", "val evaluation of step 20"),
+                           ("where the aligner", str(tmp_path / "aligner")),
+                           ("OUT/train_summary.json", str(tmp_path / "train_summary.json"))):
+        assert part in shown, part
+        assert (produced in line) if produced else ("no held-out loss" in no_heldout), (part, line)
+    out_line = next(line for line in runner.invoke(app, ["align", "train", "--help"]).stdout.splitlines() if "--out " in line)
+    debias_out = next(line for line in runner.invoke(app, ["debias", "--help"]).stdout.splitlines() if "--out " in line)
+    assert out_line.split()[1] == debias_out.split()[1] == "*" and "[required]" in out_line and "[required]" in debias_out
+    assert "Required." not in out_line
+    root = " ".join(runner.invoke(app, ["--help"]).stdout.split())
+    assert "show an input error (exit status 1" in root and "usage errors (exit status 2) stay one line" in root
+
+
+def test_at_info_level_an_input_error_is_raised_and_a_usage_error_stays_one_line(tmp_path, caplog):
+    """What ``-v`` (INFO logging; pytest's own log handlers keep ``basicConfig`` from setting it here) does."""
+    import logging
+
+    adapter = ["eval", "--adapter", str(tmp_path / "none"), "--benchmarks", "stereoset"]
+    plain = CliRunner().invoke(app, adapter)
+    assert plain.exit_code == 1 and isinstance(plain.exception, SystemExit), plain.output
+    with caplog.at_level(logging.INFO):
+        verbose = CliRunner().invoke(app, adapter)
+        usage = CliRunner().invoke(app, ["debias", "--out", str(tmp_path / "run"), "--model", "/nonexistent/m",
+                                         "--max-steps", "0"])
+    assert verbose.exit_code == 1 and isinstance(verbose.exception, FileNotFoundError)  # raised: its traceback shows
+    assert usage.exit_code == 2 and usage.stderr.startswith("error: --max-steps must be >= 1, got 0"), usage.output

@@ -104,8 +104,11 @@ def test_crows_pairs_loads_and_validates(tmp_path):
 def test_text_loaders(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "one"}, {"text": " "}, {"text": "two"}])
     assert load_texts(path) == ["one", "two"]
-    with pytest.raises(DataError, match="row 1: missing field 'body'"):
+    with pytest.raises(DataError, match=r"t.jsonl row 1: missing field 'body' \(the row's fields: text\)$"):
         load_texts(path, field="body")
+    with pytest.raises(DataError, match=r"missing field 'document' \(the row's fields: text\); give the field holding "
+                                        "the text with --kl-text-field$"):
+        load_texts(path, field="document", field_option="--kl-text-field")
     pr = write_jsonl(tmp_path / "pr.jsonl", [{"prompt": "p", "response": "r"}, {"prompt": "p2"}])
     with pytest.raises(DataError, match="pr.jsonl row 2: missing field 'response'"):
         load_prompt_response(pr)

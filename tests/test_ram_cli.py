@@ -142,5 +142,9 @@ def test_align_train_takes_kl_texts_none_as_no_general_text_and_usage_errors_kee
                                           "--kl-texts", value])
         assert result.exit_code == 1 and "stopped before training" in result.stderr, result.output
     assert [config.pairs.kl_texts for config in seen] == [None, None, None]
+    assert [config.pairs.kl_text_field for config in seen] == ["document"] * 3
+    result = CliRunner().invoke(app, ["align", "train", "--out", str(tmp_path / "run"), "--pairs", "stereoset", "--aligner", "x",
+                                      "--kl-text-field", "text"])
+    assert result.exit_code == 1 and seen[-1].pairs.kl_text_field == "text", result.output
     result = CliRunner().invoke(app, ["align", "sample", "--out", str(tmp_path / "s.jsonl"), "--split", "tset"])
     assert result.exit_code == 2 and "got 'tset' (see '" in result.stderr, result.stderr

@@ -101,6 +101,9 @@ def test_the_neutral_set_is_biasunlearns_unless_told_otherwise(workspace, tmp_pa
     good.write_text(json.dumps({"prompt": "The nurse", "chosen": " helped.", "rejected": " cried."}) + "\n")
     with pytest.raises(ValueError, match="no neutral text"):
         check_pairs(PairsConfig(source=str(good), kl_texts=None))
+    with pytest.raises(DataError, match="texts.jsonl row 1: missing field 'text' .*; give the field holding the text "
+                                        "with --kl-text-field$"):
+        check_pairs(PairsConfig(source=str(good), kl_texts=str(root / "texts.jsonl"), kl_text_field="text", val_every=0))
 
 
 def test_a_zero_head_is_untied_saved_and_gives_exactly_the_proposals_scores(workspace, tmp_path):

@@ -142,11 +142,18 @@ def test_row_text_holds_back_a_possible_stop_string(tokenizer):
     assert row.add(ids[4]) == "" and row.finish_reason == "stop" and row.text == "ab"
 
 
-def test_aligner_option_parsing():
+def test_aligner_option_parsing(tmp_path):
     assert parse_aligner_option("small=runs/a") == ("small", "runs/a")
-    assert parse_aligner_option("runs/ram/aligner/") == ("aligner", "runs/ram/aligner/")
+    (tmp_path / "ram" / "aligner").mkdir(parents=True)
+    assert parse_aligner_option(f"{tmp_path}/ram/aligner/") == ("aligner", f"{tmp_path}/ram/aligner/")  # a directory here
     with pytest.raises(ValueError, match="NAME"):
         parse_aligner_option("a+b=dir")
+    assert parse_aligner_option("smollm2-135m-instruct") == ("smollm2-135m-instruct", "smollm2-135m-instruct")  # embedded: local
+    # no '=', no embedded name and no such local path: refused, not taken for a hub id (which would fail only after
+    # the hub's retries)
+    for value in ("noequals", f"{tmp_path}/ram/other", "HuggingFaceTB/SmolLM2-135M"):
+        with pytest.raises(ValueError, match=f"--aligner {value}: expected NAME=DIR"):
+            parse_aligner_option(value)
 
 
 @pytest.mark.integration

@@ -121,10 +121,31 @@ def test_types_to_train_rests_the_types_near_50_while_others_are_far():
 def test_rest_within_needs_type_focus_all_and_at_least_the_tolerance():
     from amendlm.unlearn.config import UnlearnConfig
 
-    with pytest.raises(ValueError, match="rest_within"):
-        UnlearnConfig(out="x", rest_within=4.0)  # type_focus worst
-    with pytest.raises(ValueError, match="rest_within"):
-        UnlearnConfig(out="x", type_focus="all", rest_within=1.0)
-    with pytest.raises(ValueError, match="rest_within"):
-        UnlearnConfig(out="x", type_focus="all", rest_within=float("nan"))
+    def refusal(**fields) -> str:
+        with pytest.raises(ValueError) as caught:
+            UnlearnConfig(out="x", **fields)
+        return str(caught.value)
+
+    # one message per condition, naming the one that failed
+    # where the value came from, as far as the config can tell: not "from recipe biasunlearn", which sets nothing
+    assert refusal(rest_within=4.0) == "rest_within=4.0 needs type_focus='all' (type_focus='worst', the field default)"
+    assert refusal(type_focus="worst", rest_within=4.0, recipe_overrides={"type_focus": "worst"}).endswith(
+        "(type_focus='worst', given)")
+    assert refusal(type_focus="all", rest_within=1.0).startswith("rest_within=1.0 must be >= tolerance (2, ")
+    assert refusal(type_focus="all", rest_within=-1.0).startswith("rest_within=-1.0 must be >= tolerance (2, ")
+    assert refusal(type_focus="all", rest_within=float("nan")) == "rest_within=nan must be finite (a val SS gap)"
+    with pytest.raises(ValueError, match=r"needs type_focus='all' \(type_focus='worst', the field default\)"):
+        UnlearnConfig.from_recipe("official", "x", {"rest_within": 4.0})  # official leaves type_focus alone
+    with pytest.raises(ValueError, match=r"needs type_focus='all' \(type_focus='worst', given\)"):
+        UnlearnConfig.from_recipe("pairwise", "x", {"rest_within": 4.0, "type_focus": "worst"})  # pairwise sets all
     assert UnlearnConfig(out="x", type_focus="all", rest_within=4.0).rest_within == 4.0
+
+
+def test_schedule_scale_is_refused_by_its_field_name():
+    from amendlm.unlearn.config import UnlearnConfig
+    from amendlm.unlearn.field_errors import ConfigFieldError
+
+    for scale in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigFieldError, match=r"^schedule_scale must be a finite number > 0, got ") as caught:
+            UnlearnConfig(out="x", schedule_scale=scale)
+        assert caught.value.fields == ("schedule_scale",)

@@ -40,7 +40,7 @@ def attach_adapter(model, adapter: str | Path, model_name: str | None = None):
 
     adapter = Path(adapter)
     config_file = adapter / "adapter_config.json"
-    _check_adapter_dir(adapter)
+    check_adapter_dir(adapter)
     try:
         base_recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
     except json.JSONDecodeError as err:
@@ -101,9 +101,11 @@ def _first_mismatch(err: Exception) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def _check_adapter_dir(adapter: Path) -> None:
-    """Raise ``FileNotFoundError`` saying whether ``adapter`` is missing or holds no ``adapter_config.json``."""
+def check_adapter_dir(adapter: Path, option: str | None = None) -> None:
+    """Raise ``FileNotFoundError`` saying whether ``adapter`` is missing or holds no ``adapter_config.json``
+    (before any model loads); ``option`` (``--adapter``): the command-line option named first."""
+    said = f"{option} {adapter}" if option else str(adapter)
     if not adapter.exists():
-        raise FileNotFoundError(f"{adapter}: no such adapter directory")
+        raise FileNotFoundError(f"{said}: no such adapter directory")
     if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+        raise FileNotFoundError(f"{said}: not a PEFT adapter directory (no adapter_config.json)")

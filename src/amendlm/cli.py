@@ -43,7 +43,7 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def root(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level, and show an input error (exit status 1: a missing file, model or adapter, ...) as its full traceback instead of one 'error:' line; usage errors (exit status 2) stay one line."),
     version: bool = typer.Option(False, "--version", "-V", callback=_print_version, is_eager=True, expose_value=False,
                                  help="Print amendlm's version and exit."),
 ) -> None:
@@ -95,9 +95,13 @@ def eval_command(
         raise typer.BadParameter(str(err)) from None
     from amendlm.distributed import check_device
 
-    with user_errors():  # a bad --device or an --out that cannot be written: one line, before any model loads
+    with user_errors():  # a bad --device or --adapter, an --out that cannot be written: one line, before any model loads
         check_device(device, index=True)
         check_out_file(out, example="eval.json")
+        if adapter is not None:
+            from amendlm.adapters import check_adapter_dir
+
+            check_adapter_dir(adapter, "--adapter")
     if pair is not None:
         from amendlm.product import check_aligner
 

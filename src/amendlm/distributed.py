@@ -53,6 +53,18 @@ def is_main_launched_process() -> bool:
     return launched_rank() == 0
 
 
+def device_type_only(said: str, device: str) -> str:
+    """The one refusal of a device with a card index where Accelerate places the model (``debias``,
+    ``align train``): ``"<said>: give the type only (cuda), no card index; choose the card with ..."``.
+
+    Args:
+        said: how the caller names the value (``"--device cuda:1"``, ``"device='cuda:1'"``).
+        device: the value, e.g. ``cuda:1``.
+    """
+    return (f"{said}: give the type only ({device.split(':')[0]}), no card index; choose the card with "
+            "CUDA_VISIBLE_DEVICES or accelerate launch")
+
+
 def check_device(device: str, option: str = "--device", index: bool = False) -> None:
     """Refuse, before any model loads, a device that Accelerate would silently replace by the CPU, or
     that ``model.to`` would fail on only after the weights were read.
@@ -74,8 +86,7 @@ def check_device(device: str, option: str = "--device", index: bool = False) -> 
     if device == "cpu" or (device == "auto" and not index):
         return
     if ":" in device and not index:
-        raise ValueError(f"{option} {device}: give the device type only ({device.split(':')[0]}); choose the card "
-                         "with CUDA_VISIBLE_DEVICES or accelerate launch")
+        raise ValueError(device_type_only(f"{option} {device}", device))
     try:
         parsed = torch.device(device)
     except RuntimeError:

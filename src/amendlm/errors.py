@@ -4,6 +4,8 @@
 * :func:`check_out_file` / :func:`check_out_directory`: an ``--out`` path that cannot be written,
   refused before any model loads (as ``ValueError``, for :func:`user_errors`);
 * :func:`optional_name`: an option naming a dataset that ``none`` (or ``''``) turns off;
+* :func:`required_in_help`: a command whose help marks options required that the command checks
+  itself (so that every missing input is named in one error);
 * :class:`OneLineUsageErrors`: a usage error (unknown or missing option, invalid value,
   ``typer.BadParameter`` raised by a command) -> ``error: ... (see 'amendlm CMD --help')``, exit
   status 2, instead of click's usage lines and rich's boxed panel; ``--help`` is untouched.
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 # the click exceptions typer raises: those of the click it bundles (typer >= 0.16: typer._click), found
 # from a public name so that an unbundled click works too
@@ -139,3 +141,22 @@ class OneLineUsageErrors(TyperGroup):
     def invoke(self, ctx):
         with _one_line():
             return super().invoke(ctx)
+
+
+def required_in_help(*names: str) -> type:
+    """A ``TyperCommand`` class (``@app.command(cls=...)``) whose ``--help`` marks the options ``names`` as
+    required, as typer marks ``typer.Option(...)``, while click does not enforce them: the command checks
+    them itself, together with its other inputs, and names every missing one in one error."""
+
+    class RequiredInHelp(TyperCommand):
+        def format_help(self, ctx, formatter):
+            marked = [param for param in self.params if param.name in names and not param.required]
+            for param in marked:
+                param.required = True
+            try:
+                return super().format_help(ctx, formatter)
+            finally:
+                for param in marked:
+                    param.required = False
+
+    return RequiredInHelp

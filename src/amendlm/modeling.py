@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from amendlm.adapters import _check_adapter_dir, attach_adapter  # noqa: F401  re-exported: amendlm.modeling.attach_adapter
+from amendlm.adapters import attach_adapter, check_adapter_dir  # noqa: F401  re-exported: amendlm.modeling.attach_adapter
 from amendlm.resources import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     if adapter is not None:
-        _check_adapter_dir(Path(adapter))
+        check_adapter_dir(Path(adapter))
     path = resolve_model(model_name_or_path)
     with _hub_errors(model_name_or_path, path):
         model = AutoModelForCausalLM.from_pretrained(

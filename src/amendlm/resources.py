@@ -165,23 +165,29 @@ def _remove_stale(directory: Path, pattern: str, max_age_s: float = 3600) -> Non
                     stale.unlink()
 
 
-def resolve_dataset(name_or_path: str | os.PathLike) -> Path:
+def resolve_dataset(name_or_path: str | os.PathLike, option: str | None = None) -> Path:
     """Map a registered dataset name (e.g. ``"stereoset"``) or a local file path to a file.
+
+    Args:
+        option: the command-line option that gave ``name_or_path`` (``--kl-texts``): every error then
+            starts ``"<option> <value>: "``; None: the messages below.
 
     Raises:
         FileNotFoundError: neither a registered name nor an existing file (lists the names),
             or the resource package is missing (names the install command).
     """
     key = str(name_or_path)
+    said = f"{option} {key}: " if option else ""
     if key in DATASETS:
-        return DATASETS[key].locate()
+        try:
+            return DATASETS[key].locate()
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{said}{err}") from None
     path = Path(key).expanduser()
     if path.is_file():
         return path
-    raise FileNotFoundError(
-        f"dataset '{key}' is neither an embedded dataset ({', '.join(sorted(DATASETS))}) "
-        "nor an existing local file"
-    )
+    what = said or f"dataset '{key}' is "
+    raise FileNotFoundError(f"{what}neither an embedded dataset ({', '.join(sorted(DATASETS))}) nor an existing local file")
 
 
 def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:

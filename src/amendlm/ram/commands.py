@@ -22,7 +22,7 @@ from typing import List, Optional
 
 import typer
 
-from amendlm.errors import check_out_directory, check_out_file, optional_name, user_errors
+from amendlm.errors import check_out_directory, check_out_file, optional_name, required_in_help, user_errors
 from amendlm.ram.command_helpers import decode_config, generate_and_print, print_eval_table, train_summary_line, val_split
 from amendlm.resources import DEFAULT_MODEL
 
@@ -50,16 +50,18 @@ VAL_HELP = ("--split val: align train's {} that held the val prompts out; defaul
             "--finetuned) is an align train run directory (a different value is refused), else {}.")
 
 
-def _check_early(device: str, accelerate: bool = False, out: Optional[Path] = None, out_dir: Optional[Path] = None) -> None:
+def _check_early(device: str, accelerate: bool = False, out: Optional[Path] = None, out_dir: Optional[Path] = None,
+                 example: str = "out.json") -> None:
     """A bad ``--device``, an ``out`` file or an ``out_dir`` directory that cannot be written: one line
     (``error: ...``), exit 1, before any model loads.
 
-    ``accelerate``: ``align train`` (Accelerate places the model): ``auto`` or a device type, no index."""
+    ``accelerate``: ``align train`` (Accelerate places the model): ``auto`` or a device type, no index.
+    ``example``: the file name suggested inside an ``out`` that is a directory."""
     from amendlm.distributed import check_device
 
     with user_errors():
         check_device(device, index=not accelerate)
-        check_out_file(out)
+        check_out_file(out, example=example)
         check_out_directory(out_dir)
 
 
@@ -88,9 +90,9 @@ def _require_inputs(missing: List[str]) -> None:
 
 @align_app.command("sample")
 def sample_command(
-    proposal: str = typer.Option(DEFAULT_MODEL, help="Proposal model P_M: embedded name, directory or hub id."),
+    proposal: str = typer.Option(DEFAULT_MODEL, help="Proposal model P_M: embedded name, local directory, local .gguf file or Hugging Face id."),
     data: str = typer.Option("xsum-sample", help=DATA_HELP),
-    out: Path = typer.Option(..., help="Samples jsonl; appended to, ids already present are skipped."),
+    out: Path = typer.Option(..., help="Samples jsonl: a new file, or one an earlier run wrote (appended to; ids already present are skipped)."),
     split: str = typer.Option("train", help="train, test or all."),
     limit: Optional[int] = typer.Option(None, help="Only the first N prompts of the split."),
     max_document_tokens: int = typer.Option(BUDGET, help=BUDGET_HELP),
@@ -117,15 +119,15 @@ def sample_command(
                               dtype=dtype, device=device)
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
-    _check_early(device, out=out)
+    _check_early(device, out=out, example="samples.jsonl")
     with user_errors():
         summary = sample_proposal(config, progress=True)
     typer.echo(f"{summary['sampled']} new samples ({summary['already_done']} already done) in {summary['seconds']:.0f} s -> {out}")
 
 
-@align_app.command("train")
+@align_app.command("train", cls=required_in_help("out"))
 def train_command(
-    out: Optional[Path] = typer.Option(None, show_default=False, help="Output directory (checkpoints, aligner/, logs, train_summary.json); rerun to resume, a finished run is kept. Required."),
+    out: Optional[Path] = typer.Option(None, show_default=False, help="Output directory (checkpoints, aligner/, logs, train_summary.json); rerun to resume, a finished run is kept."),
     samples: Optional[Path] = typer.Option(None, show_default=False, help="Proposal samples jsonl from 'align sample' (with --data). Required unless --pairs."),
     pairs: Optional[str] = typer.Option(None, help=PAIRS_HELP),
     aligner: Optional[str] = typer.Option(None, help="Initial aligner: any model with the proposal's vocabulary (or give --init-from-proposal-layers)."),
@@ -159,13 +161,17 @@ def train_command(
                                              "(the pair = the proposal at step 0). Default: on with --pairs."),
     kl_weight: float = typer.Option(1.0, help="--pairs: weight of KL(proposal || pair) per position on neutral text; 0 = none."),
     kl_unrelated: bool = typer.Option(True, "--kl-unrelated/--no-kl-unrelated", help="--pairs: StereoSet's unrelated sentences of the train targets in the neutral set."),
-    kl_texts: Optional[str] = typer.Option("xsum-sample", help="--pairs: general text of the neutral set ('none' or '' = StereoSet's unrelated sentences only)."),
+    kl_texts: Optional[str] = typer.Option("xsum-sample", help="--pairs: general text of the neutral set, an embedded dataset or a jsonl/json/csv whose rows hold it in --kl-text-field ('none' or '' = StereoSet's unrelated sentences only)."),
+    kl_text_field: str = typer.Option("document", help="--pairs: the field of the --kl-texts rows that holds the text (xsum-sample: document)."),
     kl_batch_size: int = typer.Option(8, help="--pairs: neutral examples per step."),
     val_every: int = typer.Option(20, help="--pairs: score the pair on StereoSet val targets every N steps (and at 0 and the end), keep the best; 0 = keep the last."),
     val_clusters: Optional[int] = typer.Option(None, help="--pairs: val clusters per evaluation (stratified; default all)."),
     max_lms_drop: float = typer.Option(2.0, help="--pairs: keep the smallest worst val |SS-50| among evaluations whose val LMS fell at most this."),
 ) -> None:
-    """Train the aligner Q on targets and proposal samples, or on preference pairs (--pairs; Accelerate; full or LoRA)."""
+    """Train the aligner Q on targets and proposal samples, or on preference pairs (--pairs; Accelerate; full or LoRA).
+
+    Ends with one line: the steps, the examples, the training seconds (those of this run too, when it resumed one), the last held-out loss (or that none was held out), the val evaluation kept (--pairs) and where the aligner and OUT/train_summary.json (the same summary as data) were saved.  A finished run is not trained again: the line says so and where its aligner is.
+    """
     from amendlm.ram.losses import LossConfig
     from amendlm.ram.preference import PairsConfig
     from amendlm.ram.train import TrainConfig, train_aligner
@@ -177,7 +183,7 @@ def train_command(
     try:
         pairs_config = None if pairs is None else PairsConfig(
             source=pairs, split_seed=split_seed, limit=limit, kl_weight=kl_weight, kl_unrelated=kl_unrelated,
-            kl_texts=optional_name(kl_texts),
+            kl_texts=optional_name(kl_texts), kl_text_field=kl_text_field,
             kl_batch_size=kl_batch_size, val_every=val_every, val_clusters=val_clusters, max_lms_drop=max_lms_drop)
         config = TrainConfig(
             out=str(out), samples=None if samples is None else str(samples), pairs=pairs_config,
@@ -239,7 +245,7 @@ def generate_command(
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
     _require_inputs([f"--aligner (for --mode {mode})"] if aligner is None and mode != "proposal" else [])
-    _check_early(device, out=out)
+    _check_early(device, out=out, example="generations.jsonl")
     with user_errors():
         texts = list(prompts or [])
         if not texts:
@@ -302,7 +308,7 @@ def eval_command(
         )
     except (ValueError, KeyError) as err:
         raise _bad(err) from None
-    _check_early(device, out=out)
+    _check_early(device, out=out, example="ram_eval.json")
     from amendlm.ram.validation import run_of
 
     if val is not None and None in (val_fraction, val_seed) and not run_of(aligner) and not run_of(

@@ -251,7 +251,7 @@ def check_pairs(config: PairsConfig) -> None:
 
     preference_records(config)
     if config.kl_weight > 0 and config.kl_texts:
-        load_texts(config.kl_texts, field=config.kl_text_field)
+        load_texts(config.kl_texts, field=config.kl_text_field, field_option="--kl-text-field")
     if config.kl_weight > 0 and not config.kl_texts and not (config.stereoset_source and config.kl_unrelated):
         raise ValueError("the KL regulariser has no neutral text (no --kl-texts, and no StereoSet unrelated sentences: "
                          "a preference file or --no-kl-unrelated); give --kl-texts or --kl-weight 0")

@@ -99,7 +99,8 @@ def check_inputs(config: SampleConfig, check_model: bool = True) -> None:
 
     Raises:
         FileNotFoundError, amendlm.data.io.DataError: a bad model name or data (names file, row, field).
-        ValueError: ``<out>.config.json`` records another configuration (names the fields).
+        ValueError: ``out`` is a file that holds no samples (names its first bad line); ``<out>.config.json``
+            records another configuration (names the fields).
     """
     from amendlm.ram.api import check_model_name
     from amendlm.ram.data import task_rows
@@ -109,6 +110,10 @@ def check_inputs(config: SampleConfig, check_model: bool = True) -> None:
         check_model_name(config.proposal, "--proposal")
     task_rows(config.task)
     out = Path(config.out)
+    try:
+        read_samples(out)  # an existing file is appended to: it must be samples (a truncated last line is resumed)
+    except ValueError as err:
+        raise ValueError(f"--out {err}: not a samples file of 'align sample' to resume; give a new .jsonl path") from None
     beside = out.with_name(out.name + ".config.json")
     if not (out.is_file() and beside.is_file()):
         return

@@ -12,9 +12,9 @@ from amendlm.resources import DEFAULT_MODEL
 
 
 def serve_command(
-    model: str = typer.Option(DEFAULT_MODEL, help="Proposal model: embedded name, local directory or hub id (served alone)."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Proposal model: embedded name, local directory, local .gguf file or Hugging Face id (served alone)."),
     adapter: Optional[Path] = typer.Option(None, help="PEFT adapter on --model (e.g. a debias run), applied unmerged."),
-    aligner: List[str] = typer.Option([], help="NAME=DIR: an aligner served as MODEL+NAME with the one proposal (repeatable)."),
+    aligner: List[str] = typer.Option([], help="NAME=DIR: an aligner served as MODEL+NAME with the one proposal (repeatable); DIR an aligner directory, an 'align train' run directory, a .gguf file, an embedded name or a hub id; alone, an embedded name is served under itself and an existing directory or .gguf file under its last path part."),
     name: Optional[str] = typer.Option(None, help="Id of the model alone in /v1/models (default: --model)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port (0 = any free port, printed at start)."),
@@ -45,16 +45,34 @@ def serve_command(
                              max_queue=max_queue, default_max_tokens=default_max_tokens, shutdown_timeout=shutdown_timeout,
                              dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as err:
-        raise typer.BadParameter(str(err).strip("'\"")) from None
+        # a KeyError's str() is its message quoted; a ValueError's is the message itself (its quotes kept)
+        raise typer.BadParameter(str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)) from None
 
     def ready(bound_host, bound_port):
         typer.echo(f"amendlm serve: listening on http://{bound_host}:{bound_port} (models: /v1/models)", err=True)
 
     from amendlm.distributed import check_device
 
-    with user_errors():
-        check_device(device, index=True)  # before any model loads
+    with user_errors():  # a bad device, model, adapter or aligner: one line, before any model loads
+        check_device(device, index=True)
+        _check_models(config)
         serve(config, on_ready=ready)
+
+
+def _check_models(config) -> None:
+    """Check ``--model``, ``--adapter`` and every ``--aligner`` without loading them; each aligner becomes
+    the path to load (an ``align train`` run directory: its ``aligner/``).
+
+    Raises:
+        FileNotFoundError, ValueError: one line naming the option and the value.
+    """
+    from amendlm.adapters import check_adapter_dir
+    from amendlm.ram.api import check_model_name, resolve_aligner
+
+    check_model_name(config.model, "--model")
+    if config.adapter is not None:
+        check_adapter_dir(Path(config.adapter), "--adapter")
+    config.aligners = {name: resolve_aligner(path, "--aligner") for name, path in config.aligners.items()}
 
 
 def register(app: typer.Typer) -> None:

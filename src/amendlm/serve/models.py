@@ -88,16 +88,30 @@ def build_served(name: str, proposal, tokenizer, aligners: dict[str, tuple[objec
 
 
 def parse_aligner_option(value: str) -> tuple[str, str]:
-    """``NAME=DIR`` -> ``(NAME, DIR)``; a bare ``DIR`` is named after its last path part.
+    """``NAME=DIR`` -> ``(NAME, DIR)``; a bare embedded model name (:data:`amendlm.resources.MODELS`)
+    is named after itself, and a bare ``DIR`` that exists here (a directory or a ``.gguf`` file) after
+    its last path part.  Only the format is checked (and, for a bare value, that it is local: an
+    embedded name or a local path): :func:`amendlm.ram.api.resolve_aligner` checks what ``DIR`` holds.
 
     Raises:
-        ValueError: empty name or path, or a name with ``+``.
+        ValueError: empty name or path, a name with ``+``, or a value without ``=`` that is neither an
+            embedded model name nor a local directory or ``.gguf`` file (taken as a hub id it would only
+            fail after the hub's retries).
     """
+    from amendlm.resources import MODELS
+
     name, sep, path = value.partition("=")
     if not sep:
+        if value in MODELS:
+            return value, value
+        local = Path(value).expanduser()
+        if not (local.is_dir() or (local.is_file() and local.suffix.lower() == ".gguf")):
+            raise ValueError(f"--aligner {value}: expected NAME=DIR (e.g. small=runs/ram/small8), or alone an "
+                             f"embedded model name ({', '.join(sorted(MODELS))}) or an existing aligner directory "
+                             "or .gguf file")
         name, path = Path(value.rstrip("/")).name, value
     if not name or not path or "+" in name:
-        raise ValueError(f"--aligner {value!r}: expected NAME=DIR with a NAME without '+'")
+        raise ValueError(f"--aligner {value}: expected NAME=DIR with a NAME without '+'")
     return name, path
 
 

@@ -14,6 +14,10 @@ import typer
 
 from amendlm.errors import optional_name
 from amendlm.resources import DEFAULT_MODEL
+from amendlm.unlearn.flags import error_line, option_flags, recipe_default
+from amendlm.unlearn.schedule import DEFAULT_TOLERANCE
+
+TOLERANCE = f"{DEFAULT_TOLERANCE:g}"  # the stop rule's default tolerance (UnlearnConfig's), as --help states it
 
 METHOD_NAMES = "biasunlearn, npo, gradascent, graddiff, dpo, sft-anti, dpo-swap"  # = METHODS (a test checks; no torch import here)
 
@@ -21,19 +25,19 @@ METHOD_NAMES = "biasunlearn, npo, gradascent, graddiff, dpo, sft-anti, dpo-swap"
 def debias(
     ctx: typer.Context,
     out: Path = typer.Option(..., help="Output directory: adapter, unlearn_config.json, log.jsonl, summary.json, ss_per_type.png, best/, checkpoint/."),
-    recipe: Optional[str] = typer.Option(None, show_default="pairwise, or biasunlearn with --method", help="Preset of the options below: pairwise (DPO pairs under BiasUnlearn's val-driven control, chosen on val: see the README), biasunlearn (the option defaults shown below: the paper's NPO/CE/KL losses with amendlm's settings; 'default' is its former name, still accepted) or official (the public BiasUnlearn code's settings and control flow). Without --recipe: pairwise, unless --method names another method (then biasunlearn). Options given explicitly override it; unlearn_config.json records both."),
+    recipe: Optional[str] = typer.Option(None, show_default="pairwise, or biasunlearn with --method", help="Preset of the options below: pairwise (DPO pairs under BiasUnlearn's val-driven control, chosen on val: see the README), biasunlearn (the option defaults shown below where no pairwise value is shown beside them: the paper's NPO/CE/KL losses with amendlm's settings; 'default' is its former name, still accepted) or official (the public BiasUnlearn code's settings and control flow). Without --recipe: pairwise, unless --method names another method (then biasunlearn). Options given explicitly override it; unlearn_config.json records both."),
     config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Start from a saved unlearn_config.json, or from a JSON object of some of its fields (applied over the recipe it names; without one, as --recipe's default); options given explicitly override it (recorded in recipe_overrides)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local directory, local .gguf file or Hugging Face id."),
-    method: str = typer.Option("biasunlearn", help=f"One of: {METHOD_NAMES}."),
-    max_steps: int = typer.Option(200, help="Optimizer steps at most (BiasUnlearn may stop earlier by its stop rule)."),
+    method: str = typer.Option("biasunlearn", show_default=recipe_default("method", "biasunlearn"), help=f"One of: {METHOD_NAMES}."),
+    max_steps: int = typer.Option(200, show_default=recipe_default("max_steps", 200), help="Optimizer steps at most (BiasUnlearn may stop earlier by its stop rule)."),
     batch_size: int = typer.Option(8, help="Examples per stream (forget, retain, KL) per step, unless a per-stream size is given; under accelerate launch, of all processes together."),
     forget_batch_size: Optional[int] = typer.Option(None, show_default="--batch-size", help="Forget (and DPO pair) examples per step."),
     retain_batch_size: Optional[int] = typer.Option(None, show_default="--batch-size", help="Retain examples per step."),
     kl_batch_size: Optional[int] = typer.Option(None, show_default="--batch-size", help="KL examples per step."),
-    lr: float = typer.Option(2e-4, help="Peak AdamW learning rate (linear decay)."),
-    warmup_steps: int = typer.Option(0, help="Linear warm-up steps at the start of the run."),
-    alpha_forget: float = typer.Option(0.5, help="Weight of the forget loss (NPO; DPO for dpo-swap)."),
-    alpha_retain: float = typer.Option(0.3, help="Weight of the retain loss (CE on anti-stereotypes; on the chosen side for dpo-swap)."),
+    lr: float = typer.Option(2e-4, show_default=recipe_default("lr", 2e-4), help="Peak AdamW learning rate (linear decay)."),
+    warmup_steps: int = typer.Option(0, show_default=recipe_default("warmup_steps", 0), help="Linear warm-up steps at the start of the run."),
+    alpha_forget: float = typer.Option(0.5, show_default=recipe_default("alpha_forget", 0.5), help="Weight of the forget loss (NPO; DPO for dpo-swap)."),
+    alpha_retain: float = typer.Option(0.3, show_default=recipe_default("alpha_retain", 0.3), help="Weight of the retain loss (CE on anti-stereotypes; on the chosen side for dpo-swap)."),
     alpha_kl: float = typer.Option(0.2, help="Weight of the KL loss on neutral text."),
     npo_beta: float = typer.Option(0.1, help="NPO inverse temperature."),
     dpo_beta: float = typer.Option(0.1, help="DPO inverse temperature (dpo, dpo-swap)."),
@@ -50,18 +54,19 @@ def debias(
     finetune: str = typer.Option("lora", help="lora (PEFT adapter) or full."),
     reference: str = typer.Option("adapter", help="adapter (base = adapter disabled, one copy) or copy (second frozen model)."),
     adversarial_fraction: float = typer.Option(0.25, help="Share of anti-stereotypes per bias type also in the forget set."),
-    val_clusters: int = typer.Option(300, help="Val clusters scored per evaluation (stratified; 0 = all)."),
-    schedule_scale: float = typer.Option(0.25, help="Multiplies the swap schedule's step counts (official = 1)."),
+    val_clusters: int = typer.Option(300, show_default=recipe_default("val_clusters", 300), help="Val clusters scored per evaluation (stratified; 0 = all)."),
+    schedule_scale: float = typer.Option(0.25, show_default=recipe_default("schedule_scale", 0.25), help="Multiplies the swap schedule's step counts (official = 1)."),
     eval_every: int = typer.Option(50, help="Evaluation period of methods without dynamic swapping."),
-    type_focus: str = typer.Option("worst", help="What a swap decision trains on: worst (the bias type with the largest val gap, BiasUnlearn) or all (every type whose val SS is outside 50 ± tolerance, each swapped whose val SS < 50); methods without swapping (npo, dpo, ...) ignore it."),
+    type_focus: str = typer.Option("worst", show_default=recipe_default("type_focus", "worst"), help=f"What a swap decision trains on: worst (the bias type with the largest val gap, BiasUnlearn) or all (every type whose val SS is outside 50 ± {TOLERANCE}, the stop rule's tolerance, each swapped whose val SS < 50); methods without swapping (npo, dpo, ...) ignore it."),
     initial_all_types_steps: int = typer.Option(0, help="Train every bias type together until this step before the first swap decision (official 100)."),
-    rest_within: Optional[float] = typer.Option(None, help="With --type-focus all: a bias type whose val gap is below this rests for the phase while a farther type trains (default: none rests; at least --tolerance)."),
+    rest_within: Optional[float] = typer.Option(None, help=f"With --type-focus all: a bias type whose val gap is below this rests for the phase while a farther type trains (default: none rests); at least the stop rule's tolerance, {TOLERANCE}."),
     initial_eval_every: int = typer.Option(0, help="Evaluations (recorded, no decision) every this many steps during --initial-all-types-steps (0: none)."),
     checkpoint_every: int = typer.Option(25, help="Steps between checkpoints."),
-    kl_texts: str = typer.Option("xsum-sample", help="General text added to the KL set ('none' or '' for unrelated sentences only)."),
+    kl_texts: str = typer.Option("xsum-sample", help="General text added to the KL set: an embedded dataset or a jsonl/json/csv file whose rows hold the text in the --kl-text-field field ('none' or '' for unrelated sentences only)."),
+    kl_text_field: str = typer.Option("document", help="The field of the --kl-texts rows that holds the text (xsum-sample: document; a WikiText-like file: text)."),
     kl_unrelated: bool = typer.Option(True, help="StereoSet's unrelated sentences in the KL set (--no-kl-unrelated: only the general text of --kl-texts)."),
     keep_best: bool = typer.Option(True, help="Keep the weights of the evaluation chosen by --selection (else the last step's)."),
-    selection: str = typer.Option("gap", help="gap (smallest worst val SS gap) or gap_within_lms (the same among evaluations whose val LMS fell at most --max-lms-drop from step 0)."),
+    selection: str = typer.Option("gap", show_default=recipe_default("selection", "gap"), help="gap (smallest worst val SS gap) or gap_within_lms (the same among evaluations whose val LMS fell at most --max-lms-drop from step 0)."),
     max_lms_drop: float = typer.Option(2.0, help="LMS points an evaluation may lose and still be kept by --selection gap_within_lms."),
     dtype: str = typer.Option("auto", help="fp32, bf16 autocast (fast only with bf16 hardware) or auto (bf16 where the device does it natively fast, else fp32; unlearn_config.json records which)."),
     device: str = typer.Option("auto", help="auto (an accelerator when Accelerate finds one, else the CPU), cpu, or an accelerator type such as cuda (no index: choose the card with CUDA_VISIBLE_DEVICES or accelerate launch)."),
@@ -71,12 +76,12 @@ def debias(
 ) -> None:
     """Debias a causal LM by unlearning: the pairwise recipe (default), BiasUnlearn (arXiv:2509.25673) or a baseline method.
 
-    Without --recipe and --method, the pairwise recipe's values replace the defaults shown below (method dpo-swap, 100 steps, lr 5e-4 with 5 warm-up steps, loss weights 1.0 / 0.1 / 0.2, type focus all, all val clusters, LMS-aware selection); the defaults shown are --recipe biasunlearn's (the paper's losses with amendlm's settings), used with --method M.  Options given explicitly win over either.
+    Without --recipe and --method, the pairwise recipe's values replace the field defaults (method dpo-swap, 100 steps, lr 5e-4 with 5 warm-up steps, loss weights 1.0 / 0.1 / 0.2, type focus all, all val clusters, LMS-aware selection); the defaults below show them as "pairwise recipe: V".  With another --method (and no --recipe) a run takes the field defaults, --recipe biasunlearn's (the paper's losses with amendlm's settings): "with another --method: D".  Options given explicitly win over either.
     """
     from amendlm.unlearn.trainer import train
 
     try:
-        run_config = debias_config(out, explicit_options(ctx), recipe, config)
+        run_config = debias_config(out, explicit_options(ctx), recipe, config, flags=option_flags(ctx.command, _NOT_CONFIG))
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     from amendlm.errors import check_out_directory, user_errors
@@ -120,16 +125,21 @@ _CLI_DEFAULTS = {"dtype": "auto"}  # where the command's default differs from Un
 
 
 def _check_model_and_texts(config) -> None:
-    """A missing ``--model`` or ``--kl-texts`` (file or embedded name): FileNotFoundError naming the option."""
+    """A missing ``--model``, a missing ``--kl-texts`` (file or embedded name) or one whose rows lack the
+    ``--kl-text-field``: FileNotFoundError or DataError, one line starting ``--model M`` / ``--kl-texts
+    PATH`` (``--kl-texts X: ...`` for a name or path that is not there; ``--kl-texts FILE row N: ...``)."""
+    from amendlm.data.io import DataError
+    from amendlm.data.text import load_texts
     from amendlm.ram.api import check_model_name
     from amendlm.resources import resolve_dataset
 
     check_model_name(config.model)
     if config.kl_texts:
+        path = resolve_dataset(config.kl_texts, option="--kl-texts")
         try:
-            resolve_dataset(config.kl_texts)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"--kl-texts: {err}") from None
+            load_texts(path, field=config.kl_text_field, field_option="--kl-text-field")
+        except DataError as err:  # its message starts with the file's path
+            raise DataError(f"--kl-texts {err}") from None
 
 
 def _checkpoint_step(out: Path) -> int:
@@ -162,7 +172,8 @@ def explicit_options(ctx: typer.Context) -> dict:
     return given
 
 
-def debias_config(out: Path, given: dict, recipe: str | None = None, config_file: Path | None = None):
+def debias_config(out: Path, given: dict, recipe: str | None = None, config_file: Path | None = None,
+                  flags: dict | None = None):
     """The :class:`~amendlm.unlearn.config.UnlearnConfig` of one ``debias`` call.
 
     Without ``config_file``: preset ``recipe`` (when None, :func:`~amendlm.unlearn.recipes.cli_recipe`:
@@ -179,35 +190,64 @@ def debias_config(out: Path, given: dict, recipe: str | None = None, config_file
     Args:
         out: output directory (replaces the saved ``out``).
         given: UnlearnConfig fields given explicitly (:func:`explicit_options`).
+        flags: the command's flags by field (:func:`amendlm.unlearn.flags.option_flags`): an invalid
+            value is then reported in flags (:func:`amendlm.unlearn.flags.error_line`); None (a Python
+            caller): in fields.
 
     Raises:
         ValueError: ``recipe`` together with ``config_file`` (ambiguous: which wins?), unknown
-            recipe, a config file that is not a JSON object, an unknown field or a value of the
-            wrong type in it (the message names the file), invalid values.
+            recipe, a config file that is not a JSON object, an unknown key or a value of the
+            wrong type in it (checked before ``given`` is merged: the message names the file and
+            the key), invalid values (an error that involves no given option: the message names
+            the file; one that given options take part in: those options first).  With ``flags``
+            None and no ``config_file``, the :class:`~amendlm.unlearn.field_errors.ConfigFieldError`
+            itself (field names).
     """
-    from amendlm.unlearn.config import FIELDS_ADDED, UnlearnConfig, with_added_fields
+    from amendlm.unlearn.config import FIELDS_ADDED, UnlearnConfig, check_fields, with_added_fields
     from amendlm.unlearn.recipes import cli_recipe
 
+    def refused(err: ValueError, recipe_name=None, file_fields=(), options_involved=True) -> ValueError:
+        if flags is None:  # a Python caller: fields named as fields, a file's error by the file
+            return err if config_file is None else ValueError(f"{config_file}: {err}")
+        return ValueError(error_line(err, flags, given if options_involved else {}, config_file, recipe_name,
+                                     file_fields))
+
     if config_file is None:
-        return UnlearnConfig.from_recipe(cli_recipe(recipe, given.get("method")), str(out), given, **_CLI_DEFAULTS)
+        try:
+            return UnlearnConfig.from_recipe(cli_recipe(recipe, given.get("method")), str(out), given, **_CLI_DEFAULTS)
+        except ValueError as err:
+            raise refused(err) from None
     if recipe is not None:
         raise ValueError("--recipe and --config together: give the recipe in the file (\"recipe\": ...) or drop "
                          "--config (options given explicitly are merged over either)")
     saved = _read_config_file(config_file)
     original = {f.name for f in dataclasses.fields(UnlearnConfig)} - set(FIELDS_ADDED)  # what every saved run has
-    try:
-        if not original <= set(saved):  # written by hand
-            if not isinstance(saved.get("recipe_overrides", {}), dict):
-                raise ValueError(f"field recipe_overrides: expected dict, got {saved['recipe_overrides']!r}")
-            written = {k: v for k, v in saved.items() if k not in ("out", "recipe", "recipe_overrides")}
-            overrides = {**saved.get("recipe_overrides", {}), **written, **given}
+    if not original <= set(saved):  # written by hand
+        for where, data in (("", saved), ("recipe_overrides: ", saved.get("recipe_overrides", {}))):
+            try:  # the file's own keys and types, before any option is merged: always the file's errors
+                check_fields(data)
+            except ValueError as err:
+                raise ValueError(f"{config_file}: {where}{err}") from None
+        in_file = saved.get("recipe_overrides", {})
+        written = {k: v for k, v in saved.items() if k not in ("out", "recipe", "recipe_overrides", "dtype_auto")}
+        overrides = {**in_file, **written, **given}
+        try:
             name = cli_recipe(saved.get("recipe"), overrides.get("method"))
+        except ValueError as err:  # the file's recipe: --recipe is refused with --config
+            raise ValueError(f"{config_file}: {err}") from None
+        try:
             return UnlearnConfig.from_recipe(name, str(out), overrides, **_CLI_DEFAULTS)
+        except (TypeError, ValueError) as err:
+            raise refused(err, name, {*in_file, *written}) from None
+    try:
         saved = UnlearnConfig.from_dict(with_added_fields(saved)).to_dict()
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{config_file}: {err}") from None
+    except (TypeError, ValueError) as err:  # the saved run alone is invalid
+        raise refused(err, saved.get("recipe"), set(saved), options_involved=False) from None
     overrides = {**saved.get("recipe_overrides", {}), **given}
-    return UnlearnConfig.from_dict({**saved, **given, "out": str(out), "recipe_overrides": overrides})
+    try:
+        return UnlearnConfig.from_dict({**saved, **given, "out": str(out), "recipe_overrides": overrides})
+    except ValueError as err:
+        raise refused(err, saved["recipe"], set(saved) - {"out", "recipe_overrides"}) from None
 
 
 def _read_config_file(path: Path) -> dict:

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import difflib
-import math
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from amendlm.data.splits import DEFAULT_SEED
-from amendlm.modeling import parse_dtype
 from amendlm.resources import DEFAULT_MODEL
-from amendlm.unlearn.losses import CE_REDUCTIONS, NPO_REDUCTIONS
-from amendlm.unlearn.recipes import RECIPE_ALIASES, canonical_recipe, recipe_fields
-from amendlm.unlearn.methods import LossWeights, get_method
-from amendlm.unlearn.schedule import OFFICIAL_PHASES, Phase, scaled_phases
-
-FINETUNE_MODES = ("lora", "full")
-REFERENCE_MODES = ("adapter", "copy")
-LORA_SCOPES = ("all", "attention")
-SELECTIONS = ("gap", "gap_within_lms")
-LOSS_TOKENS = ("all", "differing")
-VAL_TASKS = ("intrasentence", "intersentence")
-TYPE_FOCUS = ("worst", "all")
+from amendlm.unlearn.config_checks import check_config
+from amendlm.unlearn.methods import LossWeights
+from amendlm.unlearn.recipes import RECIPE_ALIASES, recipe_fields
+from amendlm.unlearn.field_errors import ConfigFieldError
+from amendlm.unlearn.schedule import DEFAULT_TOLERANCE, OFFICIAL_PHASES, Phase, scaled_phases
 
 
 # Fields added to UnlearnConfig after runs were first recorded, with the value each had when it was
@@ -42,7 +33,7 @@ FIELDS_ADDED: dict[str, object] = {
 
 def with_added_fields(saved: dict) -> dict:
     """A saved ``unlearn_config.json`` completed with :data:`FIELDS_ADDED` for the fields it predates,
-    its recipe under its current name (``default`` -> ``biasunlearn``: :func:`canonical_recipe`)."""
+    its recipe under its current name (``default`` -> ``biasunlearn``: :func:`~amendlm.unlearn.recipes.canonical_recipe`)."""
     completed = {**{k: v for k, v in FIELDS_ADDED.items() if k not in saved}, **saved}
     if isinstance(completed.get("recipe"), str) and completed["recipe"] in RECIPE_ALIASES:
         completed["recipe"] = RECIPE_ALIASES[completed["recipe"]]
@@ -188,7 +179,7 @@ class UnlearnConfig:
     target_modules: list[str] | None = None
     lora_scope: str = "all"
     reference: str = "adapter"
-    tolerance: float = 2.0
+    tolerance: float = DEFAULT_TOLERANCE
     phases: list[list[float]] = field(default_factory=lambda: [[p.min_gap, p.lr_scale, p.scheduler_steps, p.eval_every] for p in OFFICIAL_PHASES])
     schedule_scale: float = 0.25
     early_scheduler_steps: int | None = None
@@ -219,68 +210,7 @@ class UnlearnConfig:
     recipe_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        method = get_method(self.method)
-        parse_dtype(self.dtype)
-        positive = {"max_steps": self.max_steps, "batch_size": self.batch_size, "max_length": self.max_length,
-                    "checkpoint_every": self.checkpoint_every, "lora_r": self.lora_r, "kl_chunk_tokens": self.kl_chunk_tokens}
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if min(self.lr, self.npo_beta, self.dpo_beta, 1.0 if self.max_grad_norm is None else self.max_grad_norm) <= 0:
-            raise ValueError("lr, npo_beta, dpo_beta and max_grad_norm (unless None) must be > 0")
-        if min(self.alpha_forget, self.alpha_retain, self.alpha_kl, self.weight_decay, self.warmup_steps, self.eval_every) < 0:
-            raise ValueError("loss weights, weight_decay, warmup_steps and eval_every must be >= 0")
-        if not 0.0 <= self.adversarial_fraction <= 1.0:
-            raise ValueError(f"adversarial_fraction must be in [0, 1], got {self.adversarial_fraction}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.npo_reduction not in NPO_REDUCTIONS:
-            raise ValueError(f"unknown npo_reduction '{self.npo_reduction}'; valid: {', '.join(NPO_REDUCTIONS)}")
-        if self.finetune not in FINETUNE_MODES:
-            raise ValueError(f"unknown finetune mode '{self.finetune}'; valid: {', '.join(FINETUNE_MODES)}")
-        if self.reference not in REFERENCE_MODES:
-            raise ValueError(f"unknown reference '{self.reference}'; valid: {', '.join(REFERENCE_MODES)}")
-        if self.finetune == "full" and self.reference == "adapter" and method.reference_streams:
-            raise ValueError("full fine-tuning has no adapter to disable: use reference='copy'")
-        optional_positive = {"forget_batch_size": self.forget_batch_size, "retain_batch_size": self.retain_batch_size,
-                             "kl_batch_size": self.kl_batch_size, "val_clusters_per_type": self.val_clusters_per_type,
-                             "early_scheduler_steps": self.early_scheduler_steps,
-                             "initial_scheduler_steps": self.initial_scheduler_steps}
-        for name, value in optional_positive.items():
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        if min(self.phase_warmup_steps, self.early_until_step, self.initial_all_types_steps, self.initial_eval_every,
-               self.max_lms_drop) < 0:
-            raise ValueError("phase_warmup_steps, early_until_step, initial_all_types_steps, initial_eval_every and "
-                             "max_lms_drop must be >= 0")
-        choices = {"lora_scope": (self.lora_scope, LORA_SCOPES), "selection": (self.selection, SELECTIONS),
-                   "type_focus": (self.type_focus, TYPE_FOCUS),
-                   "loss_tokens": (self.loss_tokens, LOSS_TOKENS), "ce_reduction": (self.ce_reduction, CE_REDUCTIONS)}
-        if self.val_task is not None:
-            choices["val_task"] = (self.val_task, VAL_TASKS)
-        for name, (value, valid) in choices.items():
-            if value not in valid:
-                raise ValueError(f"unknown {name} '{value}'; valid: {', '.join(valid)}")
-        self.recipe = canonical_recipe(self.recipe)  # "default" is recorded as "biasunlearn"; raises for an unknown one
-        if ":" in self.device or not self.device.strip():
-            raise ValueError(f"device '{self.device}': give auto, cpu or an accelerator type (cuda, ...) without an index")
-        if self.cpu and self.device not in ("auto", "cpu"):
-            raise ValueError(f"cpu=True (--cpu) and device '{self.device}' disagree: give one of them")
-        if self.val_clusters is not None and self.val_clusters < 1:
-            raise ValueError(f"val_clusters must be >= 1 or None, got {self.val_clusters}")
-        if self.kl_text_limit is not None and self.kl_text_limit < 0:
-            raise ValueError(f"kl_text_limit must be >= 0 or None, got {self.kl_text_limit}")
-        if not self.kl_unrelated and self.kl_texts is None and "kl" in method.streams:
-            raise ValueError("kl_unrelated=False with kl_texts=None leaves the KL set empty: give kl_texts")
-        if not self.kl_unrelated and self.kl_text_limit == 0 and "kl" in method.streams:
-            raise ValueError("kl_unrelated=False with kl_text_limit=0 leaves the KL set empty")
-        if self.tolerance <= 0:
-            raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
-        if self.rest_within is not None and not (math.isfinite(self.rest_within) and self.rest_within >= self.tolerance
-                                                 and self.type_focus == "all"):
-            raise ValueError(f"rest_within ({self.rest_within}) needs type_focus='all' and must be >= tolerance "
-                             f"({self.tolerance}) or None")
-        self.schedule()  # validates phases and schedule_scale
+        check_config(self)  # one ValueError per failed condition (amendlm.unlearn.config_checks)
 
     def schedule(self, step: int | None = None) -> tuple[Phase, ...]:
         """The swap schedule as :class:`Phase` rows, step counts scaled by ``schedule_scale``.
@@ -289,14 +219,17 @@ class UnlearnConfig:
         ``early_scheduler_steps`` (official: 3000 before step 400, then the row's 1000).
 
         Raises:
-            ValueError: malformed ``phases`` or ``schedule_scale <= 0``.
+            ConfigFieldError: malformed ``phases`` (``schedule_scale`` is checked with the other fields).
         """
         try:
             phases = [Phase(float(a), float(b), int(c), int(d)) for a, b, c, d in self.phases]
         except (TypeError, ValueError):
-            raise ValueError(f"phases must be rows of (min_gap, lr_scale, scheduler_steps, eval_every), got {self.phases}") from None
+            raise ConfigFieldError(["phases"], lambda n: (
+                f"{n.name('phases')} must be rows of [min_gap, lr_scale, scheduler_steps, eval_every], got {self.phases}")) from None
         if not phases or any(p.lr_scale <= 0 or p.scheduler_steps < 1 or p.eval_every < 1 for p in phases):
-            raise ValueError(f"invalid swap schedule {self.phases}")
+            raise ConfigFieldError(["phases"], lambda n: (
+                f"{n.name('phases')} {self.phases}: give at least one row, each with lr_scale > 0, scheduler_steps >= 1 "
+                "and eval_every >= 1"))
         if step is not None and self.early_scheduler_steps is not None and step < self.early_until_step:
             phases[0] = replace(phases[0], scheduler_steps=self.early_scheduler_steps)
         return scaled_phases(phases, self.schedule_scale)
@@ -362,20 +295,34 @@ class UnlearnConfig:
                 boolean, ``"3e-5"`` for a number), naming the field.
         """
         data = {k: v for k, v in data.items() if k != "dtype_auto"}
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            hints = {name: difflib.get_close_matches(name, names, n=1) for name in unknown}
-            said = ", ".join(f"'{n}'" + (f" (did you mean '{h[0]}'?)" if h else "") for n, h in hints.items())
-            raise ValueError(f"unknown UnlearnConfig fields: {said}")
-        for name, value in data.items():
-            _check_json_type(name, value, _FIELD_TYPES[name])
+        check_fields(data)
         return cls(**data)
 
     @classmethod
     def load(cls, path: str | Path) -> "UnlearnConfig":
         """Read a config saved as JSON."""
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def check_fields(data: dict) -> None:
+    """Check that the keys of ``data`` (a JSON object of fields, e.g. a config file's) are
+    :class:`UnlearnConfig` fields and that each value has the field's JSON type; the values
+    themselves are checked when the config is built.  ``dtype_auto`` (a record of
+    ``unlearn_config.json``) is taken as a key.
+
+    Raises:
+        ValueError: the unknown keys, each with the field it may be a misspelling of, or the
+            first value of the wrong type (e.g. ``"false"`` for a boolean), naming the key.
+    """
+    names = {f.name for f in fields(UnlearnConfig)}
+    unknown = sorted(set(data) - names - {"dtype_auto"})
+    if unknown:
+        hints = {name: difflib.get_close_matches(name, names, n=1) for name in unknown}
+        said = ", ".join(f"'{n}'" + (f" (did you mean '{h[0]}'?)" if h else "") for n, h in hints.items())
+        raise ValueError(f"unknown UnlearnConfig fields: {said}")
+    for name, value in data.items():
+        if name in names:
+            _check_json_type(name, value, _FIELD_TYPES[name])
 
 
 # the JSON types each field accepts (annotations are strings under `from __future__ import annotations`)

@@ -150,9 +150,15 @@ def canonical_recipe(name: str) -> str:
     """
     name = RECIPE_ALIASES.get(name, name)
     if name not in RECIPES:
-        aliases = ", ".join(f"{alias} = {target}" for alias, target in RECIPE_ALIASES.items())
-        raise ValueError(f"unknown recipe '{name}'; valid: {', '.join(RECIPES)} (former names: {aliases})")
+        raise ValueError(f"unknown recipe '{name}'; valid: {recipe_names()}")
     return name
+
+
+def recipe_names() -> str:
+    """The recipes' names and the former names, for a message: ``biasunlearn, official, pairwise
+    (former names: default = biasunlearn)``."""
+    aliases = ", ".join(f"{alias} = {target}" for alias, target in RECIPE_ALIASES.items())
+    return f"{', '.join(RECIPES)} (former names: {aliases})"
 
 
 def cli_recipe(recipe: str | None, method: str | None) -> str:

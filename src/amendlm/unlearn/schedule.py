@@ -15,6 +15,7 @@ Every evaluation measures SS per bias type on the *val* targets; ``gap_c = |SS_c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -28,6 +29,8 @@ class Phase:
     scheduler_steps: int  # horizon of the linear decay restarted at this evaluation
     eval_every: int  # optimizer steps until the next evaluation
 
+
+DEFAULT_TOLERANCE = 2.0  # the stop rule's default: every val |SS - 50| below it (UnlearnConfig.tolerance)
 
 OFFICIAL_PHASES: tuple[Phase, ...] = (
     Phase(5.0, 1.0, 1000, 80),
@@ -48,9 +51,14 @@ class SwapDecision:
 
 
 def scaled_phases(phases: Sequence[Phase], scale: float) -> tuple[Phase, ...]:
-    """Multiply every step count by ``scale`` (at least 1 step), e.g. for short budgets."""
-    if scale <= 0:
-        raise ValueError(f"schedule scale must be > 0, got {scale}")
+    """Multiply every step count by ``scale`` (at least 1 step), e.g. for short budgets.
+
+    Raises:
+        ValueError: ``scale`` is not a finite number > 0 (a config's ``schedule_scale`` is checked,
+            naming the field, when the config is built: :mod:`amendlm.unlearn.config_checks`).
+    """
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scaled_phases: scale must be a finite number > 0, got {scale}")
     return tuple(
         Phase(p.min_gap, p.lr_scale, max(1, round(p.scheduler_steps * scale)), max(1, round(p.eval_every * scale)))
         for p in phases
@@ -68,7 +76,7 @@ def pick_phase(gap: float, phases: Sequence[Phase] = OFFICIAL_PHASES) -> Phase:
 
 
 def decide(
-    ss_by_type: Mapping[str, float], tolerance: float = 2.0, phases: Sequence[Phase] = OFFICIAL_PHASES
+    ss_by_type: Mapping[str, float], tolerance: float = DEFAULT_TOLERANCE, phases: Sequence[Phase] = OFFICIAL_PHASES
 ) -> SwapDecision:
     """Apply the stop rule and choose the next focus category, swap flag and phase.
 
@@ -90,7 +98,7 @@ def decide(
     return SwapDecision(stop=False, focus=worst, swap=ss_by_type[worst] < 50.0, gap=gap, phase=pick_phase(gap, phases))
 
 
-def types_to_train(ss_by_type: Mapping[str, float], tolerance: float = 2.0,
+def types_to_train(ss_by_type: Mapping[str, float], tolerance: float = DEFAULT_TOLERANCE,
                    rest_within: float | None = None) -> tuple[list[str], list[str]]:
     """``type_focus="all"``: the bias types to train and, among them, those whose roles are swapped.
 

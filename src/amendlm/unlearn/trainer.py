@@ -377,7 +377,8 @@ def train(config: UnlearnConfig, resume: bool = False, on_record: Callable[[dict
 
     check_run_directory(config.out, resume)  # before the expensive loading
     config = resume_dtype(config, resume)
-    texts = load_texts(config.kl_texts, field=config.kl_text_field) if config.kl_texts else []  # a bad file: before the model loads
+    texts = (load_texts(config.kl_texts, field=config.kl_text_field, field_option="kl_text_field")
+             if config.kl_texts else [])  # a bad file: before the model loads
     model, tokenizer = load_model(config.model)
     texts = texts[: config.kl_text_limit] if config.kl_text_limit is not None else texts
     trainer = UnlearnTrainer(config, model, tokenizer, load_stereoset(config.stereoset), texts)
