@@ -59,7 +59,7 @@ def debias(
     eval_every: int = typer.Option(50, help="Evaluation period of methods without dynamic swapping."),
     type_focus: str = typer.Option("worst", show_default=recipe_default("type_focus", "worst"), help=f"What a swap decision trains on: worst (the bias type with the largest val gap, BiasUnlearn) or all (every type whose val SS is outside 50 ± {TOLERANCE}, the stop rule's tolerance, each swapped whose val SS < 50); methods without swapping (npo, dpo, ...) ignore it."),
     initial_all_types_steps: int = typer.Option(0, help="Train every bias type together until this step before the first swap decision (official 100)."),
-    rest_within: Optional[float] = typer.Option(None, help=f"With --type-focus all: a bias type whose val gap is below this rests for the phase while a farther type trains (default: none rests); at least the stop rule's tolerance, {TOLERANCE}."),
+    rest_within: Optional[float] = typer.Option(None, show_default=recipe_default("rest_within", None), help=f"With --type-focus all: a bias type whose val gap is below this rests for the phase while a farther type trains; at least the stop rule's tolerance, {TOLERANCE}."),
     initial_eval_every: int = typer.Option(0, help="Evaluations (recorded, no decision) every this many steps during --initial-all-types-steps (0: none)."),
     checkpoint_every: int = typer.Option(25, help="Steps between checkpoints."),
     kl_texts: str = typer.Option("xsum-sample", help="General text added to the KL set: an embedded dataset or a jsonl/json/csv file whose rows hold the text in the --kl-text-field field ('none' or '' for unrelated sentences only)."),
@@ -76,7 +76,7 @@ def debias(
 ) -> None:
     """Debias a causal LM by unlearning: the pairwise recipe (default), BiasUnlearn (arXiv:2509.25673) or a baseline method.
 
-    Without --recipe and --method, the pairwise recipe's values replace the field defaults (method dpo-swap, 100 steps, lr 5e-4 with 5 warm-up steps, loss weights 1.0 / 0.1 / 0.2, type focus all, all val clusters, LMS-aware selection); the defaults below show them as "pairwise recipe: V".  With another --method (and no --recipe) a run takes the field defaults, --recipe biasunlearn's (the paper's losses with amendlm's settings): "with another --method: D".  Options given explicitly win over either.
+    Without --recipe and --method, the pairwise recipe's values replace the field defaults (method dpo-swap, 100 steps, lr 5e-4 with 5 warm-up steps, loss weights 1.0 / 0.1 / 0.2, type focus all with types within 4 of 50 resting, all val clusters, LMS-aware selection); the defaults below show them as "pairwise recipe: V".  With another --method (and no --recipe) a run takes the field defaults, --recipe biasunlearn's (the paper's losses with amendlm's settings): "with another --method: D".  Options given explicitly win over either.
     """
     from amendlm.unlearn.trainer import train
 
