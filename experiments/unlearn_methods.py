@@ -13,6 +13,7 @@ public BiasUnlearn code's settings and control flow, 4 / 28 / 28 examples per st
     python experiments/unlearn_methods.py --dtype fp32   # the recorded rows (fp32, with per-target records for the CIs): reuses them
     python experiments/unlearn_methods.py                # --dtype auto: bf16 where native, else fp32
     python experiments/unlearn_methods.py --quick --results-dir /tmp/um   # biasunlearn + dpo, 2 steps; ~1 min
+    python experiments/unlearn_methods.py --dtype fp32 --rows biasunlearn,npo   # a subset (the page names the rest)
 
 Each row's training and evaluation seconds are in the page's training table (from its summary and eval
 JSON).  Estimated before running them: the five baselines at the equal budget about an hour, the official
@@ -45,6 +46,7 @@ RUNS = (
     # `amendlm debias --recipe official --max-steps 300 --packing --out runs/unlearn/official_s300_fp32 --dtype fp32`
     Run("official", {"recipe": "official", **recipe_fields("official"), "max_steps": OFFICIAL_STEPS, "packing": True}),
 )
+ROW_NAMES = tuple(run.stem for run in RUNS)  # --rows names a run by its stem
 QUICK_RUNS = (BIASUNLEARN_50, Run("dpo", {"method": "dpo", "max_steps": 50, "eval_every": 25}))
 # settings shown once for all rows when they are equal
 SHARED = ("model", "batch_size", "lr", "lora_r", "lora_alpha", "lora_dropout", "seed", "split_seed", "val_clusters",
@@ -79,16 +81,24 @@ def main(argv: list[str] | None = None) -> dict:
     def options(parser):
         parser.add_argument("--dtype", default="auto",
                             help="bf16 (the recorded rows), fp32, or auto (bf16 where this machine does it natively, else fp32).")
+        parser.add_argument("--rows", default=",".join(ROW_NAMES),
+                            help=f"Comma-separated runs to compute and show, in the table's order (default all: "
+                                 f"{','.join(ROW_NAMES)}); the page names the runs left out.")
 
     exp, args = Experiment.start("unlearn_methods", "BiasUnlearn and the unlearning baselines (held-out test targets)",
                                  argv, options)
     enter_repo(exp)
     dtype = resolved_dtype(args.dtype)
+    wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in wanted if r not in ROW_NAMES]
+    if unknown:
+        raise SystemExit(f"unknown row(s) {unknown}; valid: {', '.join(ROW_NAMES)}")
+    left_out = [r for r in ROW_NAMES if r not in wanted]
     base_path, base = base_eval(exp, dtype)
     base_label = "base (before)"
     runs, sources = [(base_label, base)], [base_path]
     checks, training, val, kept, val_clusters, configs = {}, {}, {}, {}, {}, {}
-    for run in QUICK_RUNS if exp.quick else RUNS:
+    for run in QUICK_RUNS if exp.quick else [r for r in RUNS if r.stem in wanted]:
         name, config = unlearn_config(exp, run, dtype)
         path = exp.path(f"unlearn/{name}_test.json")
         data = eval_step(exp, path, BASE_MODEL, dtype, adapter=(name, config))
@@ -142,14 +152,17 @@ def main(argv: list[str] | None = None) -> dict:
         "Settings of every run: " + ", ".join(f"{k} {v}" for k, v in shared.items()) + ".",
         "",
         "Targets met (of " + str(len(next(iter(checks.values()), []))) + "): "
-        + "; ".join(f"{label}: {n}" for label, n in met.items()) + ".",
+        + "; ".join(f"{label}: {n}" for label, n in met.items()) + "."
+        + (f"  Runs not shown (left out by `--rows`, not yet run here): {', '.join(left_out)}." if left_out and not exp.quick
+           else ""),
         "",
         "`pareto.png`: left and middle, one point per run on the **test** targets (square: the base model; grey band: "
         "the overall-SS target); right, the **val** trajectory of each run (its in-training evaluations on the val "
         "targets, from `log.jsonl`), a different split and cluster sample, so its axes are not comparable with the "
         "test panels.",
     ])
-    summary = {"dtype": dtype, "eval": base.get("step_config") or base.get("config"), "rows": rows, "targets": checks,
+    summary = {"dtype": dtype, "eval": base.get("step_config") or base.get("config"), "rows": rows, "left_out": left_out,
+               "targets": checks,
                "training": training, "val": {label: [{"step": r["step"], "ss": r["ss"]["overall"], "lms": r["lms"]["overall"]}
                                                      for r in recs] for label, recs in val.items()},
                "configs": configs}

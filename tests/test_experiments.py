@@ -209,6 +209,14 @@ def test_methods_rows_are_labelled_by_recipe_and_share_the_default_recipes_budge
         assert config.eval_every == pairwise["phases"][0][3]
 
 
+def test_methods_rows_are_named_by_run_stem_and_an_unknown_one_is_refused(tmp_path):
+    import unlearn_methods
+
+    assert len(set(unlearn_methods.ROW_NAMES)) == len(unlearn_methods.RUNS) and "official" in unlearn_methods.ROW_NAMES
+    with pytest.raises(SystemExit, match="unknown row.*'nope'.*valid: biasunlearn"):
+        unlearn_methods.main(["--rows", "npo,nope", "--quick", "--results-dir", str(tmp_path)])
+
+
 def test_run_eval_reuses_an_evaluation_only_of_the_same_aligner(tmp_path, monkeypatch):
     """A cached evaluation of one aligner (or of the model alone) is never reused for another."""
     from amendlm.bias import evaluate
