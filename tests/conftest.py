@@ -85,3 +85,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def captured(monkeypatch):
+    """`amendlm.unlearn.trainer.train` replaced by a stub: the list of the configurations it was given."""
+    from amendlm.unlearn import trainer
+
+    seen = []
+
+    def fake_train(config, resume=False, on_record=None):
+        seen.append(config)
+        return trainer.TrainResult("completed", 0, config.out, None, None, 0.0)
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    return seen
