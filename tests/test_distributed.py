@@ -137,7 +137,7 @@ def test_check_device_takes_what_the_command_can_place_and_this_machine_has(monk
         check_device(device)  # training commands: Accelerate places the model
     for device in ("cpu", "cpu:0", "cuda", "cuda:0"):
         check_device(device, index=True)  # commands that call model.to(device)
-    refused = {("cuda:0", False): "--device cuda:0: give the device type only (cuda)",
+    refused = {("cuda:0", False): "--device cuda:0: give the type only (cuda), no card index",
                ("auto", True): "--device auto: not a device (cpu, cuda, cuda:1, mps, ...)",
                ("cuda:1", True): "--device cuda:1: this machine has 1 cuda device(s), cuda:0 to cuda:0",
                ("gpu", False): "--device gpu: not a device (auto, cpu, cuda, mps, ...)",
