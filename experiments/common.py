@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -56,6 +57,15 @@ EXPERIMENTS = (
 )
 
 
+@functools.lru_cache(maxsize=None)
+def measured_bf16_speedup() -> float:
+    """:func:`amendlm.modeling.cpu_bf16_speedup`, rounded to 2 decimals, probed once per process (every
+    provenance record of a run states the same measurement)."""
+    from amendlm.modeling import cpu_bf16_speedup
+
+    return round(cpu_bf16_speedup(), 2)
+
+
 def machine_info() -> dict[str, Any]:
     """The machine a step ran on: CPU model and bf16/AMX flags, cores, torch threads, GPU name."""
     info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
@@ -71,10 +81,8 @@ def machine_info() -> dict[str, Any]:
         import torch
 
         info["torch_threads"] = torch.get_num_threads()
-        from amendlm.modeling import cpu_bf16_speedup
-
         # what --dtype auto measures: the flags alone do not say it (a VM can list avx512_bf16 and run bf16 slower)
-        info["cpu_bf16_speedup"] = round(cpu_bf16_speedup(), 2)
+        info["cpu_bf16_speedup"] = measured_bf16_speedup()
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:  # pragma: no cover - torch is a dependency

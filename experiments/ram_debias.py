@@ -133,6 +133,24 @@ def pair_eval(exp: Experiment, row: str, config, dtype: str) -> tuple[Path, dict
     return path, exp.step(path, expected, compute, recorded=eval_recorded, defaults=eval_defaults())
 
 
+ADAPTER_SHAPE = ("model", "finetune", "lora_r", "target_modules", "lora_scope")
+
+
+def adapter_shape(unlearn_config: dict) -> dict:
+    """The fields of a recorded ``UnlearnConfig`` that fix its adapter's parameter count (the only thing the
+    cost step measures of BiasUnlearn): a change of recipe that keeps them keeps the timed cost valid."""
+    return {name: unlearn_config.get(name) for name in ADAPTER_SHAPE}
+
+
+def cost_recorded(data: dict) -> dict:
+    """The cost step's recorded configuration, BiasUnlearn's part cut to :func:`adapter_shape` (records
+    written before it kept the whole configuration)."""
+    recorded = dict(data.get("step_config", {}))
+    if "biasunlearn" in recorded:
+        recorded["biasunlearn"] = adapter_shape(recorded["biasunlearn"])
+    return recorded
+
+
 def main(argv: list[str] | None = None) -> dict:
     from amendlm.bias.compare import comparison_rows, format_cell, markdown_table as compare_table
     from amendlm.ram.train import train_aligner
@@ -190,8 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
         return measure_cost(BASE_MODEL, aligners, budget.cost_clusters, budget.cost_repeats, dtype, bu_config)
 
     cost_expected = {"model": BASE_MODEL, "dtype": dtype, "clusters": budget.cost_clusters, "repeats": budget.cost_repeats,
-                     "aligners": {row: train_expected(configs[row]) for row in ram_rows}, "biasunlearn": bu_config.to_dict()}
-    cost = exp.step(exp.results / "cost.json", cost_expected, measured_cost)
+                     "aligners": {row: train_expected(configs[row]) for row in ram_rows},
+                     "biasunlearn": adapter_shape(bu_config.to_dict())}
+    cost = exp.step(exp.results / "cost.json", cost_expected, measured_cost, recorded=cost_recorded)
     # the generation check uses the RAM run whose kept val evaluation has the smallest worst type gap (val, not test)
     kept = {row: trainings[row]["summary"]["selection"]["kept"] for row in ram_rows}
     chosen = min(ram_rows, key=lambda r: (kept[r]["worst_gap"], ram_rows.index(r))) if ram_rows else None

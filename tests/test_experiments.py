@@ -57,6 +57,21 @@ def test_step_reads_a_legacy_files_own_record(tmp_path):
     assert exp.step(path, {"dtype": "fp32"}, lambda: {"score": 1.0}, recorded)["score"] == 1.0
 
 
+def test_ram_debias_cost_step_outlives_a_recipe_change_that_keeps_the_adapter_shape(tmp_path):
+    ram_debias = load_script("ram_debias")
+    exp, _ = common.Experiment.start("demo", "Demo", ["--quick", "--results-dir", str(tmp_path)])
+    path = exp.results / "cost.json"
+    old = {"model": "m", "lora_r": 8, "lora_scope": "all", "finetune": "lora", "target_modules": None, "rest_within": None}
+    common.atomic_write_json(path, {"ratio": 1.5, "step_config": {"dtype": "fp32", "biasunlearn": old}})
+
+    def expected(**changes) -> dict:
+        return {"dtype": "fp32", "biasunlearn": ram_debias.adapter_shape({**old, **changes})}
+
+    reused = exp.step(path, expected(rest_within=4.0), lambda: pytest.fail("must reuse"), ram_debias.cost_recorded)
+    assert reused["ratio"] == 1.5  # rest_within does not change what is timed
+    assert exp.step(path, expected(lora_r=16), lambda: {"ratio": 2.0}, ram_debias.cost_recorded)["ratio"] == 2.0
+
+
 def test_finish_writes_outputs_and_the_page_in_order(tmp_path):
     for name in ("transfer", "eval_embedded"):
         exp, _ = common.Experiment.start(name, f"Title {name}", ["--quick", "--results-dir", str(tmp_path)])

@@ -148,13 +148,19 @@ def _check_numbers(config) -> None:
 
 
 def _check_rest_within(config) -> None:
-    """``rest_within``: None, or a finite gap at least ``tolerance`` under ``type_focus='all'`` (one
-    message per condition)."""
+    """``rest_within``: None, or a finite gap at least ``tolerance`` under ``type_focus='all'``, given only
+    to a method with dynamic swapping (a recipe's value on another method is inert; one message per
+    condition)."""
     value = config.rest_within
     if value is None:
         return
     if not math.isfinite(value):
         raise ConfigFieldError(["rest_within"], lambda n: f"{n.value('rest_within', value)} must be finite (a val SS gap)")
+    if not METHODS[config.method].dynamic_swap and source(config, "rest_within") == GIVEN:
+        swapping = ", ".join(name for name, method in METHODS.items() if method.dynamic_swap)
+        raise ConfigFieldError(["rest_within", "method"], lambda n: (
+            f"{n.value('rest_within', value)} acts only on a method with BiasUnlearn's swap control "
+            f"({swapping}); {n.value('method', config.method)} has none"))
     if value < config.tolerance:
         raise ConfigFieldError(["rest_within", "tolerance"], lambda n: (
             f"{n.value('rest_within', value)} must be >= {n.name('tolerance')} ({config.tolerance:g}, the stop "
