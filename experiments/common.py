@@ -90,25 +90,42 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def describe_machine(info: dict | None) -> str:
+def describe_machine(info: dict | None, speedups: Sequence[float] | None = None) -> str:
     """One line for the results page, e.g. ``AMD EPYC, 2 cores, avx2 (bf16 autocast matmul 0.13x fp32)``.
 
     The bf16 note is the measured speed-up of bf16 autocast matmuls over fp32 (the probe ``--dtype auto``
     runs, :func:`amendlm.modeling.cpu_bf16_speedup`) where the record has it; older records have only
     the CPU flags, and a flag does not prove bf16 is fast (a VM may list ``avx512_bf16`` and emulate it),
-    so they say only which bf16 flag the CPU lists."""
+    so they say only which bf16 flag the CPU lists.  ``speedups``: several probes of this machine (one
+    per record), shown as their range instead of the record's own value."""
     if not info:
         return "not recorded"
     flags = info.get("cpu_flags", [])
-    speedup = info.get("cpu_bf16_speedup")
-    if speedup is not None:
-        bf16 = f"bf16 autocast matmul {speedup:.2f}x fp32"
+    measured = sorted(speedups) if speedups else ([info["cpu_bf16_speedup"]] if info.get("cpu_bf16_speedup") is not None else [])
+    if measured:
+        span = f"{measured[0]:.2f}" if f"{measured[0]:.2f}" == f"{measured[-1]:.2f}" else f"{measured[0]:.2f}-{measured[-1]:.2f}"
+        bf16 = f"bf16 autocast matmul {span}x fp32"
     else:
         bf16 = "bf16 flag, speed not measured" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no bf16 flag"
     parts = [info.get("cpu") or "unknown CPU", f"{info.get('cpu_count')} cores", f"{', '.join(flags) or 'no AVX flags'} ({bf16})"]
     if info.get("gpu"):
         parts.append(info["gpu"])
     return ", ".join(parts)
+
+
+def describe_machines(infos: Sequence[dict | None]) -> list[str]:
+    """The distinct machines of several records, sorted, one line each (:func:`describe_machine`): the
+    records of one machine whose bf16 probes differ (timing noise) make one line with the range measured."""
+    probes: dict[str, tuple[dict, list[float]]] = {}
+    lines = set()
+    for info in infos:
+        if not info or info.get("cpu_bf16_speedup") is None:
+            lines.add(describe_machine(info))
+            continue
+        same = {key: value for key, value in info.items() if key not in ("cpu_bf16_speedup", "torch_threads", "platform")}
+        probes.setdefault(json.dumps(same, sort_keys=True), (info, []))[1].append(info["cpu_bf16_speedup"])
+    lines.update(describe_machine(info, speedups) for info, speedups in probes.values())
+    return sorted(lines)
 
 
 def git_date(path: Path) -> str | None:
@@ -300,7 +317,8 @@ class Experiment:
         atomic_write_text(self.results / "table.md", markdown.rstrip() + "\n")
         lines = [f"## {self.title}", "", f"Regenerate: `{self.command}`", ""]
         dates = sorted({o["date"] for o in origins.values()})
-        machines = sorted({o["machine"] for o in origins.values()})
+        machines = describe_machines([(json.loads(p.read_text()).get("provenance") or {}).get("machine")
+                                      for p in sources if p.is_file()])
         if dates:
             lines.append(f"Results dated {', '.join(dates)}; machine: {'; '.join(machines)}.")
         lines.append(f"Page section written {_dt.date.today().isoformat()} by `experiments/{self.name}.py` "

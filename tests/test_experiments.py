@@ -92,6 +92,13 @@ def test_the_machine_line_states_the_measured_bf16_speed_not_what_the_flags_sugg
     assert "native" not in legacy and legacy.endswith("(bf16 flag, speed not measured)")
     assert common.describe_machine({"cpu": "EPYC", "cpu_count": 2, "cpu_flags": ["avx2"]}).endswith("(no bf16 flag)")
     assert common.describe_machine(None) == "not recorded"
+    # several records of one machine: one line with the range of its probes (timing noise), not a line per record
+    xeon = {"cpu": "Xeon", "cpu_count": 2, "cpu_flags": flags}
+    lines = common.describe_machines([{**xeon, "cpu_bf16_speedup": 0.56}, {**xeon, "cpu_bf16_speedup": 0.48}, None,
+                                      {**xeon, "cpu_bf16_speedup": 0.5, "torch_threads": 1}, xeon])
+    assert lines == sorted(["Xeon, 2 cores, avx2, avx512_bf16, avx512f (bf16 autocast matmul 0.48-0.56x fp32)",
+                            "Xeon, 2 cores, avx2, avx512_bf16, avx512f (bf16 flag, speed not measured)", "not recorded"])
+    assert common.describe_machines([{**xeon, "cpu_bf16_speedup": 0.5}]) == [measured.replace("0.47", "0.50")]
 
 
 def test_quick_needs_a_results_dir():
