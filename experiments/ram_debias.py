@@ -151,6 +151,15 @@ def cost_recorded(data: dict) -> dict:
     return recorded
 
 
+def cost_step(exp: Experiment, budget: Budget, dtype: str, configs: dict, bu_config, compute) -> dict:
+    """The inference-cost step: defined by the timing budget, the aligners' trainings (``configs``: row ->
+    ``TrainConfig``) and BiasUnlearn's :func:`adapter_shape` (``bu_config``: an ``UnlearnConfig``)."""
+    expected = {"model": BASE_MODEL, "dtype": dtype, "clusters": budget.cost_clusters, "repeats": budget.cost_repeats,
+                "aligners": {row: train_expected(config) for row, config in configs.items()},
+                "biasunlearn": adapter_shape(bu_config.to_dict())}
+    return exp.step(exp.results / "cost.json", expected, compute, recorded=cost_recorded)
+
+
 def main(argv: list[str] | None = None) -> dict:
     from amendlm.bias.compare import comparison_rows, format_cell, markdown_table as compare_table
     from amendlm.ram.train import train_aligner
@@ -207,10 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
             train_aligner(configs[row])  # nothing to do for a finished run
         return measure_cost(BASE_MODEL, aligners, budget.cost_clusters, budget.cost_repeats, dtype, bu_config)
 
-    cost_expected = {"model": BASE_MODEL, "dtype": dtype, "clusters": budget.cost_clusters, "repeats": budget.cost_repeats,
-                     "aligners": {row: train_expected(configs[row]) for row in ram_rows},
-                     "biasunlearn": adapter_shape(bu_config.to_dict())}
-    cost = exp.step(exp.results / "cost.json", cost_expected, measured_cost, recorded=cost_recorded)
+    cost = cost_step(exp, budget, dtype, {row: configs[row] for row in ram_rows}, bu_config, measured_cost)
     # the generation check uses the RAM run whose kept val evaluation has the smallest worst type gap (val, not test)
     kept = {row: trainings[row]["summary"]["selection"]["kept"] for row in ram_rows}
     chosen = min(ram_rows, key=lambda r: (kept[r]["worst_gap"], ram_rows.index(r))) if ram_rows else None

@@ -58,18 +58,23 @@ def test_step_reads_a_legacy_files_own_record(tmp_path):
 
 
 def test_ram_debias_cost_step_outlives_a_recipe_change_that_keeps_the_adapter_shape(tmp_path):
+    from amendlm.unlearn.config import UnlearnConfig
+
     ram_debias = load_script("ram_debias")
     exp, _ = common.Experiment.start("demo", "Demo", ["--quick", "--results-dir", str(tmp_path)])
-    path = exp.results / "cost.json"
-    old = {"model": "m", "lora_r": 8, "lora_scope": "all", "finetune": "lora", "target_modules": None, "rest_within": None}
-    common.atomic_write_json(path, {"ratio": 1.5, "step_config": {"dtype": "fp32", "biasunlearn": old}})
+    budget = ram_debias.Budget(**{name: 1 for name in ram_debias.Budget._fields})
+    before = UnlearnConfig.from_recipe("pairwise", "runs/pw")
+    path = exp.results / "cost.json"  # a record written before the step keyed BiasUnlearn by its adapter's shape
+    common.atomic_write_json(path, {"ratio": 1.5, "step_config": {
+        "model": ram_debias.BASE_MODEL, "dtype": "fp32", "clusters": 1, "repeats": 1, "aligners": {},
+        "biasunlearn": dataclasses.replace(before, rest_within=None).to_dict()}})
 
-    def expected(**changes) -> dict:
-        return {"dtype": "fp32", "biasunlearn": ram_debias.adapter_shape({**old, **changes})}
+    def cost(config, compute=lambda: pytest.fail("must reuse")) -> dict:
+        return ram_debias.cost_step(exp, budget, "fp32", {}, config, compute)
 
-    reused = exp.step(path, expected(rest_within=4.0), lambda: pytest.fail("must reuse"), ram_debias.cost_recorded)
-    assert reused["ratio"] == 1.5  # rest_within does not change what is timed
-    assert exp.step(path, expected(lora_r=16), lambda: {"ratio": 2.0}, ram_debias.cost_recorded)["ratio"] == 2.0
+    assert cost(before)["ratio"] == 1.5  # rest_within does not change what is timed
+    assert cost(dataclasses.replace(before, lora_r=16), lambda: {"ratio": 2.0})["ratio"] == 2.0
+    assert cost(dataclasses.replace(before, lora_r=16, lr=1.0))["ratio"] == 2.0
 
 
 def test_finish_writes_outputs_and_the_page_in_order(tmp_path):

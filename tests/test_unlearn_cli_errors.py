@@ -132,6 +132,8 @@ def test_the_python_caller_of_debias_config_gets_field_names():
         debias_config(Path("run"), {"kl_unrelated": False, "kl_texts": None})
     inert = debias_config(Path("run"), {"method": "npo"}, "pairwise")  # the recipe's rest_within: npo ignores it
     assert inert.method == "npo" and inert.rest_within == 4.0
+    inert = debias_config(Path("run"), {"method": "npo", "type_focus": "worst"}, "pairwise")  # nor its other conditions
+    assert inert.type_focus == "worst" and inert.rest_within == 4.0
     with pytest.raises(ConfigFieldError, match=r"^rest_within=4.0 acts only on a method with BiasUnlearn's swap control "
                                                r"\(biasunlearn, dpo-swap\); method='npo' has none$"):
         debias_config(Path("run"), {"method": "npo", "rest_within": 4.0}, "biasunlearn")

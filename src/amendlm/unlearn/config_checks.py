@@ -161,6 +161,8 @@ def _check_rest_within(config) -> None:
         raise ConfigFieldError(["rest_within", "method"], lambda n: (
             f"{n.value('rest_within', value)} acts only on a method with BiasUnlearn's swap control "
             f"({swapping}); {n.value('method', config.method)} has none"))
+    if not METHODS[config.method].dynamic_swap:  # a recipe's value that the method never reads
+        return
     if value < config.tolerance:
         raise ConfigFieldError(["rest_within", "tolerance"], lambda n: (
             f"{n.value('rest_within', value)} must be >= {n.name('tolerance')} ({config.tolerance:g}, the stop "
