@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -97,14 +98,15 @@ def describe_machine(info: dict | None, speedups: Sequence[float] | None = None)
     runs, :func:`amendlm.modeling.cpu_bf16_speedup`) where the record has it; older records have only
     the CPU flags, and a flag does not prove bf16 is fast (a VM may list ``avx512_bf16`` and emulate it),
     so they say only which bf16 flag the CPU lists.  ``speedups``: several probes of this machine (one
-    per record), shown as their range instead of the record's own value."""
+    per record), shown as their median and range instead of the record's own value."""
     if not info:
         return "not recorded"
     flags = info.get("cpu_flags", [])
     measured = sorted(speedups) if speedups else ([info["cpu_bf16_speedup"]] if info.get("cpu_bf16_speedup") is not None else [])
     if measured:
-        span = f"{measured[0]:.2f}" if f"{measured[0]:.2f}" == f"{measured[-1]:.2f}" else f"{measured[0]:.2f}-{measured[-1]:.2f}"
-        bf16 = f"bf16 autocast matmul {span}x fp32"
+        bf16 = f"bf16 autocast matmul {statistics.median(measured):.2f}x fp32"
+        if f"{measured[0]:.2f}" != f"{measured[-1]:.2f}":  # a probe run beside a busy CPU can land far off
+            bf16 += f": median of {len(measured)} probes, {measured[0]:.2f}-{measured[-1]:.2f}x"
     else:
         bf16 = "bf16 flag, speed not measured" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no bf16 flag"
     parts = [info.get("cpu") or "unknown CPU", f"{info.get('cpu_count')} cores", f"{', '.join(flags) or 'no AVX flags'} ({bf16})"]
@@ -115,7 +117,7 @@ def describe_machine(info: dict | None, speedups: Sequence[float] | None = None)
 
 def describe_machines(infos: Sequence[dict | None]) -> list[str]:
     """The distinct machines of several records, sorted, one line each (:func:`describe_machine`): the
-    records of one machine whose bf16 probes differ (timing noise) make one line with the range measured."""
+    records of one machine whose bf16 probes differ (timing noise) make one line with their median and range."""
     probes: dict[str, tuple[dict, list[float]]] = {}
     lines = set()
     for info in infos:

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
          f"{o['ss']:.2f} / {o['lms']:.2f} / {o['icat']:.2f}; "
          f"{full['benchmarks']['crows-pairs']['scores']['overall']['metric']:.2f}; "
          f"{full['benchmarks']['perplexity']['perplexity']:.2f}"),
-        (f"`{MODEL}` + unlearning (recipe {RECIPE}, {config.max_steps} steps) vs base, held-out test targets ({dtype}): SS / LMS / CrowS [95 % CI] / perplexity",
+        (f"`{MODEL}` + unlearning (recipe {RECIPE}, {config.max_steps} steps) vs base, held-out test targets ({dtype}): SS / LMS / CrowS / perplexity (95 % CI in brackets)",
          " / ".join(f"{before[k]:.2f} → {format_cell(after_row, k)}" for k in ("ss", "lms", "crows"))
          + f" / {before['ppl']:.2f} → {after_row['ppl']:.2f}"
          + f"; {met} of {len(checks[label])} targets met"),

@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
         met = sum(c["passed"] is True for c in checks[labels[chosen]])
         headline.append((f"{labels[chosen]} (chosen on val: smallest kept worst-type gap; inference-time debiasing, "
                          "model frozen) vs the model alone, held-out test "
-                         f"targets ({dtype}): SS / LMS / CrowS [95 % CI] / perplexity",
+                         f"targets ({dtype}): SS / LMS / CrowS / perplexity (95 % CI in brackets)",
                          " / ".join(f"{before[k]:.2f} → {format_cell(after, k)}" for k in ("ss", "lms", "crows"))
                          + f" / {before['ppl']:.2f} → {after['ppl']:.2f}; {met} of {len(checks[labels[chosen]])} targets met"))
     exp.finish(summary, markdown, notes=notes, sources=sources, headline=headline, readme_blocks=blocks)

@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         default = " = `amendlm debias`'s default recipe, pairwise" if LEVERS[chosen] == recipe_fields("pairwise") else ""
         headline.append((f"Unlearning, row chosen on val (`{chosen}`{default}; {configs[chosen]['max_steps']} steps, {dtype}), test: SS / LMS "
-                          "[95 % CI] / perplexity",
+                          "/ perplexity (95 % CI in brackets)",
                          f"{rows[0]['ss']:.2f} → {format_cell(row, 'ss')} / {rows[0]['lms']:.2f} → {format_cell(row, 'lms')} / "
                          f"{rows[0]['ppl']:.2f} → {row['ppl']:.2f}; {met[chosen]} of {len(checks[chosen])} targets met"))
     summary = {"dtype": dtype, "steps": args.steps, "rows": rows, "val": choices, "val_trajectories": trajectories,

@@ -188,6 +188,15 @@ def test_an_out_directory_that_is_a_file_is_one_line_before_any_model_loads(comm
     assert (tmp_path / "README.md").read_text() == "a file\n"
 
 
+def test_merge_reports_a_missing_adapter_as_an_input_error_like_eval(tmp_path):
+    missing = tmp_path / "nonexistent"
+    for args in (["merge", "--adapter", str(missing), "--out", str(tmp_path / "merged")],
+                 ["eval", "--adapter", str(missing), "--benchmarks", "perplexity", "--limit", "1"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1 and result.stderr == f"error: --adapter {missing}: no such adapter directory\n", result.output
+    assert not (tmp_path / "merged").exists()
+
+
 def test_align_sample_refuses_an_out_that_holds_no_samples_before_any_model_loads(tmp_path, monkeypatch):
     import amendlm.modeling
     from amendlm.ram.sample import SampleConfig, check_inputs

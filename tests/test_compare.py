@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from amendlm.bias.compare import TARGET_NAMES, TargetCheck, check_comparable, check_targets, comparison_rows, load_eval, markdown_table
+from amendlm.bias.compare import (TARGET_NAMES, TargetCheck, check_comparable, check_targets, comparison_rows, load_eval,
+                                  markdown_table, markdown_targets)
 from amendlm.bias.compare_command import parse_run
 from amendlm.cli import app
 
@@ -238,6 +239,19 @@ def test_markdown_table():
     )
 
 
+def test_markdown_targets():
+    checks = [TargetCheck(TARGET_NAMES[0], False, 5.88, 2.0, ""), TargetCheck(TARGET_NAMES[2], True, 0.79, 2.0, ""),
+              TargetCheck(TARGET_NAMES[5], None, None, 46.0, "no per-type SS in after|x")]
+    assert markdown_targets(checks, "before", "after") == (
+        "BiasUnlearn targets: before → after (SS, LMS, CrowS in points; perplexity increase in %)\n\n"
+        "| target | result | value | bound | detail |\n"
+        "|:---|:---|---:|---:|:---|\n"
+        "| overall SS within 50±2 | **missed** | 5.88 | 2.00 |  |\n"
+        "| LMS drop ≤ 2 points | met | 0.79 | 2.00 |  |\n"
+        "| no bias type below 46 | n/a | — | 46.00 | no per-type SS in after\\|x |\n\n"
+        "1 of 3 targets met (1 n/a)\n")
+
+
 # ---------------------------------------------------------------- command
 
 
@@ -270,7 +284,8 @@ def test_compare_command_prints_table_targets_and_writes_markdown(tmp_path):
     assert "57.50" in result.output and "50.50" in result.output
     assert "LMS drop ≤ 2 points" in result.output and "miss" in result.output and "5 of 6 targets met" in result.output
     rows = comparison_rows([("base", load_eval(before)), ("run-7", load_eval(after))])
-    assert out.read_text() == markdown_table(rows)
+    checks = check_targets(load_eval(before), load_eval(after))
+    assert out.read_text() == markdown_table(rows) + "\n" + markdown_targets(checks, "base", "run-7")  # what it printed
     assert f"wrote {out}" in result.output
 
 
@@ -293,6 +308,14 @@ def test_compare_command_strict_fails_on_a_miss_after_writing_the_markdown(tmp_p
     result = invoke("compare", before, after, "--targets", "--strict", "--markdown", str(out))
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert "5 of 6 targets met" in result.output and out.is_file()
+
+
+def test_compare_command_refuses_a_label_given_twice(tmp_path):
+    before, after = write(tmp_path / "before.json", BEFORE), write(tmp_path / "after.json", BEFORE)
+    result = invoke("compare", f"before={before}", f"before={after}", "--targets")
+    assert result.exit_code == 1 and "error: the label 'before' names 2 runs: give each run its own LABEL=PATH" in result.output
+    assert "amendlm eval results" not in result.output
+    assert invoke("compare", str(before), f"b={after}").exit_code == 0  # labels "before" and "b"
 
 
 def test_compare_command_refuses_runs_that_are_not_comparable(tmp_path):

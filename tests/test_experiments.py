@@ -101,7 +101,8 @@ def test_the_machine_line_states_the_measured_bf16_speed_not_what_the_flags_sugg
     xeon = {"cpu": "Xeon", "cpu_count": 2, "cpu_flags": flags}
     lines = common.describe_machines([{**xeon, "cpu_bf16_speedup": 0.56}, {**xeon, "cpu_bf16_speedup": 0.48}, None,
                                       {**xeon, "cpu_bf16_speedup": 0.5, "torch_threads": 1}, xeon])
-    assert lines == sorted(["Xeon, 2 cores, avx2, avx512_bf16, avx512f (bf16 autocast matmul 0.48-0.56x fp32)",
+    assert lines == sorted(["Xeon, 2 cores, avx2, avx512_bf16, avx512f (bf16 autocast matmul 0.50x fp32: median of 3 probes, "
+                            "0.48-0.56x)",
                             "Xeon, 2 cores, avx2, avx512_bf16, avx512f (bf16 flag, speed not measured)", "not recorded"])
     assert common.describe_machines([{**xeon, "cpu_bf16_speedup": 0.5}]) == [measured.replace("0.47", "0.50")]
 

@@ -329,3 +329,19 @@ def markdown_table(rows: list[dict]) -> str:
     for row in rows:
         lines.append(cells([format_cell(row, key).replace("|", "\\|") for key, _ in COLUMNS]))
     return "\n".join(lines) + "\n"
+
+
+def markdown_targets(checks: list[TargetCheck], before: str = "before", after: str = "after") -> str:
+    """The target checks of :func:`check_targets` as GitHub markdown: a title line naming the runs, one row
+    per target (target, result ``met`` / ``**missed**`` / ``n/a``, value, bound, detail; numbers with 2
+    decimals, a ``|`` escaped) and the count met.  Ends with a newline."""
+    def cells(values: list[str]) -> str:
+        return "| " + " | ".join(value.replace("|", "\\|") for value in values) + " |"
+
+    verdict = {True: "met", False: "**missed**", None: "n/a"}
+    lines = [f"BiasUnlearn targets: {before} → {after} (SS, LMS, CrowS in points; perplexity increase in %)", "",
+             cells(["target", "result", "value", "bound", "detail"]), "|:---|:---|---:|---:|:---|"]
+    lines += [cells([c.name, verdict[c.passed], format_value(c.value), format_value(c.bound), c.detail]) for c in checks]
+    met, not_available = sum(c.passed is True for c in checks), sum(c.passed is None for c in checks)
+    lines += ["", f"{met} of {len(checks)} targets met" + (f" ({not_available} n/a)" if not_available else "")]
+    return "\n".join(lines) + "\n"

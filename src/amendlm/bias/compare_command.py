@@ -56,7 +56,7 @@ def compare(
     runs: List[str] = typer.Argument(..., metavar="LABEL=PATH", help="amendlm eval results JSONs, first = before; a bare PATH (or one with a '/' before its first '=') is labelled by its file stem."),
     targets: bool = typer.Option(False, "--targets", help="Check the BiasUnlearn targets (overall SS 50±2, every type 50±4 and ≥ 46, LMS drop ≤ 2, perplexity ≤ +5 %, CrowS closer to 50) of the last run against the first (the runs must share data and settings); a report, the exit code stays 0 unless --strict."),
     strict: bool = typer.Option(False, "--strict", help="With --targets: exit 1 if any target is missed or n/a."),
-    markdown: Optional[Path] = typer.Option(None, help="Also write the table as GitHub markdown here (atomically)."),
+    markdown: Optional[Path] = typer.Option(None, help="Also write the table (and with --targets the target checks) as GitHub markdown here (atomically)."),
     out: Optional[Path] = typer.Option(None, help="Write the rows (with 95 % intervals and paired tests against the first run) and the target checks as JSON here (atomically)."),
 ) -> None:
     """Compare the results JSONs of several amendlm eval runs side by side."""
@@ -64,7 +64,8 @@ def compare(
     from rich.markup import escape
     from rich.table import Table
 
-    from amendlm.bias.compare import COLUMNS, TARGET_NAMES, check_targets, comparison_rows, format_cell, load_eval, markdown_table
+    from amendlm.bias.compare import (COLUMNS, TARGET_NAMES, check_targets, comparison_rows, format_cell, load_eval,
+                                      markdown_table, markdown_targets)
     from amendlm.errors import check_out_file, user_errors
     from amendlm.report import atomic_write_json, atomic_write_text
 
@@ -77,6 +78,10 @@ def compare(
         check_out_file(markdown, "--markdown", example="compare.md")  # before anything is read or printed
         check_out_file(out, example="compare.json")
         parsed = [parse_run(argument) for argument in runs]
+        labels = [label for label, _ in parsed]
+        twice = next((label for label in labels if labels.count(label) > 1), None)
+        if twice is not None:  # the paired differences and the targets name runs by their labels
+            raise ValueError(f"the label '{twice}' names {labels.count(twice)} runs: give each run its own LABEL=PATH")
         loaded = [(label, load_eval(path)) for label, path in parsed]
         if targets:  # before anything is printed: runs that are not comparable are an error
             checks = check_targets(loaded[0][1], loaded[-1][1], str(parsed[0][1]), str(parsed[-1][1]))
@@ -114,7 +119,10 @@ def compare(
                       + (f" ({not_available} n/a: a run lacks their numbers)" if not_available else ""))
     if markdown is not None:
         with user_errors():
-            atomic_write_text(markdown, markdown_table(rows))
+            tables = markdown_table(rows)
+            if checks is not None:
+                tables += "\n" + markdown_targets(checks, loaded[0][0], loaded[-1][0])
+            atomic_write_text(markdown, tables)
         typer.echo(f"wrote {markdown}")
     if out is not None:
         with user_errors():

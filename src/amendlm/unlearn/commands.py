@@ -293,16 +293,19 @@ def merge(
     device: str = typer.Option("cpu", help="Device used for merging: cpu, or an accelerator present here (cuda, cuda:1, ...)."),
 ) -> None:
     """Fold a LoRA adapter into its base model and save a plain safetensors model."""
+    from amendlm.adapters import check_adapter_dir
     from amendlm.distributed import check_device
-    from amendlm.errors import check_out_directory
+    from amendlm.errors import check_out_directory, user_errors
     from amendlm.unlearn.artifacts import merge_adapter
 
-    try:
-        check_device(device, index=True)  # before any model loads
+    try:  # usage errors (exit 2), before any model loads
+        check_device(device, index=True)
         check_out_directory(out)
-        path = merge_adapter(model, adapter, out, device=device)
     except (FileExistsError, FileNotFoundError, ValueError) as err:
         raise typer.BadParameter(str(err)) from None
+    with user_errors():  # input errors (a missing adapter or model, an --out that is not empty): exit 1, as eval's
+        check_adapter_dir(adapter, "--adapter")  # before the model loads
+        path = merge_adapter(model, adapter, out, device=device)
     typer.echo(f"merged model written to {path}")
 
 
