@@ -82,9 +82,9 @@ clean:
 RESULTS_COMMANDS := \
 	"eval_embedded.py" \
 	"unlearn_methods.py --dtype fp32" \
-	"unlearn_ablation.py --rows default,differing,low-lr,token-mean,attention,kl-general,dpo-pairwise,dpo-swap,dpo-swap-rest,dpo-long --dtype fp32" \
+	"unlearn_ablation.py --dtype fp32" \
 	"transfer.py --dtype fp32" "gemma3.py" \
-	"ram_xsum.py" "ram_debias.py" "bench_scoring.py" "bench_decode.py" "bench_unlearn.py" "bench_serve.py"
+	"ram_xsum.py" "ram_debias.py --dtype fp32" "bench_scoring.py" "bench_decode.py" "bench_unlearn.py" "bench_serve.py"
 .PHONY: results
 results: install
 	@for command in $(RESULTS_COMMANDS); do \

@@ -56,3 +56,23 @@ def test_the_cli_is_imported_by_no_command_module():
 def test_no_source_file_over_the_house_limit():
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+def test_make_results_runs_the_command_each_results_page_records():
+    """`make results` regenerates every table: each recorded (non-quick) results.json command is one of
+    the Makefile's RESULTS_COMMANDS, options and all (a table made with other options is not remade)."""
+    import json
+    import re
+    import shlex
+
+    repo = PACKAGE.parent.parent
+    makefile = (repo / "Makefile").read_text()
+    block = re.search(r"^RESULTS_COMMANDS := \\\n((?:\t.*\n)+)", makefile, re.M)
+    assert block, "RESULTS_COMMANDS not found in the Makefile"
+    commands = {f"python experiments/{c}" for c in shlex.split(block.group(1).replace("\\\n", " "))}
+    recorded = {p.parent.name: json.loads(p.read_text()) for p in (repo / "results").glob("*/results.json")}
+    assert recorded
+    for name, data in recorded.items():
+        if not data.get("quick"):
+            assert data["command"] in commands, f"results/{name}: `{data['command']}` is not in the Makefile's RESULTS_COMMANDS"
+    assert len(commands) == len([d for d in recorded.values() if not d.get("quick")]), sorted(commands)
