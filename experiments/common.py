@@ -307,8 +307,9 @@ class Experiment:
         """
         readme_blocks = readme_blocks or {}
         seconds = time.perf_counter() - self.began
+        recorded = {p: json.loads(p.read_text()) for p in sources if p.is_file()}  # each source read once
         origins = {str(p.relative_to(self.results_root) if p.is_relative_to(self.results_root) else p):
-                   self.origin(json.loads(p.read_text()), p) for p in sources if p.is_file()}
+                   self.origin(data, p) for p, data in recorded.items()}
         atomic_write_json(self.results / "results.json", {
             "experiment": self.name, "title": self.title, "quick": self.quick, **summary,
             "headline": [{"what": what, "value": value} for what, value in headline],
@@ -319,8 +320,7 @@ class Experiment:
         atomic_write_text(self.results / "table.md", markdown.rstrip() + "\n")
         lines = [f"## {self.title}", "", f"Regenerate: `{self.command}`", ""]
         dates = sorted({o["date"] for o in origins.values()})
-        machines = describe_machines([(json.loads(p.read_text()).get("provenance") or {}).get("machine")
-                                      for p in sources if p.is_file()])
+        machines = describe_machines([(data.get("provenance") or {}).get("machine") for data in recorded.values()])
         if dates:
             lines.append(f"Results dated {', '.join(dates)}; machine: {'; '.join(machines)}.")
         lines.append(f"Page section written {_dt.date.today().isoformat()} by `experiments/{self.name}.py` "

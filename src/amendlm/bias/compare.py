@@ -319,29 +319,27 @@ def markdown_table(rows: list[dict]) -> str:
     hold per-unit records), a missing value is "—", and a ``|`` in a run label is escaped.
     Ends with a newline.
     """
-    def cells(values: list[str]) -> str:
-        return "| " + " | ".join(values) + " |"
-
     lines = [
-        cells([header for _, header in COLUMNS]),
+        _markdown_row([header for _, header in COLUMNS]),
         "|" + "|".join(":---" if key == "run" else "---:" for key, _ in COLUMNS) + "|",
     ]
-    for row in rows:
-        lines.append(cells([format_cell(row, key).replace("|", "\\|") for key, _ in COLUMNS]))
+    lines += [_markdown_row([format_cell(row, key) for key, _ in COLUMNS]) for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def _markdown_row(cells: list[str]) -> str:
+    """One GitHub markdown table row, a ``|`` inside a cell escaped."""
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
 
 def markdown_targets(checks: list[TargetCheck], before: str = "before", after: str = "after") -> str:
     """The target checks of :func:`check_targets` as GitHub markdown: a title line naming the runs, one row
     per target (target, result ``met`` / ``**missed**`` / ``n/a``, value, bound, detail; numbers with 2
     decimals, a ``|`` escaped) and the count met.  Ends with a newline."""
-    def cells(values: list[str]) -> str:
-        return "| " + " | ".join(value.replace("|", "\\|") for value in values) + " |"
-
     verdict = {True: "met", False: "**missed**", None: "n/a"}
     lines = [f"BiasUnlearn targets: {before} → {after} (SS, LMS, CrowS in points; perplexity increase in %)", "",
-             cells(["target", "result", "value", "bound", "detail"]), "|:---|:---|---:|---:|:---|"]
-    lines += [cells([c.name, verdict[c.passed], format_value(c.value), format_value(c.bound), c.detail]) for c in checks]
+             _markdown_row(["target", "result", "value", "bound", "detail"]), "|:---|:---|---:|---:|:---|"]
+    lines += [_markdown_row([c.name, verdict[c.passed], format_value(c.value), format_value(c.bound), c.detail]) for c in checks]
     met, not_available = sum(c.passed is True for c in checks), sum(c.passed is None for c in checks)
     lines += ["", f"{met} of {len(checks)} targets met" + (f" ({not_available} n/a)" if not_available else "")]
     return "\n".join(lines) + "\n"

@@ -156,13 +156,13 @@ def _check_rest_within(config) -> None:
         return
     if not math.isfinite(value):
         raise ConfigFieldError(["rest_within"], lambda n: f"{n.value('rest_within', value)} must be finite (a val SS gap)")
-    if not METHODS[config.method].dynamic_swap and source(config, "rest_within") == GIVEN:
+    if not METHODS[config.method].dynamic_swap:
+        if source(config, "rest_within") != GIVEN:  # a recipe's value that the method never reads
+            return
         swapping = ", ".join(name for name, method in METHODS.items() if method.dynamic_swap)
         raise ConfigFieldError(["rest_within", "method"], lambda n: (
             f"{n.value('rest_within', value)} acts only on a method with BiasUnlearn's swap control "
             f"({swapping}); {n.value('method', config.method)} has none"))
-    if not METHODS[config.method].dynamic_swap:  # a recipe's value that the method never reads
-        return
     if value < config.tolerance:
         raise ConfigFieldError(["rest_within", "tolerance"], lambda n: (
             f"{n.value('rest_within', value)} must be >= {n.name('tolerance')} ({config.tolerance:g}, the stop "
